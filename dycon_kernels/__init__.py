@@ -1,0 +1,12 @@
+"""Fused kernels for the DyCON losses: UnCL and FeCL (see shared spec ``losses.md``).
+
+    import dycon_kernels as dk
+    loss = dk.uncl(student_logits, teacher_logits, beta=2.0)
+    dk.available_backends()   # e.g. ['cpu', 'reference'] on a CPU machine
+"""
+from dycon_kernels import reference
+from dycon_kernels.backends import available_backends
+from dycon_kernels.uncl import UnCLoss, uncl
+
+__all__ = ["uncl", "UnCLoss", "available_backends", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Input validation shared by the public ops: every problem becomes a ValueError that names it."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def tensor(x, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def float_tensor(x, name: str) -> Tensor:
+    tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    return x
+
+
+def same_device(named: Sequence[tuple[str, Optional[Tensor]]]) -> torch.device:
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+    return first.device
+
+
+def choice(value, name: str, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def non_negative(value, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_uncl_inputs(student: Tensor, teacher: Tensor, beta, weight: Optional[Tensor], reduction: str):
+    """Validate UnCL inputs; return ``beta`` as a float and ``weight`` reshaped to ``(B, *spatial)``."""
+    float_tensor(student, "student_logits")
+    float_tensor(teacher, "teacher_logits")
+    if student.dtype != teacher.dtype:
+        raise ValueError(f"student_logits is {student.dtype} but teacher_logits is {teacher.dtype}")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} must have the same shape"
+        )
+    if student.dim() < 3:
+        raise ValueError(f"logits must be (B, C, *spatial) with at least one spatial axis, got {tuple(student.shape)}")
+    if student.shape[1] < 2:
+        raise ValueError(f"logits need C >= 2 classes along dim 1, got C = {student.shape[1]}")
+    beta = non_negative(beta, "beta")
+    choice(reduction, "reduction", REDUCTIONS)
+    if weight is not None:
+        float_tensor(weight, "weight")
+        want = (student.shape[0],) + tuple(student.shape[2:])
+        if tuple(weight.shape) == (student.shape[0], 1) + want[1:]:
+            weight = weight.squeeze(1)
+        if tuple(weight.shape) != want:
+            raise ValueError(f"weight must be (B, *spatial) = {want}, got {tuple(weight.shape)}")
+    same_device([("student_logits", student), ("teacher_logits", teacher), ("weight", weight)])
+    return beta, weight

@@ -1,0 +1,2 @@
+"""Triton backend: the entry points of every fused op (contract in backends/reference.py)."""
+from dycon_kernels.triton.uncl import uncl_backward, uncl_forward  # noqa: F401

@@ -1,0 +1,101 @@
+"""Build dycon_kernels._C: the C++ CPU kernels always, the CUDA kernels when we can.
+
+CUDA is built when torch is a CUDA build and nvcc is found. DYCON_FORCE_CUDA=1 makes a
+missing toolkit an error; DYCON_SKIP_CUDA=1 builds the CPU part only (faster local builds).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
+
+
+def _find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def _want_cuda():
+    import torch
+
+    if _flag("DYCON_SKIP_CUDA"):
+        return False
+    home = _find_nvcc()
+    ok = torch.version.cuda is not None and home is not None
+    if not ok and _flag("DYCON_FORCE_CUDA"):
+        sys.exit(
+            "DYCON_FORCE_CUDA=1 but the CUDA part cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, nvcc found at {home!r}"
+        )
+    if ok:
+        os.environ.setdefault("CUDA_HOME", home)
+        # torch's cpp_extension reads CUDA_HOME at import; make sure it sees ours.
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return ok
+
+
+def _cuda_include_dirs():
+    # The machine's toolkit may lack cuBLAS headers; pip's nvidia wheels ship them.
+    dirs = []
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include"))
+    return dirs
+
+
+def extensions():
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    # No -std flag: torch's cpp_extension picks the standard its headers need (C++20 from 2.10).
+    cxx = ["-O3"] + openmp
+    if _want_cuda():
+        sources = cpu_sources + sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        return [
+            cpp_extension.CUDAExtension(
+                "dycon_kernels._C",
+                sources,
+                include_dirs=[os.path.join(ROOT, "csrc")] + _cuda_include_dirs(),
+                # torch may point at its pip CUDA libraries, which lack the unversioned libcudart.so.
+                library_dirs=[os.path.join(os.environ["CUDA_HOME"], "lib64")],
+                define_macros=[("DYCON_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                extra_link_args=openmp,
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "dycon_kernels._C",
+            cpu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=openmp,
+        )
+    ]
+
+
+setup(
+    name="dycon",
+    version="0.1.0",
+    description="Fused UnCL/FeCL kernels and a trainer for DyCON semi-supervised 3D segmentation",
+    packages=find_packages(include=["dycon_kernels", "dycon_kernels.*", "dycon", "dycon.*"]),
+    package_data={"dycon": ["configs/*.yaml"]},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "scipy", "h5py", "nibabel", "pyyaml", "tqdm"],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "matplotlib", "tensorboard"],
+        "monai": ["monai"],
+    },
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
