@@ -18,12 +18,16 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes")
 
 
-def _find_nvcc():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+def _find_cuda_home():
+    """The CUDA toolkit: $CUDA_HOME, /usr/local/cuda, or the folder above nvcc on PATH."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
 
 
 def _want_cuda():
@@ -31,7 +35,7 @@ def _want_cuda():
 
     if _flag("DYCON_SKIP_CUDA"):
         return False
-    home = _find_nvcc()
+    home = _find_cuda_home()
     ok = torch.version.cuda is not None and home is not None
     if not ok and _flag("DYCON_FORCE_CUDA"):
         sys.exit(
@@ -39,9 +43,9 @@ def _want_cuda():
             f"torch.version.cuda={torch.version.cuda!r}, nvcc found at {home!r}"
         )
     if ok:
-        os.environ.setdefault("CUDA_HOME", home)
-        # torch's cpp_extension reads CUDA_HOME at import; make sure it sees ours.
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        os.environ["CUDA_HOME"] = home
+        # torch's cpp_extension reads CUDA_HOME at import (and may have guessed another folder).
+        cpp_extension.CUDA_HOME = home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return ok
 

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "alloc.h"
 #include "uncl_common.h"
 #include "uncl_math.h"
 
@@ -19,8 +20,8 @@ at::Tensor uncl_forward_cpu(const at::Tensor& s, const at::Tensor& t, double bet
   const int64_t B = s.size(0), C = s.size(1), V = s.size(2), n = B * V;
   const float* w = weight.has_value() ? weight->data_ptr<float>() : nullptr;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  at::Tensor out = reduce ? at::empty({chunks}, s.options().dtype(uncl_acc_type(s)))
-                          : at::empty({B, V}, s.options().dtype(uncl_acc_type(s)));
+  at::Tensor out = new_output(reduce ? at::IntArrayRef{chunks} : at::IntArrayRef{B, V},
+                              s.options().dtype(uncl_acc_type(s)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "uncl_forward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* sp = s.data_ptr<scalar_t>();
@@ -52,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor> uncl_backward_cpu(const at::Tensor& grad, con
   at::Tensor g = grad.to(uncl_acc_type(s)).contiguous();
   const bool g_is_map = g.numel() == n && n != 1;
   const float* w = weight.has_value() ? weight->data_ptr<float>() : nullptr;
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dt = need_t_grad ? at::empty_like(t) : at::empty({0}, t.options());
+  at::Tensor ds = new_output(s.sizes(), s.options());
+  at::Tensor dt = new_output(need_t_grad ? t.sizes() : at::IntArrayRef{0}, t.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "uncl_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* sp = s.data_ptr<scalar_t>();

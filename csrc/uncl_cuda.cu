@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "alloc.h"
 #include "uncl_common.h"
 #include "uncl_math.h"
 
@@ -56,7 +57,7 @@ at::Tensor uncl_forward_cuda(const at::Tensor& s, const at::Tensor& t, double be
   c10::cuda::CUDAGuard guard(s.device());
   const int64_t B = s.size(0), C = s.size(1), V = s.size(2), n = B * V;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
-  at::Tensor out = at::empty({reduce ? blocks : n}, s.options().dtype(uncl_acc_type(s)));
+  at::Tensor out = new_output({reduce ? blocks : n}, s.options().dtype(uncl_acc_type(s)));
   const float* w = weight.has_value() ? weight->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "uncl_forward_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -77,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> uncl_backward_cuda(const at::Tensor& grad, co
   TORCH_CHECK(grad.numel() == 1 || grad.numel() == n, "uncl_backward: grad must be 0-dim or (B, V)");
   at::Tensor g = grad.to(uncl_acc_type(s)).contiguous();
   const bool g_is_map = g.numel() == n && n != 1;
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dt = need_t_grad ? at::empty_like(t) : at::empty({0}, t.options());
+  at::Tensor ds = new_output(s.sizes(), s.options());
+  at::Tensor dt = new_output(need_t_grad ? t.sizes() : at::IntArrayRef{0}, t.options());
   const float* w = weight.has_value() ? weight->data_ptr<float>() : nullptr;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "uncl_backward_cuda", [&] {

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+# Kernel outputs start as NaN, so an element a kernel forgets to write fails its comparison.
+os.environ["DYCON_POISON"] = "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -97,6 +97,19 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+def poison_outputs() -> bool:
+    return os.environ.get("DYCON_POISON", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised kernel output; NaN-filled (or -12345 for integers) under DYCON_POISON=1,
+    which the test suite sets so that an element a kernel forgets to write fails the test."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_outputs():
+        out.fill_(float("nan") if out.is_floating_point() else -12345)
+    return out
+
+
 def load(name: str) -> ModuleType:
     """The module of a fused backend (not 'reference', which the ops call directly)."""
     return importlib.import_module(_MODULES[name])

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dycon_kernels.backends import new_output
+
 EPS = tl.constexpr(1e-6)
 
 
@@ -115,7 +117,7 @@ def uncl_forward(s, t, beta, weight, reduce):
     block_c, block_v = block_sizes(C)
     grid = _grid(B, V, block_v)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    out = torch.empty(grid[0] * grid[1] if reduce else (B, V), device=s.device, dtype=acc)
+    out = new_output(grid[0] * grid[1] if reduce else (B, V), acc, s.device)
     uncl_forward_kernel[grid](s, t, weight, out, C, V, float(beta), HAS_WEIGHT=weight is not None,
                               REDUCE=reduce, ACC=compute_dtype(s.dtype), BLOCK_C=block_c, BLOCK_V=block_v)
     return out.sum() if reduce else out
@@ -125,8 +127,8 @@ def uncl_backward(grad, s, t, beta, weight, need_t_grad):
     B, C, V = s.shape
     block_c, block_v = block_sizes(C)
     grad = grad.contiguous()
-    ds = torch.empty_like(s)
-    dt = torch.empty_like(t) if need_t_grad else None
+    ds = new_output(s.shape, s.dtype, s.device)
+    dt = new_output(t.shape, t.dtype, t.device) if need_t_grad else None
     uncl_backward_kernel[_grid(B, V, block_v)](
         grad, s, t, weight, ds, dt, C, V, float(beta), GRAD_IS_MAP=grad.dim() > 0,
         HAS_WEIGHT=weight is not None, NEED_T_GRAD=need_t_grad, ACC=compute_dtype(s.dtype), BLOCK_C=block_c, BLOCK_V=block_v)

@@ -1,0 +1,191 @@
+"""UnCL: the dense reference against a per-voxel loop, and every fused backend against the reference."""
+import math
+import zlib
+
+import pytest
+import torch
+
+import dycon_kernels as dk
+from dycon_kernels import reference
+from conftest import DEVICE, fused_backends
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+if DEVICE.type == "cuda":
+    TOL[torch.float32] = 2e-3
+
+
+def random_logits(shape, dtype, seed, scale=3.0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+def brute_force_uncl(s, t, beta, weight, reduction):
+    """losses.md section 1, one voxel at a time, in float64 Python arithmetic."""
+    B, C = s.shape[:2]
+    s2, t2 = s.reshape(B, C, -1), t.reshape(B, C, -1)
+    w2 = weight.reshape(B, -1) if weight is not None else None
+    values = []
+    for b in range(B):
+        for v in range(s2.shape[2]):
+            es = [math.exp(x) for x in s2[b, :, v].tolist()]
+            et = [math.exp(x) for x in t2[b, :, v].tolist()]
+            p = [e / sum(es) for e in es]
+            q = [e / sum(et) for e in et]
+            hs = -sum(pc * math.log(pc + 1e-6) for pc in p)
+            ht = -sum(qc * math.log(qc + 1e-6) for qc in q)
+            d = sum((pc - qc) ** 2 for pc, qc in zip(p, q))
+            lv = d / (math.exp(beta * hs) + math.exp(beta * ht)) + beta * (hs + ht)
+            values.append(lv * (w2[b, v].item() if w2 is not None else 1.0))
+    out = torch.tensor(values, dtype=torch.float64)
+    if reduction == "none":
+        return out.reshape((B,) + tuple(s.shape[2:]))
+    if reduction == "sum":
+        return out.sum()
+    return out.sum() / (w2.sum() if w2 is not None else out.numel())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.7, 5.0])
+def test_reference_matches_per_voxel_loop(reduction, weighted, beta):
+    s = random_logits((2, 3, 3, 4, 2), torch.float64, seed=1, device="cpu")
+    t = random_logits((2, 3, 3, 4, 2), torch.float64, seed=2, device="cpu")
+    w = torch.rand((2, 3, 4, 2), dtype=torch.float64) if weighted else None
+    got = reference.uncl(s, t, beta, weight=w, reduction=reduction)
+    torch.testing.assert_close(got, brute_force_uncl(s, t, beta, w, reduction), rtol=1e-10, atol=1e-12)
+
+
+def test_reference_gradcheck():
+    s = random_logits((2, 4, 3, 2, 2), torch.float64, seed=3, device="cpu").requires_grad_()
+    t = random_logits((2, 4, 3, 2, 2), torch.float64, seed=4, device="cpu").requires_grad_()
+    w = torch.rand((2, 3, 2, 2), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: reference.uncl(a, b, 1.3, weight=w), (s, t))
+
+
+def _run(fn, s, t, **kw):
+    """Loss and gradients of a random projection of it (so 'none' checks every voxel's gradient)."""
+    s = s.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_(kw.pop("teacher_grad", True))
+    out = fn(s, t, **kw)
+    proj = random_logits(out.shape, torch.float64, seed=99, device=out.device).to(out.dtype) if out.dim() else 1.0
+    (out * proj).sum().backward()
+    return out, s.grad, t.grad
+
+
+def _assert_close(got, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [2, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_backend_matches_reference(backend, dtype, C, reduction, weighted):
+    shape = (2, C, 7, 13, 5)  # odd spatial sizes: partial blocks everywhere
+    seed = zlib.crc32(f"{backend}{dtype}{C}{reduction}{weighted}".encode())
+    s, t = random_logits(shape, dtype, seed), random_logits(shape, dtype, seed + 1)
+    w = torch.rand((2, 7, 13, 5), generator=torch.Generator().manual_seed(seed)).to(DEVICE) if weighted else None
+    got = _run(dk.uncl, s, t, beta=1.7, weight=w, reduction=reduction, backend=backend)
+    want = _run(reference.uncl, s, t, beta=1.7, weight=w, reduction=reduction)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype
+        _assert_close(g, r, dtype)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("beta", [0.0, 40.0])
+@pytest.mark.parametrize("scale", [3.0, 80.0])
+def test_beta_extremes_and_extreme_logits(backend, beta, scale):
+    shape = (2, 3, 5, 6, 7)
+    s, t = random_logits(shape, torch.float32, 11, scale), random_logits(shape, torch.float32, 12, scale)
+    got = _run(dk.uncl, s, t, beta=beta, backend=backend)
+    want = _run(reference.uncl, s.double(), t.double(), beta=beta)
+    for g, r in zip(got, want):
+        assert torch.isfinite(g).all()
+        _assert_close(g, r.float(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_teacher_gets_gradient_only_when_it_asks(backend):
+    s = random_logits((1, 2, 4, 4, 4), torch.float32, 5).requires_grad_()
+    t = random_logits((1, 2, 4, 4, 4), torch.float32, 6)
+    dk.uncl(s, t, 1.0, backend=backend).backward()
+    assert t.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_gradcheck_fused(backend):
+    s = random_logits((2, 3, 3, 2, 3), torch.float64, 7).requires_grad_()
+    t = random_logits((2, 3, 3, 2, 3), torch.float64, 8).requires_grad_()
+    w = torch.rand((2, 3, 2, 3), dtype=torch.float64, device=DEVICE)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: dk.uncl(a, b, 2.5, weight=w, reduction=reduction, backend=backend), (s, t))
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_opcheck(backend):
+    s = random_logits((2, 3, 4, 5, 3), torch.float32, 21).requires_grad_()
+    t = random_logits((2, 3, 4, 5, 3), torch.float32, 22).requires_grad_()
+    w = torch.rand((2, 4, 5, 3), device=DEVICE)
+    for reduction, weight in (("mean", None), ("sum", w), ("none", w)):
+        torch.library.opcheck(torch.ops.dycon.uncl.default, (s, t, 1.5, weight, reduction, backend))
+
+
+def test_torch_compile_fullgraph():
+    backend = fused_backends()[0] if fused_backends() else "reference"
+
+    def step(s, t):
+        return dk.uncl(s, t, 2.0, backend=backend) * 0.5
+
+    s = random_logits((1, 2, 4, 4, 4), torch.float32, 31).requires_grad_()
+    t = random_logits((1, 2, 4, 4, 4), torch.float32, 32)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(s, t)
+    out.backward()
+    torch.testing.assert_close(out, step(s, t))
+
+
+def test_module_form():
+    s = random_logits((1, 2, 3, 3, 3), torch.float32, 41)
+    t = random_logits((1, 2, 3, 3, 3), torch.float32, 42)
+    loss = dk.UnCLoss(reduction="sum")(s, t, 0.5)
+    torch.testing.assert_close(loss, reference.uncl(s, t, 0.5, reduction="sum"), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_with_channel_axis_is_accepted():
+    s, t = random_logits((2, 2, 3, 3, 3), torch.float32, 51), random_logits((2, 2, 3, 3, 3), torch.float32, 52)
+    w = torch.rand(2, 1, 3, 3, 3, device=DEVICE)
+    torch.testing.assert_close(dk.uncl(s, t, 1.0, weight=w), dk.uncl(s, t, 1.0, weight=w[:, 0]))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda s, t: dk.uncl(s, t[:, :, :2], 1.0), "same shape"),
+    (lambda s, t: dk.uncl(s[:, :1], t[:, :1], 1.0), "C >= 2"),
+    (lambda s, t: dk.uncl(s.long(), t.long(), 1.0), "floating-point"),
+    (lambda s, t: dk.uncl(s, t.double(), 1.0), "float64"),
+    (lambda s, t: dk.uncl(s, t, -0.5), "beta"),
+    (lambda s, t: dk.uncl(s, t, float("nan")), "beta"),
+    (lambda s, t: dk.uncl(s, t, 1.0, reduction="avg"), "reduction"),
+    (lambda s, t: dk.uncl(s, t, 1.0, weight=torch.ones(2, 3, 3)), "weight"),
+    (lambda s, t: dk.uncl(s, t.to("meta"), 1.0), "meta"),
+    (lambda s, t: dk.uncl(s, t, 1.0, backend="warp"), "unknown backend"),
+    (lambda s, t: dk.uncl(s.flatten(), t.flatten(), 1.0), "spatial"),
+])
+def test_bad_input_raises_value_error(make, message):
+    s, t = random_logits((2, 2, 3, 3, 3), torch.float32, 61), random_logits((2, 2, 3, 3, 3), torch.float32, 62)
+    with pytest.raises(ValueError, match=message):
+        make(s, t)
+
+
+def test_explicit_backend_that_cannot_run_is_an_error():
+    other = "cpu" if DEVICE.type == "cuda" else "cuda"
+    s = random_logits((1, 2, 3, 3, 3), torch.float32, 71)
+    with pytest.raises(ValueError, match=f"backend '{other}' cannot run"):
+        dk.uncl(s, s, 1.0, backend=other)
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in dk.available_backends()
