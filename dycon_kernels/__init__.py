@@ -2,11 +2,15 @@
 
     import dycon_kernels as dk
     loss = dk.uncl(student_logits, teacher_logits, beta=2.0)
+    loss = dk.fecl(embeddings, patch_labels, teacher_embeddings, preset="dycon")
     dk.available_backends()   # e.g. ['cpu', 'reference'] on a CPU machine
 """
 from dycon_kernels import reference
 from dycon_kernels.backends import available_backends
+from dycon_kernels.fecl import FeCLoss, fecl
+from dycon_kernels.presets import FECL_PRESETS, teacher_threshold_ramp
 from dycon_kernels.uncl import UnCLoss, uncl
 
-__all__ = ["uncl", "UnCLoss", "available_backends", "reference"]
+__all__ = ["uncl", "UnCLoss", "fecl", "FeCLoss", "FECL_PRESETS", "teacher_threshold_ramp",
+           "available_backends", "reference"]
 __version__ = "0.1.0"

@@ -76,8 +76,14 @@ def available_backends(device=None) -> list[str]:
     return [n for n in NAMES if any(can_run(n, d) for d in devices)]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that runs a call on ``device``: 'auto' picks the fastest one available.
+def implements(name: str, op: str) -> bool:
+    """Whether backend ``name`` has fused kernels for ``op`` ('uncl' or 'fecl')."""
+    return name == "reference" or hasattr(load(name), f"{op}_forward")
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not code to trace
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` on ``device``: 'auto' picks the fastest one available.
 
     ``DYCON_BACKEND`` in the environment replaces 'auto'. An explicit backend that cannot run
     on the device is an error, never a silent fallback.
@@ -86,7 +92,7 @@ def resolve(backend: str, device: torch.device) -> str:
         backend = os.environ.get("DYCON_BACKEND", "auto")
     if backend == "auto":
         order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
-        return next(n for n in order if n == "reference" or can_run(n, device))
+        return next(n for n in order if can_run(n, device) and implements(n, op))
     if backend not in NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(NAMES) + ['auto']}")
     if not can_run(backend, device):
@@ -94,6 +100,8 @@ def resolve(backend: str, device: torch.device) -> str:
             f"backend {backend!r} cannot run on {device.type} tensors here "
             f"(available for {device.type}: {available_backends(device)})"
         )
+    if not implements(backend, op):
+        raise ValueError(f"backend {backend!r} has no {op} kernels in this build")
     return backend
 
 

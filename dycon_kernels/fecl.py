@@ -1,0 +1,245 @@
+"""FeCL, the focal entropy-aware contrastive loss: public function, module and autograd.
+
+The fused backends compute per-anchor statistics in streaming kernels (docs/fecl_kernels.md);
+this file validates the inputs, resolves the preset, calls the backend through the
+``torch.library`` ops ``dycon::fecl`` / ``dycon::fecl_backward`` and applies the reduction in
+plain torch (cheap: ``(B, N)`` maps). The ``reference`` backend is the dense PyTorch code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dycon_kernels import _checks, backends, presets, reference
+
+REDUCTIONS = ("mean", "mean_positive", "sum", "none")
+
+
+@dataclass(frozen=True)
+class FeclConfig:
+    """What the kernels need to know (attribute names are the backends' contract)."""
+
+    tau: float
+    gamma_pos: float
+    gamma_neg: float
+    top_k: int              # 0 = every negative
+    column_shift: bool
+    teacher: str            # 'none' | 'topk' | 'threshold'
+    teacher_top_k: int
+    teacher_threshold: float
+
+
+# ------------------------------------------------------------------------------------------
+# The custom ops. Outputs: (loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx,
+# teacher_idx); only loss and cross are differentiable, the rest are saved statistics.
+
+def _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold):
+    return FeclConfig(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
+
+
+def _stat_dtype(z: Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _index_shape(z: Tensor, k: int):
+    return (z.shape[0], z.shape[1], k) if k > 0 else (0,)
+
+
+@torch.library.custom_op("dycon::fecl", mutates_args=())
+def _fecl_op(z: Tensor, y: Tensor, zt: Optional[Tensor], yt: Optional[Tensor], u: Optional[Tensor],
+             tau: float, gamma_pos: float, gamma_neg: float, top_k: int, column_shift: bool, teacher: str,
+             teacher_top_k: int, teacher_threshold: float, backend: str) -> list[Tensor]:
+    cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
+    outs = backends.load(backend).fecl_forward(z, y, zt, yt, u, cfg)
+    # Unused outputs come back as empty tensors; give them the one shape the fake impl knows.
+    return [o if o.numel() else o.new_empty(0) for o in outs]
+
+
+@_fecl_op.register_fake
+def _(z, y, zt, yt, u, tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k,
+      teacher_threshold, backend):
+    stat = lambda: z.new_empty(z.shape[:2], dtype=_stat_dtype(z))  # noqa: E731
+    index = lambda k: z.new_empty(_index_shape(z, k), dtype=torch.int64)  # noqa: E731
+    return [stat() for _ in range(7)] + [index(top_k), index(teacher_top_k if teacher == "topk" else 0)]
+
+
+@torch.library.custom_op("dycon::fecl_backward", mutates_args=())
+def _fecl_backward_op(grad_loss: Tensor, grad_cross: Tensor, z: Tensor, y: Tensor, zt: Optional[Tensor],
+                      yt: Optional[Tensor], u: Optional[Tensor], log_neg: Tensor, r: Tensor, n_pos: Tensor,
+                      col_shift: Tensor, topk_idx: Tensor, teacher_idx: Tensor, tau: float, gamma_pos: float,
+                      gamma_neg: float, top_k: int, column_shift: bool, teacher: str, teacher_top_k: int,
+                      teacher_threshold: float, backend: str) -> Tensor:
+    cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
+    return backends.load(backend).fecl_backward(
+        grad_loss.contiguous(), grad_cross.contiguous(), z, y, zt, yt, u, log_neg, r, n_pos, col_shift,
+        topk_idx, teacher_idx, cfg)
+
+
+@_fecl_backward_op.register_fake
+def _(grad_loss, grad_cross, z, *rest):
+    return torch.empty_like(z)
+
+
+_PARAMS = ("tau", "gamma_pos", "gamma_neg", "top_k", "column_shift", "teacher", "teacher_top_k",
+           "teacher_threshold", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    z, y, zt, yt, u = inputs[:5]
+    ctx.params = inputs[5:]
+    log_neg, r, n_pos, col_shift, topk_idx, teacher_idx = output[3:]
+    ctx.save_for_backward(z, y, zt, yt, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _backward(ctx, grads):
+    grad_loss, grad_cross = grads[0], grads[1]
+    z, y, zt, yt, u, *saved = ctx.saved_tensors
+    dz = _fecl_backward_op(grad_loss, grad_cross, z, y, zt, yt, u, *saved, *ctx.params)
+    return (dz,) + (None,) * (4 + len(_PARAMS))
+
+
+_fecl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation and the public API.
+
+def _check_inputs(z, y, zt, yt, u, params, check_values: bool):
+    _checks.float_tensor(z, "embeddings")
+    _checks.tensor(y, "labels")
+    if z.dim() != 3:
+        raise ValueError(f"embeddings must be (B, N, D), got shape {tuple(z.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"labels must be an integer tensor (-1 = ignored), got {y.dtype}")
+    if tuple(y.shape) != tuple(z.shape[:2]):
+        raise ValueError(f"labels must be (B, N) = {tuple(z.shape[:2])}, got {tuple(y.shape)}")
+    if zt is not None:
+        _checks.float_tensor(zt, "teacher_embeddings")
+        if zt.dim() != 3 or zt.shape[0] != z.shape[0] or zt.shape[2] != z.shape[2]:
+            raise ValueError(f"teacher_embeddings must be (B, Nt, D) with B = {z.shape[0]}, D = {z.shape[2]}, "
+                             f"got {tuple(zt.shape)}")
+        if zt.dtype != z.dtype:
+            raise ValueError(f"teacher_embeddings is {zt.dtype} but embeddings is {z.dtype}")
+        if yt is None and zt.shape[1] != z.shape[1]:
+            raise ValueError(f"teacher has Nt = {zt.shape[1]} patches but N = {z.shape[1]}: pass teacher_labels")
+    if yt is not None:
+        if zt is None:
+            raise ValueError("teacher_labels given without teacher_embeddings")
+        if yt.is_floating_point() or yt.dtype == torch.bool:
+            raise ValueError(f"teacher_labels must be an integer tensor, got {yt.dtype}")
+        if tuple(yt.shape) != tuple(zt.shape[:2]):
+            raise ValueError(f"teacher_labels must be (B, Nt) = {tuple(zt.shape[:2])}, got {tuple(yt.shape)}")
+    if u is not None:
+        _checks.float_tensor(u, "anchor_weight")
+        if tuple(u.shape) != tuple(z.shape[:2]):
+            raise ValueError(f"anchor_weight must be (B, N) = {tuple(z.shape[:2])}, got {tuple(u.shape)}")
+    _checks.same_device([("embeddings", z), ("labels", y), ("teacher_embeddings", zt),
+                         ("teacher_labels", yt), ("anchor_weight", u)])
+    _check_params(params)
+    if check_values:  # needs a device sync on the GPU, hence optional
+        for name, t in (("embeddings", z), ("teacher_embeddings", zt), ("anchor_weight", u)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+        if u is not None and bool((u < 0).any()):
+            raise ValueError("anchor_weight must be >= 0")
+
+
+def _check_params(p):
+    if not (isinstance(p["temperature"], (int, float)) and p["temperature"] > 0):
+        raise ValueError(f"temperature must be a number > 0, got {p['temperature']!r}")
+    for name in ("gamma_pos", "gamma_neg", "teacher_weight"):
+        _checks.non_negative(p[name], name)
+    for name in ("top_k", "teacher_top_k"):
+        k = p[name]
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {k!r}")
+    _checks.choice(p["shift"], "shift", ("exact", "column"))
+    _checks.choice(p["teacher"], "teacher", (None, "none", "topk", "threshold"))
+    _checks.choice(p["reduction"], "reduction", REDUCTIONS)
+    if p["teacher"] == "topk" and p["teacher_top_k"] is None:
+        raise ValueError("teacher='topk' needs teacher_top_k")
+    if p["teacher"] == "topk" and p["shift"] == "column":
+        raise ValueError("shift='column' cannot be combined with teacher='topk' (losses.md)")
+    if p["teacher"] == "threshold" and not isinstance(p["teacher_threshold"], (int, float)):
+        raise ValueError(f"teacher='threshold' needs a numeric teacher_threshold, got {p['teacher_threshold']!r}")
+
+
+def _reduce(loss, cross, cross_count, n_pos, y, teacher_weight, reduction):
+    """losses.md reductions of the per-anchor maps, plus the threshold teacher term."""
+    cross_share = teacher_weight * cross / cross_count.sum().clamp_min(1)  # (B, N), 0 without pairs
+    if reduction == "none":
+        return loss + cross_share
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / (y >= 0).sum().clamp_min(1)
+    elif reduction == "mean_positive":
+        total = total / (n_pos > 0).sum().clamp_min(1)
+    return total + cross_share.sum()
+
+
+def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor] = None,
+         teacher_labels: Optional[Tensor] = None, *, anchor_weight: Optional[Tensor] = None,
+         preset: str = "dycon", backend: str = "auto", check_inputs: bool = True, **params) -> Tensor:
+    """Focal entropy-aware contrastive loss (losses.md section 2).
+
+    Args:
+        embeddings: ``(B, N, D)`` student patch embeddings, L2-normalised along ``D``
+            (:class:`FeCLoss` normalises for you).
+        labels: ``(B, N)`` integer patch labels, ``-1`` = ignored.
+        teacher_embeddings, teacher_labels: optional ``(B, Nt, D)`` / ``(B, Nt)`` teacher side
+            (no gradient; labels default to ``labels``). Without them the teacher term is absent.
+        anchor_weight: optional ``(B, N)`` weights ``u >= 0`` (no gradient).
+        preset: ``"dycon"`` (default) or ``"official"`` (the released code, quirks included).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+        check_inputs: also check values (finite embeddings, ``u >= 0``); costs a device sync.
+        **params: any of ``temperature, gamma_pos, gamma_neg, top_k, shift, teacher,
+            teacher_top_k, teacher_threshold, teacher_weight, reduction``, overriding the preset.
+    """
+    p = presets.fecl_params(preset, **params)
+    _check_inputs(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight, p, check_inputs)
+    name = backends.resolve(backend, embeddings.device, "fecl")
+    if name == "reference":
+        return reference.fecl(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight=anchor_weight, **p)
+
+    teacher = p["teacher"] if (teacher_embeddings is not None and p["teacher"] not in (None, "none")) else "none"
+    zt = teacher_embeddings.detach().contiguous() if teacher != "none" else None
+    yt = None
+    if zt is not None:
+        yt = (labels if teacher_labels is None else teacher_labels).long().contiguous()
+    N = embeddings.shape[1]
+    # k beyond the number of candidates selects them all: cap it so the index buffers stay small.
+    top_k = min(p["top_k"], max(N - 1, 1)) if p["top_k"] else 0
+    teacher_top_k = min(p["teacher_top_k"], zt.shape[1]) if teacher == "topk" else 0
+    u = anchor_weight.detach().float().contiguous() if anchor_weight is not None else None
+    outs = _fecl_op(embeddings.contiguous(), labels.long().contiguous(), zt, yt, u, float(p["temperature"]),
+                    float(p["gamma_pos"]), float(p["gamma_neg"]), top_k, p["shift"] == "column", teacher,
+                    teacher_top_k, float(p["teacher_threshold"] or 0.0), name)
+    loss, cross, cross_count, n_pos = outs[0], outs[1], outs[2], outs[5]
+    out = _reduce(loss, cross, cross_count, n_pos, labels, float(p["teacher_weight"]), p["reduction"])
+    return out.to(embeddings.dtype)
+
+
+class FeCLoss(nn.Module):
+    """``nn.Module`` form of :func:`fecl` that L2-normalises both embeddings along the last axis.
+
+    Parameters given here (preset and overrides) apply to every call; ``forward`` also accepts
+    per-call overrides such as the official preset's ramped ``teacher_threshold``.
+    """
+
+    def __init__(self, preset: str = "dycon", backend: str = "auto", **params):
+        super().__init__()
+        presets.fecl_params(preset, **params)  # fail early on unknown names
+        self.preset, self.backend, self.params = preset, backend, params
+
+    def forward(self, embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor] = None,
+                teacher_labels: Optional[Tensor] = None, anchor_weight: Optional[Tensor] = None,
+                **overrides) -> Tensor:
+        z = F.normalize(embeddings, dim=-1)
+        zt = F.normalize(teacher_embeddings, dim=-1) if teacher_embeddings is not None else None
+        return fecl(z, labels, zt, teacher_labels, anchor_weight=anchor_weight, preset=self.preset,
+                    backend=self.backend, **{**self.params, **overrides})

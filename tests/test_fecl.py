@@ -1,0 +1,215 @@
+"""FeCL through the public API: every fused backend against the dense reference, edge cases,
+errors, torch.library registration. (Entry-point tests of each backend: test_fecl_cpp.py,
+test_fecl_triton.py; the reference against brute-force loops: test_reference_fecl.py.)"""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dycon_kernels as dk
+from dycon_kernels import backends, reference
+from conftest import DEVICE, fused_backends
+
+FECL_BACKENDS = [b for b in fused_backends() if backends.implements(b, "fecl")]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5 if DEVICE.type == "cpu" else 2e-3,
+       torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_inputs(B=2, N=29, D=19, Nt=None, classes=2, dtype=torch.float32, seed=0, ignore=0.1, teacher_labels=False):
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(B, N, D, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.randint(0, classes, (B, N), generator=g)
+    y[torch.rand(B, N, generator=g) < ignore] = -1
+    Nt = N if Nt is None else Nt
+    zt = F.normalize(torch.randn(B, Nt, D, generator=g, dtype=torch.float64), dim=-1)
+    yt = torch.randint(0, classes, (B, Nt), generator=g) if (teacher_labels or Nt != N) else None
+    u = 1.0 + torch.rand(B, N, generator=g)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(z.to(dtype)), to(y), to(zt.to(dtype)), to(yt), to(u)
+
+
+def seed_of(*parts):
+    return zlib.crc32(repr(parts).encode())
+
+
+def run(fn, z, y, zt, yt, **kw):
+    z = z.detach().clone().requires_grad_()
+    out = fn(z, y, zt, yt, **kw)
+    weights = torch.rand(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (out * weights.to(out.device, out.dtype)).sum().backward()
+    return out, z.grad
+
+
+def assert_matches_reference(backend, z, y, zt, yt, dtype=torch.float32, **kw):
+    got, got_grad = run(dk.fecl, z, y, zt, yt, backend=backend, **kw)
+    want, want_grad = run(reference.fecl, z, y, zt, yt, **{k: v for k, v in kw.items() if k != "preset"},
+                          **({} if "preset" not in kw else {}))
+    tol = TOL[dtype]
+    for g, w in ((got, want), (got_grad, want_grad)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
+
+
+def reference_params(preset, **overrides):
+    return dk.presets.fecl_params(preset, **overrides)
+
+
+CASES = {
+    "dycon": reference_params("dycon"),
+    "official": reference_params("official", teacher_threshold=0.1),
+    "no_teacher": reference_params("dycon", teacher=None),
+    "gamma_pos0": reference_params("dycon", teacher=None, gamma_pos=0.0),
+    "gamma_neg0": reference_params("dycon", teacher=None, gamma_neg=0.0),
+    "gamma_neg_odd": reference_params("dycon", teacher=None, gamma_neg=1.5),
+    "column": reference_params("dycon", teacher=None, shift="column"),
+    "top_k1": reference_params("dycon", teacher=None, top_k=1),
+    "top_k5": reference_params("dycon", teacher=None, top_k=5),
+    "top_k_all": reference_params("dycon", teacher=None, top_k=500),
+    "teacher_k3": reference_params("dycon", teacher_top_k=3),
+    "threshold": reference_params("dycon", teacher="threshold", teacher_threshold=0.0, teacher_weight=0.7),
+    "tau_small": reference_params("dycon", temperature=0.07),
+    "mean_positive": reference_params("dycon", reduction="mean_positive"),
+    "sum": reference_params("official", teacher_threshold=0.2, reduction="sum"),
+    "none": reference_params("official", teacher_threshold=0.2, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_backend_matches_reference(backend, case, weighted):
+    z, y, zt, yt, u = make_inputs(seed=seed_of(backend, case, weighted))
+    assert_matches_reference(backend, z, y, zt, yt, anchor_weight=u if weighted else None, **CASES[case])
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["dycon", "official"])
+def test_half_inputs(backend, dtype, case):
+    z, y, zt, yt, _ = make_inputs(dtype=dtype, seed=seed_of(backend, dtype, case))
+    got, _ = run(dk.fecl, z, y, zt, yt, backend=backend, **CASES[case])
+    want, _ = run(reference.fecl, z.float(), y, zt.float(), yt, **CASES[case])
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS)
+def test_teacher_with_other_patch_count_and_labels(backend):
+    z, y, zt, yt, u = make_inputs(Nt=17, seed=seed_of(backend, "nt"))
+    assert_matches_reference(backend, z, y, zt, yt, anchor_weight=u, **CASES["dycon"])
+    assert_matches_reference(backend, z, y, zt, yt, **CASES["official"])
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    z, y, zt, yt, u = make_inputs(N=24, D=32, seed=seed_of(backend, "nc"))
+    z_nc, zt_nc = z[:, ::2, ::2], zt[:, ::2, ::2]   # strided views, renormalised below
+    z_nc, zt_nc = z_nc / z_nc.norm(dim=-1, keepdim=True), zt_nc / zt_nc.norm(dim=-1, keepdim=True)
+    assert not z_nc.is_contiguous()
+    assert_matches_reference(backend, z_nc, y[:, ::2], zt_nc, None, anchor_weight=u[:, ::2], **CASES["dycon"])
+
+
+EDGE_LABELS = {
+    "one_class": lambda B, N: torch.zeros(B, N, dtype=torch.long),
+    "all_ignored": lambda B, N: torch.full((B, N), -1, dtype=torch.long),
+    "one_valid_patch": lambda B, N: torch.tensor([[-1] * (N - 1) + [0]] * B),
+    "no_positives": lambda B, N: torch.arange(B * N).reshape(B, N),
+}
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("edge", sorted(EDGE_LABELS))
+@pytest.mark.parametrize("case", ["dycon", "official", "top_k5", "column"])
+def test_edge_cases_are_finite_and_zero_where_the_spec_says(backend, edge, case):
+    z, _, zt, _, _ = make_inputs(N=9, seed=seed_of(backend, edge, case))
+    y = EDGE_LABELS[edge](2, 9).to(DEVICE)
+    out, grad = run(dk.fecl, z, y, zt, None, backend=backend, **CASES[case])
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    if CASES[case]["teacher"] != "threshold" or edge == "all_ignored":
+        # No pair of different labels with a positive: every L_i is 0 (no NaN), zero gradient.
+        assert out.abs().max() == 0 and grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("N", [1, 2])
+def test_tiny_n(backend, N):
+    z, y, zt, _, _ = make_inputs(N=N, seed=seed_of(backend, N), ignore=0.0)
+    out, grad = run(dk.fecl, z, y, zt, None, backend=backend, **CASES["dycon"])
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in FECL_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("case", ["dycon", "official", "top_k5", "column", "threshold"])
+def test_gradcheck_fused(backend, case):
+    z, y, zt, _, u = make_inputs(B=2, N=11, D=5, dtype=torch.float64, seed=seed_of(backend, case))
+    z.requires_grad_()
+    params = {**CASES[case], "reduction": "mean"}
+    assert torch.autograd.gradcheck(
+        lambda a: dk.fecl(F.normalize(a, dim=-1), y, zt, anchor_weight=u, backend=backend, **params), (z,))
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS)
+@pytest.mark.parametrize("case", ["dycon", "official", "top_k5"])
+def test_opcheck(backend, case):
+    z, y, zt, yt, u = make_inputs(N=16, D=16, seed=seed_of(backend, case, "op"))
+    p = CASES[case]
+    teacher = p["teacher"] or "none"
+    args = (z.requires_grad_(), y, zt, y if teacher != "none" else None, u, p["temperature"], p["gamma_pos"],
+            p["gamma_neg"], p["top_k"] or 0, p["shift"] == "column", teacher,
+            p["teacher_top_k"] if teacher == "topk" else 0, float(p["teacher_threshold"] or 0.0), backend)
+    torch.library.opcheck(torch.ops.dycon.fecl.default, args)
+
+
+def test_torch_compile_fullgraph():
+    backend = FECL_BACKENDS[0] if FECL_BACKENDS else "reference"
+    z, y, zt, _, _ = make_inputs(N=16, D=16, seed=3)
+
+    def step(z, y, zt):
+        return dk.fecl(z, y, zt, backend=backend) * 2.0
+
+    z.requires_grad_()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(z, y, zt)
+    out.backward()
+    torch.testing.assert_close(out, step(z, y, zt))
+
+
+def test_module_normalises_its_inputs():
+    z, y, zt, _, _ = make_inputs(seed=5)
+    loss = dk.FeCLoss(preset="official", teacher_threshold=0.2)(3.0 * z, y, 0.5 * zt)
+    torch.testing.assert_close(loss, dk.fecl(z, y, zt, preset="official", teacher_threshold=0.2))
+
+
+def test_presets_differ_where_the_spec_says():
+    z, y, zt, _, _ = make_inputs(seed=6)
+    official = dk.fecl(z, y, zt, preset="official", teacher_threshold=0.2)
+    assert not torch.allclose(official, dk.fecl(z, y, zt, preset="dycon"))
+    assert torch.allclose(official, dk.fecl(z, y, zt, preset="dycon", gamma_neg=0.0, shift="column",
+                                            teacher="threshold", teacher_threshold=0.2))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda z, y, zt: dk.fecl(z[0], y, zt), r"\(B, N, D\)"),
+    (lambda z, y, zt: dk.fecl(z, y.float(), zt), "integer"),
+    (lambda z, y, zt: dk.fecl(z, y[:, :3], zt), "labels must be"),
+    (lambda z, y, zt: dk.fecl(z.long(), y, zt), "floating-point"),
+    (lambda z, y, zt: dk.fecl(z, y, zt[:, :, :4]), "teacher_embeddings must be"),
+    (lambda z, y, zt: dk.fecl(z, y, zt[:, :5]), "teacher_labels"),
+    (lambda z, y, zt: dk.fecl(z, y, zt.double()), "float64"),
+    (lambda z, y, zt: dk.fecl(z, y, zt.to("meta")), "meta"),
+    (lambda z, y, zt: dk.fecl(z * float("nan"), y, zt), "NaN"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, anchor_weight=-torch.ones_like(y, dtype=z.dtype)), ">= 0"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, temperature=0.0), "temperature"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, top_k=0), "top_k"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, shift="row"), "shift"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, shift="column"), "column"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, teacher="threshold"), "teacher_threshold"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, reduction="avg"), "reduction"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, preset="paper"), "preset"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, tau=0.1), "unknown FeCL parameter"),
+])
+def test_bad_input_raises_value_error(make, message):
+    z, y, zt, _, _ = make_inputs(seed=8)
+    with pytest.raises(ValueError, match=message):
+        make(z, y, zt)
