@@ -106,7 +106,7 @@ def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: float, *, weight:
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
     """
     beta, weight = _checks.check_uncl_inputs(student_logits, teacher_logits, beta, weight, reduction)
-    name = backends.resolve(backend, student_logits.device)
+    name = backends.resolve(backend, student_logits.device, "uncl")
     if name == "reference":
         return reference.uncl(student_logits, teacher_logits, beta, weight=weight, reduction=reduction)
     return _uncl_op(student_logits, teacher_logits, beta, weight, reduction, name)
