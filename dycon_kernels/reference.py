@@ -145,6 +145,10 @@ def fecl(
     if use_teacher == "threshold" and teacher_threshold is None:
         raise ValueError("teacher='threshold' needs teacher_threshold")
 
+    for name, lab in (("labels", labels), ("teacher_labels", teacher_labels)):
+        if lab is not None and (lab.is_floating_point() or lab.is_complex()):
+            raise ValueError(f"{name} must be an integer tensor, got {lab.dtype}")
+
     dtype = _compute_dtype(embeddings)
     tau = float(temperature)
     z = embeddings.to(dtype)
@@ -204,10 +208,11 @@ def fecl(
     # S_ij = e_ij / (e_ij + Neg_i) = sigmoid(x_ij): log S and 1 - S in log form, so nothing
     # overflows for small tau and saturated pairs keep a zero (not NaN) gradient.
     active = pos & has_neg
-    x = torch.where(active, logits - offset - log_neg, torch.zeros_like(logits))
+    x = logits - offset - log_neg
     log_s = torch.nn.functional.logsigmoid(x)
-    pair = log_s if gamma_pos == 0 else torch.exp(gamma_pos * torch.nn.functional.logsigmoid(-x)) * log_s
-    pair_sum = torch.where(active, pair, torch.zeros_like(pair)).sum(dim=-1)
+    if gamma_pos != 0:  # (1 - S)^gamma_pos = exp(gamma_pos * log sigmoid(-x)), differentiated
+        log_s = torch.exp(gamma_pos * torch.nn.functional.logsigmoid(-x)) * log_s
+    pair_sum = torch.where(active, log_s, torch.zeros_like(log_s)).sum(dim=-1)
 
     n_pos = pos.sum(dim=-1).to(dtype)
     loss = -pair_sum / n_pos.clamp_min(1.0)             # L_i = 0 without positives
@@ -219,8 +224,8 @@ def fecl(
     cross_share = None
     if use_teacher == "threshold":
         in_m = cross_neg & (cross_cos > teacher_threshold)
-        safe_c = torch.where(in_m, cross_cos, torch.zeros_like(cross_cos))
-        cross_pair = -torch.log((1.0 - safe_c).clamp_min(0.0) + CROSS_EPS)
+        # Clamped: rounding can give c > 1 (e.g. a teacher patch equal to the anchor).
+        cross_pair = -torch.log((1.0 - cross_cos).clamp_min(0.0) + CROSS_EPS)
         cross = torch.where(in_m, cross_pair, torch.zeros_like(cross_pair)).sum(dim=-1)
         cross_share = teacher_weight * cross / in_m.sum().clamp_min(1).to(dtype)  # (B, N)
 
