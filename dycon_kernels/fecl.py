@@ -196,12 +196,15 @@ def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor
         anchor_weight: optional ``(B, N)`` weights ``u >= 0`` (no gradient).
         preset: ``"dycon"`` (default) or ``"official"`` (the released code, quirks included).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
-        check_inputs: also check values (finite embeddings, ``u >= 0``); costs a device sync.
+        check_inputs: also check values (finite embeddings, ``u >= 0``); costs a device sync,
+            and is skipped inside ``torch.compile``.
         **params: any of ``temperature, gamma_pos, gamma_neg, top_k, shift, teacher,
             teacher_top_k, teacher_threshold, teacher_weight, reduction``, overriding the preset.
     """
     p = presets.fecl_params(preset, **params)
-    _check_inputs(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight, p, check_inputs)
+    # Value checks read tensor contents: skipped inside torch.compile, where they would break the graph.
+    check_values = check_inputs and not torch.compiler.is_compiling()
+    _check_inputs(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight, p, check_values)
     name = backends.resolve(backend, embeddings.device, "fecl")
     if name == "reference":
         return reference.fecl(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight=anchor_weight, **p)
