@@ -62,7 +62,9 @@ def extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     # No -std flag: torch's cpp_extension picks the standard its headers need (C++20 from 2.10).
-    cxx = ["-O3"] + openmp
+    # -fno-trapping-math lets GCC if-convert the branch-free exp/log of csrc/fast_math.h so
+    # the voxel loops vectorise; we never rely on floating-point traps or errno.
+    cxx = ["-O3", "-fno-trapping-math", "-fno-math-errno"] + openmp
     if _want_cuda():
         sources = cpu_sources + sorted(glob.glob(os.path.join("csrc", "*.cu")))
         return [

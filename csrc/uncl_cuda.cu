@@ -14,6 +14,59 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// One voxel's softmax over C channels x[c * stride], evaluated on demand (the CPU kernel keeps
+// tiles in buffers instead; here a recomputed exp is cheaper than local memory).
+template <typename A, typename T> struct VoxelSoftmax {
+  const T* x;
+  int64_t stride;
+  A max, inv_sum;
+  __device__ A logit(int64_t c) const { return A(x[c * stride]); }
+  __device__ A prob(int64_t c) const { return vexp(logit(c) - max) * inv_sum; }
+};
+
+template <typename A, typename T>
+__device__ VoxelSoftmax<A, T> voxel_softmax(const T* x, int64_t C, int64_t stride) {
+  VoxelSoftmax<A, T> sm{x, stride, A(x[0]), A(0)};
+  for (int64_t c = 1; c < C; ++c) sm.max = dmax(sm.max, sm.logit(c));
+  for (int64_t c = 0; c < C; ++c) sm.inv_sum += vexp(sm.logit(c) - sm.max);
+  sm.inv_sum = A(1) / sm.inv_sum;
+  return sm;
+}
+
+template <typename A, typename T> struct UnclVoxel {
+  VoxelSoftmax<A, T> s, t;
+  A h_s, h_t, d;
+  UnclWeight<A> w;
+};
+
+template <typename A, typename T>
+__device__ UnclVoxel<A, T> uncl_voxel(const T* s, const T* t, int64_t C, int64_t V, A beta) {
+  UnclVoxel<A, T> v{voxel_softmax<A>(s, C, V), voxel_softmax<A>(t, C, V), A(0), A(0), A(0), {}};
+  for (int64_t c = 0; c < C; ++c) {
+    const A p = v.s.prob(c), q = v.t.prob(c);
+    v.h_s -= p * vlog(p + A(kUnclEps));
+    v.h_t -= q * vlog(q + A(kUnclEps));
+    v.d += (p - q) * (p - q);
+  }
+  v.w = uncl_weight(v.h_s, v.h_t, beta);
+  return v;
+}
+
+// out[c * V] = g d(l)/d(logit_c) for one side (self) of the voxel; other is the other side.
+template <typename A, typename T>
+__device__ void side_grad(const VoxelSoftmax<A, T>& self, const VoxelSoftmax<A, T>& other, A coef, A W, A g,
+                          int64_t C, int64_t V, T* out) {
+  A dot = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const A x = self.prob(c);
+    dot += x * uncl_dldx(x, other.prob(c), vlog(x + A(kUnclEps)), W, coef);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const A x = self.prob(c);
+    out[c * V] = static_cast<T>(g * x * (uncl_dldx(x, other.prob(c), vlog(x + A(kUnclEps)), W, coef) - dot));
+  }
+}
+
 template <typename T, typename A>
 __global__ void uncl_forward_kernel(const T* __restrict__ s, const T* __restrict__ t,
                                     const float* __restrict__ w, A* __restrict__ out, int64_t C,
@@ -23,7 +76,8 @@ __global__ void uncl_forward_kernel(const T* __restrict__ s, const T* __restrict
   A l = 0;
   if (i < n) {
     const int64_t b = i / V, v = i % V, base = b * C * V + v;
-    l = uncl_voxel<A>(s + base, t + base, C, V, beta).loss(beta);
+    const UnclVoxel<A, T> vx = uncl_voxel<A>(s + base, t + base, C, V, beta);
+    l = uncl_loss(vx.d, vx.w, vx.h_s, vx.h_t, beta);
     if (w) l *= w[i];
     if (!reduce) out[i] = l;
   }
@@ -45,10 +99,11 @@ __global__ void uncl_backward_kernel(const A* __restrict__ g, bool g_is_map, con
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int64_t b = i / V, v = i % V, base = b * C * V + v;
-  A gv = g[g_is_map ? i : 0] * (w ? A(w[i]) : A(1));
-  UnclVoxel<A> vx = uncl_voxel<A>(s + base, t + base, C, V, beta);
-  uncl_side_grad(s + base, t + base, vx.s, vx.t, vx, vx.share_s, beta, gv, C, V, ds + base);
-  if (dt) uncl_side_grad(t + base, s + base, vx.t, vx.s, vx, A(1) - vx.share_s, beta, gv, C, V, dt + base);
+  const A gv = g[g_is_map ? i : 0] * (w ? A(w[i]) : A(1));
+  const UnclVoxel<A, T> vx = uncl_voxel<A>(s + base, t + base, C, V, beta);
+  const A W = vx.w.W;
+  side_grad(vx.s, vx.t, uncl_entropy_coef(beta, vx.d, W, vx.w.share_s), W, gv, C, V, ds + base);
+  if (dt) side_grad(vx.t, vx.s, uncl_entropy_coef(beta, vx.d, W, A(1) - vx.w.share_s), W, gv, C, V, dt + base);
 }
 
 at::Tensor uncl_forward_cuda(const at::Tensor& s, const at::Tensor& t, double beta,
