@@ -18,3 +18,23 @@ TORCH_LIBRARY(dycon_C, m) {
 // The module holds no Python functions: importing it registers the operators above.
 static struct PyModuleDef dycon_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dycon_module); }
+
+// FeCL (docs/fecl_kernels.md). z: (B, N, D) contiguous; y: (B, N) int64; zt, yt: (B, Nt, D),
+// (B, Nt) or None without a teacher; u: (B, N) or None. teacher_mode: 0 none, 1 topk,
+// 2 threshold; top_k = 0: every negative. Returns (loss, cross, cross_count, log_neg, r, n_pos,
+// col_shift, topk_idx, teacher_idx); unused outputs are empty tensors.
+TORCH_LIBRARY_FRAGMENT(dycon_C, m) {
+  m.def(
+      "fecl_forward(Tensor z, Tensor y, Tensor? zt, Tensor? yt, Tensor? u, float tau, "
+      "float gamma_pos, float gamma_neg, int top_k, bool column_shift, int teacher_mode, "
+      "int teacher_top_k, float teacher_threshold) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns dz (z's dtype). grad_loss, grad_cross: (B, N) in the statistics' dtype; grad_cross
+  // may be None (no threshold-teacher gradient).
+  m.def(
+      "fecl_backward(Tensor grad_loss, Tensor? grad_cross, Tensor z, Tensor y, Tensor? zt, "
+      "Tensor? yt, Tensor? u, Tensor log_neg, Tensor r, Tensor n_pos, Tensor col_shift, "
+      "Tensor topk_idx, Tensor teacher_idx, float tau, float gamma_pos, float gamma_neg, "
+      "int top_k, bool column_shift, int teacher_mode, int teacher_top_k, "
+      "float teacher_threshold) -> Tensor");
+}

@@ -45,8 +45,11 @@ def _stat_dtype(z: Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
-def _index_shape(z: Tensor, k: int):
-    return (z.shape[0], z.shape[1], k) if k > 0 else (0,)
+def _needed_outputs(column_shift: bool, teacher: str, top_k: int, teacher_top_k: int):
+    """Which of the 9 outputs carry data for this configuration; the others are empty (0,)."""
+    threshold = teacher == "threshold"
+    return [True, threshold, threshold, True, True, True, column_shift, top_k > 0,
+            teacher == "topk" and teacher_top_k > 0]
 
 
 @torch.library.custom_op("dycon::fecl", mutates_args=())
@@ -55,16 +58,18 @@ def _fecl_op(z: Tensor, y: Tensor, zt: Optional[Tensor], yt: Optional[Tensor], u
              teacher_top_k: int, teacher_threshold: float, backend: str) -> list[Tensor]:
     cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
     outs = backends.load(backend).fecl_forward(z, y, zt, yt, u, cfg)
-    # Unused outputs come back as empty tensors; give them the one shape the fake impl knows.
-    return [o if o.numel() else o.new_empty(0) for o in outs]
+    # One convention for every backend (and for the fake impl below): unused outputs are (0,).
+    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k)
+    return [o if need else o.new_empty(0) for o, need in zip(outs, needed)]
 
 
 @_fecl_op.register_fake
 def _(z, y, zt, yt, u, tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k,
       teacher_threshold, backend):
-    stat = lambda: z.new_empty(z.shape[:2], dtype=_stat_dtype(z))  # noqa: E731
-    index = lambda k: z.new_empty(_index_shape(z, k), dtype=torch.int64)  # noqa: E731
-    return [stat() for _ in range(7)] + [index(top_k), index(teacher_top_k if teacher == "topk" else 0)]
+    shapes = [z.shape[:2]] * 7 + [(z.shape[0], z.shape[1], top_k), (z.shape[0], z.shape[1], teacher_top_k)]
+    dtypes = [_stat_dtype(z)] * 7 + [torch.int64] * 2
+    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k)
+    return [z.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needed)]
 
 
 @torch.library.custom_op("dycon::fecl_backward", mutates_args=())
@@ -170,16 +175,17 @@ def _check_params(p):
 
 
 def _reduce(loss, cross, cross_count, n_pos, y, teacher_weight, reduction):
-    """losses.md reductions of the per-anchor maps, plus the threshold teacher term."""
-    cross_share = teacher_weight * cross / cross_count.sum().clamp_min(1)  # (B, N), 0 without pairs
+    """losses.md reductions of the per-anchor maps, plus the threshold teacher term (when active:
+    otherwise ``cross`` is empty)."""
+    cross_share = teacher_weight * cross / cross_count.sum().clamp_min(1) if cross.numel() else None
     if reduction == "none":
-        return loss + cross_share
+        return loss if cross_share is None else loss + cross_share
     total = loss.sum()
     if reduction == "mean":
         total = total / (y >= 0).sum().clamp_min(1)
     elif reduction == "mean_positive":
         total = total / (n_pos > 0).sum().clamp_min(1)
-    return total + cross_share.sum()
+    return total if cross_share is None else total + cross_share.sum()
 
 
 def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor] = None,

@@ -104,10 +104,11 @@ def test_teacher_with_other_patch_count_and_labels(backend):
 @pytest.mark.parametrize("backend", FECL_BACKENDS)
 def test_non_contiguous_inputs(backend):
     z, y, zt, yt, u = make_inputs(N=24, D=32, seed=seed_of(backend, "nc"))
-    z_nc, zt_nc = z[:, ::2, ::2], zt[:, ::2, ::2]   # strided views, renormalised below
-    z_nc, zt_nc = z_nc / z_nc.norm(dim=-1, keepdim=True), zt_nc / zt_nc.norm(dim=-1, keepdim=True)
-    assert not z_nc.is_contiguous()
-    assert_matches_reference(backend, z_nc, y[:, ::2], zt_nc, None, anchor_weight=u[:, ::2], **CASES["dycon"])
+    # Same values, transposed memory layout.
+    strided = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
+    z_nc, y_nc, zt_nc, u_nc = strided(z), strided(y), strided(zt), strided(u)
+    assert not (z_nc.is_contiguous() or y_nc.is_contiguous() or zt_nc.is_contiguous())
+    assert_matches_reference(backend, z_nc, y_nc, zt_nc, None, anchor_weight=u_nc, **CASES["dycon"])
 
 
 EDGE_LABELS = {
@@ -139,8 +140,10 @@ def test_tiny_n(backend, N):
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
 
 
+# Not the column shift: its offset c_j is detached by definition, so finite differences (which
+# see c_j move) disagree with the specified gradient; test_backend_matches_reference covers it.
 @pytest.mark.parametrize("backend", [b for b in FECL_BACKENDS if b != "triton"])
-@pytest.mark.parametrize("case", ["dycon", "official", "top_k5", "column", "threshold"])
+@pytest.mark.parametrize("case", ["dycon", "top_k5", "threshold", "gamma_neg_odd"])
 def test_gradcheck_fused(backend, case):
     z, y, zt, _, u = make_inputs(B=2, N=11, D=5, dtype=torch.float64, seed=seed_of(backend, case))
     z.requires_grad_()
