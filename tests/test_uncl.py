@@ -1,6 +1,11 @@
 """UnCL: the dense reference against a per-voxel loop, and every fused backend against the reference."""
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,8 @@ import torch
 import dycon_kernels as dk
 from dycon_kernels import reference
 from conftest import DEVICE, fused_backends
+
+REPO = Path(__file__).resolve().parents[1]
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 if DEVICE.type == "cuda":
@@ -189,3 +196,13 @@ def test_explicit_backend_that_cannot_run_is_an_error():
 
 def test_available_backends_lists_reference():
     assert "reference" in dk.available_backends()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """Compile every launched UnCL configuration for the GPU (no GPU needed): catches what the
+    interpreter accepts but the compiler does not. In a subprocess without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.uncl", "-j", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
