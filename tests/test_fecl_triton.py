@@ -1,0 +1,383 @@
+"""FeCL Triton entry points (dycon_kernels/triton/fecl.py) against a dense float64 computation of
+losses.md section 2 written here, plus the GPU compile of every launched kernel configuration.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on CPU
+tensors; the sizes are small and the tile sizes explicit (16 x 16) so that the key loops run
+over several tiles with ragged ends.
+"""
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from dycon_kernels import backends
+
+pytestmark = pytest.mark.skipif(not backends.can_run("triton", DEVICE), reason="Triton cannot run here")
+
+# The interpreter evaluates masked-off lanes too (log(0), 0/0): numpy warns, results are unaffected.
+pytestmark = [pytestmark, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+if DEVICE.type == "cuda":
+    TOL[torch.float32] = 2e-3
+
+
+def config(**kw):
+    base = dict(tau=0.6, gamma_pos=2.0, gamma_neg=2.0, top_k=0, column_shift=False, teacher="none",
+                teacher_top_k=4, teacher_threshold=0.1)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense float64 FeCL, straight from losses.md (every intermediate is (B, N, N))
+# ----------------------------------------------------------------------------------------------
+
+def _pow(x, p):
+    return torch.ones_like(x) if p == 0 else x.clamp_min(0) ** p
+
+
+def dense_fecl(z, y, zt, yt, u, cfg):
+    """Per-anchor loss, cross, cross_count, log_neg, r, n_pos, col_shift, H mask, T mask.
+    ``z`` float64 (may require grad); the teacher gets no gradient."""
+    B, N, _ = z.shape
+    tau, gp, gn = cfg.tau, cfg.gamma_pos, cfg.gamma_neg
+    l = z @ z.transpose(1, 2) / tau
+    valid = y >= 0
+    eye = torch.eye(N, dtype=torch.bool)
+    pair = valid[:, :, None] & valid[:, None, :] & ~eye
+    pos = pair & (y[:, :, None] == y[:, None, :])
+    neg = valid[:, :, None] & valid[:, None, :] & (y[:, :, None] != y[:, None, :])
+    if cfg.column_shift:
+        ld = l.detach()
+        col = torch.where(pair, ld, torch.full_like(ld, -float("inf"))).amax(dim=1).clamp_min(0)
+        col = torch.where(valid, col, torch.zeros_like(col))
+    else:
+        col = torch.zeros(B, N, dtype=z.dtype)
+    e = torch.exp(l - col[:, None, :])
+    w = _pow((1 + tau * l) / 2, gn)
+    if cfg.top_k:
+        k = min(cfg.top_k, N)
+        vals = torch.where(neg, l.detach(), torch.full_like(l, -float("inf")))
+        top_v, top_i = vals.topk(k, dim=2)
+        hmask = torch.zeros_like(neg).scatter_(2, top_i, top_v > -float("inf"))
+    else:
+        hmask = neg
+    negsum = torch.where(hmask, w * e, torch.zeros_like(e)).sum(dim=2)
+    tmask = None
+    cross = count = None
+    if cfg.teacher != "none":
+        c = z @ zt.transpose(1, 2)  # cosine, the teacher is a constant
+        tneg = valid[:, :, None] & (yt[:, None, :] >= 0) & (y[:, :, None] != yt[:, None, :])
+        if cfg.teacher == "topk":
+            k = min(cfg.teacher_top_k, zt.shape[1])
+            vals = torch.where(tneg, c.detach(), torch.full_like(c, -float("inf")))
+            top_v, top_i = vals.topk(k, dim=2)
+            tmask = torch.zeros_like(tneg).scatter_(2, top_i, top_v > -float("inf"))
+            negsum = negsum + torch.where(tmask, torch.exp(c / tau), torch.zeros_like(c)).sum(dim=2)
+        else:
+            hit = tneg & (c.detach() > cfg.teacher_threshold)
+            cross = torch.where(hit, -torch.log((1 - c).clamp_min(0) + 1e-18), torch.zeros_like(c)).sum(dim=2)
+            count = hit.sum(dim=2).to(z.dtype)
+    s = e / (e + negsum[:, :, None])
+    f = _pow(1 - s, gp) * torch.log(s)
+    n_pos = pos.sum(dim=2).to(z.dtype)
+    total = torch.where(pos, f, torch.zeros_like(f)).sum(dim=2)
+    uu = torch.ones(B, N, dtype=z.dtype) if u is None else u.to(z.dtype)
+    loss = torch.where(n_pos > 0, -uu * total / n_pos.clamp_min(1), torch.zeros_like(total))
+    sd = s.detach()
+    rterm = _pow(1 - sd, gp + 1) - gp * _pow(1 - sd, gp) * sd * torch.log(sd)
+    r = torch.where(pos, rterm, torch.zeros_like(rterm)).sum(dim=2)
+    log_neg = torch.log(negsum.detach())
+    log_neg = torch.where(valid, log_neg, torch.full_like(log_neg, -float("inf")))
+    return dict(loss=loss, cross=cross, cross_count=count, log_neg=log_neg, r=r, n_pos=n_pos, col_shift=col,
+                hmask=hmask, tmask=tmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def make_inputs(B, N, D, n_classes, dtype, Nt=None, ignore=0.1, weights=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(B, N, D, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.randint(0, n_classes, (B, N), generator=g)
+    y[torch.rand(B, N, generator=g) < ignore] = -1
+    Nt = N if Nt is None else Nt
+    zt = torch.nn.functional.normalize(torch.randn(B, Nt, D, generator=g, dtype=torch.float64), dim=-1)
+    yt = torch.randint(0, n_classes, (B, Nt), generator=g)
+    yt[torch.rand(B, Nt, generator=g) < ignore] = -1
+    u = torch.rand(B, N, generator=g, dtype=torch.float32) + 0.5 if weights else None
+    # Rounded to the dtype under test; the dense computation uses the same rounded values.
+    return z.to(dtype), y, zt.to(dtype), yt, u
+
+
+_REAL_EMPTY = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    """torch.empty filled with NaN (floats) or a bogus index (int64), so that an element a kernel
+    forgets to write fails the comparison instead of passing as a lucky zero."""
+    t = _REAL_EMPTY(*args, **kwargs)
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.int64:
+        t.fill_(-12345)
+    return t
+
+
+def poisoned(fn, *args, **kwargs):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", _poisoned_empty)
+        return fn(*args, **kwargs)
+
+
+def close(actual, expected, tol, what):
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64)
+    finite = torch.isfinite(expected)
+    scale = expected[finite].abs().max().item() if finite.any() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-3), msg=lambda m: f"{what}: {m}")
+
+
+def index_sets(idx):
+    return [[sorted(v for v in row.tolist() if v >= 0) for row in vol] for vol in idx.cpu()]
+
+
+def mask_sets(mask):
+    return [[torch.nonzero(row).flatten().tolist() for row in vol] for vol in mask]
+
+
+def run_case(cfg, B=2, N=37, D=19, n_classes=3, dtype=torch.float32, Nt=None, ignore=0.1, weights=False,
+             seed=0, blocks=(16, 16), y=None, noncontiguous=False):
+    from dycon_kernels.triton.fecl import fecl_backward, fecl_forward
+
+    z, y_, zt, yt, u = make_inputs(B, N, D, n_classes, dtype, Nt, ignore, weights, seed)
+    y = y_ if y is None else y
+    use_t = cfg.teacher != "none"
+    dev = DEVICE
+    zd = z.to(dev)
+    if noncontiguous:  # same values, strided
+        zd = zd.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not zd.is_contiguous()
+    out = poisoned(fecl_forward, zd, y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
+                   None if u is None else u.to(dev), cfg, blocks=blocks)
+    loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx = out
+
+    z64 = z.to(torch.float64).requires_grad_(True)
+    ref = dense_fecl(z64, y, zt.to(torch.float64), yt, u, cfg)
+    tol = TOL[dtype]
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, t in zip(("loss", "log_neg", "r", "n_pos"), (loss, log_neg, r, n_pos)):
+        assert t.dtype == stat and t.shape == (B, N), name
+        close(t, ref[name], tol, name)
+    if cfg.column_shift:
+        assert col_shift.dtype == stat and col_shift.shape == (B, N)
+        close(col_shift, ref["col_shift"], tol, "col_shift")
+    else:
+        assert col_shift.numel() == 0
+    if cfg.top_k:
+        assert topk_idx.shape == (B, N, cfg.top_k) and topk_idx.dtype == torch.int64
+        assert index_sets(topk_idx) == mask_sets(ref["hmask"])
+    else:
+        assert topk_idx.numel() == 0
+    if cfg.teacher == "topk":
+        assert teacher_idx.shape == (B, N, cfg.teacher_top_k)
+        assert index_sets(teacher_idx) == mask_sets(ref["tmask"])
+    else:
+        assert teacher_idx.numel() == 0
+    if cfg.teacher == "threshold":
+        close(cross, ref["cross"], tol, "cross")
+        close(cross_count, ref["cross_count"], tol, "cross_count")
+    else:
+        assert cross.numel() == 0 and cross_count.numel() == 0
+
+    # Gradient: random upstream gradients of loss (and cross) vs autograd of the dense loss.
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_loss = torch.randn(B, N, generator=g, dtype=stat)
+    grad_cross = torch.randn(B, N, generator=g, dtype=stat) if cfg.teacher == "threshold" else None
+    dz = poisoned(fecl_backward, grad_loss.to(dev), None if grad_cross is None else grad_cross.to(dev), zd,
+                  y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
+                  None if u is None else u.to(dev), log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, cfg,
+                  blocks=blocks)
+    assert dz.dtype == dtype and dz.shape == z.shape
+    objective = (grad_loss.to(torch.float64) * ref["loss"]).sum()
+    if grad_cross is not None:
+        objective = objective + (grad_cross.to(torch.float64) * ref["cross"]).sum()
+    (expected,) = torch.autograd.grad(objective, z64, allow_unused=True)
+    if expected is None:
+        expected = torch.zeros_like(z64)
+    close(dz, expected, tol, "dz")
+    return out, ref
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("column", [False, True])
+@pytest.mark.parametrize("gamma_neg", [0.0, 2.0])
+def test_dense_negatives(column, gamma_neg):
+    run_case(config(column_shift=column, gamma_neg=gamma_neg), weights=column)
+
+
+@pytest.mark.parametrize("k, N", [(1, 37), (7, 37), (24, 21)])
+def test_topk_negatives(k, N):
+    # k = 24 >= #negatives of every anchor (N = 21): all of Q(i), -1 padded at the end.
+    cfg = config(top_k=k, column_shift=k == 7, gamma_neg=0.0 if k == 1 else 2.0)
+    (*_, idx, _), ref = run_case(cfg, N=N, weights=True)
+    assert (idx[..., N - 1:] == -1).all()
+    # Sorted by decreasing similarity, -1 after every selected key.
+    z = make_inputs(2, N, 19, 3, torch.float32)[0].double()
+    sims = torch.where(idx >= 0, (z[:, :, None, :] * z[torch.arange(2)[:, None, None], idx.clamp_min(0)]).sum(-1),
+                       torch.full(idx.shape, -float("inf"), dtype=torch.float64))
+    assert (sims[..., 1:] <= sims[..., :-1]).all()
+
+
+@pytest.mark.parametrize("k, Nt", [(1, 29), (5, 29), (16, 13)])
+def test_teacher_topk(k, Nt):
+    run_case(config(teacher="topk", teacher_top_k=k, top_k=3 if k == 5 else 0), Nt=Nt)
+
+
+@pytest.mark.parametrize("column", [False, True])
+def test_teacher_threshold(column):
+    run_case(config(teacher="threshold", teacher_threshold=0.1, column_shift=column, gamma_neg=0.0), Nt=45,
+             weights=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(dtype):
+    run_case(config(top_k=5, teacher="topk", teacher_top_k=3), dtype=dtype, Nt=21)
+
+
+def test_gamma_pos_zero_and_tau():
+    run_case(config(gamma_pos=0.0, gamma_neg=1.0, tau=0.1), n_classes=2)
+
+
+def test_one_class():
+    # No negatives: log_neg = -inf, S = 1, zero loss and gradient, nothing NaN.
+    (loss, _, _, log_neg, r, *_), _ = run_case(config(gamma_neg=2.0), n_classes=1, ignore=0.0)
+    assert (loss == 0).all() and (r == 0).all() and torch.isneginf(log_neg).all()
+
+
+def test_all_ignored():
+    y = torch.full((2, 21), -1)
+    (loss, *_), _ = run_case(config(top_k=3, teacher="topk"), N=21, y=y)
+    assert (loss == 0).all()
+
+
+@pytest.mark.parametrize("teacher", ["none", "threshold"])
+def test_single_patch(teacher):
+    run_case(config(teacher=teacher, top_k=2), N=1, Nt=3)
+
+
+def test_other_shapes():
+    # Several blocks with default 32 x 32 tiles, D a power of two, one class missing per volume.
+    run_case(config(top_k=4, column_shift=True, teacher="threshold"), B=3, N=70, D=32, n_classes=4, blocks=None,
+             noncontiguous=True)
+
+
+def test_float64_needs_no_error():
+    # float64 is computed in float64 (not rejected).
+    run_case(config(), N=17, D=16, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cfg", [
+    config(),                                                                   # 'dycon' without teacher
+    config(gamma_neg=0.0, column_shift=True, teacher="threshold", teacher_threshold=0.05),  # 'official'
+    config(top_k=6, teacher="topk", teacher_top_k=5),
+], ids=["dycon", "official", "topk"])
+def test_against_reference(cfg):
+    """The per-anchor map and its gradient equal dycon_kernels.reference.fecl(reduction='none')."""
+    from dycon_kernels import reference
+    from dycon_kernels.triton.fecl import fecl_backward, fecl_forward
+
+    B, N, D = 2, 33, 24
+    z, y, zt, yt, u = make_inputs(B, N, D, 3, torch.float32, Nt=27, weights=True, seed=3)
+    use_t = cfg.teacher != "none"
+    dev = DEVICE
+    out = poisoned(fecl_forward, z.to(dev), y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
+                   u.to(dev), cfg, blocks=(16, 16))
+    loss, cross, cross_count = out[:3]
+    mine = loss.cpu().double()
+    if cfg.teacher == "threshold":
+        mine = mine + cross.cpu().double() / cross_count.cpu().double().sum().clamp_min(1)
+    z64 = z.double().requires_grad_(True)
+    ref = reference.fecl(z64, y, zt.double() if use_t else None, yt if use_t else None, anchor_weight=u,
+                         temperature=cfg.tau, gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg,
+                         top_k=cfg.top_k or None, shift="column" if cfg.column_shift else "exact",
+                         teacher=None if cfg.teacher == "none" else cfg.teacher, teacher_top_k=cfg.teacher_top_k,
+                         teacher_threshold=cfg.teacher_threshold, reduction="none")
+    close(mine, ref, TOL[torch.float32], "loss map vs reference")
+    g = torch.randn(B, N, generator=torch.Generator().manual_seed(7))
+    (expected,) = torch.autograd.grad((g.double() * ref).sum(), z64)
+    grad_cross = None
+    if cfg.teacher == "threshold":  # d/dcross_i of sum_i g_i cross_i / |M|
+        grad_cross = (g / cross_count.cpu().sum().clamp_min(1)).to(dev)
+    dz = poisoned(fecl_backward, g.to(dev), grad_cross, z.to(dev), y.to(dev), zt.to(dev) if use_t else None,
+                  yt.to(dev) if use_t else None, u.to(dev), *out[3:], cfg, blocks=(16, 16))
+    close(dz, expected, TOL[torch.float32], "dz vs reference")
+
+
+def test_launch_configs_cover_launches(monkeypatch):
+    """Every kernel launch of the entry points (signature and flags) is in launch_configs(), which
+    the GPU-compile test compiles; tile sizes and K_PAD differ on the GPU and are not compared."""
+    import inspect
+
+    from dycon_kernels.triton import fecl
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
+             "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD")
+    configs = [(fn, sig, {k: v for k, v in ce.items() if k not in loose})
+               for fn, sig, ce in fecl.launch_configs(full=True)]
+    for name in names:
+        monkeypatch.setattr(fecl, name, Recorder(getattr(fecl, name)))
+    short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+             torch.int64: "i64"}
+    cases = [(config(top_k=3, column_shift=True, teacher="threshold"), torch.float32),
+             (config(top_k=0, gamma_neg=0.0, teacher="topk"), torch.bfloat16),
+             (config(top_k=2, teacher="none"), torch.float64)]
+    for cfg, dtype in cases:
+        run_case(cfg, N=9, D=5, Nt=7, dtype=dtype)
+    seen = set()
+    for kernel, args, kwargs in launches:
+        params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        runtime = [n for n, p in params.items() if "constexpr" not in str(p.annotation)]
+        assert len(runtime) == len(args)
+        sig = {n: (f"*{short[a.dtype]}" if isinstance(a, torch.Tensor) else "i32" if isinstance(a, int) else "fp32")
+               for n, a in zip(runtime, args)}
+        flags = {k: v for k, v in kwargs.items() if k not in loose}
+        assert any(c[0] is kernel and c[1] == sig and c[2] == flags for c in configs), (kernel, sig, flags)
+        seen.add(kernel)
+    assert len(seen) == len(names)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU runs the kernels themselves")
+def test_gpu_compile():
+    """Compile every launched configuration for sm_80 and sm_90 (no GPU needed, Triton ships ptxas),
+    in a subprocess without TRITON_INTERPRET (under it @triton.jit returns interpreted functions)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.fecl", "-j", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
