@@ -1,0 +1,353 @@
+"""Data: the on-disk layouts of method.md section 4, training patches, the two-stream sampler.
+
+    cases = list_cases({"layout": "brats", "root": "data/BraTS2019"}, "train")
+    volume = cases[0].load()        # Volume(image (C, X, Y, Z) float32, label (X, Y, Z) uint8, ...)
+
+Axis convention: volumes are ``(X, Y, Z)`` with the through-plane axis last, as in the released
+code (patch 112x112x80, ``stride_z`` on the last axis). The BraTS h5 files are stored the other
+way round and are transposed (2, 1, 0) on load, as the released training pipeline does; NIfTI
+arrays are kept in nibabel's (i, j, k) order so the affine applies unchanged.
+
+Layouts (``data_cfg["layout"]``):
+
+| layout | image files | split lists |
+|---|---|---|
+| brats, demo | ``<root>/data/<id>.h5`` (image, label) | ``<root>/{train,val,test}.txt`` |
+| la | ``<root>/<id>/mri_norm2.h5`` (image, label) | ``<root>/{train,val,test}.list`` |
+| pancreas | ``<root>/Pancreas_data/<id>.h5`` (image, label) | ``<root>/{train,val,test}.list`` |
+| isles | ``<root>/<id>.h5`` (image, **mask**) | ``<root>/{train,val,test}.list`` |
+| nifti | ``imagesTr/<case>_0000.nii.gz`` (+ _0001 ...), ``labelsTr/<case>.nii.gz`` | ``<root>/<split>.txt``, or all of imagesTr (train) / imagesTs (test) |
+
+Data sets released without a validation list (LA, Pancreas) can set ``holdout_val: k`` in the
+data config: the last ``k`` ids of the training list become the validation split and leave
+the training split, so that model selection never sees the test list.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+SPLITS = ("train", "val", "test")
+
+# layout -> (list file name pattern, how an id maps to its file, label key, transpose)
+H5_LAYOUTS = {
+    "brats": ("{split}.txt", "data/{id}.h5", "label", (2, 1, 0)),
+    "demo": ("{split}.txt", "data/{id}.h5", "label", (2, 1, 0)),
+    "la": ("{split}.list", "{id}/mri_norm2.h5", "label", None),
+    "pancreas": ("{split}.list", "Pancreas_data/{id}.h5", "label", None),
+    "isles": ("{split}.list", "{id}.h5", "mask", None),
+}
+LAYOUTS = tuple(H5_LAYOUTS) + ("nifti",)
+
+
+@dataclass
+class Volume:
+    """One case in memory. ``label`` is None for unlabelled test images; ``affine``,
+    ``spacing`` and ``header`` are only known for NIfTI inputs."""
+    image: np.ndarray                      # float32 (C, X, Y, Z)
+    label: Optional[np.ndarray]            # uint8 (X, Y, Z) or None
+    affine: Optional[np.ndarray] = None    # 4x4
+    spacing: Optional[tuple] = None
+    header: Any = None
+    path: str = ""
+
+
+@dataclass
+class Case:
+    """A case on disk: ``id``, main ``path``, and ``load()`` reading it as a ``Volume``."""
+    id: str
+    path: Path
+    layout: str
+    label_key: str = "label"
+    transpose: Optional[tuple] = None
+    channel_paths: list = field(default_factory=list)   # NIfTI: one file per channel
+    label_path: Optional[Path] = None                    # NIfTI label (None: unlabelled)
+
+    def load(self) -> Volume:
+        if self.layout == "nifti":
+            return _load_nifti(self)
+        return _load_h5(self)
+
+
+# ------------------------------------------------------------------------------- listing cases
+
+def list_cases(data_cfg: dict, split: str) -> list[Case]:
+    """The cases of ``split`` ('train' | 'val' | 'test') for the config's ``layout`` and ``root``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    for key in ("layout", "root"):
+        if key not in data_cfg:
+            raise ValueError(f"data config needs the key {key!r} (got keys {sorted(data_cfg)})")
+    layout, root = data_cfg["layout"], Path(data_cfg["root"])
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist (data.root / --root_path)")
+
+    holdout = int(data_cfg.get("holdout_val", 0) or 0)
+    if holdout and split in ("train", "val"):
+        train = _list_ids(layout, root, "train")
+        if holdout >= len(train):
+            raise ValueError(f"data.holdout_val={holdout} leaves no training case ({len(train)} in the list)")
+        ids = train[:-holdout] if split == "train" else train[-holdout:]
+    else:
+        ids = _list_ids(layout, root, split)
+    if layout == "nifti":
+        return [_nifti_case(root, i, split) for i in ids]
+    _, file_pattern, label_key, transpose = H5_LAYOUTS[layout]
+    return [Case(i, root / file_pattern.format(id=i), layout, label_key, transpose) for i in ids]
+
+
+def _list_ids(layout: str, root: Path, split: str) -> list[str]:
+    if layout == "nifti":
+        return _nifti_ids(root, split)
+    path = root / H5_LAYOUTS[layout][0].format(split=split)
+    ids = _read_list(path)
+    if layout == "pancreas":   # the released Pancreas lists sometimes carry the extension
+        ids = [i[:-3] if i.endswith(".h5") else i for i in ids]
+    return ids
+
+
+def _read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} does not exist")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"split list {path} is empty")
+    return ids
+
+
+def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
+    """Indices of the labelled (the first ``labelnum``) and unlabelled training cases."""
+    if not 1 <= labelnum <= n_train:
+        raise ValueError(f"labelnum must be between 1 and the {n_train} training cases, got {labelnum}")
+    return list(range(labelnum)), list(range(labelnum, n_train))
+
+
+# ------------------------------------------------------------------------------------ h5 files
+
+def _load_h5(case: Case) -> Volume:
+    if not case.path.is_file():
+        raise FileNotFoundError(f"case {case.id!r}: file {case.path} does not exist")
+    try:
+        with h5py.File(case.path, "r") as f:
+            image = _read_key(f, "image", case.path)
+            label = _read_key(f, case.label_key, case.path)
+    except OSError as err:   # h5py raises OSError on truncated or non-HDF5 files
+        raise ValueError(f"case {case.id!r}: cannot read {case.path} as HDF5 ({err})") from err
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or label.shape != image.shape[1:]:
+        raise ValueError(f"{case.path}: 'image' must be (X, Y, Z) or (C, X, Y, Z) and "
+                         f"'{case.label_key}' (X, Y, Z) of the same size; got {image.shape} and {label.shape}")
+    if case.transpose:
+        image = image.transpose((0,) + tuple(a + 1 for a in case.transpose))
+        label = label.transpose(case.transpose)
+    return Volume(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8),
+                  path=str(case.path))
+
+
+def _read_key(f: h5py.File, key: str, path: Path) -> np.ndarray:
+    if key not in f:
+        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(f.keys())})")
+    return f[key][()]
+
+
+# ------------------------------------------------------------------------------ NIfTI folders
+
+def _nifti_ids(root: Path, split: str) -> list[str]:
+    for name in (f"{split}.txt", f"{split}.list"):
+        if (root / name).is_file():
+            return _read_list(root / name)
+    folder = {"train": "imagesTr", "test": "imagesTs"}.get(split)
+    if folder is None:
+        raise FileNotFoundError(f"no {root / (split + '.txt')}: a NIfTI data set needs a list for the "
+                                f"{split!r} split (or data.holdout_val)")
+    if not (root / folder).is_dir():
+        raise FileNotFoundError(f"no {root / (split + '.txt')} and no folder {root / folder}")
+    ids = sorted(p.name[:-len("_0000.nii.gz")] for p in (root / folder).glob("*_0000.nii.gz"))
+    if not ids:
+        raise ValueError(f"{root / folder} holds no <case>_0000.nii.gz file")
+    return ids
+
+
+def _nifti_case(root: Path, case_id: str, split: str) -> Case:
+    folder, label_folder = ("imagesTs", "labelsTs") if split == "test" and (root / "imagesTs").is_dir() \
+        else ("imagesTr", "labelsTr")
+    channels = _nifti_channel_count(root)
+    paths = [root / folder / f"{case_id}_{c:04d}.nii.gz" for c in range(channels)]
+    label = root / label_folder / f"{case_id}.nii.gz"
+    return Case(case_id, paths[0], "nifti", channel_paths=paths,
+                label_path=label if label.exists() or folder == "imagesTr" else None)
+
+
+def _nifti_channel_count(root: Path) -> int:
+    """Channels from dataset.json (``channel_names`` or the older ``modality``), else 1."""
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return 1
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err})") from err
+    return len(meta.get("channel_names") or meta.get("modality") or {"0": None})
+
+
+def _load_nifti(case: Case) -> Volume:
+    import nibabel as nib   # optional dependency, only needed for NIfTI data sets
+
+    images, first = [], None
+    for path in case.channel_paths:
+        img = _read_nifti(nib, path)
+        first = first or img
+        images.append(np.asarray(img.dataobj, dtype=np.float32))
+    if any(im.shape != images[0].shape or im.ndim != 3 for im in images):
+        raise ValueError(f"case {case.id!r}: channels must be 3D volumes of one shape, got "
+                         f"{[im.shape for im in images]} from {[str(p) for p in case.channel_paths]}")
+    label = None
+    if case.label_path is not None:
+        label = np.asarray(_read_nifti(nib, case.label_path).dataobj)
+        if label.shape != images[0].shape:
+            raise ValueError(f"{case.label_path}: label shape {label.shape} != image shape {images[0].shape}")
+        label = label.astype(np.uint8)
+    spacing = tuple(float(s) for s in first.header.get_zooms()[:3])
+    return Volume(np.stack(images), label, affine=first.affine, spacing=spacing, header=first.header,
+                  path=str(case.path))
+
+
+def _read_nifti(nib, path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file {path} does not exist")
+    try:
+        img = nib.load(str(path))
+        img.dataobj[(0,) * len(img.shape)]   # touch the data: truncated files fail here, not later
+        return img
+    except Exception as err:                 # nibabel raises several types for broken files
+        raise ValueError(f"cannot read NIfTI file {path} ({type(err).__name__}: {err})") from err
+
+
+# ---------------------------------------------------------------------------- training patches
+
+def random_crop(image: np.ndarray, label: np.ndarray, patch: tuple, rng: np.random.Generator):
+    """A random ``patch``-sized crop; volumes smaller than the patch are zero-padded first
+    (as in the released RandomCrop, with a 3-voxel margin so that the lesion can sit anywhere)."""
+    pad = [max(p - s, 0) for p, s in zip(patch, label.shape)]
+    if any(pad):
+        widths = [((w + 6) // 2, (w + 6) - (w + 6) // 2) if w else (0, 0) for w in pad]
+        image = np.pad(image, [(0, 0)] + widths)
+        label = np.pad(label, widths)
+    start = [int(rng.integers(0, s - p + 1)) for s, p in zip(label.shape, patch)]
+    window = tuple(slice(s, s + p) for s, p in zip(start, patch))
+    return image[(slice(None),) + window], label[window]
+
+
+def rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+    """Random rot90 in the axial (X, Y) plane and one flip along X or Y (the released RandomRotFlip)."""
+    k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
+    image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
+    label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
+    return image, label
+
+
+class PatchDataset(Dataset):
+    """Random training patches. Items are addressed by ``(case_index, seed)`` pairs (what
+    ``TwoStreamBatchSampler`` yields), so the crop and augmentation of every batch depend only
+    on the sampler's position: a resumed run sees exactly the same patches."""
+
+    def __init__(self, cases: list[Case], patch_size, augment: bool = True, cache: bool = False):
+        self.cases, self.patch, self.augment, self.cache = cases, tuple(patch_size), augment, cache
+        self._volumes: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def _volume(self, index: int):
+        if index in self._volumes:
+            return self._volumes[index]
+        vol = self.cases[index].load()
+        if vol.label is None:
+            raise ValueError(f"training case {self.cases[index].id!r} ({vol.path}) has no label")
+        if self.cache:
+            self._volumes[index] = (vol.image, vol.label)
+        return vol.image, vol.label
+
+    def __getitem__(self, item):
+        index, seed = item
+        rng = np.random.default_rng(seed)
+        image, label = self._volume(index)
+        image, label = random_crop(image, label, self.patch, rng)
+        if self.augment:
+            image, label = rot_flip(image, label, rng)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
+                "label": torch.from_numpy(np.ascontiguousarray(label)).long()}
+
+
+class TwoStreamBatchSampler(Sampler):
+    """Batches of ``labeled_bs`` labelled then ``unlabeled_bs`` unlabelled indices.
+
+    One iteration (an "epoch") is one pass over a fresh shuffle of the labelled list,
+    ``len(labeled) // labeled_bs`` batches; the unlabelled list is shuffled and cycled on its
+    own, across epochs. Every batch is a pure function of ``(seed, batch number)``, so the
+    state is just the number of batches drawn (``state_dict`` / ``load_state_dict``).
+    Each index comes with a per-item seed for the crop and the augmentation.
+    """
+
+    def __init__(self, labeled: list[int], unlabeled: list[int], labeled_bs: int, unlabeled_bs: int,
+                 seed: int = 0):
+        if labeled_bs < 1 or len(labeled) < labeled_bs:
+            raise ValueError(f"need at least labeled_bs={labeled_bs} >= 1 labelled cases, got {len(labeled)}")
+        if unlabeled_bs < 0 or (unlabeled_bs and len(unlabeled) < unlabeled_bs):
+            raise ValueError(f"need at least {unlabeled_bs} unlabelled cases, got {len(unlabeled)}")
+        self.labeled, self.unlabeled = list(labeled), list(unlabeled)
+        self.labeled_bs, self.unlabeled_bs, self.seed = labeled_bs, unlabeled_bs, seed
+        self.batches = 0   # batches drawn so far, over all epochs
+
+    def __len__(self) -> int:
+        return len(self.labeled) // self.labeled_bs
+
+    @property
+    def epoch(self) -> int:
+        return self.batches // len(self)
+
+    def _stream(self, items: list[int], tag: int, start: int, count: int) -> list[int]:
+        """``count`` items from position ``start`` of the stream of successive shuffles of ``items``."""
+        out = []
+        for pos in range(start, start + count):
+            shuffle = np.random.default_rng([self.seed, tag, pos // len(items)]).permutation(len(items))
+            out.append(items[shuffle[pos % len(items)]])
+        return out
+
+    def batch(self, number: int) -> list[tuple[int, int]]:
+        """Batch ``number`` (0-based) as ``(index, item_seed)`` pairs."""
+        per_epoch = len(self)
+        epoch, within = divmod(number, per_epoch)
+        # the labelled stream restarts every epoch and drops the incomplete tail, like the released sampler
+        lab = self._stream(self.labeled, 0, epoch * len(self.labeled) + within * self.labeled_bs,
+                           self.labeled_bs)
+        unl = self._stream(self.unlabeled, 1, number * self.unlabeled_bs, self.unlabeled_bs) \
+            if self.unlabeled_bs else []
+        return [(i, int(np.random.default_rng([self.seed, 2, number, slot]).integers(2 ** 63)))
+                for slot, i in enumerate(lab + unl)]
+
+    def __iter__(self):
+        """The rest of the current epoch (a whole one when started at an epoch boundary)."""
+        end = (self.epoch + 1) * len(self)
+        while self.batches < end:
+            number = self.batches
+            self.batches += 1
+            yield self.batch(number)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler uses {self.seed}")
+        self.batches = int(state["batches"])

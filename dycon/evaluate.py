@@ -1,0 +1,273 @@
+"""Evaluate a trained model on a data split: sliding-window inference, per-case metrics, summary.
+
+    python -m dycon.evaluate --run RUN_DIR | --checkpoint PATH [--split test] [--weights student|teacher]
+        [--root_path DATA] [--stride_xy 16 --stride_z 4] [--no-largest-component]
+        [--hd monai] [--units mm] [--output DIR] [--device cpu]
+
+Strides, post-processing, HD95 definition and units default to the run's ``test`` config,
+else to the released test script's (16, 4, largest component, medpy, voxels).
+
+Writes ``cases.csv`` (one row per case and foreground class), ``summary.json`` and
+``summary.txt`` (mean and std, with the metric definitions and units) to the output folder.
+Metric definitions: ``dycon.metrics``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dycon.data import list_cases
+from dycon.inference import segment
+from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
+from dycon.networks import build_model
+
+log = logging.getLogger("dycon.evaluate")
+
+UNITS = ("voxel", "mm")
+REQUIRED_KEYS = ("patch_size", "stride_xy", "stride_z", "num_classes")
+# the released test script's settings, used when neither a flag nor the run's ``test`` config sets one
+RELEASED_TEST = dict(stride_xy=16, stride_z=4, largest_component=True, hd_definition="medpy", units="voxel")
+# optional eval_cfg keys (device None: the model's)
+DEFAULTS = dict({k: RELEASED_TEST[k] for k in ("largest_component", "hd_definition", "units")},
+                device=None, batch_size=1)
+
+
+def _complete_cfg(eval_cfg: dict) -> dict:
+    missing = [k for k in REQUIRED_KEYS if k not in eval_cfg]
+    unknown = sorted(set(eval_cfg) - set(REQUIRED_KEYS) - set(DEFAULTS))
+    if missing or unknown:
+        raise ValueError(f"eval_cfg: missing key(s) {missing}, unknown key(s) {unknown}; "
+                         f"required {list(REQUIRED_KEYS)}, optional {DEFAULTS}")
+    cfg = {**DEFAULTS, **eval_cfg}
+    if cfg["hd_definition"] not in HD_DEFINITIONS:
+        raise ValueError(f"eval_cfg['hd_definition'] must be one of {HD_DEFINITIONS}, got {cfg['hd_definition']!r}")
+    if cfg["units"] not in UNITS:
+        raise ValueError(f"eval_cfg['units'] must be one of {UNITS}, got {cfg['units']!r}")
+    return cfg
+
+
+def metric_definition(hd_definition: str, units: str) -> str:
+    """One line saying which HD95 / ASD definition and units a report uses."""
+    hd = ("95th percentile of the surface distances of both directions pooled (medpy)"
+          if hd_definition == "medpy" else "max of the two directed 95th percentiles (MONAI)")
+    unit = "voxels" if units == "voxel" else "mm (voxel spacing of each case)"
+    return (f"HD95 = {hd}; ASD = mean distance from the prediction's surface to the ground truth's; "
+            f"distances in {unit}. Empty masks: {EMPTY_POLICY}.")
+
+
+def _case_spacing(case, volume, units: str):
+    if units == "voxel":
+        return None
+    if volume.spacing is None:
+        raise ValueError(f"case {case.id}: units='mm' needs a voxel spacing, but {volume.path} has none "
+                         "(h5 files carry none); use units='voxel'")
+    return volume.spacing
+
+
+def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict) -> tuple[list[dict], dict]:
+    """Segment and score every case; returns (per-case rows, summary).
+
+    ``eval_cfg``: ``patch_size``, ``stride_xy``, ``stride_z``, ``num_classes`` (required);
+    ``largest_component`` (True), ``hd_definition`` ('medpy' | 'monai'), ``units``
+    ('voxel' | 'mm'), ``device`` (default: the model's), ``batch_size`` (1).
+    Each row: ``case``, ``class`` (foreground label), ``dice``, ``jaccard``, ``hd95``, ``asd``,
+    ``empty`` (see ``dycon.metrics.case_metrics``).
+    """
+    cfg = _complete_cfg(eval_cfg)
+    device = torch.device(cfg["device"]) if cfg["device"] else next(model.parameters()).device
+    model.to(device)
+    rows = []
+    for case in cases:
+        volume = case.load()
+        if volume.label is None:
+            raise ValueError(f"case {case.id}: {volume.path} has no label to evaluate against")
+        if volume.label.shape != volume.image.shape[1:]:
+            raise ValueError(f"case {case.id}: label shape {volume.label.shape} does not match image "
+                             f"shape {volume.image.shape} (C, X, Y, Z) in {volume.path}")
+        spacing = _case_spacing(case, volume, cfg["units"])
+        pred = segment(model, volume.image, cfg["patch_size"], cfg["stride_xy"], cfg["stride_z"],
+                       cfg["num_classes"], cfg["largest_component"], device, cfg["batch_size"])
+        for c in range(1, cfg["num_classes"]):
+            row = {"case": case.id, "class": c,
+                   **case_metrics(pred == c, volume.label == c, spacing, cfg["hd_definition"])}
+            log.info("%s class %d: Dice %.4f  Jaccard %.4f  HD95 %.2f  ASD %.2f%s", case.id, c, row["dice"],
+                     row["jaccard"], row["hd95"], row["asd"], f"  (empty {row['empty']})" if row["empty"] else "")
+            rows.append(row)
+    return rows, summarize(rows, cfg)
+
+
+def _mean_std(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "n": len(finite)}
+
+
+def summarize(rows: list[dict], eval_cfg: dict) -> dict:
+    """Mean and (population) std of each metric per foreground class, with the settings used.
+
+    NaN values (HD95 / ASD of cases with an empty ground truth) are left out; ``n`` says how
+    many values each mean covers.
+    """
+    cfg = _complete_cfg(eval_cfg)
+    classes = sorted({r["class"] for r in rows})
+    per_class = {}
+    for c in classes:
+        class_rows = [r for r in rows if r["class"] == c]
+        per_class[str(c)] = {
+            **{m: _mean_std([r[m] for r in class_rows]) for m in METRICS},
+            "empty_prediction": sum(r["empty"] in ("prediction", "both") for r in class_rows),
+            "empty_ground_truth": sum(r["empty"] in ("ground_truth", "both") for r in class_rows),
+        }
+    return {
+        "n_cases": len({r["case"] for r in rows}),
+        "hd_definition": cfg["hd_definition"],
+        "units": cfg["units"],
+        "definition": metric_definition(cfg["hd_definition"], cfg["units"]),
+        "largest_component": bool(cfg["largest_component"]),
+        "patch_size": list(cfg["patch_size"]),
+        "stride_xy": cfg["stride_xy"],
+        "stride_z": cfg["stride_z"],
+        "classes": per_class,
+    }
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a text table (Dice and Jaccard in %, mean +- std), definitions underneath."""
+    unit = "vox" if summary["units"] == "voxel" else "mm"
+    headers = ["class", "Dice %", "Jaccard %", f"HD95 ({unit})", f"ASD ({unit})", "empty pred", "empty GT"]
+    lines = []
+    for c, stats in summary["classes"].items():
+        scale = {"dice": 100, "jaccard": 100, "hd95": 1, "asd": 1}
+        cells = [f"{stats[m]['mean'] * scale[m]:.2f} ± {stats[m]['std'] * scale[m]:.2f}" for m in METRICS]
+        lines.append([c, *cells, str(stats["empty_prediction"]), str(stats["empty_ground_truth"])])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    post = "largest component kept" if summary["largest_component"] else "no post-processing"
+    source = (f"{summary['checkpoint']} ({summary['weights']} weights), split {summary['split']}: "
+              if "checkpoint" in summary else "")
+    return "\n".join([
+        f"{source}{summary['n_cases']} cases; windows {summary['patch_size']}, stride_xy {summary['stride_xy']}, "
+        f"stride_z {summary['stride_z']}; {post}",
+        fmt.format(*headers), *(fmt.format(*line) for line in lines),
+        summary["definition"], "std = population standard deviation over cases.",
+    ])
+
+
+def write_report(rows: list[dict], summary: dict, output_dir: str | Path) -> Path:
+    """Write ``cases.csv``, ``summary.json`` and ``summary.txt`` to ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "cases.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "class", *METRICS, "empty"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.txt").write_text(format_table(summary) + "\n")
+    return out
+
+
+# ---- checkpoints and command-line settings (shared with dycon.predict) -------------------------
+
+def resolve_checkpoint(run: str | None, checkpoint: str | None) -> Path:
+    """``--checkpoint PATH`` as given, or the run's ``best.pt`` (``latest.pt`` when it never validated)."""
+    if (run is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --run RUN_DIR or --checkpoint PATH")
+    if checkpoint:
+        path = Path(checkpoint)
+    else:
+        path = Path(run) / "best.pt"
+        if not path.is_file() and (Path(run) / "latest.pt").is_file():
+            path = Path(run) / "latest.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_model(path: str | Path, weights: str = "student", device: str | torch.device = "cpu"):
+    """(model in eval mode on ``device``, training config) from a dycon checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+    missing = [k for k in (weights, "config") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path} lacks key(s) {missing} (found {found})")
+    config = ckpt["config"]
+    model = build_model(config["model"])
+    model.load_state_dict(ckpt[weights])
+    return model.to(device).eval(), config
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Checkpoint, weights, windows, post-processing and device flags."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder; uses RUN/best.pt (RUN/latest.pt without one)")
+    src.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    p.add_argument("--weights", choices=("student", "teacher"), default="student")
+    p.add_argument("--stride_xy", type=int, help="in-plane stride (default: the run's test config, else 16)")
+    p.add_argument("--stride_z", type=int, help="through-plane stride (default: the run's test config, else 4)")
+    p.add_argument("--largest-component", dest="largest_component", action=argparse.BooleanOptionalAction,
+                   help="keep the largest connected component per class (default: the run's test config, else on)")
+    p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--device", default=default_device())
+
+
+def run_settings(args: argparse.Namespace, config: dict, keys) -> dict:
+    """``keys`` from the flags, else the run's ``test`` config, else the released test's values;
+    plus the window size and classes the model was trained with."""
+    test_cfg = config.get("test") or {}
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else test_cfg.get(k, RELEASED_TEST[k])
+                for k in keys}
+    return dict(settings, patch_size=config["train"]["patch_size"], num_classes=config["model"]["num_classes"],
+                device=args.device, batch_size=args.batch_size)
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dycon.evaluate", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--split", default="test", help="data split to evaluate (default: test)")
+    p.add_argument("--root_path", help="data root, overriding the one in the checkpoint's config")
+    p.add_argument("--hd", dest="hd_definition", choices=HD_DEFINITIONS,
+                   help="HD95 definition (default: the run's test config, else medpy)")
+    p.add_argument("--units", choices=UNITS, help="distance units (default: the run's test config, else voxel)")
+    p.add_argument("--output", help="report folder (default: RUN/eval_<split>_<weights>, or "
+                                    "eval_<checkpoint name>_<split>_<weights> beside the checkpoint)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = resolve_checkpoint(args.run, args.checkpoint)
+    model, config = load_model(path, args.weights, args.device)
+    data_cfg = dict(config["data"])
+    if args.root_path:
+        data_cfg["root"] = args.root_path
+    if args.split == "val":
+        log.warning("evaluating on 'val', the split used to select the best checkpoint: the numbers are optimistic")
+    eval_cfg = run_settings(args, config, RELEASED_TEST)
+    rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg)
+    summary.update(checkpoint=str(path), weights=args.weights, split=args.split)
+    default_out = (Path(args.run) / f"eval_{args.split}_{args.weights}" if args.run
+                   else path.parent / f"eval_{path.stem}_{args.split}_{args.weights}")
+    out = write_report(rows, summary, args.output or default_out)
+    print(format_table(summary))
+    print(f"wrote {out / 'cases.csv'}, {out / 'summary.json'}, {out / 'summary.txt'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
