@@ -62,7 +62,9 @@ def labels_for(pattern, B, N, g):
 
 @pytest.mark.parametrize("backend", FECL_BACKENDS)
 @SETTINGS
-@given(B=st.integers(1, 2), N=st.integers(1, 40), D=st.integers(1, 24), pattern=label_patterns,
+# D >= 2: with D = 1 every similarity is +-1/tau, so the top-k sets are all ties, which the spec
+# lets an implementation break either way (changing which key gets the gradient).
+@given(B=st.integers(1, 2), N=st.integers(1, 40), D=st.integers(2, 24), pattern=label_patterns,
        seed=st.integers(0, 2**31 - 1), preset=st.sampled_from(["dycon", "official"]),
        tau=st.floats(0.1, 1.0), gamma_pos=st.sampled_from([0.0, 1.0, 2.0]), gamma_neg=st.sampled_from([0.0, 2.0]),
        top_k=st.sampled_from([None, 1, 3, 64]), teacher_top_k=st.integers(1, 8),
