@@ -32,6 +32,20 @@ struct Cfg {
 
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
+// sK[t * DC + dd] = keys[j0 + t][d0 + dd] (0 past nk or D), loaded by the whole block between
+// barriers (so the previous chunk is no longer in use and this one is complete).
+template <typename T, typename A>
+__device__ __forceinline__ void load_key_chunk(const T* __restrict__ keys, int64_t j0, int64_t nk, int64_t d0,
+                                               int64_t D, A* sK) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < KT * DC; e += blockDim.x) {
+    const int t = e / DC, dd = e % DC;
+    const int64_t j = j0 + t, d = d0 + dd;
+    sK[e] = (j < nk && d < D) ? static_cast<A>(keys[j * D + d]) : A(0);
+  }
+  __syncthreads();
+}
+
 // acc[t] = <anchor, keys[j0 + t]> for t < KT (keys past nk count as 0). Every thread of the block
 // must call it (it synchronises); threads without an anchor pass nullptr and only help loading.
 template <typename T, typename A>
@@ -40,13 +54,7 @@ __device__ __forceinline__ void tile_dots(const T* __restrict__ keys, int64_t j0
 #pragma unroll
   for (int t = 0; t < KT; ++t) acc[t] = A(0);
   for (int64_t d0 = 0; d0 < D; d0 += DC) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < KT * DC; e += blockDim.x) {
-      const int t = e / DC, dd = e % DC;
-      const int64_t j = j0 + t, d = d0 + dd;
-      sK[e] = (j < nk && d < D) ? static_cast<A>(keys[j * D + d]) : A(0);
-    }
-    __syncthreads();
+    load_key_chunk(keys, j0, nk, d0, D, sK);
     if (anchor != nullptr) {
       const int dn = static_cast<int>(D - d0 < DC ? D - d0 : DC);
       for (int dd = 0; dd < dn; ++dd) {
@@ -63,13 +71,7 @@ template <typename T, typename A>
 __device__ __forceinline__ void tile_accumulate(const T* __restrict__ keys, int64_t j0, int64_t nk,
                                                 int64_t D, A* sK, const A (&G)[KT], A* out, A scale) {
   for (int64_t d0 = 0; d0 < D; d0 += DC) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < KT * DC; e += blockDim.x) {
-      const int t = e / DC, dd = e % DC;
-      const int64_t j = j0 + t, d = d0 + dd;
-      sK[e] = (j < nk && d < D) ? static_cast<A>(keys[j * D + d]) : A(0);
-    }
-    __syncthreads();
+    load_key_chunk(keys, j0, nk, d0, D, sK);
     if (out != nullptr) {
       const int dn = static_cast<int>(D - d0 < DC ? D - d0 : DC);
       for (int dd = 0; dd < dn; ++dd) {
