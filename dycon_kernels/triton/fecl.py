@@ -64,6 +64,19 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
+def _anchor_block(Y, Z, N, D, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's volume b and anchor block: offsets, row mask, labels (-1 past N) and
+    embeddings (BLOCK_M, BLOCK_D) in ACC."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
+    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
+    return b, offs_m, offs_d, row_ok, yi, zi
+
+
+@triton.jit
 def _gather_rows(P, base, idx, ok, offs_d, D, ACC: tl.constexpr):
     """Rows ``idx`` (BLOCK_M,) of a (n, D) matrix at P + base, zeros where not ``ok``."""
     mask = ok[:, None] & (offs_d[None, :] < D)
@@ -147,11 +160,7 @@ def fecl_colshift_kernel(Z, Y, CS, PARAMS, N, D, ACC: tl.constexpr, DOT_PREC: tl
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 1: c_i = max(0, max_{valid j != i} l_ij) for valid i (0 for invalid i)."""
     inv_tau, _, _, _, _ = _params(PARAMS)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    yi = tl.load(Y + b * N + offs_m, mask=offs_m < N, other=-1)
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     c = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -169,12 +178,8 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_PR
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT)."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     offs_k = tl.arange(0, K_PAD)
-    yi = tl.load(Y + b * N + offs_m, mask=offs_m < N, other=-1)
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
     # Unsorted running top-k: slots past K hold +inf so that they are never the minimum.
     vals = tl.where(offs_k[None, :] < K, NEG_INF, float("inf")) + tl.zeros([BLOCK_M, K_PAD], ACC)
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
@@ -216,13 +221,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, PARA
     """Pass 3: log Neg_i = log(sum_{q in H(i)} w_iq exp(l_iq - c_q) + sum_{k in T(i)} exp(l^t_ik))
     (-inf without negatives); with TEACHER == 2, cross_i and cross_count_i."""
     inv_tau, tau, _, gamma_neg, threshold = _params(PARAMS)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
-    yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     vi = yi >= 0
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
     m = tl.full([BLOCK_M], NEG_INF, ACC)
     s = tl.zeros([BLOCK_M], ACC)
     if USE_TOPK:
@@ -276,13 +276,8 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, PARAMS, N, D, COLUM
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
     L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S),  n_pos_i = |P(i)|."""
     inv_tau, _, gamma_pos, _, _ = _params(PARAMS)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
-    yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     log_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0)
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
     f_sum = tl.zeros([BLOCK_M], ACC)
     r_sum = tl.zeros([BLOCK_M], ACC)
     n_pos = tl.zeros([BLOCK_M], ACC)
@@ -330,13 +325,8 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, PAR
     """dz_i = (1/tau) sum_j (g_ij + g_ji) z_j + teacher terms, row-parallel, no atomics.
     A = grad_loss * u / n_pos (0 without positives); g_ji uses anchor j's statistics."""
     inv_tau, tau, gamma_pos, gamma_neg, threshold = _params(PARAMS)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
-    yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     vi = yi >= 0
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
     ln_i = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=NEG_INF)
     a_i = tl.load(A + b * N + offs_m, mask=row_ok, other=0.0)
     ar_i = a_i * tl.load(R + b * N + offs_m, mask=row_ok, other=0.0)
