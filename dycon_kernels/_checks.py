@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: every problem becomes a ValueError that names it."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -47,8 +48,35 @@ def non_negative(value, name: str) -> float:
     return value
 
 
+def scalar_tensor(value, name: str) -> Tensor:
+    """A number or a 0-dim real tensor as a 0-dim CPU float64 tensor without gradient.
+
+    The custom ops take scheduled scalars (UnCL's beta, FeCL's teacher threshold) in this form:
+    torch.compile specialises on Python floats, so a float that changes every epoch would
+    recompile every epoch, while a tensor is a graph input. A float32 tensor keeps its rounded
+    value (``torch.tensor(0.7)`` is 0.699999988...)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a number or a 0-dim real tensor, got a {value.dtype} tensor "
+                             f"of shape {tuple(value.shape)}")
+        return value.detach().to("cpu", torch.float64)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number or a 0-dim tensor, got {value!r}")
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def non_negative_scalar(value, name: str) -> Tensor:
+    """:func:`scalar_tensor` of a value that must be finite and >= 0. The value of a tensor is
+    not checked inside torch.compile: reading it there would break the graph."""
+    out = scalar_tensor(value, name)
+    if not (isinstance(value, Tensor) and torch.compiler.is_compiling()):
+        non_negative(value, name)
+    return out
+
+
 def check_uncl_inputs(student: Tensor, teacher: Tensor, beta, weight: Optional[Tensor], reduction: str):
-    """Validate UnCL inputs; return ``beta`` as a float and ``weight`` reshaped to ``(B, *spatial)``."""
+    """Validate UnCL inputs; return ``beta`` as a 0-dim float64 CPU tensor (:func:`scalar_tensor`)
+    and ``weight`` reshaped to ``(B, *spatial)``."""
     float_tensor(student, "student_logits")
     float_tensor(teacher, "teacher_logits")
     if student.dtype != teacher.dtype:
@@ -61,7 +89,7 @@ def check_uncl_inputs(student: Tensor, teacher: Tensor, beta, weight: Optional[T
         raise ValueError(f"logits must be (B, C, *spatial) with at least one spatial axis, got {tuple(student.shape)}")
     if student.shape[1] < 2:
         raise ValueError(f"logits need C >= 2 classes along dim 1, got C = {student.shape[1]}")
-    beta = non_negative(beta, "beta")
+    beta = non_negative_scalar(beta, "beta")
     choice(reduction, "reduction", REDUCTIONS)
     if weight is not None:
         float_tensor(weight, "weight")

@@ -4,6 +4,8 @@ The fused backends compute per-anchor statistics in streaming kernels (docs/fecl
 this file validates the inputs, resolves the preset, calls the backend through the
 ``torch.library`` ops ``dycon::fecl`` / ``dycon::fecl_backward`` and applies the reduction in
 plain torch (cheap: ``(B, N)`` maps). The ``reference`` backend is the dense PyTorch code.
+The teacher threshold, which the official preset ramps every epoch, enters the ops as a 0-dim
+tensor so that a compiled step does not recompile when it changes (``_checks.scalar_tensor``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._prims_common import alert_not_deterministic
 
 from dycon_kernels import _checks, backends, presets, reference
 
@@ -55,8 +58,8 @@ def _needed_outputs(column_shift: bool, teacher: str, top_k: int, teacher_top_k:
 @torch.library.custom_op("dycon::fecl", mutates_args=())
 def _fecl_op(z: Tensor, y: Tensor, zt: Optional[Tensor], yt: Optional[Tensor], u: Optional[Tensor],
              tau: float, gamma_pos: float, gamma_neg: float, top_k: int, column_shift: bool, teacher: str,
-             teacher_top_k: int, teacher_threshold: float, backend: str) -> list[Tensor]:
-    cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
+             teacher_top_k: int, teacher_threshold: Tensor, backend: str) -> list[Tensor]:
+    cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, float(teacher_threshold))
     outs = backends.load(backend).fecl_forward(z, y, zt, yt, u, cfg)
     # One convention for every backend (and for the fake impl below): unused outputs are (0,).
     needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k)
@@ -72,13 +75,22 @@ def _(z, y, zt, yt, u, tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, 
     return [z.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needed)]
 
 
+def _needs_atomics(backend: str, device_type: str, top_k: int) -> bool:
+    """Whether fecl_backward adds the key side of the top-k pairs with atomics, whose float sums
+    depend on the order in which GPU threads arrive (docs/fecl_kernels.md, "Determinism"). The
+    Triton interpreter runs programs one after another, so its atomics keep a fixed order."""
+    return top_k > 0 and backend in ("triton", "cuda") and device_type == "cuda"
+
+
 @torch.library.custom_op("dycon::fecl_backward", mutates_args=())
 def _fecl_backward_op(grad_loss: Tensor, grad_cross: Tensor, z: Tensor, y: Tensor, zt: Optional[Tensor],
                       yt: Optional[Tensor], u: Optional[Tensor], log_neg: Tensor, r: Tensor, n_pos: Tensor,
                       col_shift: Tensor, topk_idx: Tensor, teacher_idx: Tensor, tau: float, gamma_pos: float,
                       gamma_neg: float, top_k: int, column_shift: bool, teacher: str, teacher_top_k: int,
-                      teacher_threshold: float, backend: str) -> Tensor:
-    cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
+                      teacher_threshold: Tensor, backend: str) -> Tensor:
+    if _needs_atomics(backend, z.device.type, top_k):
+        alert_not_deterministic(f"dycon::fecl_backward with top_k on the {backend} backend")
+    cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, float(teacher_threshold))
     return backends.load(backend).fecl_backward(
         grad_loss.contiguous(), grad_cross.contiguous(), z, y, zt, yt, u, log_neg, r, n_pos, col_shift,
         topk_idx, teacher_idx, cfg)
@@ -170,8 +182,15 @@ def _check_params(p):
         raise ValueError("teacher='topk' needs teacher_top_k")
     if p["teacher"] == "topk" and p["shift"] == "column":
         raise ValueError("shift='column' cannot be combined with teacher='topk' (losses.md)")
-    if p["teacher"] == "threshold" and not isinstance(p["teacher_threshold"], (int, float)):
-        raise ValueError(f"teacher='threshold' needs a numeric teacher_threshold, got {p['teacher_threshold']!r}")
+
+
+def _threshold_tensor(p) -> Tensor:
+    """The op's teacher threshold: a 0-dim float64 tensor, 0 when the threshold teacher is off."""
+    if p["teacher"] != "threshold":
+        return torch.zeros((), dtype=torch.float64)
+    if p["teacher_threshold"] is None:
+        raise ValueError("teacher='threshold' needs a teacher_threshold (a number or a 0-dim tensor)")
+    return _checks.scalar_tensor(p["teacher_threshold"], "teacher_threshold")
 
 
 def _reduce(loss, cross, cross_count, n_pos, y, teacher_weight, reduction):
@@ -206,11 +225,14 @@ def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor
             and is skipped inside ``torch.compile``.
         **params: any of ``temperature, gamma_pos, gamma_neg, top_k, shift, teacher,
             teacher_top_k, teacher_threshold, teacher_weight, reduction``, overriding the preset.
+            ``teacher_threshold`` may be a number or a 0-dim tensor (pass a tensor when it follows
+            a schedule under ``torch.compile``: a changing float recompiles the step).
     """
     p = presets.fecl_params(preset, **params)
     # Value checks read tensor contents: skipped inside torch.compile, where they would break the graph.
     check_values = check_inputs and not torch.compiler.is_compiling()
     _check_inputs(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight, p, check_values)
+    p["teacher_threshold"] = _threshold_tensor(p)
     name = backends.resolve(backend, embeddings.device, "fecl")
     if name == "reference":
         return reference.fecl(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight=anchor_weight, **p)
@@ -227,7 +249,7 @@ def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor
     u = anchor_weight.detach().float().contiguous() if anchor_weight is not None else None
     outs = _fecl_op(embeddings.contiguous(), labels.long().contiguous(), zt, yt, u, float(p["temperature"]),
                     float(p["gamma_pos"]), float(p["gamma_neg"]), top_k, p["shift"] == "column", teacher,
-                    teacher_top_k, float(p["teacher_threshold"] or 0.0), name)
+                    teacher_top_k, p["teacher_threshold"], name)
     loss, cross, cross_count, n_pos = outs[0], outs[1], outs[2], outs[5]
     out = _reduce(loss, cross, cross_count, n_pos, labels, float(p["teacher_weight"]), p["reduction"])
     return out.to(embeddings.dtype)

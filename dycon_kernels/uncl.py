@@ -2,12 +2,14 @@
 
 The op is registered with ``torch.library`` (``dycon::uncl`` and its backward
 ``dycon::uncl_backward``) so that ``torch.compile`` traces through it without graph breaks.
+``beta`` enters the ops as a 0-dim tensor, so that a compiled step does not recompile when the
+schedule changes it (``_checks.scalar_tensor``).
 Which backend computes it is decided by ``dycon_kernels.backends.resolve``; the kernels
 themselves live in ``csrc/uncl_*`` and ``dycon_kernels/triton/uncl.py``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +40,10 @@ def _mean_divisor(student: Tensor, weight: Optional[Tensor]):
 
 
 @torch.library.custom_op("dycon::uncl", mutates_args=())
-def _uncl_op(student: Tensor, teacher: Tensor, beta: float, weight: Optional[Tensor],
+def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
              reduction: str, backend: str) -> Tensor:
     be = backends.load(backend)
-    out = be.uncl_forward(_flat(student), _flat(teacher), beta, _flat_weight(weight), _REDUCE[reduction])
+    out = be.uncl_forward(_flat(student), _flat(teacher), float(beta), _flat_weight(weight), _REDUCE[reduction])
     if reduction == "none":
         out = out.view((student.shape[0],) + tuple(student.shape[2:]))
     elif reduction == "mean":
@@ -56,7 +58,7 @@ def _(student, teacher, beta, weight, reduction, backend):
 
 
 @torch.library.custom_op("dycon::uncl_backward", mutates_args=())
-def _uncl_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, beta: float,
+def _uncl_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, beta: Tensor,
                       weight: Optional[Tensor], reduction: str, need_teacher_grad: bool,
                       backend: str) -> tuple[Tensor, Tensor]:
     grad = grad.to(_acc_dtype(student))
@@ -65,7 +67,7 @@ def _uncl_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, beta: floa
     elif reduction == "mean":
         grad = grad / _mean_divisor(student, weight)
     ds, dt = backends.load(backend).uncl_backward(
-        grad, _flat(student), _flat(teacher), beta, _flat_weight(weight), need_teacher_grad)
+        grad, _flat(student), _flat(teacher), float(beta), _flat_weight(weight), need_teacher_grad)
     ds = ds.view(student.shape)
     dt = dt.view(teacher.shape) if need_teacher_grad else teacher.new_empty(0)
     return ds, dt
@@ -92,7 +94,7 @@ def _backward(ctx, grad):
 _uncl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: float, *, weight: Optional[Tensor] = None,
+def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tensor], *, weight: Optional[Tensor] = None,
          reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Uncertainty-aware consistency loss between student and teacher logits (losses.md section 1).
 
@@ -100,7 +102,8 @@ def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: float, *, weight:
         student_logits, teacher_logits: ``(B, C, *spatial)`` logits, ``C >= 2``, same dtype
             (float16, bfloat16, float32 or float64) and device. The teacher gets a gradient only
             when it requires one.
-        beta: entropy weight, ``>= 0``.
+        beta: entropy weight, ``>= 0``: a number or a 0-dim tensor (pass a tensor when it follows
+            a schedule under ``torch.compile``: a changing float recompiles the step).
         weight: optional ``(B, *spatial)`` voxel weights (e.g. a mask of unlabelled voxels).
         reduction: ``"mean"`` (``sum(w l) / sum(w)``), ``"sum"`` or ``"none"`` (the voxel map).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
@@ -120,7 +123,7 @@ class UnCLoss(nn.Module):
         _checks.choice(reduction, "reduction", _checks.REDUCTIONS)
         self.reduction, self.backend = reduction, backend
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, beta: float,
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tensor],
                 weight: Optional[Tensor] = None) -> Tensor:
         return uncl(student_logits, teacher_logits, beta, weight=weight, reduction=self.reduction,
                     backend=self.backend)

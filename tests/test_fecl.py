@@ -1,15 +1,20 @@
 """FeCL through the public API: every fused backend against the dense reference, edge cases,
 errors, torch.library registration. (Entry-point tests of each backend: test_fecl_cpp.py,
 test_fecl_triton.py; the reference against brute-force loops: test_reference_fecl.py.)"""
+import contextlib
+import importlib
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import dycon_kernels as dk
 from dycon_kernels import backends, reference
 from conftest import DEVICE, fused_backends
+
+fecl_ops = importlib.import_module("dycon_kernels.fecl")  # the module (dk.fecl is the function)
 
 FECL_BACKENDS = [b for b in fused_backends() if backends.implements(b, "fecl")]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5 if DEVICE.type == "cpu" else 2e-3,
@@ -27,6 +32,10 @@ def make_inputs(B=2, N=29, D=19, Nt=None, classes=2, dtype=torch.float32, seed=0
     u = 1.0 + torch.rand(B, N, generator=g)
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return to(z.to(dtype)), to(y), to(zt.to(dtype)), to(yt), to(u)
+
+
+def on_device(tensors, device):
+    return [t if t is None else t.to(device) for t in tensors]
 
 
 def seed_of(*parts):
@@ -160,7 +169,8 @@ def test_opcheck(backend, case):
     teacher = p["teacher"] or "none"
     args = (z.requires_grad_(), y, zt, y if teacher != "none" else None, u, p["temperature"], p["gamma_pos"],
             p["gamma_neg"], p["top_k"] or 0, p["shift"] == "column", teacher,
-            p["teacher_top_k"] if teacher == "topk" else 0, float(p["teacher_threshold"] or 0.0), backend)
+            p["teacher_top_k"] if teacher == "topk" else 0,
+            torch.tensor(float(p["teacher_threshold"] or 0.0), dtype=torch.float64), backend)
     torch.library.opcheck(torch.ops.dycon.fecl.default, args)
 
 
@@ -176,6 +186,115 @@ def test_torch_compile_fullgraph():
     out = compiled(z, y, zt)
     out.backward()
     torch.testing.assert_close(out, step(z, y, zt))
+
+
+def _official_step(backend):
+    def step(z, y, zt, teacher_threshold):
+        return dk.fecl(z, y, zt, preset="official", teacher_threshold=teacher_threshold, reduction="none",
+                       backend=backend)
+    return step
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS + ["reference"])
+def test_compiled_step_compiles_once_for_a_threshold_ramp(backend):
+    """The official teacher threshold as a 0-dim tensor is a graph input: four values, one graph,
+    each equal to eager. (Counted as unique graphs: dynamo may restart the analysis of the first
+    call once.)"""
+    z, y, zt, _, _ = make_inputs(N=16, D=16, seed=seed_of(backend, "ramp"))
+    step = _official_step(backend)
+    torch._dynamo.reset()  # a fresh cache: earlier tests may have compiled ``step`` with another backend
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for threshold in (0.0, 0.1, 0.2, 0.3):
+        got = run(compiled, z, y, zt, torch.tensor(threshold, dtype=torch.float64))
+        want = run(step, z, y, zt, threshold)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend", FECL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tensor_threshold_equals_float_threshold(backend, reduction):
+    z, y, zt, _, _ = make_inputs(seed=seed_of(backend, reduction, "thr"))
+    kw = dict(preset="official", reduction=reduction, backend=backend)
+    threshold = torch.tensor(0.15, dtype=torch.float64, device=DEVICE)
+    for fn, fn_kw in ((dk.fecl, kw), (dk.FeCLoss(**kw), {})):
+        want = run(fn, z, y, zt, None, teacher_threshold=0.15, **fn_kw)
+        got = run(fn, z, y, zt, None, teacher_threshold=threshold, **fn_kw)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only=False):
+    """torch.use_deterministic_algorithms(True) inside the block; the previous mode afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
+@pytest.mark.parametrize("preset", ["dycon", "official"])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_cpu_backend_is_deterministic(preset, top_k):
+    """Two runs under use_deterministic_algorithms(True) give the same bits: every parallel task of
+    the CPU kernels writes its own rows, and the top-k scatter goes through a transposed index
+    built serially. Not asserted across thread counts: the similarity tiles come from MKL's GEMM,
+    which does not promise the same summation order for every thread count."""
+    # N = 300: row_grain(300) = 109 rows per task, so the rows of a tile are split over threads.
+    z, y, zt, yt, u = on_device(make_inputs(N=300, D=16, seed=seed_of(preset, top_k)), "cpu")
+    params = dict(preset=preset, top_k=top_k, **({"teacher_threshold": 0.1} if preset == "official" else {}))
+    with deterministic_algorithms():
+        first, second = (run(dk.fecl, z, y, zt, yt, anchor_weight=u, backend="cpu", **params) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_only_the_gpu_top_k_backward_needs_atomics():
+    """Without a GPU the alert cannot fire for real; this is the rule that decides it."""
+    for backend in ("cuda", "triton"):
+        assert fecl_ops._needs_atomics(backend, "cuda", 5)
+        assert not fecl_ops._needs_atomics(backend, "cuda", 0)
+    assert not fecl_ops._needs_atomics("cpu", "cpu", 5)
+    assert not fecl_ops._needs_atomics("triton", "cpu", 5)  # the interpreter runs programs in order
+
+
+ALERT = "dycon::fecl_backward with top_k on the {} backend does not have a deterministic implementation"
+
+
+def _top_k_loss(backend, device):
+    z, y, zt, yt, _ = on_device(make_inputs(N=16, D=8, seed=seed_of(backend, "alert")), device)
+    z.requires_grad_()
+    return z, dk.fecl(z, y, zt, yt, backend=backend, top_k=3)
+
+
+@pytest.mark.parametrize("backend", [b for b in FECL_BACKENDS if fecl_ops._needs_atomics(b, DEVICE.type, 3)])
+def test_atomic_backward_raises_in_deterministic_mode(backend):
+    with deterministic_algorithms():
+        _, loss = _top_k_loss(backend, DEVICE)  # the forward has no atomics
+        with pytest.raises(RuntimeError, match=ALERT.format(backend)):
+            loss.backward()
+
+
+@pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_alert_reaches_the_caller(monkeypatch, warn_only):
+    """The alert path of dycon::fecl_backward on this machine: the CPU backend is made to claim
+    atomics. Deterministic mode raises; warn_only=True warns and computes the gradient."""
+    monkeypatch.setattr(fecl_ops, "_needs_atomics", lambda backend, device_type, top_k: top_k > 0)
+    with deterministic_algorithms(warn_only=warn_only):
+        z, loss = _top_k_loss("cpu", "cpu")
+        if warn_only:
+            with pytest.warns(UserWarning, match=ALERT.format("cpu")):
+                loss.backward()
+            assert torch.isfinite(z.grad).all()
+        else:
+            with pytest.raises(RuntimeError, match=ALERT.format("cpu")):
+                loss.backward()
 
 
 def test_module_normalises_its_inputs():
@@ -208,6 +327,8 @@ def test_presets_differ_where_the_spec_says():
     (lambda z, y, zt: dk.fecl(z, y, zt, shift="row"), "shift"),
     (lambda z, y, zt: dk.fecl(z, y, zt, shift="column"), "column"),
     (lambda z, y, zt: dk.fecl(z, y, zt, teacher="threshold"), "teacher_threshold"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, preset="official", teacher_threshold="0.3"), "teacher_threshold"),
+    (lambda z, y, zt: dk.fecl(z, y, zt, preset="official", teacher_threshold=torch.ones(2)), "0-dim"),
     (lambda z, y, zt: dk.fecl(z, y, zt, reduction="avg"), "reduction"),
     (lambda z, y, zt: dk.fecl(z, y, zt, preset="paper"), "preset"),
     (lambda z, y, zt: dk.fecl(z, y, zt, tau=0.1), "unknown FeCL parameter"),

@@ -1,4 +1,5 @@
 """UnCL: the dense reference against a per-voxel loop, and every fused backend against the reference."""
+import contextlib
 import importlib.util
 import math
 import os
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import dycon_kernels as dk
-from dycon_kernels import reference
+from dycon_kernels import backends, reference
 from conftest import DEVICE, fused_backends
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +140,8 @@ def test_opcheck(backend):
     t = random_logits((2, 3, 4, 5, 3), torch.float32, 22).requires_grad_()
     w = torch.rand((2, 4, 5, 3), device=DEVICE)
     for reduction, weight in (("mean", None), ("sum", w), ("none", w)):
-        torch.library.opcheck(torch.ops.dycon.uncl.default, (s, t, 1.5, weight, reduction, backend))
+        beta = torch.tensor(1.5, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.dycon.uncl.default, (s, t, beta, weight, reduction, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -153,6 +156,72 @@ def test_torch_compile_fullgraph():
     out = compiled(s, t)
     out.backward()
     torch.testing.assert_close(out, step(s, t))
+
+
+@pytest.mark.parametrize("backend", fused_backends() + ["reference"])
+def test_compiled_step_compiles_once_for_a_beta_schedule(backend):
+    """beta as a 0-dim tensor is a graph input: four values, one graph, each equal to eager.
+    (Counted as unique graphs: dynamo may restart the analysis of the first call once.)"""
+    def step(s, t, beta):
+        return dk.uncl(s, t, beta, reduction="none", backend=backend)
+
+    torch._dynamo.reset()  # a fresh cache: earlier tests may have compiled ``step`` with another backend
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s, t = random_logits((2, 3, 4, 5, 3), torch.float32, 33), random_logits((2, 3, 4, 5, 3), torch.float32, 34)
+    for beta in (0.3, 0.9, 1.7, 4.0):
+        got = _run(compiled, s, t, beta=torch.tensor(beta, dtype=torch.float64))
+        for g, r in zip(got, _run(step, s, t, beta=beta)):
+            _assert_close(g, r, torch.float32)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend", fused_backends() + ["reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tensor_beta_equals_float_beta(backend, reduction):
+    s, t = random_logits((2, 3, 4, 5, 3), torch.float32, 35), random_logits((2, 3, 4, 5, 3), torch.float32, 36)
+    w = torch.rand((2, 4, 5, 3), generator=torch.Generator().manual_seed(37)).to(DEVICE)
+    kw = dict(reduction=reduction, backend=backend)
+    beta = torch.tensor(0.8, dtype=torch.float64, device=DEVICE)
+    for fn, fn_kw in ((dk.uncl, kw), (dk.UnCLoss(**kw), {})):
+        want = _run(fn, s, t, beta=0.8, weight=w, **fn_kw)
+        got = _run(fn, s, t, beta=beta, weight=w, **fn_kw)
+        for g, r in zip(got, want):
+            assert torch.equal(g, r)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(num_threads):
+    """torch.use_deterministic_algorithms(True) and ``num_threads`` CPU threads inside the block;
+    the previous settings afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.get_num_threads())
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(before[2])
+
+
+@pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_backend_is_deterministic(reduction):
+    """Bitwise-equal loss and gradients run to run, and with 1 or 2 threads: the kernels write
+    fixed 256-voxel tiles (and one partial sum per tile) whatever the thread count. The sums that
+    torch adds on top (the tiles; the weights of 'mean') split their work by the thread count
+    above 32768 elements, so thread-count independence holds for problems below that size only."""
+    shape = (2, 3, 9, 13, 11)  # 2574 voxels: 12 tiles, with a partial one per volume
+    s, t = random_logits(shape, torch.float32, 81, device="cpu"), random_logits(shape, torch.float32, 82, device="cpu")
+    w = torch.rand((2, 9, 13, 11), generator=torch.Generator().manual_seed(83))
+    runs = []
+    for num_threads in (2, 2, 1):
+        with deterministic_algorithms(num_threads):
+            runs.append(_run(dk.uncl, s, t, beta=1.1, weight=w, reduction=reduction, backend="cpu"))
+    for run in runs[1:]:
+        for g, r in zip(run, runs[0]):
+            assert torch.equal(g, r)
 
 
 def test_module_form():
@@ -175,6 +244,9 @@ def test_weight_with_channel_axis_is_accepted():
     (lambda s, t: dk.uncl(s, t.double(), 1.0), "float64"),
     (lambda s, t: dk.uncl(s, t, -0.5), "beta"),
     (lambda s, t: dk.uncl(s, t, float("nan")), "beta"),
+    (lambda s, t: dk.uncl(s, t, torch.tensor(-0.5)), "beta"),
+    (lambda s, t: dk.uncl(s, t, torch.tensor([1.0, 2.0])), "0-dim"),
+    (lambda s, t: dk.uncl(s, t, "1.0"), "beta"),
     (lambda s, t: dk.uncl(s, t, 1.0, reduction="avg"), "reduction"),
     (lambda s, t: dk.uncl(s, t, 1.0, weight=torch.ones(2, 3, 3)), "weight"),
     (lambda s, t: dk.uncl(s, t.to("meta"), 1.0), "meta"),
