@@ -18,6 +18,10 @@ Layouts (``data_cfg["layout"]``):
 | isles | ``<root>/<id>.h5`` (image, **mask**) | ``<root>/{train,val,test}.list`` |
 | nifti | ``imagesTr/<case>_0000.nii.gz`` (+ _0001 ...), ``labelsTr/<case>.nii.gz`` | ``<root>/<split>.txt``, or all of imagesTr (train) / imagesTs (test) |
 
+Every problem with a file (unreadable, truncated, missing key, wrong shape, NaN/Inf image, label
+not whole numbers in 0..255, or not below ``num_classes`` when given) raises ``DataError``, a
+``ValueError`` whose message names the file and the case; a missing file ``FileNotFoundError``.
+
 Data sets released without a validation list (LA, Pancreas) can set ``holdout_val: k`` in the
 data config: the last ``k`` ids of the training list become the validation split and leave
 the training split, so that model selection never sees the test list.
@@ -47,6 +51,10 @@ H5_LAYOUTS = {
 LAYOUTS = tuple(H5_LAYOUTS) + ("nifti",)
 
 
+class DataError(ValueError):
+    """A data file that cannot be read or holds arrays unfit for training (message: file, case, problem)."""
+
+
 @dataclass
 class Volume:
     """One case in memory. ``label`` is None for unlabelled test images; ``affine``,
@@ -70,10 +78,13 @@ class Case:
     channel_paths: list = field(default_factory=list)   # NIfTI: one file per channel
     label_path: Optional[Path] = None                    # NIfTI label (None: unlabelled)
 
-    def load(self) -> Volume:
+    def load(self, num_classes: Optional[int] = None) -> Volume:
+        """Read the case; every problem with its files raises ``DataError`` (a ``ValueError``)
+        naming the file and the case, a missing file ``FileNotFoundError``. With ``num_classes``
+        the label must also lie in ``0 .. num_classes - 1``."""
         if self.layout == "nifti":
-            return _load_nifti(self)
-        return _load_h5(self)
+            return _load_nifti(self, num_classes)
+        return _load_h5(self, num_classes)
 
 
 # ------------------------------------------------------------------------------- listing cases
@@ -131,33 +142,86 @@ def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
     return list(range(labelnum)), list(range(labelnum, n_train))
 
 
+# ----------------------------------------------------------------------- checks of loaded arrays
+# One small set of checks for both loaders: each is one cheap pass over the array (isfinite, min,
+# max), and each error names the file, the case and the problem.
+
+def _where(case: Case, path: Optional[Path] = None) -> str:
+    return f"{path if path is not None else case.path} (case {case.id!r})"
+
+
+def _check_numeric(array: np.ndarray, what: str, where: str) -> None:
+    if array.dtype.kind not in "biuf":   # bool, int, uint, float
+        raise DataError(f"{where}: {what} has dtype {array.dtype}, expected numbers")
+    if array.size == 0:
+        raise DataError(f"{where}: {what} is empty (shape {array.shape})")
+
+
+def _check_image(array: np.ndarray, where: str) -> np.ndarray:
+    """``array`` as float32 (integer and float64 images are converted), all values finite."""
+    _check_numeric(array, "image", where)
+    with np.errstate(over="ignore"):   # float64 beyond the float32 range: reported just below
+        image = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        bad = image.size - int(np.count_nonzero(finite))
+        hint = " (values beyond the float32 range)" if array.dtype.kind == "f" and np.isfinite(array).all() else ""
+        raise DataError(f"{where}: image has {bad} NaN/Inf value(s) of {image.size}{hint}")
+    return image
+
+
+def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = None) -> np.ndarray:
+    """``array`` as uint8: whole numbers in 0..255 (and below ``num_classes`` when given)."""
+    _check_numeric(array, "label", where)
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise DataError(f"{where}: label holds {int(np.count_nonzero(bad))} non-integer value(s) "
+                            f"(e.g. {array[bad].flat[0]}); labels must be whole class numbers 0, 1, ...")
+    low, high = array.min(), array.max()
+    if low < 0:
+        raise DataError(f"{where}: label has negative values (min {low}); labels must be 0, 1, ...")
+    if high > 255:
+        raise DataError(f"{where}: label values go up to {high}; at most 255 classes are supported (uint8)")
+    if num_classes is not None and high >= num_classes:
+        raise DataError(f"{where}: label values go up to {int(high)} but num_classes is {num_classes} "
+                        f"(labels must be 0 .. {num_classes - 1}; check model.num_classes)")
+    return np.asarray(array, dtype=np.uint8)
+
+
 # ------------------------------------------------------------------------------------ h5 files
 
-def _load_h5(case: Case) -> Volume:
+def _load_h5(case: Case, num_classes: Optional[int] = None) -> Volume:
     if not case.path.is_file():
         raise FileNotFoundError(f"case {case.id!r}: file {case.path} does not exist")
+    where = _where(case)
     try:
         with h5py.File(case.path, "r") as f:
-            image = _read_key(f, "image", case.path)
-            label = _read_key(f, case.label_key, case.path)
-    except OSError as err:   # h5py raises OSError on truncated or non-HDF5 files
-        raise ValueError(f"case {case.id!r}: cannot read {case.path} as HDF5 ({err})") from err
+            image = _read_key(f, "image", where)
+            label = _read_key(f, case.label_key, where)
+    except DataError:
+        raise
+    except Exception as err:   # OSError for truncated or non-HDF5 files; others for corrupt objects
+        raise DataError(f"{where}: cannot read as HDF5 ({type(err).__name__}: {err})") from err
+    stored = image.shape
     if image.ndim == 3:
         image = image[None]
-    if image.ndim != 4 or label.shape != image.shape[1:]:
-        raise ValueError(f"{case.path}: 'image' must be (X, Y, Z) or (C, X, Y, Z) and "
-                         f"'{case.label_key}' (X, Y, Z) of the same size; got {image.shape} and {label.shape}")
+    if image.ndim != 4 or label.ndim != 3 or label.shape != image.shape[1:]:
+        raise DataError(f"{where}: 'image' must be (X, Y, Z) or (C, X, Y, Z) and '{case.label_key}' "
+                        f"(X, Y, Z) of the same size; got {stored} and {label.shape}")
+    image, label = _check_image(image, where), _check_label(label, where, num_classes)
     if case.transpose:
         image = image.transpose((0,) + tuple(a + 1 for a in case.transpose))
         label = label.transpose(case.transpose)
-    return Volume(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8),
-                  path=str(case.path))
+    return Volume(np.ascontiguousarray(image), np.ascontiguousarray(label), path=str(case.path))
 
 
-def _read_key(f: h5py.File, key: str, path: Path) -> np.ndarray:
+def _read_key(f: h5py.File, key: str, where: str) -> np.ndarray:
     if key not in f:
-        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(f.keys())})")
-    return f[key][()]
+        raise DataError(f"{where}: missing key {key!r} (keys: {sorted(f.keys())})")
+    if not isinstance(f[key], h5py.Dataset):
+        raise DataError(f"{where}: {key!r} is a {type(f[key]).__name__}, not an array")
+    return np.asarray(f[key][()])
 
 
 # ------------------------------------------------------------------------------ NIfTI folders
@@ -200,37 +264,46 @@ def _nifti_channel_count(root: Path) -> int:
     return len(meta.get("channel_names") or meta.get("modality") or {"0": None})
 
 
-def _load_nifti(case: Case) -> Volume:
-    import nibabel as nib   # optional dependency, only needed for NIfTI data sets
+def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
+    try:
+        import nibabel as nib   # optional dependency, only needed for NIfTI data sets
+    except ImportError as err:
+        raise ImportError(f"case {case.id!r}: reading NIfTI files needs nibabel (pip install nibabel)") from err
 
     images, first = [], None
     for path in case.channel_paths:
-        img = _read_nifti(nib, path)
-        first = first or img
-        images.append(np.asarray(img.dataobj, dtype=np.float32))
-    if any(im.shape != images[0].shape or im.ndim != 3 for im in images):
-        raise ValueError(f"case {case.id!r}: channels must be 3D volumes of one shape, got "
-                         f"{[im.shape for im in images]} from {[str(p) for p in case.channel_paths]}")
+        img, data = _read_nifti(nib, path, case, np.float32)
+        where = _where(case, path)
+        if data.ndim != 3:
+            raise DataError(f"{where}: image must be a 3D volume, got shape {data.shape} (4D files: split the "
+                            "channels into <case>_0000.nii.gz, <case>_0001.nii.gz ...)")
+        if first is not None and data.shape != images[0].shape:
+            raise DataError(f"{where}: channel shape {data.shape} != {images[0].shape} of {case.channel_paths[0]}")
+        images.append(_check_image(data, where))
+        if first is None:
+            first = img
     label = None
     if case.label_path is not None:
-        label = np.asarray(_read_nifti(nib, case.label_path).dataobj)
+        _, label = _read_nifti(nib, case.label_path, case)
+        where = _where(case, case.label_path)
         if label.shape != images[0].shape:
-            raise ValueError(f"{case.label_path}: label shape {label.shape} != image shape {images[0].shape}")
-        label = label.astype(np.uint8)
+            raise DataError(f"{where}: label shape {label.shape} != image shape {images[0].shape}")
+        label = _check_label(label, where, num_classes)
     spacing = tuple(float(s) for s in first.header.get_zooms()[:3])
     return Volume(np.stack(images), label, affine=first.affine, spacing=spacing, header=first.header,
                   path=str(case.path))
 
 
-def _read_nifti(nib, path: Path):
+def _read_nifti(nib, path: Path, case: Case, dtype=None):
+    """(nibabel image, its whole data array): the data is read here, so that truncated files fail
+    with a clear message (nibabel reads lazily and the first voxels of a cut file still decode)."""
     if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file {path} does not exist")
+        raise FileNotFoundError(f"case {case.id!r}: NIfTI file {path} does not exist")
     try:
         img = nib.load(str(path))
-        img.dataobj[(0,) * len(img.shape)]   # touch the data: truncated files fail here, not later
-        return img
+        return img, np.asarray(img.dataobj, dtype=dtype)
     except Exception as err:                 # nibabel raises several types for broken files
-        raise ValueError(f"cannot read NIfTI file {path} ({type(err).__name__}: {err})") from err
+        raise DataError(f"{_where(case, path)}: cannot read as NIfTI ({type(err).__name__}: {err})") from err
 
 
 # ---------------------------------------------------------------------------- training patches
@@ -261,8 +334,10 @@ class PatchDataset(Dataset):
     ``TwoStreamBatchSampler`` yields), so the crop and augmentation of every batch depend only
     on the sampler's position: a resumed run sees exactly the same patches."""
 
-    def __init__(self, cases: list[Case], patch_size, augment: bool = True, cache: bool = False):
+    def __init__(self, cases: list[Case], patch_size, augment: bool = True, cache: bool = False,
+                 num_classes: Optional[int] = None):
         self.cases, self.patch, self.augment, self.cache = cases, tuple(patch_size), augment, cache
+        self.num_classes = num_classes   # when given, every label must lie in 0 .. num_classes - 1
         self._volumes: dict[int, tuple] = {}
 
     def __len__(self) -> int:
@@ -271,7 +346,7 @@ class PatchDataset(Dataset):
     def _volume(self, index: int):
         if index in self._volumes:
             return self._volumes[index]
-        vol = self.cases[index].load()
+        vol = self.cases[index].load(self.num_classes)
         if vol.label is None:
             raise ValueError(f"training case {self.cases[index].id!r} ({vol.path}) has no label")
         if self.cache:

@@ -1,10 +1,13 @@
-"""Data layouts, labelled split, the two-stream sampler, patches, the demo generator."""
+"""Data layouts, labelled split, the two-stream sampler, patches, the demo generator, bad files."""
+import gzip
+import json
+
 import h5py
 import numpy as np
 import pytest
 
-from dycon.data import (PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases, random_crop,
-                        rot_flip)
+from dycon.data import (DataError, PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases,
+                        random_crop, rot_flip)
 from dycon.demo import ensure_demo_data
 
 
@@ -105,6 +108,187 @@ def test_clear_errors(tmp_path):
         list_cases(cfg, "training")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_cases({"layout": "la", "root": str(tmp_path / "nowhere")}, "train")
+
+
+
+def raises_naming(path, case_id, pattern, error=ValueError):
+    """pytest.raises for an error whose message names ``path``, the case and the problem."""
+    class Check:
+        def __enter__(self):
+            self.ctx = pytest.raises(error, match=pattern)
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            done = self.ctx.__exit__(*exc)
+            message = str(self.info.value)
+            assert str(path) in message, message
+            assert repr(case_id) in message, message
+            return done
+    return Check()
+
+
+def _cut(path, fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * fraction)])
+
+
+def _h5_case(tmp_path, build):
+    """A BraTS-layout case 'bad' whose file is written by ``build(path)``."""
+    path = tmp_path / "data" / "bad.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build(path)
+    (tmp_path / "train.txt").write_text("bad\n")
+    (case,) = list_cases({"layout": "brats", "root": str(tmp_path)}, "train")
+    return case
+
+
+def _good(path):
+    write_h5(path, *volume((8, 8, 8)))
+
+
+def _truncated(path):
+    _good(path)
+    _cut(path)
+
+
+def _only(key, image, label):
+    def build(path):
+        with h5py.File(path, "w") as f:
+            if key != "label":
+                f["image"] = image
+            if key != "image":
+                f["label"] = label
+    return build
+
+
+IMAGE, LABEL = volume((4, 5, 6))
+NAN_IMAGE, INF_IMAGE = IMAGE.copy(), IMAGE.copy()
+NAN_IMAGE[1, 2, 3], INF_IMAGE[0, 0, 0] = np.nan, np.inf
+
+
+def _group_image(path):
+    with h5py.File(path, "w") as f:
+        f.create_group("image")
+        f["label"] = LABEL
+
+
+BAD_H5 = {   # name: (build the file, what the message must say)
+    "truncated": (_truncated, r"cannot read as HDF5.*truncated"),
+    "not_hdf5": (lambda p: p.write_bytes(b"\x89PNG this is no HDF5 file" * 20), r"cannot read as HDF5"),
+    "missing_image": (_only("label", IMAGE, LABEL), r"missing key 'image'"),
+    "missing_label": (_only("image", IMAGE, LABEL), r"missing key 'label'"),
+    "image_is_group": (_group_image, r"'image' is a Group, not an array"),
+    "shape_mismatch": (lambda p: write_h5(p, IMAGE, LABEL[:, :, :5]), r"same size.*\(4, 5, 6\).*\(4, 5, 5\)"),
+    "image_2d": (lambda p: write_h5(p, IMAGE[0], LABEL), r"\(X, Y, Z\) or \(C, X, Y, Z\).*\(5, 6\)"),
+    "image_5d": (lambda p: write_h5(p, IMAGE[None, None], LABEL), r"\(C, X, Y, Z\).*\(1, 1, 4, 5, 6\)"),
+    "label_4d": (lambda p: write_h5(p, IMAGE, LABEL[None]), r"same size"),
+    "label_fractional": (lambda p: write_h5(p, IMAGE, LABEL * 0.5), r"label holds \d+ non-integer value.*0\.5"),
+    "label_nan": (lambda p: write_h5(p, IMAGE, np.where(LABEL, np.nan, 0.0)), r"non-integer value.*nan"),
+    "label_negative": (lambda p: write_h5(p, IMAGE, LABEL.astype(np.int16) - 1), r"negative values \(min -1\)"),
+    "label_over_255": (lambda p: write_h5(p, IMAGE, LABEL.astype(np.uint16) * 300), r"up to 300.*255"),
+    "image_nan": (lambda p: write_h5(p, NAN_IMAGE, LABEL), r"image has 1 NaN/Inf value"),
+    "image_inf": (lambda p: write_h5(p, INF_IMAGE, LABEL), r"image has 1 NaN/Inf value"),
+    "image_overflows_float32": (lambda p: write_h5(p, IMAGE.astype(np.float64) * 1e300, LABEL),
+                                r"NaN/Inf.*beyond the float32 range"),
+    "image_strings": (lambda p: write_h5(p, np.full((4, 5, 6), b"x"), LABEL), r"image has dtype \|S1"),
+    "empty": (lambda p: write_h5(p, np.zeros((0, 5, 6), np.float32), np.zeros((0, 5, 6), np.uint8)),
+              r"image is empty"),
+    "empty_channels": (lambda p: write_h5(p, np.zeros((0, 4, 5, 6), np.float32), LABEL), r"image is empty"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_H5))
+def test_bad_h5_files_name_the_file_and_the_problem(tmp_path, kind):
+    build, pattern = BAD_H5[kind]
+    case = _h5_case(tmp_path, build)
+    with raises_naming(case.path, "bad", pattern, DataError) as info:
+        case.load()
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("image_dtype", [np.int16, np.uint8, np.float64, np.float16, bool])
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.int64, np.float32, np.float64, bool])
+def test_h5_other_dtypes_are_converted(tmp_path, image_dtype, label_dtype):
+    image = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 7).astype(image_dtype)
+    label = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 2).astype(label_dtype)
+    case = _h5_case(tmp_path, lambda p: write_h5(p, image, label))
+    vol = case.load()
+    assert vol.image.dtype == np.float32 and vol.label.dtype == np.uint8
+    np.testing.assert_array_equal(vol.image[0], image.astype(np.float32).transpose(2, 1, 0))
+    np.testing.assert_array_equal(vol.label, label.astype(np.uint8).transpose(2, 1, 0))
+
+
+def test_label_values_checked_against_num_classes(tmp_path):
+    image, label = volume((20, 20, 20))
+    label[3, 4, 5] = 2
+    write_h5(tmp_path / "data" / "three.h5", image, label)
+    (tmp_path / "train.txt").write_text("three\n")
+    cases = list_cases({"layout": "brats", "root": str(tmp_path)}, "train")
+    for cache in (False, True):
+        ds = PatchDataset(cases, (16, 16, 16), cache=cache, num_classes=2)
+        with raises_naming(cases[0].path, "three", r"up to 2 but num_classes is 2 \(labels must be 0 \.\. 1"):
+            ds[(0, 1)]
+    assert PatchDataset(cases, (16, 16, 16), num_classes=3)[(0, 1)]["label"].max() <= 2
+    assert PatchDataset(cases, (16, 16, 16))[(0, 1)]["image"].shape == (1, 16, 16, 16)   # default: no check
+    with raises_naming(cases[0].path, "three", r"num_classes is 2"):
+        cases[0].load(num_classes=2)
+
+
+def _nifti_case(tmp_path, nib, channels=2, image=None, label=None, shapes=None, size=(6, 5, 4)):
+    """A NIfTI data set with one case 'k1'; returns (case, channel paths, label path)."""
+    for d in ("imagesTr", "labelsTr"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    default_image, default_label = volume(size)
+    paths = [tmp_path / "imagesTr" / f"k1_{c:04d}.nii.gz" for c in range(channels)]
+    for c, path in enumerate(paths):
+        data = image[c] if image is not None and image[c] is not None else default_image
+        if shapes and shapes[c]:
+            data = np.zeros(shapes[c], np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    label_path = tmp_path / "labelsTr" / "k1.nii.gz"
+    nib.save(nib.Nifti1Image(default_label if label is None else label, np.eye(4)), label_path)
+    names = {str(c): f"m{c}" for c in range(channels)}
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": names, "labels": {}}))
+    (case,) = list_cases({"layout": "nifti", "root": str(tmp_path)}, "train")
+    return case, paths, label_path
+
+
+def test_bad_nifti_files_name_the_file_and_the_problem(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    _, base_label = volume((6, 5, 4))
+    nan_image = volume((6, 5, 4))[0]
+    nan_image[2, 2, 2] = np.nan
+    checks = [   # (files to build, which file breaks, what to do to it, pattern)
+        # cut in the data, not the header: nibabel opens the file and decodes its first voxels
+        (dict(size=(40, 40, 40)), 1, _cut, r"cannot read as NIfTI \(EOFError"),
+        (dict(size=(40, 40, 40)), "label", _cut, r"cannot read as NIfTI"),
+        (dict(), 0, lambda p: _cut(p, 0.3), r"cannot read as NIfTI"),   # header cut too
+        (dict(), 0, lambda p: p.write_text("just some text, not an image"), r"cannot read as NIfTI"),
+        (dict(), 0, lambda p: p.write_bytes(gzip.compress(b"no NIfTI header here" * 40)), r"cannot read as NIfTI"),
+        (dict(shapes=[(6, 5, 4, 2), None]), 0, None, r"must be a 3D volume, got shape \(6, 5, 4, 2\)"),
+        (dict(shapes=[None, (6, 5, 3)]), 1, None, r"channel shape \(6, 5, 3\) != \(6, 5, 4\)"),
+        (dict(image=[None, nan_image]), 1, None, r"image has 1 NaN/Inf value"),
+        (dict(label=base_label.astype(np.float32) * 0.5), "label", None, r"non-integer value.*0\.5"),
+        (dict(label=base_label.astype(np.int16) - 1), "label", None, r"negative values \(min -1\)"),
+        (dict(label=base_label[:, :, :3]), "label", None, r"label shape \(6, 5, 3\) != image shape \(6, 5, 4\)"),
+    ]
+    for n, (files, which, damage, pattern) in enumerate(checks):
+        root = tmp_path / str(n)
+        root.mkdir()
+        case, paths, label_path = _nifti_case(root, nib, **files)
+        target = label_path if which == "label" else paths[which]
+        if damage:
+            damage(target)
+        with raises_naming(target, "k1", pattern, DataError):
+            case.load()
+    case, paths, label_path = _nifti_case(tmp_path / "ok", nib, label=(base_label * 2).astype(np.float64))
+    assert case.load().label.dtype == np.uint8          # whole-number float labels are fine
+    with raises_naming(label_path, "k1", r"up to 2 but num_classes is 2"):
+        case.load(num_classes=2)
+    paths[1].unlink()
+    with raises_naming(paths[1], "k1", "does not exist", FileNotFoundError):
+        case.load()
 
 
 def test_labelled_split():
