@@ -9,14 +9,135 @@ Both return ``(segmentation_logits, embeddings)``:
   ``patch_grid_labels(...).flatten(1)`` in ``dycon.train``.
 
 The input's spatial size must be divisible by 16 (four 2x downsamplings).
+
+For distributed training, ``convert_sync_batchnorm`` swaps every ``BatchNorm3d`` for a
+``GlobalBatchNorm`` (batch statistics over all ranks, on CPU/gloo as well as GPU/NCCL), and
+``upsample_trilinear`` keeps the upsampling's backward deterministic on CUDA when
+``torch.use_deterministic_algorithms(True)`` is on.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dycon.distributed import all_sum
+
 ARCHS = ("unet3d", "vnet")
+
+
+def upsample_trilinear(x: torch.Tensor, scale: int, align_corners: bool) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=...)``.
+
+    CUDA has no deterministic backward for trilinear interpolation (it accumulates with atomics,
+    and ``torch.use_deterministic_algorithms(True)`` makes it raise), so in deterministic mode on
+    CUDA the same interpolation is computed as matmuls, whose backward is deterministic.
+    """
+    if torch.are_deterministic_algorithms_enabled() and x.is_cuda:
+        return _upsample_trilinear_matmul(x, scale, align_corners)
+    return F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=align_corners)
+
+
+def _upsample_trilinear_matmul(x: torch.Tensor, scale: int, align_corners: bool) -> torch.Tensor:
+    """Trilinear upsampling of ``(B, C, X, Y, Z)`` as three separable 1-D linear interpolations."""
+    for dim in (2, 3, 4):
+        weights = _linear_interp_matrix(x.shape[dim], scale, align_corners, x.device).to(x.dtype)
+        x = torch.movedim(torch.movedim(x, dim, -1) @ weights.T, -1, dim)
+    return x
+
+
+def _linear_interp_matrix(n_in: int, scale: int, align_corners: bool, device) -> torch.Tensor:
+    """The ``(n_in * scale, n_in)`` matrix of 1-D linear interpolation, with PyTorch's
+    source-index formula (``area_pixel_compute_source_index``) and its index/weight guards."""
+    n_out = n_in * scale
+    dst = torch.arange(n_out, dtype=torch.float64, device=device)
+    if align_corners:
+        src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        # pixel centres; the outputs in the first half input pixel map before 0 and clamp there
+        src = ((1.0 / scale) * (dst + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    lam1 = (src - i0).clamp(0, 1)[:, None]
+    # one-hot rows by comparison: F.one_hot validates its input, a host sync on CUDA
+    cols = torch.arange(n_in, device=device)
+    return (1 - lam1) * (i0[:, None] == cols) + lam1 * (i1[:, None] == cols)
+
+
+class GlobalBatchNorm(nn.BatchNorm3d):
+    """``BatchNorm3d`` whose training-mode batch statistics cover the batches of all ranks.
+
+    Unlike ``nn.SyncBatchNorm`` it also runs on CPU tensors (gloo), so CI can test it. The
+    statistics go through the differentiable ``all_reduce``, whose backward sums the gradients
+    over ranks: the gradient is that of the concatenated global batch. In eval mode, or outside a
+    multi-rank process group, it is exactly ``BatchNorm3d`` (and communicates nothing, so a
+    single rank may run eval-mode forwards on its own, e.g. for validation).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        mean, var, count = _global_batch_stats(x)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, count)
+        shape = (1, -1, 1, 1, 1)
+        y = (x.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """The running-statistics update of ``nn.BatchNorm`` for a batch of ``count`` per channel."""
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (count / (count - 1)).to(var.dtype)
+        self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+        self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+
+
+def _global_batch_stats(x: torch.Tensor):
+    """Per-channel mean and biased variance of ``x`` over all ranks, and the global element count
+    per channel (a 0-d tensor: reading it on the host would stall CUDA at every layer).
+
+    Two passes (global mean, then the sum of squared deviations from it) rather than
+    E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. Computed in at least
+    float32 so that half-precision inputs do not overflow the sums.
+    """
+    dims = [0, 2, 3, 4]
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    local_count = x.numel() // x.shape[1]
+    # The count rides with the sums (one collective; ranks may hold different batch sizes). The
+    # reduced vector is float64 so the count stays an exact integer however large the batch.
+    local = torch.cat([x.sum(dims).double(), x.new_tensor([local_count], dtype=torch.float64)])
+    total = all_sum(local)
+    count = total[-1].detach()
+    if local_count < 2 and count.item() < 2:          # host read only on this rare path
+        raise ValueError("expected more than 1 value per channel over all ranks when training")
+    mean = (total[:-1] / count).to(x.dtype)
+    sq_dev = ((x - mean.view(1, -1, 1, 1, 1)) ** 2).sum(dims).double()
+    var = (all_sum(sq_dev) / count).to(x.dtype)
+    return mean, var, count
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``BatchNorm3d`` replaced by a ``GlobalBatchNorm`` that takes over its
+    parameters and buffers (the same tensors), like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    if isinstance(module, nn.BatchNorm3d) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module
 
 
 class ProjectionHead(nn.Module):
@@ -38,8 +159,7 @@ class ProjectionHead(nn.Module):
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         if self.feature_scaler != 1:
-            feature = F.interpolate(feature, scale_factor=self.feature_scaler, mode="trilinear",
-                                    align_corners=True)
+            feature = upsample_trilinear(feature, self.feature_scaler, align_corners=True)
         z = self.proj(feature)                        # (B, D, gx, gy, gz)
         z = z.flatten(2).transpose(1, 2)              # (B, N, D)
         return F.normalize(z, dim=-1)
@@ -93,7 +213,7 @@ class UNet3D(nn.Module):
         bottleneck = self.dropout(skips.pop())
         x = bottleneck
         for decoder in reversed(self.decoders):
-            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+            x = upsample_trilinear(x, 2, align_corners=False)
             x = decoder(torch.cat([skips.pop(), x], dim=1))
         logits = self.classifier(self.dropout(x))
         return logits, self.head(bottleneck)
@@ -152,7 +272,9 @@ def build_model(model_cfg: dict) -> nn.Module:
     """The network described by the config's ``model`` dict.
 
     Keys: ``arch`` ('unet3d' | 'vnet'), ``in_channels``, ``num_classes``, ``feature_scaler``,
-    ``base_filters``, and optionally ``embed_dim``, ``dropout``, ``norm`` ('instance' | 'batch').
+    ``base_filters``, and optionally ``embed_dim``, ``dropout`` (absent or None: the
+    architecture's default, 0.3 for unet3d and 0.5 for vnet; 0.0 switches it off), ``norm``
+    ('instance' | 'batch').
     """
     cfg = dict(model_cfg)
     arch = cfg.pop("arch", "unet3d")
@@ -162,4 +284,6 @@ def build_model(model_cfg: dict) -> nn.Module:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"unknown model key(s) {unknown}; valid: ['arch'] + {sorted(known)}")
+    if cfg.get("dropout", 0.0) is None:     # the trainer's defaults spell "architecture default" None
+        del cfg["dropout"]
     return (UNet3D if arch == "unet3d" else VNet)(**cfg)

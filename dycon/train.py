@@ -5,10 +5,18 @@
     python -m dycon.train --config brats19 --method mean_teacher --labelnum 50 --device cuda
     python -m dycon.train --config brats19 --preset official      # the released code's quirks
     python -m dycon.train --resume runs/brats19-dycon-20250101-120000
+    python -m dycon.train --config brats19 --amp bf16 --compile        # mixed precision, compiled step
+    torchrun --nproc_per_node 4 -m dycon.train --config brats19 --output runs/brats19-4gpu
 
 Everything a run needs is one plain dict (the YAML config, merged over DEFAULTS, with the
 command-line flags applied); it is saved as ``config.yaml`` in the run directory together with
 the log, ``metrics.csv``, TensorBoard scalars, and ``latest.pt`` / ``best.pt`` checkpoints.
+Under ``torchrun`` the global batch is split between the processes (dycon/distributed.py) and the
+run is the same as one process on the whole batch; only rank 0 writes.
+
+All randomness of a step is keyed by the seed and the batch number (crops and augmentation by
+the sampler, the teacher's noise by the volume's slot, dropout by the process), so a run resumed
+from ``latest.pt`` continues exactly as if it had not stopped.
 
 Methods: ``supervised`` (labelled batches only, CE + Dice), ``mean_teacher`` (+ MSE between
 student and teacher softmax on the unlabelled half, ramped up), ``dycon`` (+ UnCL and FeCL).
@@ -23,8 +31,9 @@ import logging
 import math
 import os
 import pickle
-import random
+from dataclasses import dataclass
 import time
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +44,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dycon_kernels
+from dycon import distributed
 from dycon.data import PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases
 from dycon.demo import default_root, ensure_demo_data
 from dycon.inference import segment
 from dycon.metrics import dice
-from dycon.networks import build_model
+from dycon.networks import build_model, convert_sync_batchnorm
 from dycon_kernels.presets import teacher_threshold_ramp
 
 log = logging.getLogger("dycon.train")
@@ -47,19 +57,26 @@ log = logging.getLogger("dycon.train")
 CONFIG_DIR = Path(__file__).parent / "configs"
 METHODS = ("supervised", "mean_teacher", "dycon")
 PRESETS = ("dycon", "official")
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Every key a config may set. A config file gives the data set's values; these fill the rest.
 DEFAULTS = {
     "name": "run",
     "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False},
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
-              "feature_scaler": 2, "embed_dim": 256},
+              "feature_scaler": 2, "embed_dim": 256,
+              "dropout": None},           # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
     "train": {
         "method": "dycon", "preset": "dycon", "patch_size": [96, 96, 96], "batch_size": 8, "labeled_bs": 4,
         "max_iterations": 20000, "base_lr": 0.01, "lr_schedule": "constant", "momentum": 0.9,
         "weight_decay": 1e-4, "ema_decay": 0.99, "l_weight": 1.0, "u_weight": 0.5,
         "consistency": 0.1, "consistency_rampup": 200.0, "grad_clip": 1.0, "seed": 1337,
         "num_workers": 0, "device": "auto", "kernel_backend": "auto", "log_every": 10,
+        # latest.pt is also written at every validation; 0 = only then and at the end
+        "checkpoint_every": 200,
+        "amp": None,               # None, "bf16" or "fp16" (autocast; fp16 adds loss scaling)
+        "compile": False,          # True (inductor) or a torch.compile backend name
+        "deterministic": False,    # deterministic algorithms: bitwise-repeatable runs
     },
     "loss": {
         "beta_max": 5.0, "beta_min": 0.5, "s_beta": None, "temp": 0.6, "gamma": 2.0,
@@ -85,7 +102,8 @@ FLAG_KEYS = {
     "temp": ("loss", "temp"), "gamma": ("loss", "gamma"), "beta_min": ("loss", "beta_min"),
     "beta_max": ("loss", "beta_max"), "s_beta": ("loss", "s_beta"),
     "feature_scaler": ("model", "feature_scaler"), "base_filters": ("model", "base_filters"),
-    "val_every": ("val", "every"),
+    "val_every": ("val", "every"), "amp": ("train", "amp"), "compile": ("train", "compile"),
+    "deterministic": ("train", "deterministic"), "checkpoint_every": ("train", "checkpoint_every"),
 }
 
 
@@ -130,6 +148,10 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"train.method must be one of {METHODS}, got {t['method']!r}")
     if t["preset"] not in PRESETS:
         raise ValueError(f"train.preset must be one of {PRESETS}, got {t['preset']!r}")
+    if t["amp"] not in AMP_DTYPES:
+        raise ValueError(f"train.amp must be null, 'bf16' or 'fp16', got {t['amp']!r}")
+    if not isinstance(t["compile"], (bool, str)):
+        raise ValueError(f"train.compile must be true/false or a torch.compile backend name, got {t['compile']!r}")
     if t["lr_schedule"] not in ("constant", "poly"):
         raise ValueError(f"train.lr_schedule must be 'constant' or 'poly', got {t['lr_schedule']!r}")
     if len(t["patch_size"]) != 3 or any(int(p) % 16 for p in t["patch_size"]):
@@ -174,19 +196,30 @@ def learning_rate(step: int, train_cfg: dict) -> float:
 
 
 # -------------------------------------------------------------------------------------- losses
+#
+# Every loss is a ratio of sums over the batch. ``loss_sums`` returns this process's sums (the
+# part that ``--compile`` compiles); ``compute_losses`` adds them over the processes
+# (dycon.distributed) and forms the ratios, so that K processes give the loss of the global batch.
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - (2 sum(p y) + 1e-5) / (sum(y^2) + sum(p^2) + 1e-5), over the whole batch."""
-    target = target.float()
-    inter = (probs * target).sum()
-    return 1 - (2 * inter + 1e-5) / ((target * target).sum() + (probs * probs).sum() + 1e-5)
+def dice_sums(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per foreground class: sum(p y), sum(y^2), sum(p^2) over the batch, shape ``(C-1, 3)``."""
+    rows = []
+    for c in range(1, num_classes):
+        p, y = probs[:, c], (labels == c).float()
+        rows.append(torch.stack([(p * y).sum(), (y * y).sum(), (p * p).sum()]))
+    return torch.stack(rows)
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + Dice of the foreground softmax (mean over the foreground classes)."""
-    probs = logits.softmax(1)
-    dices = [dice_loss(probs[:, c], labels == c) for c in range(1, logits.shape[1])]
-    return F.cross_entropy(logits, labels) + torch.stack(dices).mean()
+def dice_loss(sums: torch.Tensor) -> torch.Tensor:
+    """Mean over the foreground classes of 1 - (2 sum(p y) + 1e-5) / (sum(y^2) + sum(p^2) + 1e-5)."""
+    inter, y2, p2 = sums.unbind(1)
+    return (1 - (2 * inter + 1e-5) / (y2 + p2 + 1e-5)).mean()
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed voxel cross-entropy. Written with gather rather than F.cross_entropy, whose CUDA
+    kernel has no deterministic mode."""
+    return -logits.log_softmax(1).gather(1, labels[:, None]).sum()
 
 
 def patch_labels_dycon(labels: torch.Tensor, teacher_probs: torch.Tensor, labeled_bs: int, grid,
@@ -199,10 +232,10 @@ def patch_labels_dycon(labels: torch.Tensor, teacher_probs: torch.Tensor, labele
     block = [s // g for s, g in zip(labels.shape[1:], grid)]
     share = F.avg_pool3d(F.one_hot(voxel, num_classes).permute(0, 4, 1, 2, 3).float(), block)
     purity, patch = share.max(1)
-    patch[purity < loss_cfg["patch_purity"]] = -1
-    confidence = F.avg_pool3d(teacher_probs[labeled_bs:].max(1).values[:, None], block)[:, 0]
-    patch[labeled_bs:][confidence < loss_cfg["teacher_confidence"]] = -1
-    return patch.flatten(1)
+    confidence = F.avg_pool3d(teacher_probs.max(1).values[:, None].float(), block)[:, 0]
+    labelled = torch.arange(len(patch), device=patch.device)[:, None, None, None] < labeled_bs
+    unsure = (purity < loss_cfg["patch_purity"]) | (~labelled & (confidence < loss_cfg["teacher_confidence"]))
+    return torch.where(unsure, -1, patch).flatten(1)
 
 
 def patch_labels_official(labels: torch.Tensor, grid) -> torch.Tensor:
@@ -224,50 +257,109 @@ def patch_grid(cfg: dict) -> list[int]:
     return [int(p) * cfg["model"]["feature_scaler"] // 16 for p in cfg["train"]["patch_size"]]
 
 
-def compute_losses(cfg: dict, batch: dict, student, teacher, step: int, epoch: int, n_epochs: int) -> dict:
-    """All loss terms of one iteration; ``total`` is what gets back-propagated."""
-    t, lcfg = cfg["train"], cfg["loss"]
-    method, preset, lb = t["method"], t["preset"], t["labeled_bs"]
-    image, labels = batch["image"], batch["label"]
+def _count(n, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(n, dtype=torch.float32, device=like.device)
 
+
+def loss_sums(cfg: dict, image, labels, noise, student, teacher, labeled_bs: int, beta, threshold) -> dict:
+    """This process's batch sums of every loss term: ``{term: tensor of sums}``.
+
+    ``image``/``labels`` hold ``labeled_bs`` labelled volumes first; ``noise`` perturbs the
+    teacher's input; ``beta`` (UnCL) and ``threshold`` (the official teacher threshold) are
+    0-dim tensors so that a compiled version does not recompile when they change.
+    """
+    t, lcfg = cfg["train"], cfg["loss"]
+    method, preset, lb = t["method"], t["preset"], labeled_bs
     logits, embeddings = student(image)
-    out = {"sup": supervised_loss(logits[:lb], labels[:lb])}
-    out["total"] = t["l_weight"] * out["sup"]
+    sup_logits = logits[:lb].float()
+    out = {"ce": torch.stack([cross_entropy_sum(sup_logits, labels[:lb]), _count(labels[:lb].numel(), image)]),
+           "dice": dice_sums(sup_logits.softmax(1), labels[:lb], sup_logits.shape[1]).flatten()}
     if method == "supervised":
         return out
 
-    noise = torch.clamp(torch.randn_like(image) * 0.1, -0.2, 0.2)
     with torch.no_grad():
         t_logits, t_embeddings = teacher(image + noise)
 
     if method == "mean_teacher" or preset == "official":
         # the released code applies softmax to probabilities here (softmax twice); the plain
         # Mean-Teacher baseline compares the probabilities themselves
-        s_probs, t_probs = logits[lb:].softmax(1), t_logits[lb:].softmax(1)
+        s_probs, t_probs = logits[lb:].float().softmax(1), t_logits[lb:].float().softmax(1)
         if method == "dycon":
             s_probs, t_probs = s_probs.softmax(1), t_probs.softmax(1)
-        out["mse"] = F.mse_loss(s_probs, t_probs)
-        out["total"] = out["total"] + consistency_weight(step, t) * out["mse"]
+        out["mse"] = torch.stack([((s_probs - t_probs) ** 2).sum(), _count(s_probs.numel(), image)])
     if method == "mean_teacher":
         return out
 
-    beta = beta_at(epoch, n_epochs, lcfg)
     backend = t["kernel_backend"]
-    out["beta"] = beta
-    out["uncl"] = dycon_kernels.uncl(logits, t_logits.detach(), beta, backend=backend)
+    # the kernels take the autocast dtype as it comes and accumulate in float32; the per-voxel
+    # and per-anchor maps are summed here in float32
+    uncl_map = dycon_kernels.uncl(logits, t_logits, beta, reduction="none", backend=backend)
+    out["uncl"] = torch.stack([uncl_map.float().sum(), _count(uncl_map.numel(), image)])
     grid = patch_grid(cfg)
     params = dict(temperature=lcfg["temp"], gamma_pos=lcfg["gamma"])
     if preset == "official":
+        # the official threshold term is normalised within the batch it sees: with several
+        # processes the loss is the mean of the per-process values
         patch = patch_labels_official(labels, grid)[lb:]
-        out["fecl"] = dycon_kernels.fecl(embeddings[lb:], patch, t_embeddings[lb:], patch, preset="official",
-                                         backend=backend, teacher_threshold=teacher_threshold_ramp(epoch), **params)
+        value = dycon_kernels.fecl(embeddings[lb:], patch, t_embeddings[lb:], patch, preset="official",
+                                   backend=backend, teacher_threshold=threshold, **params)
+        out["fecl"] = torch.stack([value.float(), _count(1, image)])
     else:
-        patch = patch_labels_dycon(labels, t_logits.softmax(1), lb, grid, lcfg)
-        out["fecl"] = dycon_kernels.fecl(embeddings, patch, t_embeddings, patch,
-                                         anchor_weight=anchor_weights(logits, grid), preset="dycon",
-                                         backend=backend, gamma_neg=lcfg["gamma"], **params)
-    out["total"] = out["total"] + t["u_weight"] * (out["fecl"] + out["uncl"])
+        patch = patch_labels_dycon(labels, t_logits.float().softmax(1), lb, grid, lcfg)
+        anchor_map = dycon_kernels.fecl(embeddings, patch, t_embeddings, patch,
+                                        anchor_weight=anchor_weights(logits, grid), preset="dycon",
+                                        backend=backend, gamma_neg=lcfg["gamma"], reduction="none", **params)
+        out["fecl"] = torch.stack([anchor_map.float().sum(), (patch >= 0).sum().float()])
     return out
+
+
+def combine_sums(sums: dict, ctx: distributed.Context) -> dict:
+    """Add every term's sums over the processes with one collective."""
+    names = list(sums)
+    flat = distributed.sum_over_ranks(torch.cat([sums[n].float().flatten() for n in names]), ctx)
+    return dict(zip(names, flat.split([sums[n].numel() for n in names])))
+
+
+def compute_losses(cfg: dict, batch: dict, models: "Models", step: int, epoch: int, n_epochs: int,
+                   number: int) -> dict:
+    """All loss terms of iteration ``step`` (global batch ``number``); ``total`` is what gets
+    back-propagated. The terms are the same on every process."""
+    t, ctx = cfg["train"], models.ctx
+    image, labels = batch["image"], batch["label"]
+    lb = t["labeled_bs"] // ctx.world_size
+    beta = beta_at(epoch, n_epochs, cfg["loss"])
+    threshold = teacher_threshold_ramp(epoch)
+    noise = teacher_noise(image, t["seed"], number, models.slots) if t["method"] != "supervised" else None
+    with torch.autocast(image.device.type, dtype=AMP_DTYPES[t["amp"]], enabled=t["amp"] is not None):
+        sums = models.loss_sums(cfg, image, labels, noise, models.student, models.teacher, lb,
+                                torch.tensor(beta, dtype=torch.float64), torch.tensor(threshold, dtype=torch.float64))
+    s = combine_sums(sums, ctx)
+    out = {"sup": s["ce"][0] / s["ce"][1] + dice_loss(s["dice"].view(-1, 3))}
+    out["total"] = t["l_weight"] * out["sup"]
+    if "mse" in s:
+        out["mse"] = s["mse"][0] / s["mse"][1]
+        out["total"] = out["total"] + consistency_weight(step, t) * out["mse"]
+    if "uncl" in s:
+        out["uncl"] = s["uncl"][0] / s["uncl"][1]
+        out["fecl"] = s["fecl"][0] / s["fecl"][1].clamp_min(1)   # as FeCL's reduction='mean'
+        out["beta"] = beta
+        out["total"] = out["total"] + t["u_weight"] * (out["fecl"] + out["uncl"])
+    return out
+
+
+def derived_seed(*key: int) -> int:
+    """A 63-bit seed that depends on every part of ``key`` (NumPy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def teacher_noise(image: torch.Tensor, seed: int, number: int, slots: list[int]) -> torch.Tensor:
+    """The teacher's input noise, clamp(0.1 N(0, 1), -0.2, 0.2), drawn per volume from a generator
+    keyed by the volume's slot in global batch ``number``: the same whatever the process count."""
+    noise = torch.empty_like(image)
+    for i, slot in enumerate(slots):
+        g = torch.Generator(image.device).manual_seed(derived_seed(seed, 3, number, slot))
+        noise[i] = torch.randn(image.shape[1:], generator=g, device=image.device, dtype=image.dtype)
+    return torch.clamp(noise * 0.1, -0.2, 0.2)
 
 
 @torch.no_grad()
@@ -282,30 +374,13 @@ def ema_update(teacher, student, decay: float, step: int) -> None:
 
 # --------------------------------------------------------------------------------- checkpoints
 
-def rng_state() -> dict:
-    """Every RNG state, as tensors and plain Python values (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())   # on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
 
 
@@ -325,26 +400,46 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 # ----------------------------------------------------------------------------------- the run
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, ctx: distributed.Context = distributed.Context()) -> torch.device:
+    """``auto`` is the GPU when there is one; with several processes, each takes GPU ``LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and ctx.distributed:
+        device = torch.device("cuda", ctx.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path, ctx: distributed.Context) -> None:
+    """Log to train.log and the console from the main process; other processes report only problems."""
     class TqdmHandler(logging.Handler):   # prints above the progress bar instead of through it
         def emit(self, record):
             tqdm.write(self.format(record))
 
-    log.setLevel(logging.INFO)
     log.handlers.clear()
+    log.propagate = False
+    console = TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s" if ctx.is_main else f"[rank {ctx.rank}] %(message)s"))
+    log.addHandler(console)
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)
+        return
+    log.setLevel(logging.INFO)
     file_handler = logging.FileHandler(run_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    console = TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(file_handler)
-    log.addHandler(console)
-    log.propagate = False
+
+
+def set_determinism(deterministic: bool) -> None:
+    """``--deterministic``: deterministic algorithms everywhere (PyTorch raises on an op that
+    has none; so do our kernels, see docs/fecl_kernels.md)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS reads it at first use
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
 
 
 class MetricsLog:
@@ -375,16 +470,65 @@ class MetricsLog:
         self.tb.close()
 
 
-def validate(model, cases, cfg: dict, device) -> float:
-    """Mean foreground Dice of the validation cases (sliding-window inference)."""
+class NoMetrics:
+    """What processes other than the main one log: nothing."""
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def validate(model, cases, cfg: dict, device, ctx: distributed.Context) -> float:
+    """Mean foreground Dice of the validation cases (sliding-window inference), the cases shared
+    out between the processes."""
     scores = []
-    for case in cases:
+    for case in cases[ctx.rank::ctx.world_size]:
         volume = case.load()
         pred = segment(model, volume.image, cfg["train"]["patch_size"], cfg["val"]["stride_xy"],
                        cfg["val"]["stride_z"], cfg["model"]["num_classes"],
                        cfg["test"]["largest_component"], device)
         scores += [dice(pred == c, volume.label == c) for c in range(1, cfg["model"]["num_classes"])]
-    return float(np.mean(scores))
+    total, count = distributed.sum_values([float(np.sum(scores)), float(len(scores))], ctx)
+    return total / count
+
+
+@dataclass
+class Models:
+    """What one training step needs besides the batch."""
+    ctx: distributed.Context
+    student: torch.nn.Module        # DistributedDataParallel-wrapped with several processes
+    teacher: torch.nn.Module
+    loss_sums: Callable             # ``loss_sums``, compiled under --compile
+    slots: list[int]                # this process's positions in the global batch
+
+
+def build_models(cfg: dict, device, ctx: distributed.Context) -> tuple[torch.nn.Module, Models]:
+    """The student (returned bare, for the optimiser, EMA and checkpoints) and the step's view of it."""
+    t = cfg["train"]
+    student = build_model(cfg["model"])
+    if ctx.distributed:
+        student = convert_sync_batchnorm(student)   # batch statistics of the global batch
+    student = student.to(device)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    teacher.train()   # as released: dropout and batch statistics in the teacher too
+    stepped = student
+    if ctx.distributed:
+        # supervised and mean_teacher leave the projection head out of the loss
+        stepped = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=t["method"] != "dycon")
+    sums = loss_sums
+    if t["compile"]:
+        # one graph per step: our kernels are custom ops that compile without a break; with
+        # several processes DistributedDataParallel's forward (its logging) breaks the graph
+        sums = torch.compile(loss_sums, fullgraph=not ctx.distributed,
+                             backend=t["compile"] if isinstance(t["compile"], str) else "inductor")
+    slots = distributed.global_slots(t["batch_size"], t["labeled_bs"], ctx)
+    return student, Models(ctx, stepped, teacher, sums, slots)
 
 
 def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -392,14 +536,24 @@ def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None
 
     ``stop_after`` ends this call after that many optimiser steps in total, saving
     ``latest.pt`` so that ``resume=True`` continues the same run (e.g. on a time-limited queue).
+    Under ``torchrun`` every process calls this; only the main one writes to ``run_dir``.
     """
     t = cfg["train"]
-    device = pick_device(t["device"])
+    device_type = pick_device(t["device"]).type
+    ctx = distributed.init(device_type)
+    try:
+        return _train(cfg, run_dir, resume, stop_after, ctx, pick_device(t["device"], ctx))
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Context, device) -> dict:
+    t = cfg["train"]
+    distributed.check_divisible(ctx, t["batch_size"], t["labeled_bs"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
-    torch.manual_seed(t["seed"])
-    np.random.seed(t["seed"] % 2 ** 32)
-    random.seed(t["seed"])
+    setup_logging(run_dir, ctx)
+    set_determinism(t["deterministic"])
+    torch.manual_seed(t["seed"])   # the initial weights; the same on every process
 
     train_cases = list_cases(cfg["data"], "train")
     labelnum = resolve_labelnum(cfg["data"]["labelnum"], len(train_cases))
@@ -407,53 +561,56 @@ def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None
     supervised = t["method"] == "supervised"
     sampler = TwoStreamBatchSampler(labeled, [] if supervised else unlabeled, t["labeled_bs"],
                                     0 if supervised else t["batch_size"] - t["labeled_bs"], seed=t["seed"])
-    dataset = PatchDataset(train_cases, t["patch_size"], augment=True, cache=cfg["data"]["cache"])
-    # a private generator: creating the loader's iterator must not draw from the global RNG,
-    # or a resumed run (which starts its iterator mid-epoch) would see other noise and dropout
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=t["num_workers"],
-                        generator=torch.Generator(), pin_memory=device.type == "cuda")
+    dataset = PatchDataset(train_cases, t["patch_size"], augment=True, cache=cfg["data"]["cache"],
+                           num_classes=cfg["model"]["num_classes"])
+    loader = DataLoader(dataset, batch_sampler=distributed.ShardedBatchSampler(sampler, t["labeled_bs"], ctx),
+                        num_workers=t["num_workers"], pin_memory=device.type == "cuda")
     val_cases = list_cases(cfg["data"], "val") if cfg["val"]["every"] else []
 
-    student = build_model(cfg["model"]).to(device)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.train()
-    teacher.train()   # as released: dropout and batch statistics in the teacher too
+    student, models = build_models(cfg, device, ctx)
     optimizer = torch.optim.SGD(student.parameters(), lr=t["base_lr"], momentum=t["momentum"],
                                 weight_decay=t["weight_decay"])
+    # fp16 needs loss scaling; bf16 has float32's range and does not
+    scaler = torch.amp.GradScaler(device.type, enabled=t["amp"] == "fp16")
 
     step = batches = skipped = 0
     best_dice, best_step = -1.0, 0
     if resume:
         ckpt = load_checkpoint(run_dir / "latest.pt", map_location=device)
         student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
+        models.teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["grad_scaler"]:   # empty when saved without fp16
+            scaler.load_state_dict(ckpt["grad_scaler"])
         step, batches, skipped = ckpt["step"], ckpt["sampler"]["batches"], ckpt["skipped_steps"]
         best_dice, best_step = ckpt["best_dice"], ckpt["best_step"]
         sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
         log.info("resumed %s at step %d (best Dice %.4f at step %d)", run_dir, step, best_dice, best_step)
-    metrics = MetricsLog(run_dir, step if resume else 0)
+    metrics = MetricsLog(run_dir, step if resume else 0) if ctx.is_main else NoMetrics()
 
     n_epochs = t["max_iterations"] // len(sampler) + 1
     if t["preset"] == "official" and t["method"] == "dycon":
         log.warning("preset 'official': FeCL patch labels of the UNLABELLED volumes come from their ground "
                     "truth, as in the released code (label leakage); results are not semi-supervised")
     log.info("%d training cases (%d labelled, %d unlabelled), %d validation; %d batches per epoch; "
-             "device %s; %.2fM parameters", len(train_cases), labelnum, len(unlabeled), len(val_cases),
-             len(sampler), device, sum(p.numel() for p in student.parameters()) / 1e6)
+             "device %s x %d process(es); %.2fM parameters; amp %s; compile %s; deterministic %s",
+             len(train_cases), labelnum, len(unlabeled), len(val_cases), len(sampler), device, ctx.world_size,
+             sum(p.numel() for p in student.parameters()) / 1e6, t["amp"], t["compile"], t["deterministic"])
 
     def state() -> dict:
-        return {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "config": cfg, "best_dice": best_dice,
-                "best_step": best_step, "skipped_steps": skipped,
+        return {"student": student.state_dict(), "teacher": models.teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "grad_scaler": scaler.state_dict(), "step": step,
+                "config": cfg, "best_dice": best_dice, "best_step": best_step, "skipped_steps": skipped,
                 # workers prefetch ahead of the loop: what counts is what the loop consumed
-                "sampler": {**sampler.state_dict(), "batches": batches}, "rng": rng_state()}
+                "sampler": {**sampler.state_dict(), "batches": batches}}
+
+    def checkpoint(name: str) -> None:
+        if ctx.is_main:
+            save_checkpoint(run_dir / name, state())
 
     start, last_stats = time.time(), {}
-    bar = tqdm(total=t["max_iterations"], initial=step, desc=cfg["name"], dynamic_ncols=True)
+    bar = tqdm(total=t["max_iterations"], initial=step, desc=cfg["name"], dynamic_ncols=True,
+               disable=not ctx.is_main)
     data_iter = iter(loader)
     while step < t["max_iterations"] and (stop_after is None or step < stop_after):
         try:
@@ -462,27 +619,33 @@ def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None
             data_iter = iter(loader)
             continue
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        epoch = batches // len(sampler)
+        number, epoch = batches, batches // len(sampler)
         batches += 1
+        # dropout draws from the global generator: seed it from the batch number, so that a
+        # resumed run draws what the uninterrupted one did
+        torch.manual_seed(derived_seed(t["seed"], 4, number, ctx.rank))
         lr = learning_rate(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        losses = compute_losses(cfg, batch, student, teacher, step, epoch, n_epochs)
+        losses = compute_losses(cfg, batch, models, step, epoch, n_epochs, number)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(losses["total"]):
+        if not torch.isfinite(losses["total"]):   # the same on every process: all skip together
             skipped += 1
             log.warning("step %d: non-finite loss %s, batch skipped (%d so far)", step,
                         {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}, skipped)
             continue
-        losses["total"].backward()
+        scaler.scale(losses["total"]).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), t["grad_clip"])
         if not torch.isfinite(grad_norm):
+            scaler.update()   # fp16: a smaller loss scale next time
             skipped += 1
             log.warning("step %d: non-finite gradient norm, batch skipped (%d so far)", step, skipped)
             continue
-        optimizer.step()
-        ema_update(teacher, student, t["ema_decay"], step)
+        scaler.step(optimizer)
+        scaler.update()
+        ema_update(models.teacher, student, t["ema_decay"], step)
         step += 1
         bar.update(1)
 
@@ -490,18 +653,19 @@ def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None
         if step % t["log_every"] == 0 or step == t["max_iterations"]:
             bar.set_postfix(loss=f"{last_stats['total']:.3f}", best=f"{max(best_dice, 0):.3f}")
             metrics.write({"step": step, "epoch": epoch, "lr": lr, "skipped": skipped, **last_stats})
-            log.debug("step %d %s", step, last_stats)
         if cfg["val"]["every"] and (step % cfg["val"]["every"] == 0 or step == t["max_iterations"]):
-            val_dice = validate(student, val_cases, cfg, device)
+            val_dice = validate(student, val_cases, cfg, device, ctx)
             metrics.write({"step": step, "epoch": epoch, "val_dice": val_dice})
             if val_dice > best_dice:
                 best_dice, best_step = val_dice, step
-                save_checkpoint(run_dir / "best.pt", state())
+                checkpoint("best.pt")
             log.info("step %d: loss %.4f  val Dice %.4f  (best %.4f at step %d)", step, last_stats["total"],
                      val_dice, best_dice, best_step)
-            save_checkpoint(run_dir / "latest.pt", state())
+            checkpoint("latest.pt")
+        elif t["checkpoint_every"] and step % t["checkpoint_every"] == 0:
+            checkpoint("latest.pt")
     bar.close()
-    save_checkpoint(run_dir / "latest.pt", state())
+    checkpoint("latest.pt")
     metrics.close()
     seconds = time.time() - start
     log.info("stopped at step %d after %.0f s (%d non-finite steps skipped)", step, seconds, skipped)
@@ -542,7 +706,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root_path", help="data root")
     p.add_argument("--labelnum", help="labelled cases: a count or a share such as 10%%")
     for flag in ("labeled_bs", "batch_size", "max_iterations", "seed", "feature_scaler", "base_filters",
-                 "val_every", "num_workers"):
+                 "val_every", "num_workers", "checkpoint_every"):
         p.add_argument(f"--{flag}", type=int)
     for flag in ("base_lr", "ema_decay", "temp", "gamma", "beta_min", "beta_max", "s_beta"):
         p.add_argument(f"--{flag}", type=float)
@@ -550,7 +714,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"))
     p.add_argument("--kernel-backend", dest="kernel_backend",
                    choices=("auto", "triton", "cuda", "cpu", "reference"))
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ... (under torchrun: GPU LOCAL_RANK)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast; fp16 with loss scaling)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms only: two runs give bitwise-identical losses")
     return p.parse_args(argv)
 
 
@@ -587,16 +755,21 @@ def main(argv=None) -> dict:
     apply_flags(cfg, args)
     prepare_demo_data(cfg)
     check_config(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0   # under torchrun, only rank 0 writes
+    if not (args.resume or args.output) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("several processes need the run directory named: give --output RUN_DIR "
+                         "(each process would otherwise make its own time-stamped one)")
     if not args.resume:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.output or f"runs/{cfg['name']}-{cfg['train']['method']}-{stamp}")
         if (run_dir / "latest.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
         run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     result = train(cfg, run_dir, resume=bool(args.resume))
-    if args.test:
+    if args.test and is_main:
         result["test"] = test_run(cfg, run_dir)
     log.info("run directory: %s", run_dir)
     return result

@@ -74,7 +74,7 @@ def test_resume_gives_the_same_weights(tmp_path, data_root):
 def test_checkpoint_is_weights_only_and_complete(tmp_path, data_root):
     T.train(tiny_config(data_root, max_iterations=2), tmp_path)
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
-    for key in ("student", "teacher", "optimizer", "step", "config", "best_dice", "sampler", "rng"):
+    for key in ("student", "teacher", "optimizer", "step", "config", "best_dice", "sampler", "grad_scaler"):
         assert key in ckpt
     model = build_model(ckpt["config"]["model"])
     model.load_state_dict(ckpt["student"])
@@ -109,6 +109,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root, monkeypat
     monkeypatch.setattr(T, "compute_losses", sometimes_nan)
     result = T.train(tiny_config(data_root, max_iterations=3), tmp_path)
     assert result["step"] == 3 and result["skipped"] == 1 and len(calls) == 4
+    assert [r["skipped"] for r in read_metrics(tmp_path) if r["total"]] == ["0", "1", "1"]
+    assert "step 1: non-finite loss" in (tmp_path / "train.log").read_text()
 
 
 def test_cli_runs_tests_and_resumes(tmp_path, data_root):
