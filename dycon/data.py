@@ -157,7 +157,7 @@ def _check_numeric(array: np.ndarray, what: str, where: str) -> None:
         raise DataError(f"{where}: {what} is empty (shape {array.shape})")
 
 
-def _check_image(array: np.ndarray, where: str) -> np.ndarray:
+def check_image(array: np.ndarray, where: str) -> np.ndarray:
     """``array`` as float32 (integer and float64 images are converted), all values finite."""
     _check_numeric(array, "image", where)
     with np.errstate(over="ignore"):   # float64 beyond the float32 range: reported just below
@@ -209,7 +209,7 @@ def _load_h5(case: Case, num_classes: Optional[int] = None) -> Volume:
     if image.ndim != 4 or label.ndim != 3 or label.shape != image.shape[1:]:
         raise DataError(f"{where}: 'image' must be (X, Y, Z) or (C, X, Y, Z) and '{case.label_key}' "
                         f"(X, Y, Z) of the same size; got {stored} and {label.shape}")
-    image, label = _check_image(image, where), _check_label(label, where, num_classes)
+    image, label = check_image(image, where), _check_label(label, where, num_classes)
     if case.transpose:
         image = image.transpose((0,) + tuple(a + 1 for a in case.transpose))
         label = label.transpose(case.transpose)
@@ -279,7 +279,7 @@ def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
                             "channels into <case>_0000.nii.gz, <case>_0001.nii.gz ...)")
         if first is not None and data.shape != images[0].shape:
             raise DataError(f"{where}: channel shape {data.shape} != {images[0].shape} of {case.channel_paths[0]}")
-        images.append(_check_image(data, where))
+        images.append(check_image(data, where))
         if first is None:
             first = img
     label = None

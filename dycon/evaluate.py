@@ -85,7 +85,7 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict) -> tuple[list[
     model.to(device)
     rows = []
     for case in cases:
-        volume = case.load()
+        volume = case.load(cfg["num_classes"])
         if volume.label is None:
             raise ValueError(f"case {case.id}: {volume.path} has no label to evaluate against")
         if volume.label.shape != volume.image.shape[1:]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dycon.data import H5_LAYOUTS
+from dycon.data import H5_LAYOUTS, check_image
 from dycon.evaluate import add_model_args, load_model, resolve_checkpoint, run_settings
 from dycon.inference import segment
 
@@ -104,9 +104,10 @@ def _read_nifti(path: Path):
 
     try:
         img = nib.load(str(path))
-        return img, np.asarray(img.dataobj, dtype=np.float32)
+        data = np.asarray(img.dataobj)
     except Exception as err:   # nibabel raises several types for truncated or foreign files
         raise ValueError(f"cannot read NIfTI file {path} ({type(err).__name__}: {err})") from err
+    return img, check_image(data, str(path))
 
 
 def read_nifti_case(case: InputCase):
@@ -137,7 +138,7 @@ def read_h5_image(path: Path) -> np.ndarray:
         image = image[None]
     if image.ndim != 4:
         raise ValueError(f"{path}: 'image' must be (X, Y, Z) or (C, X, Y, Z), got shape {image.shape}")
-    return image.astype(np.float32)
+    return check_image(image, str(path))
 
 
 def write_nifti(labels: np.ndarray, path: Path, reference=None) -> None:

@@ -407,8 +407,7 @@ def pick_device(name: str, ctx: distributed.Context = distributed.Context()) -> 
     device = torch.device(name)
     if device.type == "cuda" and ctx.distributed:
         device = torch.device("cuda", ctx.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)   # NCCL and DDP use the current device
     return device
 
 
@@ -484,7 +483,7 @@ def validate(model, cases, cfg: dict, device, ctx: distributed.Context) -> float
     out between the processes."""
     scores = []
     for case in cases[ctx.rank::ctx.world_size]:
-        volume = case.load()
+        volume = case.load(cfg["model"]["num_classes"])
         pred = segment(model, volume.image, cfg["train"]["patch_size"], cfg["val"]["stride_xy"],
                        cfg["val"]["stride_z"], cfg["model"]["num_classes"],
                        cfg["test"]["largest_component"], device)
@@ -539,8 +538,7 @@ def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None
     Under ``torchrun`` every process calls this; only the main one writes to ``run_dir``.
     """
     t = cfg["train"]
-    device_type = pick_device(t["device"]).type
-    ctx = distributed.init(device_type)
+    ctx = distributed.init(pick_device(t["device"]).type)
     try:
         return _train(cfg, run_dir, resume, stop_after, ctx, pick_device(t["device"], ctx))
     finally:

@@ -122,6 +122,12 @@ def test_unreadable_and_malformed_inputs_name_the_file(tmp_path):
         f["image"] = np.zeros((2, 8, 8, 8))
     with pytest.raises(ValueError, match=r"2 channel\(s\) in .*two\.h5.*the model takes 1"):
         predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "two.h5")[0], tmp_path, pred_cfg())
+    image = np.random.rand(8, 8, 8)
+    image[2, 3, 4] = np.nan
+    with h5py.File(tmp_path / "nan.h5", "w") as f:
+        f["image"] = image
+    with pytest.raises(ValueError, match=r"nan\.h5: image has 1 NaN/Inf value"):
+        predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "nan.h5")[0], tmp_path, pred_cfg())
 
 
 def test_unreadable_nifti_and_channel_gaps(tmp_path):
