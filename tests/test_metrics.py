@@ -200,7 +200,7 @@ class Threshold(torch.nn.Module):
 def fake_case(case_id, image, label, spacing=None):
     volume = SimpleNamespace(image=image[None].astype(np.float32), label=label.astype(np.uint8),
                              spacing=spacing, affine=None, header=None, path=f"/data/{case_id}.h5")
-    return SimpleNamespace(id=case_id, load=lambda: volume)
+    return SimpleNamespace(id=case_id, load=lambda num_classes=None: volume)   # Case.load's signature
 
 
 EVAL_CFG = dict(patch_size=(8, 8, 8), stride_xy=4, stride_z=4, num_classes=2, device="cpu")
