@@ -69,14 +69,20 @@ class Volume:
 
 @dataclass
 class Case:
-    """A case on disk: ``id``, main ``path``, and ``load()`` reading it as a ``Volume``."""
+    """A case on disk: ``id``, main ``path``, and ``load()`` reading it as a ``Volume``.
+    ``layout`` is ``"nifti"`` or the name of an h5 layout (``"h5"`` for a lone h5 file)."""
     id: str
     path: Path
     layout: str
-    label_key: str = "label"
+    label_key: Optional[str] = "label"                   # h5 label key (None: unlabelled)
     transpose: Optional[tuple] = None
     channel_paths: list = field(default_factory=list)   # NIfTI: one file per channel
     label_path: Optional[Path] = None                    # NIfTI label (None: unlabelled)
+
+    @property
+    def image_files(self) -> list:
+        """The files the image is read from."""
+        return list(self.channel_paths) if self.layout == "nifti" else [self.path]
 
     def load(self, num_classes: Optional[int] = None) -> Volume:
         """Read the case; every problem with its files raises ``DataError`` (a ``ValueError``)
@@ -198,7 +204,7 @@ def _load_h5(case: Case, num_classes: Optional[int] = None) -> Volume:
     try:
         with h5py.File(case.path, "r") as f:
             image = _read_key(f, "image", where)
-            label = _read_key(f, case.label_key, where)
+            label = _read_key(f, case.label_key, where) if case.label_key else None
     except DataError:
         raise
     except Exception as err:   # OSError for truncated or non-HDF5 files; others for corrupt objects
@@ -206,12 +212,18 @@ def _load_h5(case: Case, num_classes: Optional[int] = None) -> Volume:
     stored = image.shape
     if image.ndim == 3:
         image = image[None]
-    if image.ndim != 4 or label.ndim != 3 or label.shape != image.shape[1:]:
-        raise DataError(f"{where}: 'image' must be (X, Y, Z) or (C, X, Y, Z) and '{case.label_key}' "
-                        f"(X, Y, Z) of the same size; got {stored} and {label.shape}")
-    image, label = check_image(image, where), _check_label(label, where, num_classes)
+    if image.ndim != 4:
+        raise DataError(f"{where}: 'image' must be (X, Y, Z) or (C, X, Y, Z), got shape {stored}")
+    image = check_image(image, where)
     if case.transpose:
         image = image.transpose((0,) + tuple(a + 1 for a in case.transpose))
+    if label is None:
+        return Volume(np.ascontiguousarray(image), None, path=str(case.path))
+    if label.ndim != 3 or label.shape != stored[-3:]:
+        raise DataError(f"{where}: '{case.label_key}' must be (X, Y, Z) of the image's size; "
+                        f"got {label.shape} for image {stored}")
+    label = _check_label(label, where, num_classes)
+    if case.transpose:
         label = label.transpose(case.transpose)
     return Volume(np.ascontiguousarray(image), np.ascontiguousarray(label), path=str(case.path))
 
@@ -322,8 +334,12 @@ def random_crop(image: np.ndarray, label: np.ndarray, patch: tuple, rng: np.rand
 
 
 def rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-    """Random rot90 in the axial (X, Y) plane and one flip along X or Y (the released RandomRotFlip)."""
+    """Random rot90 in the axial (X, Y) plane and one flip along X or Y (the released RandomRotFlip).
+    A patch with X != Y turns by 0 or 180 degrees only, so that it keeps its shape (the pair then
+    amounts to one flip along X or Y)."""
     k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
+    if image.shape[1] != image.shape[2]:
+        k = k // 2 * 2   # same draws as a square patch: resumed and square runs see the same stream
     image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
     label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
     return image, label

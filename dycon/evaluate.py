@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dycon.checkpoint import load_checkpoint
 from dycon.data import list_cases
 from dycon.inference import segment
 from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
@@ -193,10 +194,7 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None) -> Path:
 
 def load_model(path: str | Path, weights: str = "student", device: str | torch.device = "cpu"):
     """(model in eval mode on ``device``, training config) from a dycon checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+    ckpt = load_checkpoint(path, map_location=device)
     missing = [k for k in (weights, "config") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__

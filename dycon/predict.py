@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from dycon.data import H5_LAYOUTS, check_image
+from dycon.data import H5_LAYOUTS, Case, Volume
 from dycon.evaluate import add_model_args, load_model, resolve_checkpoint, run_settings
 from dycon.inference import segment
 
@@ -40,13 +40,6 @@ log = logging.getLogger("dycon.predict")
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-@dataclass
-class InputCase:
-    id: str
-    kind: str            # 'nifti' or 'h5'
-    paths: list[Path]    # NIfTI: one file per channel, in channel order
 
 
 def _nifti_case_key(path: Path) -> tuple[str, int]:
@@ -61,14 +54,15 @@ def _is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
-def find_inputs(path: str | Path) -> list[InputCase]:
-    """The cases in a file (with its sibling channel files) or a folder (not recursive)."""
+def find_inputs(path: str | Path) -> list[Case]:
+    """The unlabelled cases in a file (with its sibling channel files) or a folder (not recursive):
+    layout ``"nifti"`` (one file per channel) or ``"h5"``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
     if path.is_file():
         if path.suffix == ".h5":
-            return [InputCase(path.name[:-3], "h5", [path])]
+            return [_h5_case(path)]
         if not _is_nifti(path):
             raise ValueError(f"input {path}: unsupported file type (expected .nii, .nii.gz or .h5)")
         case_id = _nifti_case_key(path)[0]
@@ -80,79 +74,46 @@ def find_inputs(path: str | Path) -> list[InputCase]:
     return _group(files)
 
 
-def _group(files: list[Path]) -> list[InputCase]:
+def _h5_case(path: Path) -> Case:
+    return Case(path.name[:-3], path, "h5", label_key=None)
+
+
+def _group(files: list[Path]) -> list[Case]:
     channels: dict[str, dict[int, Path]] = {}
-    cases: dict[str, InputCase] = {}
+    h5_cases: dict[str, Case] = {}
     for f in files:
-        case_id, channel = (f.name[:-3], 0) if f.suffix == ".h5" else _nifti_case_key(f)
+        if f.suffix == ".h5":
+            h5_cases[f.name[:-3]] = _h5_case(f)
+            continue
+        case_id, channel = _nifti_case_key(f)
         if channel in channels.setdefault(case_id, {}):
             raise ValueError(f"case {case_id!r}: both {channels[case_id][channel]} and {f} map to channel {channel}")
         channels[case_id][channel] = f
-        kind = "h5" if f.suffix == ".h5" else "nifti"
-        if cases.setdefault(case_id, InputCase(case_id, kind, [])).kind != kind:
-            raise ValueError(f"case {case_id!r}: both a .h5 and NIfTI files in the input")
+    cases = dict(h5_cases)
     for case_id, found in channels.items():
+        if case_id in h5_cases:
+            raise ValueError(f"case {case_id!r}: both a .h5 and NIfTI files in the input")
         if sorted(found) != list(range(len(found))):
             raise ValueError(f"case {case_id!r}: channel files must be numbered _0000 to _{len(found) - 1:04d}, "
                              f"found {sorted(found)} ({[str(p) for p in found.values()]})")
-        cases[case_id].paths = [found[c] for c in range(len(found))]
+        paths = [found[c] for c in range(len(found))]
+        cases[case_id] = Case(case_id, paths[0], "nifti", channel_paths=paths)
     return [cases[k] for k in sorted(cases)]
 
 
-def _read_nifti(path: Path):
-    import nibabel as nib   # optional dependency, only needed for NIfTI files
-
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except Exception as err:   # nibabel raises several types for truncated or foreign files
-        raise ValueError(f"cannot read NIfTI file {path} ({type(err).__name__}: {err})") from err
-    return img, check_image(data, str(path))
-
-
-def read_nifti_case(case: InputCase):
-    """(image (C, X, Y, Z) float32, reference nibabel image of channel 0)."""
-    images, reference = [], None
-    for path in case.paths:
-        img, data = _read_nifti(path)
-        if reference is None:
-            reference = img
-        if data.ndim != 3 or data.shape != reference.shape:
-            raise ValueError(f"case {case.id!r}: {path} has shape {data.shape}; every channel must be a 3D "
-                             f"volume of shape {reference.shape} (4D files: split the channels into "
-                             "<case>_0000.nii.gz, <case>_0001.nii.gz ...)")
-        images.append(data)
-    return np.stack(images), reference
-
-
-def read_h5_image(path: Path) -> np.ndarray:
-    """The ``image`` array of an h5 file as (C, X, Y, Z) float32, in the file's axis order."""
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise ValueError(f"{path}: no key 'image' (keys: {sorted(f.keys())})")
-            image = f["image"][()]
-    except OSError as err:   # h5py raises OSError for truncated or non-HDF5 files
-        raise ValueError(f"cannot read {path} as HDF5 ({err})") from err
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4:
-        raise ValueError(f"{path}: 'image' must be (X, Y, Z) or (C, X, Y, Z), got shape {image.shape}")
-    return check_image(image, str(path))
-
-
-def write_nifti(labels: np.ndarray, path: Path, reference=None) -> None:
-    """uint8 NIfTI; with ``reference`` (a nibabel image) its affine and header, else identity."""
+def write_nifti(labels: np.ndarray, path: Path, like: Volume) -> None:
+    """uint8 NIfTI with the affine and header of ``like`` (a NIfTI input), else an identity affine."""
     import nibabel as nib
 
-    if reference is None:
-        img = nib.Nifti1Image(labels.astype(np.uint8), np.eye(4))
+    labels = labels.astype(np.uint8)
+    if like.header is None:
+        img = nib.Nifti1Image(labels, np.eye(4))
     else:
-        header = reference.header.copy()
+        header = like.header.copy()
         header.set_data_dtype(np.uint8)
-        # labels are stored as is: no intensity scaling inherited from the image
-        header.set_slope_inter(1, 0)
-        img = type(reference)(labels.astype(np.uint8), reference.affine, header)
+        header.set_slope_inter(1, 0)   # labels are stored as is: no intensity scaling inherited from the image
+        image_type = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = image_type(labels, like.affine, header)
     nib.save(img, str(path))
 
 
@@ -162,38 +123,33 @@ def _h5_transpose(config: dict):
     return H5_LAYOUTS[layout][3] if layout in H5_LAYOUTS else None
 
 
-def predict_case(model, case: InputCase, output_dir: Path, pred_cfg: dict, h5_out: bool = False) -> Path:
+def predict_case(model, case: Case, output_dir: Path, pred_cfg: dict, h5_out: bool = False) -> Path:
     """Segment one case and write it; returns the output path."""
-    reference, transpose = None, None
-    if case.kind == "nifti":
-        image, reference = read_nifti_case(case)
-    else:
-        image = read_h5_image(case.paths[0])
-        transpose = pred_cfg["h5_transpose"]
-        if transpose:
-            image = image.transpose((0, *(a + 1 for a in transpose)))
-    if image.shape[0] != pred_cfg["in_channels"]:
-        raise ValueError(f"case {case.id!r}: {image.shape[0]} channel(s) in {[str(p) for p in case.paths]}, "
-                         f"the model takes {pred_cfg['in_channels']}")
-    labels = segment(model, image, pred_cfg["patch_size"], pred_cfg["stride_xy"], pred_cfg["stride_z"],
+    if case.layout == "h5":
+        case = replace(case, transpose=pred_cfg["h5_transpose"])   # the axis order training used
+    volume = case.load()
+    if volume.image.shape[0] != pred_cfg["in_channels"]:
+        raise ValueError(f"case {case.id!r}: {volume.image.shape[0]} channel(s) in "
+                         f"{[str(p) for p in case.image_files]}, the model takes {pred_cfg['in_channels']}")
+    labels = segment(model, volume.image, pred_cfg["patch_size"], pred_cfg["stride_xy"], pred_cfg["stride_z"],
                      pred_cfg["num_classes"], pred_cfg["largest_component"], pred_cfg["device"],
                      pred_cfg["batch_size"])
-    if transpose:
-        labels = labels.transpose(np.argsort(transpose))   # back to the file's axis order
-    return _write_prediction(labels, case, output_dir, reference, h5_out)
+    if case.transpose:
+        labels = labels.transpose(np.argsort(case.transpose))   # back to the file's axis order
+    return _write_prediction(labels, case, volume, output_dir, h5_out)
 
 
-def _write_prediction(labels: np.ndarray, case: InputCase, output_dir: Path, reference, h5_out: bool) -> Path:
-    out = output_dir / f"{case.id}{'.h5' if h5_out and case.kind == 'h5' else '.nii.gz'}"
-    if out.resolve() in {p.resolve() for p in case.paths}:
+def _write_prediction(labels: np.ndarray, case: Case, volume: Volume, output_dir: Path, h5_out: bool) -> Path:
+    out = output_dir / f"{case.id}{'.h5' if h5_out and case.layout == 'h5' else '.nii.gz'}"
+    if out.resolve() in {p.resolve() for p in case.image_files}:
         raise ValueError(f"output {out} would overwrite its input; choose another --output folder")
     if out.suffix == ".h5":
         with h5py.File(out, "w") as f:
             f.create_dataset("prediction", data=labels.astype(np.uint8), compression="gzip")
     else:
-        if case.kind == "h5":
+        if case.layout == "h5":
             log.info("%s: h5 input has no geometry; writing %s with an identity affine", case.id, out.name)
-        write_nifti(labels, out, reference)
+        write_nifti(labels, out, volume)
     return out
 
 

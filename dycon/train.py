@@ -30,7 +30,6 @@ import csv
 import logging
 import math
 import os
-import pickle
 from dataclasses import dataclass
 import time
 from typing import Callable
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 import dycon_kernels
 from dycon import distributed
+from dycon.checkpoint import load_checkpoint, save_checkpoint
 from dycon.data import PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases
 from dycon.demo import default_root, ensure_demo_data
 from dycon.inference import segment
@@ -164,6 +164,18 @@ def check_config(cfg: dict) -> None:
     for key in ("layout", "root", "labelnum"):
         if cfg["data"][key] is None:
             raise ValueError(f"data.{key} is not set (config file or command line)")
+
+
+def check_amp_device(t: dict, device: torch.device) -> None:
+    """Refuse the one precision/device pairing known to give wrong gradients."""
+    # Measured with torch 2.14 on the CPU (oneDNN): under bf16 autocast the weight gradient of a
+    # 3x3x3 Conv3d with 32 or more channels is garbage (NaN, or finite values off by up to 1e37,
+    # changing from call to call) when its input is 2 voxels deep along X. Both networks convolve
+    # inputs patch_size[0] / 16 and / 8 deep, so X patches of 16 or 32 voxels hit it.
+    if t["amp"] == "bf16" and device.type == "cpu" and int(t["patch_size"][0]) < 48:
+        raise ValueError(f"train.amp 'bf16' on the CPU needs patch_size[0] >= 48, got {t['patch_size']}: "
+                         "PyTorch's oneDNN bf16 Conv3d weight gradient is wrong for inputs 2 voxels deep "
+                         "(use a larger patch, amp 'fp16' or no amp on the CPU)")
 
 
 def resolve_labelnum(labelnum, n_train: int) -> int:
@@ -372,32 +384,6 @@ def ema_update(teacher, student, decay: float, step: int) -> None:
         tb.copy_(sb)
 
 
-# --------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())   # on disk before the rename makes it the checkpoint
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
-                         f"types, which weights_only=True loading does not run ({str(err).splitlines()[0]})") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"cannot read checkpoint {path} ({type(err).__name__}: {err})") from err
-
-
 # ----------------------------------------------------------------------------------- the run
 
 def pick_device(name: str, ctx: distributed.Context = distributed.Context()) -> torch.device:
@@ -548,6 +534,7 @@ def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None
 def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Context, device) -> dict:
     t = cfg["train"]
     distributed.check_divisible(ctx, t["batch_size"], t["labeled_bs"])
+    check_amp_device(t, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, ctx)
     set_determinism(t["deterministic"])

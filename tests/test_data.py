@@ -179,10 +179,11 @@ BAD_H5 = {   # name: (build the file, what the message must say)
     "missing_image": (_only("label", IMAGE, LABEL), r"missing key 'image'"),
     "missing_label": (_only("image", IMAGE, LABEL), r"missing key 'label'"),
     "image_is_group": (_group_image, r"'image' is a Group, not an array"),
-    "shape_mismatch": (lambda p: write_h5(p, IMAGE, LABEL[:, :, :5]), r"same size.*\(4, 5, 6\).*\(4, 5, 5\)"),
+    "shape_mismatch": (lambda p: write_h5(p, IMAGE, LABEL[:, :, :5]),
+                       r"'label' must be \(X, Y, Z\) of the image's size; got \(4, 5, 5\) for image \(4, 5, 6\)"),
     "image_2d": (lambda p: write_h5(p, IMAGE[0], LABEL), r"\(X, Y, Z\) or \(C, X, Y, Z\).*\(5, 6\)"),
     "image_5d": (lambda p: write_h5(p, IMAGE[None, None], LABEL), r"\(C, X, Y, Z\).*\(1, 1, 4, 5, 6\)"),
-    "label_4d": (lambda p: write_h5(p, IMAGE, LABEL[None]), r"same size"),
+    "label_4d": (lambda p: write_h5(p, IMAGE, LABEL[None]), r"'label' must be \(X, Y, Z\).*got \(1, 4, 5, 6\)"),
     "label_fractional": (lambda p: write_h5(p, IMAGE, LABEL * 0.5), r"label holds \d+ non-integer value.*0\.5"),
     "label_nan": (lambda p: write_h5(p, IMAGE, np.where(LABEL, np.nan, 0.0)), r"non-integer value.*nan"),
     "label_negative": (lambda p: write_h5(p, IMAGE, LABEL.astype(np.int16) - 1), r"negative values \(min -1\)"),
@@ -336,6 +337,20 @@ def test_crop_pads_small_volumes_and_augmentation_keeps_alignment():
     for _ in range(8):
         a, b = rot_flip(img, lab, rng)
         np.testing.assert_array_equal(a[0] == 2, b == 1)
+
+
+def test_augmentation_keeps_non_square_patches_whole():
+    rng = np.random.default_rng(1)
+    label = (rng.random((16, 12, 8)) > 0.5).astype(np.uint8)
+    image = label[None].astype(np.float32) + 1
+    seen = set()
+    for _ in range(32):
+        a, b = rot_flip(image, label, rng)
+        assert a.shape == (1, 16, 12, 8) and b.shape == (16, 12, 8)
+        np.testing.assert_array_equal(a[0] == 2, b == 1)
+        # a half turn and a flip along one axis is a flip along the other
+        seen.add("X" if np.array_equal(b, label[::-1]) else "Y" if np.array_equal(b, label[:, ::-1]) else "?")
+    assert seen == {"X", "Y"}
 
 
 def test_patch_dataset(tmp_path):

@@ -59,7 +59,7 @@ def test_nifti_two_channels_round_trip_keeps_affine_and_header(tmp_path):
     write_nifti(tmp_path / "in" / "case1_0001.nii.gz", c1, AFFINE)
 
     cases = predict.find_inputs(tmp_path / "in" / "case1_0001.nii.gz")   # one file finds its siblings
-    assert [(c.id, [p.name for p in c.paths]) for c in cases] == [
+    assert [(c.id, [p.name for p in c.image_files]) for c in cases] == [
         ("case1", ["case1_0000.nii.gz", "case1_0001.nii.gz"])]
     out = predict.predict_case(Threshold(), cases[0], tmp_path, pred_cfg(in_channels=2))
     assert out.name == "case1.nii.gz"
@@ -81,7 +81,8 @@ def test_folder_groups_cases_and_single_channel_files(tmp_path):
         f["image"] = blob_image(shape, 3)
     (tmp_path / "notes.txt").write_text("ignored")
     cases = predict.find_inputs(tmp_path)
-    assert [(c.id, c.kind, len(c.paths)) for c in cases] == [("a", "nifti", 1), ("b", "nifti", 1), ("c", "h5", 1)]
+    found = [(c.id, c.layout, len(c.image_files)) for c in cases]
+    assert found == [("a", "nifti", 1), ("b", "nifti", 1), ("c", "h5", 1)]
 
 
 def test_h5_input_to_nifti_with_identity_affine_and_to_h5(tmp_path):
@@ -107,11 +108,11 @@ def test_h5_input_to_nifti_with_identity_affine_and_to_h5(tmp_path):
 
 def test_unreadable_and_malformed_inputs_name_the_file(tmp_path):
     (tmp_path / "broken.h5").write_bytes(b"not an hdf5 file")
-    with pytest.raises(ValueError, match=r"cannot read .*broken\.h5 as HDF5"):
+    with pytest.raises(ValueError, match=r"broken\.h5 \(case 'broken'\): cannot read as HDF5"):
         predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "broken.h5")[0], tmp_path, pred_cfg())
     with h5py.File(tmp_path / "nokey.h5", "w") as f:
         f["volume"] = np.zeros((8, 8, 8))
-    with pytest.raises(ValueError, match=r"nokey\.h5: no key 'image' \(keys: \['volume'\]\)"):
+    with pytest.raises(ValueError, match=r"nokey\.h5 \(case 'nokey'\): missing key 'image' \(keys: \['volume'\]\)"):
         predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "nokey.h5")[0], tmp_path, pred_cfg())
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"notes\.txt: unsupported file type"):
@@ -126,14 +127,14 @@ def test_unreadable_and_malformed_inputs_name_the_file(tmp_path):
     image[2, 3, 4] = np.nan
     with h5py.File(tmp_path / "nan.h5", "w") as f:
         f["image"] = image
-    with pytest.raises(ValueError, match=r"nan\.h5: image has 1 NaN/Inf value"):
+    with pytest.raises(ValueError, match=r"nan\.h5 \(case 'nan'\): image has 1 NaN/Inf value"):
         predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "nan.h5")[0], tmp_path, pred_cfg())
 
 
 def test_unreadable_nifti_and_channel_gaps(tmp_path):
     pytest.importorskip("nibabel")
     (tmp_path / "bad_0000.nii.gz").write_bytes(b"\x1f\x8b garbage")
-    with pytest.raises(ValueError, match=r"cannot read NIfTI file .*bad_0000\.nii\.gz"):
+    with pytest.raises(ValueError, match=r"bad_0000\.nii\.gz \(case 'bad'\): cannot read as NIfTI"):
         predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "bad_0000.nii.gz")[0], tmp_path, pred_cfg())
     write_nifti(tmp_path / "gap_0000.nii.gz", blob_image((8, 8, 8)), np.eye(4))
     write_nifti(tmp_path / "gap_0002.nii.gz", blob_image((8, 8, 8)), np.eye(4))
@@ -204,7 +205,7 @@ def test_evaluate_cli_errors(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*nowhere/best\.pt"):
         evaluate.main(["--run", str(tmp_path / "nowhere"), "--device", "cpu"])
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"cannot load checkpoint .*junk\.pt"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*junk\.pt"):
         evaluate.main(["--checkpoint", str(tmp_path / "junk.pt"), "--device", "cpu"])
     torch.save({"student": {}}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match=r"lacks key\(s\) \['config'\]"):
@@ -228,3 +229,19 @@ def test_predict_cli_on_h5_and_nifti(run_dir, brats_root, tmp_path):
                             "--device", "cpu"])
     with h5py.File(written[0], "r") as f:
         assert f["prediction"].shape == (18, 20, 17)   # the stored shape, although BraTS runs transposed
+
+
+def test_nifti2_input_gives_nifti2_output_and_4d_input_is_refused(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    image = blob_image((9, 8, 7), 4)
+    nib.save(nib.Nifti2Image(image, AFFINE), str(tmp_path / "n2.nii"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    written = nib.load(str(predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "n2.nii")[0],
+                                                out_dir, pred_cfg())))
+    assert isinstance(written, nib.Nifti2Image)
+    np.testing.assert_allclose(written.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), image > 0.5)
+    nib.save(nib.Nifti1Image(np.stack([image, image], -1), AFFINE), str(tmp_path / "four.nii.gz"))
+    with pytest.raises(ValueError, match=r"four\.nii\.gz \(case 'four'\): image must be a 3D volume.*\(9, 8, 7, 2\)"):
+        predict.predict_case(Threshold(), predict.find_inputs(tmp_path / "four.nii.gz")[0], out_dir, pred_cfg())

@@ -81,21 +81,6 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, data_root):
     assert ckpt["config"]["data"]["layout"] == "demo"
 
 
-class NotATensor:
-    pass
-
-
-def test_checkpoint_with_pickled_object_is_refused(tmp_path):
-    torch.save({"student": {}, "extra": NotATensor()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="refusing to load .*evil.pt"):
-        T.load_checkpoint(tmp_path / "evil.pt")
-    (tmp_path / "cut.pt").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(ValueError, match="cut.pt"):
-        T.load_checkpoint(tmp_path / "cut.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        T.load_checkpoint(tmp_path / "missing.pt")
-
-
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root, monkeypatch):
     real, calls = T.compute_losses, []
 
