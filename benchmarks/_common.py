@@ -422,6 +422,14 @@ class Report:
         with open(path, "w") as f:
             f.write("\n".join(self.lines) + "\n")
 
+    def save_all(self, stem: str, rows: Sequence[dict], **plot):
+        """``stem``.csv (the rows), ``stem``.png (``write_plot(**plot)``) and ``stem``.md (this report)."""
+        write_csv(stem + ".csv", rows)
+        write_plot(stem + ".png", rows, **plot)
+        self()
+        self(f"wrote {stem}.csv, {stem}.png, {stem}.md")
+        self.save(stem + ".md")
+
 
 def fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -589,6 +597,7 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
-def error_notes(rows: Sequence[dict], label: Callable[[dict], str]) -> list[str]:
+def results(rows: Sequence[dict], columns: Sequence[str], label: Callable[[dict], str]) -> list[str]:
+    """The table of ``rows``, then one note per failed case (named by ``label(row)``)."""
     notes = [f"- {label(r)}: {r['status']}: {r['error']}" for r in rows if r.get("error")]
-    return (["", "errors:"] + notes) if notes else []
+    return table(rows, columns) + ((["", "errors:"] + notes) if notes else [])

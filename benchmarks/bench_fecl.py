@@ -170,9 +170,7 @@ def main(argv=None):
         out("est_* = ESTIMATE from a pass count (2*D flops and 1 exp per pair per pass; fwd/bwd passes: "
             + ", ".join(f"{pr} k={k}: {'/'.join(map(str, passes(pr, k)))}" for pr in sweep["presets"]
                         for k in sweep["k"]) + "), not a hardware counter")
-    for line in bc.table(rows, columns):
-        out(line)
-    for line in bc.error_notes(rows, lambda r: f"{r['preset']} k={r['k']} D={r['D']} N={r['N']} {r['backend']}"):
+    for line in bc.results(rows, columns, lambda r: f"{r['preset']} k={r['k']} D={r['D']} N={r['N']} {r['backend']}"):
         out(line)
 
     out()
@@ -207,14 +205,10 @@ def main(argv=None):
 
     suffix = "_check" if args.check else "_quick" if args.quick else ""
     stem = os.path.join(args.out, f"fecl_{device.type}_{args.dtype}{suffix}")
-    bc.write_csv(stem + ".csv", rows)
-    bc.write_plot(stem + ".png", rows, x="N", xlabel="N (patches per volume)", series=["backend", "D"],
-                  panels=["preset", "k"], metrics=[("full_ms", "fwd+bwd time (ms)"),
-                                                   ("peak_mib", "extra peak memory (MiB)")],
-                  title=f"FeCL, B={args.batch}, {args.dtype}, {device.type}")
-    out()
-    out(f"wrote {stem}.csv, {stem}.png, {stem}.md")
-    out.save(stem + ".md")
+    out.save_all(stem, rows, x="N", xlabel="N (patches per volume)", series=["backend", "D"],
+                 panels=["preset", "k"], metrics=[("full_ms", "fwd+bwd time (ms)"),
+                                                  ("peak_mib", "extra peak memory (MiB)")],
+                 title=f"FeCL, B={args.batch}, {args.dtype}, {device.type}")
 
 
 if __name__ == "__main__":

@@ -85,9 +85,7 @@ def main(argv=None):
                "speedup", "mem_saving"] + (["pct_bw_bound"] if bandwidth else [])
     out("full_ms = fwd+bwd; speedup = reference full_ms / full_ms; mem_saving = reference peak / peak"
         + ("; pct_bw_bound = copy-bandwidth bound of fwd+bwd (5 tensors streamed) / full_ms" if bandwidth else ""))
-    for line in bc.table(rows, columns):
-        out(line)
-    for line in bc.error_notes(rows, lambda r: f"B={r['B']} {r['S']}^3 {r['backend']}"):
+    for line in bc.results(rows, columns, lambda r: f"B={r['B']} {r['S']}^3 {r['backend']}"):
         out(line)
 
     out()
@@ -117,13 +115,9 @@ def main(argv=None):
             out("Triton: no successful measurement in this run")
 
     stem = os.path.join(args.out, f"uncl_{device.type}_{args.dtype}" + ("_quick" if args.quick else ""))
-    bc.write_csv(stem + ".csv", rows)
-    bc.write_plot(stem + ".png", rows, x="voxels", xlabel="voxels per call (B x S^3)", series=["backend"],
-                  metrics=[("full_ms", "fwd+bwd time (ms)"), ("peak_mib", "extra peak memory (MiB)")],
-                  title=f"UnCL, C={args.channels}, {args.dtype}, {device.type}")
-    out()
-    out(f"wrote {stem}.csv, {stem}.png, {stem}.md")
-    out.save(stem + ".md")
+    out.save_all(stem, rows, x="voxels", xlabel="voxels per call (B x S^3)", series=["backend"],
+                 metrics=[("full_ms", "fwd+bwd time (ms)"), ("peak_mib", "extra peak memory (MiB)")],
+                 title=f"UnCL, C={args.channels}, {args.dtype}, {device.type}")
 
 
 if __name__ == "__main__":
