@@ -163,7 +163,7 @@ def _check_numeric(array: np.ndarray, what: str, where: str) -> None:
         raise DataError(f"{where}: {what} is empty (shape {array.shape})")
 
 
-def check_image(array: np.ndarray, where: str) -> np.ndarray:
+def _check_image(array: np.ndarray, where: str) -> np.ndarray:
     """``array`` as float32 (integer and float64 images are converted), all values finite."""
     _check_numeric(array, "image", where)
     with np.errstate(over="ignore"):   # float64 beyond the float32 range: reported just below
@@ -214,7 +214,7 @@ def _load_h5(case: Case, num_classes: Optional[int] = None) -> Volume:
         image = image[None]
     if image.ndim != 4:
         raise DataError(f"{where}: 'image' must be (X, Y, Z) or (C, X, Y, Z), got shape {stored}")
-    image = check_image(image, where)
+    image = _check_image(image, where)
     if case.transpose:
         image = image.transpose((0,) + tuple(a + 1 for a in case.transpose))
     if label is None:
@@ -291,7 +291,7 @@ def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
                             "channels into <case>_0000.nii.gz, <case>_0001.nii.gz ...)")
         if first is not None and data.shape != images[0].shape:
             raise DataError(f"{where}: channel shape {data.shape} != {images[0].shape} of {case.channel_paths[0]}")
-        images.append(check_image(data, where))
+        images.append(_check_image(data, where))
         if first is None:
             first = img
     label = None
