@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (shared/spec/engineering.md): on a machine with an NVIDIA GPU, build the package
+# The GPU check (docs/engineering.md): on a machine with an NVIDIA GPU, build the package
 # with its CUDA kernels, run the whole test suite on the GPU (no Triton interpreter), run both
 # benchmarks at sizes that finish in a few minutes, and write a dated report:
 #
