@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dycon import cli
 from dycon.checkpoint import load_checkpoint
 from dycon.data import list_cases
 from dycon.inference import segment
@@ -30,6 +31,7 @@ from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
 from dycon.networks import build_model
 
 log = logging.getLogger("dycon.evaluate")
+PROG = "python -m dycon.evaluate"
 
 UNITS = ("voxel", "mm")
 REQUIRED_KEYS = ("patch_size", "stride_xy", "stride_z", "num_classes")
@@ -162,8 +164,18 @@ def format_table(summary: dict) -> str:
     ])
 
 
+REPORT_FILES = ("cases.csv", "summary.json", "summary.txt")
+
+
+def report_dir(run_dir: str | Path, split: str, weights: str) -> Path:
+    """Where a run's report on ``split`` goes: training's test report and ``dycon.evaluate --run``'s
+    default are the same folder and files."""
+    return Path(run_dir) / f"eval_{split}_{weights}"
+
+
 def write_report(rows: list[dict], summary: dict, output_dir: str | Path) -> Path:
-    """Write ``cases.csv``, ``summary.json`` and ``summary.txt`` to ``output_dir``."""
+    """Write ``REPORT_FILES``: ``cases.csv``, ``summary.json`` and ``summary.txt`` to ``output_dir``.
+    The one report writer: training's test report uses it too."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cases.csv", "w", newline="") as f:
@@ -214,13 +226,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder; uses RUN/best.pt (RUN/latest.pt without one)")
     src.add_argument("--checkpoint", help="checkpoint file (.pt)")
-    p.add_argument("--weights", choices=("student", "teacher"), default="student")
+    p.add_argument("--weights", choices=("student", "teacher"), default="student",
+                   help="which network of the checkpoint to use (default: student)")
     p.add_argument("--stride_xy", type=int, help="in-plane stride (default: the run's test config, else 16)")
     p.add_argument("--stride_z", type=int, help="through-plane stride (default: the run's test config, else 4)")
     p.add_argument("--largest-component", dest="largest_component", action=argparse.BooleanOptionalAction,
                    help="keep the largest connected component per class (default: the run's test config, else on)")
     p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: %(default)s)")
 
 
 def run_settings(args: argparse.Namespace, config: dict, keys) -> dict:
@@ -233,8 +246,8 @@ def run_settings(args: argparse.Namespace, config: dict, keys) -> dict:
                 device=args.device, batch_size=args.batch_size)
 
 
-def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dycon.evaluate", description=__doc__.split("\n")[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(PROG, description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--split", default="test", help="data split to evaluate (default: test)")
     p.add_argument("--root_path", help="data root, overriding the one in the checkpoint's config")
@@ -243,11 +256,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--units", choices=UNITS, help="distance units (default: the run's test config, else voxel)")
     p.add_argument("--output", help="report folder (default: RUN/eval_<split>_<weights>, or "
                                     "eval_<checkpoint name>_<split>_<weights> beside the checkpoint)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> dict:
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = resolve_checkpoint(args.run, args.checkpoint)
     model, config = load_model(path, args.weights, args.device)
@@ -259,13 +272,13 @@ def main(argv=None) -> dict:
     eval_cfg = run_settings(args, config, RELEASED_TEST)
     rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg)
     summary.update(checkpoint=str(path), weights=args.weights, split=args.split)
-    default_out = (Path(args.run) / f"eval_{args.split}_{args.weights}" if args.run
+    default_out = (report_dir(args.run, args.split, args.weights) if args.run
                    else path.parent / f"eval_{path.stem}_{args.split}_{args.weights}")
     out = write_report(rows, summary, args.output or default_out)
     print(format_table(summary))
-    print(f"wrote {out / 'cases.csv'}, {out / 'summary.json'}, {out / 'summary.txt'}")
+    print("wrote " + ", ".join(str(out / name) for name in REPORT_FILES))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, PROG)

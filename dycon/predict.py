@@ -23,7 +23,6 @@ Images must be preprocessed (intensity normalisation) the way the training data 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from dataclasses import replace
@@ -32,11 +31,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dycon import cli
 from dycon.data import H5_LAYOUTS, Case, Volume
 from dycon.evaluate import add_model_args, load_model, resolve_checkpoint, run_settings
 from dycon.inference import segment
 
 log = logging.getLogger("dycon.predict")
+PROG = "python -m dycon.predict"
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -153,17 +154,17 @@ def _write_prediction(labels: np.ndarray, case: Case, volume: Volume, output_dir
     return out
 
 
-def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dycon.predict", description=__doc__.split("\n")[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(PROG, description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--input", required=True, help="a .nii/.nii.gz/.h5 file or a folder of them")
     p.add_argument("--output", required=True, help="folder for the predictions")
     p.add_argument("--h5", action="store_true", help="write .h5 (key 'prediction') for .h5 inputs")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> list[Path]:
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cases = find_inputs(args.input)
     model, config = load_model(resolve_checkpoint(args.run, args.checkpoint), args.weights, args.device)
@@ -179,4 +180,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, PROG)

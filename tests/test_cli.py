@@ -1,0 +1,101 @@
+"""Command lines: one flag style, every flag explained, expected errors as one line with status 2."""
+import subprocess
+import sys
+
+import pytest
+
+from dycon import cli, evaluate, predict
+
+COMMANDS = {"evaluate": evaluate, "predict": predict}
+
+
+def parser():
+    p = cli.ArgumentParser("python -m dycon.x", "a test command")
+    p.add_argument("--labeled_bs", type=int, help="labelled volumes per batch")
+    p.add_argument("--kernel-backend", help="which kernels")
+    return p
+
+
+@pytest.mark.parametrize("argv", [["--labeled-bs", "2"], ["--labeled_bs", "2"], ["--labeled_bs=2"],
+                                  ["--labeled-bs=2"]])
+def test_both_spellings_of_a_flag(argv):
+    assert parser().parse_args(argv).labeled_bs == 2
+    assert parser().parse_args(["--kernel_backend", "cpu"]).kernel_backend == "cpu"
+
+
+def test_values_and_words_after_double_dash_are_kept():
+    assert cli.normalize_flags(["--root_path", "/a_b/c_d", "--x_y=v_w", "--", "--k_l"]) == \
+        ["--root-path", "/a_b/c_d", "--x-y=v_w", "--", "--k_l"]
+
+
+def test_abbreviations_and_unknown_flags_are_errors(capsys):
+    for argv in (["--labeled", "2"], ["--label_bs", "2"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser().parse_args(argv)
+        assert exit_.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_flag_without_help_is_refused():
+    with pytest.raises(ValueError, match="--batch needs a help text"):
+        parser().add_argument("--batch", type=int)
+    with pytest.raises(ValueError, match="--run needs a help text"):
+        parser().add_mutually_exclusive_group().add_argument("--run")
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_flag_of_every_command_has_help(name):
+    p = COMMANDS[name].build_parser()
+    assert isinstance(p, cli.ArgumentParser) and not p.allow_abbrev
+    for action in p._actions:
+        assert action.help, f"{name}: {action.option_strings} has no help"
+
+
+def run_command(name, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(COMMANDS[name].main, COMMANDS[name].PROG, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"python -m dycon.{name}: error: "), err
+    return err
+
+
+@pytest.fixture
+def garbage_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
+def test_evaluate_bad_inputs_are_one_line(tmp_path, garbage_checkpoint, capsys):
+    assert "checkpoint not found" in run_command("evaluate", ["--checkpoint", str(tmp_path / "none.pt")], capsys)
+    assert "checkpoint not found" in run_command("evaluate", ["--run", str(tmp_path)], capsys)
+    assert "cannot read checkpoint" in run_command("evaluate", ["--checkpoint", str(garbage_checkpoint)], capsys)
+
+
+def test_predict_bad_inputs_are_one_line(tmp_path, garbage_checkpoint, capsys):
+    out = tmp_path / "out"
+    ckpt = ["--checkpoint", str(garbage_checkpoint), "--output", str(out)]
+    assert "does not exist" in run_command("predict", [*ckpt, "--input", str(tmp_path / "none.nii.gz")], capsys)
+    (tmp_path / "notes.txt").write_text("x")
+    assert "unsupported file type" in run_command("predict", [*ckpt, "--input", str(tmp_path / "notes.txt")], capsys)
+    (tmp_path / "case.h5").write_bytes(b"")
+    assert "cannot read checkpoint" in run_command("predict", [*ckpt, "--input", str(tmp_path / "case.h5")], capsys)
+    assert not out.exists()   # nothing written before the inputs are checked
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, monkeypatch):
+    def broken(argv):
+        raise ValueError("raised outside dycon's own code")   # this file is not the project's code
+    with pytest.raises(ValueError):
+        cli.run(broken, "python -m dycon.x", [])
+    with pytest.raises(FileNotFoundError):
+        cli.run(evaluate.main, evaluate.PROG, ["--checkpoint", str(tmp_path / "none.pt"), "--debug"])
+
+
+@pytest.mark.parametrize("name,flags", [("evaluate", []), ("predict", ["--input", ".", "--output", "o"])])
+def test_python_dash_m_reports_one_line(name, flags, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", f"dycon.{name}", "--checkpoint", "none.pt", *flags],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"python -m dycon.{name}: error: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
