@@ -2,6 +2,10 @@
 
 CUDA is built when torch is a CUDA build and nvcc is found. DYCON_FORCE_CUDA=1 makes a
 missing toolkit an error; DYCON_SKIP_CUDA=1 builds the CPU part only (faster local builds).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default below).
+
+Compiled objects are kept in ``build/`` (not in the temporary folder pip gives each build), so
+a second ``pip install -e .`` with unchanged sources recompiles nothing: ninja compares them.
 """
 import glob
 import os
@@ -12,6 +16,8 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper; +PTX lets newer GPUs JIT-compile the sm_90 code.
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _flag(name):
@@ -46,7 +52,7 @@ def _want_cuda():
         os.environ["CUDA_HOME"] = home
         # torch's cpp_extension reads CUDA_HOME at import (and may have guessed another folder).
         cpp_extension.CUDA_HOME = home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     return ok
 
 
@@ -90,6 +96,16 @@ def extensions():
     ]
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with a persistent object folder, one per Python version."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # pip hands every (editable) build a fresh temporary build_temp, so ninja would
+        # recompile everything; in build/ its log and depfiles survive between installs.
+        self.build_temp = os.path.join(ROOT, "build", f"temp-py{sys.version_info[0]}{sys.version_info[1]}")
+
+
 setup(
     name="dycon",
     version="0.1.0",
@@ -97,11 +113,14 @@ setup(
     packages=find_packages(include=["dycon_kernels", "dycon_kernels.*", "dycon", "dycon.*"]),
     package_data={"dycon": ["configs/*.yaml"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "scipy", "h5py", "nibabel", "pyyaml", "tqdm"],
+    # everything the default training, evaluation, prediction and benchmark paths import
+    install_requires=["torch>=2.4", "numpy", "scipy", "h5py", "nibabel", "pyyaml", "tqdm", "tensorboard",
+                      "matplotlib"],
     extras_require={
-        "dev": ["pytest", "hypothesis", "matplotlib", "tensorboard"],
-        "monai": ["monai"],
+        "dev": ["pytest", "hypothesis", "psutil"],
+        "monai": ["monai"],          # --hd monai
+        "sitk": ["SimpleITK"],       # .nrrd / .mha images
     },
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

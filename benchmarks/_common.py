@@ -423,12 +423,18 @@ class Report:
             f.write("\n".join(self.lines) + "\n")
 
     def save_all(self, stem: str, rows: Sequence[dict], **plot):
-        """``stem``.csv (the rows), ``stem``.png (``write_plot(**plot)``) and ``stem``.md (this report)."""
+        """``stem``.csv (the rows) and ``stem``.md (this report), then the optional ``stem``.png
+        (``write_plot(**plot)``): the numbers are on disk before the plot can fail."""
         write_csv(stem + ".csv", rows)
-        write_plot(stem + ".png", rows, **plot)
         self()
-        self(f"wrote {stem}.csv, {stem}.png, {stem}.md")
+        self(f"wrote {stem}.csv, {stem}.md")
         self.save(stem + ".md")
+        try:
+            write_plot(stem + ".png", rows, **plot)
+        except ImportError as exc:
+            print(f"no plot {stem}.png: {exc} (pip install matplotlib); the CSV and .md are written", flush=True)
+            return
+        print(f"wrote {stem}.png", flush=True)
 
 
 def fmt(value, digits: int = 3) -> str:
