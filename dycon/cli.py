@@ -107,3 +107,29 @@ def run(main: Callable[[Sequence[str] | None], object], prog: str, argv: Sequenc
             raise
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """(torch CPU threads, a line for the log saying why).
+
+    ``requested`` (``--threads``) wins, then ``OMP_NUM_THREADS``; else the cores this process may
+    use minus the machine's load (1-minute average), at least 1: on a busy machine more threads
+    than idle cores make every step wait for the slowest one (seen: 5-24 s per demo step with 2
+    threads against 1.2 s with 1, on 2 cores shared with another job). The count changes the
+    floating-point summation order, hence the trained weights: it is recorded in the config.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--threads must be at least 1, got {requested}")
+        return requested, f"torch threads: {requested} (--threads / train.threads)"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        n = int(os.environ["OMP_NUM_THREADS"])
+        return n, f"torch threads: {n} (OMP_NUM_THREADS)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    n = max(1, min(cores, int(cores - load + 0.5)))
+    why = f"{cores} cores, load {load:.1f}"
+    if n < cores:
+        return n, (f"torch threads: {n} of {cores} ({why}: the machine is busy; fewer threads than cores "
+                   "avoids oversubscription; --threads N sets it)")
+    return n, f"torch threads: {n} ({why})"

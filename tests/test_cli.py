@@ -99,3 +99,20 @@ def test_python_dash_m_reports_one_line(name, flags, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith(f"python -m dycon.{name}: error: "), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("load,expected", [(0.2, 4), (1.0, 3), (2.6, 1), (9.0, 1)])
+def test_threads_follow_the_idle_cores(monkeypatch, load, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    n, note = cli.choose_threads()
+    assert n == expected and (("busy" in note) == (expected < 4)), note
+
+
+def test_threads_flag_then_environment(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.choose_threads(2)[0] == 2
+    assert cli.choose_threads()[0] == 3
+    with pytest.raises(cli.UsageError, match="at least 1"):
+        cli.choose_threads(0)
