@@ -37,6 +37,9 @@ DEFAULTS = {
         "amp": None,               # None, "bf16" or "fp16" (autocast; fp16 adds loss scaling)
         "compile": False,          # True (inductor) or a torch.compile backend name
         "deterministic": False,    # deterministic algorithms: bitwise-repeatable runs
+        # torch CPU threads; None: torch's setting (python -m dycon.train picks the idle cores and
+        # records the count here). The count changes float summation order, hence the results.
+        "threads": None,
     },
     "loss": {
         "beta_max": 5.0, "beta_min": 0.5, "s_beta": None, "temp": 0.6, "gamma": 2.0,
@@ -64,6 +67,7 @@ FLAG_KEYS = {
     "feature_scaler": ("model", "feature_scaler"), "base_filters": ("model", "base_filters"),
     "val_every": ("val", "every"), "amp": ("train", "amp"), "compile": ("train", "compile"),
     "deterministic": ("train", "deterministic"), "checkpoint_every": ("train", "checkpoint_every"),
+    "threads": ("train", "threads"),
 }
 
 
@@ -185,13 +189,19 @@ def apply_flags(cfg: dict, args) -> None:
     apply_overrides(cfg, dict(parse_override(text) for text in getattr(args, "set", None) or []))
 
 
-def prepare_demo_data(cfg: dict) -> None:
-    """Demo layout: default the root ($DYCON_DATA or data/demo) and generate the data on first use."""
+def prepare_demo_data(cfg: dict, generate: bool = False) -> None:
+    """Demo layout: default the root ($DYCON_DATA or data/demo) and generate the data there on
+    first use. Into a root the user named, only when ``generate`` (``--generate-demo``): a
+    mistyped ``--root_path`` is an error, not a new 24 MB data set."""
     if cfg["data"]["layout"] != "demo":
         return
     from dycon.demo import default_root, ensure_demo_data   # h5py and scipy: only when needed
 
-    if cfg["data"]["root"] is None:
+    named = cfg["data"]["root"] is not None
+    if not named:
         cfg["data"]["root"] = str(default_root())
     if not (Path(cfg["data"]["root"]) / "demo_version.txt").exists():
+        if named and not generate:
+            raise FileNotFoundError(f"data root {cfg['data']['root']} holds no demo data (data.root / --root_path); "
+                                    "add --generate-demo to generate the demo data set there")
         ensure_demo_data(cfg["data"]["root"])

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -188,6 +187,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, ctx)
     set_determinism(t["deterministic"])
+    if t["threads"]:
+        torch.set_num_threads(t["threads"])
+    log.info("torch threads: %d%s", torch.get_num_threads(), "" if t["threads"] else " (torch's setting)")
     torch.manual_seed(t["seed"])   # the initial weights; the same on every process
 
     train_cases = list_cases(cfg["data"], "train")
@@ -308,8 +310,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
 
 
 def test_run(cfg: dict, run_dir: Path) -> dict:
-    """Evaluate the run's best checkpoint (the latest without validation) on the test list."""
-    from dycon.evaluate import evaluate_cases, format_table
+    """Evaluate the run's best checkpoint (the latest without validation) on the test list; the
+    report is the one ``python -m dycon.evaluate --run RUN_DIR`` writes (same folder and files)."""
+    from dycon.evaluate import evaluate_cases, format_table, report_dir, write_report
 
     name = "best.pt" if (run_dir / "best.pt").exists() else "latest.pt"
     device = pick_device(cfg["train"]["device"])
@@ -317,11 +320,7 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
     eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"]}
     rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg)
-    with open(run_dir / "test_cases.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(run_dir / "test_summary.yaml", "w") as f:
-        yaml.safe_dump(summary, f, sort_keys=False)
-    log.info("test set, student weights of %s:\n%s", name, format_table(summary))
+    summary.update(checkpoint=str(run_dir / name), weights="student", split="test")
+    out = write_report(rows, summary, report_dir(run_dir, "test", "student"))
+    log.info("test set (report in %s):\n%s", out, format_table(summary))
     return summary

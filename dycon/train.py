@@ -19,7 +19,9 @@ each is one objective in dycon/objectives.py. FeCL presets: ``dycon`` (default, 
 leakage) and ``official`` (the released code).
 
 This module is the command line only: torch and the training modules are imported after the
-arguments are parsed, so ``--help`` is fast.
+arguments are parsed, so ``--help`` is fast. Flags take ``-`` or ``_`` (``--labeled-bs``,
+``--labeled_bs``); a bad flag, config or data root is one error line (exit status 2), and the run
+directory is made only once the config and the data lists have been checked.
 """
 from __future__ import annotations
 
@@ -30,30 +32,52 @@ from pathlib import Path
 
 import yaml
 
+from dycon import cli
 from dycon.config import DEFAULTS, METHODS, PRESETS, apply_flags, check_config, load_config, merge_config, \
     prepare_demo_data
 
+PROG = "python -m dycon.train"
+# flag -> (type, help) of the SSL4MIS-style numeric flags (config key: config.FLAG_KEYS)
+NUMBER_FLAGS = {
+    "labeled_bs": (int, "labelled volumes per batch (train.labeled_bs)"),
+    "batch_size": (int, "volumes per batch, labelled + unlabelled (train.batch_size)"),
+    "max_iterations": (int, "optimiser steps (train.max_iterations)"),
+    "seed": (int, "random seed of weights, sampling, crops, noise and dropout (train.seed)"),
+    "feature_scaler": (int, "upsampling of the bottleneck features for FeCL (model.feature_scaler)"),
+    "base_filters": (int, "filters of the network's first stage (model.base_filters)"),
+    "val_every": (int, "validate every N steps, 0 = never (val.every)"),
+    "num_workers": (int, "data loader worker processes (train.num_workers)"),
+    "checkpoint_every": (int, "write latest.pt every N steps, 0 = only at validations and the end"),
+    "threads": (int, "torch CPU threads (default: OMP_NUM_THREADS, else the idle cores; recorded in "
+                     "config.yaml, kept on --resume)"),
+    "base_lr": (float, "learning rate (train.base_lr)"),
+    "ema_decay": (float, "teacher EMA decay (train.ema_decay)"),
+    "temp": (float, "FeCL temperature (loss.temp)"),
+    "gamma": (float, "FeCL focal exponents, positive and negative (loss.gamma)"),
+    "beta_min": (float, "UnCL beta at the end of training (loss.beta_min)"),
+    "beta_max": (float, "UnCL beta at the start of training (loss.beta_max)"),
+    "s_beta": (float, "fixed UnCL beta instead of the schedule (loss.s_beta)"),
+}
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dycon.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="demo", help="YAML file or name in dycon/configs (default: demo)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
     p.add_argument("--output", metavar="RUN_DIR", help="run directory (default runs/<config>-<method>-<time>)")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the test-set evaluation")
-    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--method", choices=METHODS, help="training method (default: the config's, else dycon)")
     p.add_argument("--preset", choices=PRESETS, help="FeCL patch labels and loss settings (default dycon)")
-    p.add_argument("--root_path", help="data root")
+    p.add_argument("--root_path", help="data root (must exist; the demo generates into it only with --generate-demo)")
+    p.add_argument("--generate-demo", action="store_true",
+                   help="demo config: generate the synthetic data set into --root_path when it is not there")
     p.add_argument("--labelnum", help="labelled cases: a count or a share such as 10%%")
-    for flag in ("labeled_bs", "batch_size", "max_iterations", "seed", "feature_scaler", "base_filters",
-                 "val_every", "num_workers", "checkpoint_every"):
-        p.add_argument(f"--{flag}", type=int)
-    for flag in ("base_lr", "ema_decay", "temp", "gamma", "beta_min", "beta_max", "s_beta"):
-        p.add_argument(f"--{flag}", type=float)
-    p.add_argument("--lr_schedule", choices=("constant", "poly"))
-    p.add_argument("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"))
-    p.add_argument("--kernel-backend", dest="kernel_backend",
-                   choices=("auto", "triton", "cuda", "cpu", "reference"))
+    for flag, (kind, text) in NUMBER_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, help=text)
+    p.add_argument("--lr_schedule", choices=("constant", "poly"), help="learning-rate schedule (train.lr_schedule)")
+    p.add_argument("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="training patch (train.patch_size)")
+    p.add_argument("--kernel-backend", dest="kernel_backend", choices=("auto", "triton", "cuda", "cpu", "reference"),
+                   help="UnCL/FeCL kernels (default auto: Triton on GPU, C++ on CPU)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ... (under torchrun: GPU LOCAL_RANK)")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast; fp16 with loss scaling)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
@@ -61,7 +85,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="deterministic algorithms only: two runs give bitwise-identical losses")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="set any config key, e.g. --set loss.temp=0.5 (VALUE read as YAML; repeatable)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_data(cfg: dict, test: bool) -> None:
+    """List the cases of every split the run will read, so that a bad root or list fails here."""
+    from dycon.data import list_cases
+
+    for split in ("train", "val" if cfg["val"]["every"] else None, "test" if test else None):
+        if split and not list_cases(cfg["data"], split):
+            raise cli.UsageError(f"data root {cfg['data']['root']}: the {split} list is empty")
 
 
 def main(argv=None) -> dict:
@@ -75,8 +112,11 @@ def main(argv=None) -> dict:
     else:
         cfg = load_config(args.config)
     apply_flags(cfg, args)
-    prepare_demo_data(cfg)
+    prepare_demo_data(cfg, generate=args.generate_demo)
     check_config(cfg)
+    check_data(cfg, args.test)
+    cfg["train"]["threads"], why = cli.choose_threads(cfg["train"]["threads"])
+    print(why, flush=True)
     is_main = int(os.environ.get("RANK", "0")) == 0   # under torchrun, only rank 0 writes
     if not (args.resume or args.output) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("several processes need the run directory named: give --output RUN_DIR "
@@ -100,4 +140,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, PROG)

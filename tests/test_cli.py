@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from dycon import cli, evaluate, predict
+from dycon import cli, evaluate, predict, train
 
-COMMANDS = {"evaluate": evaluate, "predict": predict}
+COMMANDS = {"evaluate": evaluate, "predict": predict, "train": train}
 
 
 def parser():
@@ -82,6 +82,21 @@ def test_predict_bad_inputs_are_one_line(tmp_path, garbage_checkpoint, capsys):
     (tmp_path / "case.h5").write_bytes(b"")
     assert "cannot read checkpoint" in run_command("predict", [*ckpt, "--input", str(tmp_path / "case.h5")], capsys)
     assert not out.exists()   # nothing written before the inputs are checked
+
+
+def test_train_bad_inputs_are_one_line_and_make_no_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    out = ["--output", str(run)]
+    assert "config 'nosuch' not found" in run_command("train", ["--config", "nosuch", *out], capsys)
+    # a mistyped root is an error for the demo too (no new data set generated there)
+    assert "--generate-demo" in run_command("train", ["--root_path", str(tmp_path / "typo"), *out], capsys)
+    assert "does not exist" in run_command("train", ["--config", "brats19", "--root_path", str(tmp_path / "no"),
+                                                     *out], capsys)
+    assert "labeled_bs" in run_command("train", ["--labeled-bs", "9", "--batch_size", "4", *out], capsys)
+    assert not run.exists() and not (tmp_path / "typo").exists()
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(train.main, train.PROG, ["--max_iter", "3"])
+    assert exit_.value.code == 2
 
 
 def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, monkeypatch):

@@ -108,7 +108,7 @@ def test_cli_runs_tests_and_resumes(tmp_path, data_root):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["labelnum"] == "50%" and saved["train"]["seed"] == 3
     assert 0 <= result["test"]["classes"]["1"]["dice"]["mean"] <= 1
-    assert (run / "test_cases.csv").exists()
+    assert (run / "eval_test_student" / "cases.csv").exists()   # the report dycon.evaluate --run writes
     with pytest.raises(FileExistsError, match="--resume"):
         T.main(["--config", str(cfg_path), "--output", str(run)])
     result = T.main(["--resume", str(run), "--max_iterations", "3", "--no-test"])
