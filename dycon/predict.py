@@ -19,7 +19,13 @@ Inputs (a file, or every such file in a folder):
   geometry), or with ``--h5`` ``<case>.h5`` holding the key ``prediction``; either way the
   array has the input's shape.
 
-Images must be preprocessed (intensity normalisation) the way the training data were.
+A model trained on a NIfTI data set carries its preprocessing plan (``dycon.preprocess``):
+inputs are reoriented, normalised and resampled as in training and the result is mapped back to
+the input's grid. Inputs to a model trained on an h5 layout must be preprocessed the way that
+data set's h5 files were.
+
+Outputs are named after the case id (LA's ``<id>/mri_norm2.h5`` gives ``<id>.nii.gz``); an
+existing output is an error unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import numpy as np
 
 from dycon.data import H5_LAYOUTS, NIFTI_ENDINGS, SITK_ENDINGS, Case, Volume
 from dycon.evaluate import add_model_args, load_model, resolve_checkpoint, run_settings
-from dycon.inference import segment
+from dycon.preprocess import predict_labels
 
 log = logging.getLogger("dycon.predict")
 
@@ -148,9 +154,7 @@ def predict_case(model, case: Case, output_dir: Path, pred_cfg: dict, h5_out: bo
     if volume.image.shape[0] != pred_cfg["in_channels"]:
         raise ValueError(f"case {case.id!r}: {volume.image.shape[0]} channel(s) in "
                          f"{[str(p) for p in case.image_files]}, the model takes {pred_cfg['in_channels']}")
-    labels = segment(model, volume.image, pred_cfg["patch_size"], pred_cfg["stride_xy"], pred_cfg["stride_z"],
-                     pred_cfg["num_classes"], pred_cfg["largest_component"], pred_cfg["device"],
-                     pred_cfg["batch_size"])
+    labels = predict_labels(model, volume, pred_cfg, case.id)   # on the input's grid
     if case.transpose:
         labels = labels.transpose(np.argsort(case.transpose))   # back to the file's axis order
     return _write_prediction(labels, case, volume, out)
