@@ -304,7 +304,8 @@ def wrap(cases: list[Case], data_cfg: dict) -> list:
 
 
 def apply_auto(cfg: dict, plan: Optional[dict]) -> None:
-    """Config values ``auto`` (model.in_channels, model.num_classes, train.patch_size) from the plan."""
+    """Config values ``auto`` from the plan: model.in_channels, model.num_classes, train.patch_size;
+    then val / test stride_xy and stride_z (half the patch, so that windows overlap)."""
     for section, key in (("model", "in_channels"), ("model", "num_classes"), ("train", "patch_size")):
         if cfg[section].get(key) != "auto":
             continue
@@ -313,6 +314,12 @@ def apply_auto(cfg: dict, plan: Optional[dict]) -> None:
             raise ValueError(f"{section}.{key} is 'auto' but the data set does not say it "
                              "(NIfTI data sets with a dataset.json do; set it in the config)")
         cfg[section][key] = value
+    patch = cfg["train"]["patch_size"]
+    halves = {"stride_xy": max(1, min(patch[:2]) // 2), "stride_z": max(1, patch[2] // 2)}
+    for section in ("val", "test"):
+        for key, value in halves.items():
+            if cfg.get(section, {}).get(key) == "auto":
+                cfg[section][key] = value
 
 
 # ------------------------------------------------------------------------------ command line

@@ -9,7 +9,7 @@ import torch
 
 from dycon import predict
 from dycon.data import Volume, list_cases, training_cases
-from dycon.preprocess import (PreprocessedCase, apply_plan, fingerprint, main, make_plan, normalize, predict_labels,
+from dycon.preprocess import (PreprocessedCase, apply_auto, apply_plan, fingerprint, main, make_plan, normalize, predict_labels,
                               prepare, suggest_patch_size, to_input_grid)
 
 nib = pytest.importorskip("nibabel")
@@ -89,6 +89,13 @@ class Oriented(torch.nn.Module):
         return self.conv(x), None
 
 
+class Bright(torch.nn.Module):
+    """A stand-in network: foreground where the normalised image is bright."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), 4 * (x - 0.5)], 1), None
+
+
 def settings(plan, **kw):
     return dict(patch_size=(8, 8, 8), stride_xy=4, stride_z=4, num_classes=2, largest_component=False,
                 device="cpu", batch_size=4, preprocessing=plan, **kw)
@@ -132,10 +139,6 @@ def test_prediction_is_on_the_input_grid_with_its_affine(tmp_path):
     image, affine = las_copy(mri(label, 1), ras_affine((0.8, 0.8, 3.0)))
     save(tmp_path / "in" / "p1_0000.nii.gz", np.round(image / 0.5).astype(np.int16), affine, int16_slope=0.5)
     plan = {"normalization": [{"scheme": "zscore"}], "target_spacing": [1.2, 1.2, 1.5]}
-
-    class Bright(torch.nn.Module):   # foreground where the normalised image is bright
-        def forward(self, x):
-            return torch.cat([torch.zeros_like(x), 4 * (x - 0.5)], 1), None
 
     (case,) = predict.find_inputs(tmp_path / "in")
     out = predict.predict_case(Bright(), case, tmp_path, settings(plan, in_channels=1, h5_transpose=None))
@@ -210,3 +213,28 @@ def test_cache_and_command_line(tmp_path):
     save(tmp_path / "data" / "imagesTr" / "a_0000.nii.gz", mri(label, 5), ras_affine())   # the source changed
     assert not np.array_equal(case.load().image, cached.image)
     assert PreprocessedCase(list_cases(cfg, "unlabelled")[0], plan, folder).load().label is None
+
+
+def test_auto_config_values_come_from_the_plan():
+    plan = {"in_channels": 2, "num_classes": 3, "patch_size": [64, 48, 16]}
+    cfg = {"model": {"in_channels": "auto", "num_classes": 4}, "train": {"patch_size": "auto"},
+           "val": {"stride_xy": "auto", "stride_z": "auto"}, "test": {"stride_xy": 8, "stride_z": "auto"}}
+    apply_auto(cfg, plan)
+    assert cfg["model"] == {"in_channels": 2, "num_classes": 4} and cfg["train"]["patch_size"] == [64, 48, 16]
+    assert cfg["val"] == {"stride_xy": 24, "stride_z": 8} and cfg["test"] == {"stride_xy": 8, "stride_z": 8}
+    with pytest.raises(ValueError, match="model.in_channels is 'auto' but the data set does not say it"):
+        apply_auto({"model": {"in_channels": "auto"}, "train": {"patch_size": [16, 16, 16]}}, None)
+
+
+def test_evaluation_scores_on_the_label_grid(tmp_path):
+    """A LAS case evaluated through the plan: the prediction, back on the stored grid, is scored
+    against the stored label (a perfect stand-in network scores Dice 1)."""
+    from dycon.evaluate import evaluate_cases
+    label = blob()
+    image, affine = las_copy(mri(label, 3), ras_affine())
+    cfg = dataset(tmp_path, {"a": (mri(label, 4), label, ras_affine()), "b": (image, label[::-1].copy(), affine)},
+                  test=("b",))
+    plan = prepare(cfg, list_cases(cfg, "train"))
+
+    rows, summary = evaluate_cases(Bright(), list_cases(cfg, "test"), settings(plan))
+    assert [r["case"] for r in rows] == ["b"] and rows[0]["dice"] == 1.0
