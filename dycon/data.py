@@ -165,7 +165,7 @@ def split_ids(data_cfg: dict) -> dict:
             raise ValueError(f"{root}: a val list exists and data.{'fold' if fold is not None else 'holdout_val'} "
                              "is set too; use one of them")
         pool = ids["train"] if ids["train"] is not None else _all_training_ids(layout, root, ids)
-        ids["train"], ids["val"] = (_fold_split(root, pool, int(fold)) if fold is not None
+        ids["train"], ids["val"] = (_fold_split(layout, root, pool, int(fold)) if fold is not None
                                     else _holdout_split(pool, holdout))
     elif ids["train"] is None and layout == "nifti":
         ids["train"] = _all_training_ids(layout, root, ids)
@@ -212,8 +212,9 @@ def _all_training_ids(layout: str, root: Path, ids: dict) -> list[str]:
     return [i for i in _nifti_folder_ids(root, "train") if i not in held_out]
 
 
-def _fold_split(root: Path, pool: list[str], fold: int, n_folds: int = 5) -> tuple[list[str], list[str]]:
-    """(train, val) ids of cross-validation fold ``fold``."""
+def _fold_split(layout: str, root: Path, pool: list[str], fold: int, n_folds: int = 5) -> tuple[list[str], list[str]]:
+    """(train, val) ids of cross-validation fold ``fold``; the generated folds validate on
+    labelled cases only (images without a label file stay in every fold's training split)."""
     path = root / "splits_final.json"
     if path.is_file():
         folds = _read_json(path)
@@ -221,10 +222,11 @@ def _fold_split(root: Path, pool: list[str], fold: int, n_folds: int = 5) -> tup
             raise ValueError(f"{path}: expected nnU-Net's format, a list of {{'train': [...], 'val': [...]}} per fold")
         source = str(path)
     else:   # a fixed split, so that every run of fold k sees the same cases
-        order = [pool[i] for i in np.random.default_rng(12345).permutation(len(pool))]
-        folds = [{"train": [i for i in order if i not in set(val)], "val": list(val)}
-                 for val in np.array_split(np.array(order, dtype=object), min(n_folds, len(pool)))]
-        source = f"a {len(folds)}-fold split of the {len(pool)} training cases (no {path})"
+        labelled = [i for i in pool if layout != "nifti" or _nifti_label_path(root, i, "train") is not None]
+        order = [labelled[i] for i in np.random.default_rng(12345).permutation(len(labelled))]
+        folds = [{"train": [i for i in pool if i not in set(val)], "val": list(val)}
+                 for val in np.array_split(np.array(order, dtype=object), min(n_folds, len(labelled)))]
+        source = f"a {len(folds)}-fold split of the {len(labelled)} labelled training cases (no {path})"
     if not 0 <= fold < len(folds):
         raise ValueError(f"data.fold={fold} but {source} has folds 0 .. {len(folds) - 1}")
     return [str(i) for i in folds[fold]["train"]], [str(i) for i in folds[fold]["val"]]
@@ -275,13 +277,22 @@ def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
     return list(range(labelnum)), list(range(labelnum, n_train))
 
 
-def training_cases(data_cfg: dict, labelnum: int) -> tuple[list[Case], list[int], list[int]]:
+def resolve_labelnum(labelnum, n_train: int) -> int:
+    """``labelnum`` as a count; a string such as '10%' is a share of the training list."""
+    if isinstance(labelnum, str) and labelnum.endswith("%"):
+        return max(1, round(n_train * float(labelnum[:-1]) / 100))
+    return int(labelnum)
+
+
+def training_cases(data_cfg: dict, labelnum=None) -> tuple[list[Case], list[int], list[int]]:
     """(cases, labelled indices, unlabelled indices) for the trainer: the first ``labelnum``
-    labelled training cases are labelled; the other labelled training cases (their labels left
-    unused) and the unlabelled pool are unlabelled."""
+    (default ``data_cfg['labelnum']``; a count or a share such as '10%') labelled training cases
+    are labelled; the other labelled training cases (their labels left unused) and the
+    unlabelled pool are unlabelled."""
     labelled = list_cases(data_cfg, "train")
     pool = list_cases(data_cfg, UNLABELLED)
-    lab, unl = labelled_split(len(labelled), labelnum)
+    count = resolve_labelnum(data_cfg["labelnum"] if labelnum is None else labelnum, len(labelled))
+    lab, unl = labelled_split(len(labelled), count)
     return labelled + pool, lab, unl + list(range(len(labelled), len(labelled) + len(pool)))
 
 

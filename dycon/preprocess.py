@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from dycon.data import (Case, Volume, channel_names, dataset_meta, label_values, list_cases, split_ids,
-                        training_cases)
+from dycon.data import (Case, Volume, channel_names, dataset_meta, label_values, list_cases, record_splits,
+                        split_ids, training_cases)
 from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
 
 log = logging.getLogger("dycon.preprocess")
@@ -50,6 +50,7 @@ PLAN_VERSION = 1
 FOREGROUND_SAMPLES = 10_000        # per case, as nnU-Net's fingerprint
 PATCH_BUDGET = 112 * 112 * 80      # voxels of a patch chosen to fit: the released LA patch
 PATCH_MAX = 128                    # largest patch side chosen to fit
+PATCH_MIN = 32                     # smallest: the bottleneck keeps 2 voxels a side (instance norm needs > 1)
 NET_STRIDE = 16                    # the networks halve the input four times
 
 
@@ -161,17 +162,17 @@ def _scheme(name: str, stats: dict) -> dict:
 
 
 def suggest_patch_size(median_shape) -> list[int]:
-    """A patch covering the median case (sides multiples of 16, at most 128) within
+    """A patch covering the median case (sides multiples of 16, 32 to 128) within
     ``PATCH_BUDGET`` voxels: the longest side shrinks first."""
-    patch = [min(PATCH_MAX, max(NET_STRIDE, -(-int(s) // NET_STRIDE) * NET_STRIDE)) for s in median_shape]
-    while np.prod(patch) > PATCH_BUDGET and max(patch) > NET_STRIDE:
+    patch = [min(PATCH_MAX, max(PATCH_MIN, -(-int(s) // NET_STRIDE) * NET_STRIDE)) for s in median_shape]
+    while np.prod(patch) > PATCH_BUDGET and max(patch) > PATCH_MIN:
         patch[int(np.argmax(patch))] -= NET_STRIDE
     return patch
 
 
 def plan_key(plan: dict) -> str:
-    """Short hash naming a plan's cache folder."""
-    return hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+    """Short hash naming a plan's cache folder (what is done to the images, not the fingerprint)."""
+    return hashlib.sha1(json.dumps(_without_fingerprint(plan), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- applying a plan
@@ -267,27 +268,56 @@ class PreprocessedCase:
 
 def prepare(data_cfg: dict, labelled: list[Case], run_dir: Optional[Path] = None) -> Optional[dict]:
     """The plan for this data set, made once: from ``data_cfg['preprocessing']`` (a resumed run,
-    a checkpoint's config) or from a fingerprint of the ``labelled`` cases. Writes
-    ``fingerprint.json`` (when made here) and ``preprocessing.json`` to ``run_dir`` and stores the
-    plan in ``data_cfg['preprocessing']``. None for the h5 layouts (preprocessed already)."""
+    a checkpoint's config) or from a fingerprint of the ``labelled`` cases, which the plan keeps
+    under ``fingerprint``. Stores the plan in ``data_cfg['preprocessing']`` and writes it to
+    ``run_dir`` (``write_record``). None for the h5 layouts (preprocessed already)."""
     if data_cfg["layout"] != "nifti":
         return None
-    fp = None
     if data_cfg.get("preprocessing") is None:
         fp = fingerprint(labelled)
-        data_cfg["preprocessing"] = make_plan(fp, dataset_meta(Path(data_cfg["root"])),
-                                              data_cfg.get("target_spacing", "median"))
+        plan = make_plan(fp, dataset_meta(Path(data_cfg["root"])), data_cfg.get("target_spacing", "median"))
+        data_cfg["preprocessing"] = dict(plan, fingerprint=fp)
     if run_dir is not None:
-        write_record(run_dir, data_cfg["preprocessing"], fp)
+        write_record(run_dir, data_cfg["preprocessing"])
     return data_cfg["preprocessing"]
 
 
-def write_record(folder: Path, plan: dict, fp: Optional[dict] = None) -> None:
+def _without_fingerprint(plan: dict) -> dict:
+    return {k: v for k, v in plan.items() if k != "fingerprint"}
+
+
+def write_record(folder: Path, plan: dict) -> None:
+    """``fingerprint.json`` and ``preprocessing.json`` (the plan) in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if fp is not None:
-        (folder / "fingerprint.json").write_text(json.dumps(fp, indent=1) + "\n")
-    (folder / "preprocessing.json").write_text(json.dumps(plan, indent=1) + "\n")
+    if "fingerprint" in plan:
+        (folder / "fingerprint.json").write_text(json.dumps(plan["fingerprint"], indent=1) + "\n")
+    (folder / "preprocessing.json").write_text(json.dumps(_without_fingerprint(plan), indent=1) + "\n")
+
+
+def configure(cfg: dict) -> None:
+    """Before training: for a NIfTI data set, the plan from the labelled training cases (kept in
+    ``cfg['data']['preprocessing']``, so that the run's config.yaml and checkpoints carry it), then
+    the config's ``auto`` values from it."""
+    if cfg["data"]["layout"] == "nifti" and cfg["data"].get("preprocessing") is None:
+        cases, labelled, _ = training_cases(cfg["data"])
+        prepare(cfg["data"], [cases[i] for i in labelled])
+    apply_auto(cfg, cfg["data"].get("preprocessing"))
+
+
+def training_data(cfg: dict, run_dir: Optional[Path]) -> tuple[list, list[int], list[int]]:
+    """The trainer's (cases, labelled indices, unlabelled indices), preprocessed by the plan;
+    the splits (``splits.json``) and the plan are recorded in ``run_dir`` (None: not written)."""
+    cases, labelled, unlabelled = training_cases(cfg["data"])
+    pool = [cases[i].id for i in unlabelled if cases[i].label_path is None and cases[i].layout == "nifti"]
+    if pool and cfg["train"]["preset"] == "official" and cfg["train"]["method"] == "dycon":
+        raise ValueError(f"preset 'official' takes the FeCL patch labels of unlabelled volumes from their ground "
+                         f"truth, which the {len(pool)} images without a label file ({pool[:5]} ...) do not "
+                         "have; use --preset dycon")
+    if run_dir is not None:
+        record_splits(run_dir, cfg["data"], cases, labelled, unlabelled)
+        prepare(cfg["data"], [cases[i] for i in labelled], run_dir)
+    return wrap(cases, cfg["data"]), labelled, unlabelled
 
 
 def cache_dir(data_cfg: dict, plan: dict) -> Path:
@@ -348,15 +378,14 @@ def main(argv=None) -> Path:
     data_cfg = {"layout": "nifti", "root": args.root_path, "fold": args.fold, "cache_dir": args.cache_dir,
                 "target_spacing": _target(args.target_spacing)}
     cases, lab, _ = training_cases(data_cfg, args.labelnum or len(list_cases(data_cfg, "train")))
-    fp = fingerprint([cases[i] for i in lab])
-    data_cfg["preprocessing"] = plan = make_plan(fp, dataset_meta(Path(args.root_path)), data_cfg["target_spacing"])
+    plan = prepare(data_cfg, [cases[i] for i in lab])
     folder = cache_dir(data_cfg, plan)
-    write_record(args.output or folder, plan, fp)
+    write_record(args.output or folder, plan)
     val = list_cases(data_cfg, "val") if split_ids(data_cfg)["val"] is not None else []
     for case in wrap(cases + val, data_cfg):
         case.load()
         log.info("%s -> %s", case.id, case.cache)
-    log.info("plan %s: %s", folder.name, json.dumps(data_cfg["preprocessing"]))
+    log.info("plan %s: %s", folder.name, json.dumps(_without_fingerprint(plan)))
     return folder
 
 

@@ -153,9 +153,10 @@ def test_folds_from_splits_final_and_generated(tmp_path):
     cfg = nnunet_folder(tmp_path, labelled=tuple("abcdefg"))
     generated = [split_ids({**cfg, "fold": k}) for k in range(5)]
     vals = [g["val"] for g in generated]
-    assert sorted(sum(vals, [])) == list("abcdefg") + ["u1"]    # every training case validated once
+    assert sorted(sum(vals, [])) == list("abcdefg")    # every labelled training case validated once
     for g in generated:
         assert not set(g["train"]) & set(g["val"]) and "t1" not in g["train"] + g["val"]
+        assert g["unlabelled"] == ["u1"]                  # the image without a label always trains
     assert split_ids({**cfg, "fold": 2}) == generated[2]      # the same split every time
     folds = [{"train": ["a", "b", "c"], "val": ["d", "e"]}, {"train": ["d", "e", "f", "u1"], "val": ["a"]}]
     (tmp_path / "splits_final.json").write_text(json.dumps(folds))

@@ -165,7 +165,9 @@ def test_normalisation_statistics_come_from_labelled_training_cases_only(tmp_pat
                                [np.percentile(foreground, 0.5), np.percentile(foreground, 99.5),
                                 foreground.mean(), foreground.std()], rtol=1e-6)
     saved = json.loads((tmp_path / "fingerprint.json").read_text())
-    assert saved["cases"] == ["a"] and json.loads((tmp_path / "preprocessing.json").read_text()) == plan
+    assert saved["cases"] == ["a"] and saved == plan["fingerprint"]
+    assert json.loads((tmp_path / "preprocessing.json").read_text()) == {k: v for k, v in plan.items()
+                                                                         if k != "fingerprint"}
     # CT: clipped to the percentiles, then standardised
     out = normalize(np.array([[[[-5000.0, scheme["mean"], 1e6]]]]), plan["normalization"])
     np.testing.assert_allclose(out.ravel(), [(scheme["lower"] - scheme["mean"]) / scheme["std"], 0,
@@ -195,7 +197,7 @@ def test_fingerprint_plan_and_patch_size(tmp_path):
     plan = make_plan(fp, json.loads((tmp_path / "dataset.json").read_text()))
     assert (plan["in_channels"], plan["num_classes"], plan["normalization"]) == (1, 2, [{"scheme": "zscore"}])
     assert suggest_patch_size([300, 300, 90]) == [96, 96, 96]   # 128, 128, 96 shrunk to the voxel budget
-    assert suggest_patch_size([20, 40, 7]) == [32, 48, 16]
+    assert suggest_patch_size([20, 40, 7]) == [32, 48, 32]
     image, label_pp, _ = apply_plan(list_cases(cfg, "train")[1].load(), plan)
     assert image.shape == (1, 12, 10, 11) and label_pp.shape == (12, 10, 11)   # z: 8 slices of 4 mm -> 3 mm
 
