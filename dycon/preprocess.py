@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -257,7 +258,8 @@ class PreprocessedCase:
         image, label, _ = apply_plan(self.case.load(num_classes), self.plan, self.id)
         if self.cache is not None:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache.with_suffix(".tmp.npz")   # written whole, then renamed: never half a file
+            # written whole, then renamed: never half a file, also with several processes at it
+            tmp = self.cache.with_name(f"{self.id}.{os.getpid()}.tmp.npz")
             np.savez(tmp, image=image, label=label if label is not None else np.zeros(0, np.uint8),
                      labelled=label is not None, signature=signature)
             tmp.replace(self.cache)
