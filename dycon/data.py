@@ -681,7 +681,8 @@ class PatchDataset(Dataset):
             image, label = rot_flip(image, label, rng)
         label = torch.from_numpy(np.ascontiguousarray(label)).long()
         # -1: no label; the losses read labels of the labelled slots only
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": label.fill_(-1) if unlabelled else label}
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
+                "label": label.fill_(-1) if unlabelled else label}
 
 
 class TwoStreamBatchSampler(Sampler):

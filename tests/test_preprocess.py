@@ -9,8 +9,8 @@ import torch
 
 from dycon import predict
 from dycon.data import Volume, list_cases, training_cases
-from dycon.preprocess import (PreprocessedCase, apply_auto, apply_plan, fingerprint, main, make_plan, normalize, predict_labels,
-                              prepare, suggest_patch_size, to_input_grid)
+from dycon.preprocess import (PreprocessedCase, apply_auto, apply_plan, fingerprint, main, make_plan, normalize,
+                              predict_labels, prepare, suggest_patch_size, to_input_grid)
 
 nib = pytest.importorskip("nibabel")
 
@@ -207,7 +207,8 @@ def test_cache_and_command_line(tmp_path):
     cfg = dataset(tmp_path / "data", {k: (mri(label, i), label if k != "u" else None, ras_affine())
                                       for i, k in enumerate("abu")})
     folder = main(["--root_path", cfg["root"], "--labelnum", "1"])
-    assert sorted(p.name for p in folder.iterdir()) == ["a.npz", "b.npz", "fingerprint.json", "preprocessing.json", "u.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.npz", "b.npz", "fingerprint.json", "preprocessing.json",
+                                                        "u.npz"]
     plan = json.loads((folder / "preprocessing.json").read_text())
     case = PreprocessedCase(list_cases(cfg, "train")[0], plan, folder)
     cached = case.load()
