@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dycon.config import resolve_labelnum
+
 SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -275,13 +277,6 @@ def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
     if not 1 <= labelnum <= n_train:
         raise ValueError(f"labelnum must be between 1 and the {n_train} training cases, got {labelnum}")
     return list(range(labelnum)), list(range(labelnum, n_train))
-
-
-def resolve_labelnum(labelnum, n_train: int) -> int:
-    """``labelnum`` as a count; a string such as '10%' is a share of the training list."""
-    if isinstance(labelnum, str) and labelnum.endswith("%"):
-        return max(1, round(n_train * float(labelnum[:-1]) / 100))
-    return int(labelnum)
 
 
 def training_cases(data_cfg: dict, labelnum=None) -> tuple[list[Case], list[int], list[int]]:
