@@ -57,6 +57,11 @@ def test_train_evaluate_predict_on_a_nifti_folder(tmp_path, monkeypatch):
     assert cfg["train"]["patch_size"] == [32, 32, 32] and cfg["val"]["stride_xy"] == 16
     assert cfg["data"]["preprocessing"]["normalization"] == [{"scheme": "zscore"}]
     assert (run / "test_summary.yaml").is_file()
+    record = [(run / name).read_text() for name in ("fingerprint.json", "preprocessing.json")]
+    # a resumed run keeps its plan: no new fingerprint of changed intensities
+    nib.save(nib.Nifti1Image(_case(0)[0] * 3, np.diag([0.9, 0.9, 2.0, 1])), root / "imagesTr" / "a_0000.nii")
+    train.main(["--resume", str(run), "--max_iterations", "3", "--no-test"])
+    assert [(run / name).read_text() for name in ("fingerprint.json", "preprocessing.json")] == record
 
     summary = evaluate.main(["--run", str(run), "--split", "val", "--device", "cpu"])
     assert summary["n_cases"] == 1
