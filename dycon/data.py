@@ -60,9 +60,10 @@ H5_LAYOUTS = {
     "pancreas": ("{split}.list", "Pancreas_data/{id}.h5", "label", None),
     "isles": ("{split}.list", "{id}.h5", "mask", None),
 }
-# layouts released with the files one folder down and the lists at the top (UA-MT's LA:
-# <root>/LA_data/<id>/mri_norm2.h5, <root>/train.list); data.root may name either level
-H5_SUBFOLDERS = {"la": "LA_data"}
+# layouts released with the files one folder down and the lists at the top (LA: DyCON's
+# <root>/LA_data/<id>/mri_norm2.h5 or UA-MT's "2018LA_Seg_Training Set", lists in <root>);
+# data.root may name either level
+H5_SUBFOLDERS = {"la": ("LA_data", "2018LA_Seg_Training Set")}
 LAYOUTS = tuple(H5_LAYOUTS) + ("nifti",)
 
 
@@ -198,12 +199,12 @@ def _h5_dirs(layout: str, root: Path) -> tuple[Path, Path]:
     """(folder of the split lists, folder the file pattern starts from). A layout released with a
     data subfolder (LA: ``<root>/LA_data/<id>/mri_norm2.h5``, lists in ``<root>``) is found with
     ``root`` at either level."""
-    sub = H5_SUBFOLDERS.get(layout)
-    if sub is None:
+    if layout not in H5_SUBFOLDERS:
         return root, root
+    subs = [root / sub for sub in H5_SUBFOLDERS[layout] if (root / sub).is_dir()]
     has_lists = lambda d: any((d / H5_LAYOUTS[layout][0].format(split=s)).is_file() for s in SPLITS)  # noqa: E731
     list_dir = root if has_lists(root) or not has_lists(root.parent) else root.parent
-    return list_dir, root / sub if (root / sub).is_dir() else root
+    return list_dir, subs[0] if subs else root
 
 
 def _all_training_ids(layout: str, root: Path, ids: dict) -> list[str]:

@@ -183,6 +183,11 @@ def test_released_la_layout_from_either_level_and_predictions_named_by_case(tmp_
         assert ids(cases) == ["la_01", "la_02"]
         assert cases[1].path == tmp_path / "LA_data" / "la_02" / "mri_norm2.h5"
         assert cases[1].load().image.shape == (1, 12, 12, 8)
+    uamt = tmp_path / "uamt"   # UA-MT: <data>/2018LA_Seg_Training Set/<id>/mri_norm2.h5, <data>/train.list
+    _write_la(uamt / "2018LA_Seg_Training Set" / "la_01" / "mri_norm2.h5", 1)
+    (uamt / "train.list").write_text("la_01\n")
+    for root in (uamt, uamt / "2018LA_Seg_Training Set"):
+        assert list_cases({"layout": "la", "root": str(root)}, "train")[0].load().label.shape == (12, 12, 8)
 
     from test_predict import Threshold, pred_cfg   # the stand-in network of the predict tests
     found = predict.find_inputs(tmp_path / "LA_data")
