@@ -1,6 +1,6 @@
 """Preprocessing of NIfTI data sets as nnU-Net does it, recorded in the run and inverted for output.
 
-    python -m dycon.preprocess --root_path DATA [--fold K] [--labelnum N] [--target_spacing median|off|X Y Z]
+    python -m dycon.preprocess --root_path DATA [--fold K] [--labelnum N|P%] [--target_spacing median|off|X Y Z]
 
 A *fingerprint* is computed once from the labelled training cases (those trained with labels):
 their spacings and shapes (in RAS axis order) and, per channel, statistics of the intensities
@@ -360,7 +360,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dycon.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--root_path", required=True, help="NIfTI data set folder (nnU-Net or MSD)")
     p.add_argument("--fold", type=int, help="cross-validation fold (splits_final.json or a fixed 5-fold split)")
-    p.add_argument("--labelnum", type=int, help="labelled training cases (default: all with a label file)")
+    p.add_argument("--labelnum", default="100%",
+                   help="labelled cases, a count or a share such as 20%% (default: all with a label file); "
+                        "the training run's --labelnum and --fold give its plan, so that it finds this cache")
     p.add_argument("--target_spacing", nargs="+", default=["median"], help="'median', 'off' or three spacings")
     p.add_argument("--cache_dir", help="default: ROOT/dycon_preprocessed")
     p.add_argument("--output", help="folder for fingerprint.json and preprocessing.json (default: the cache)")
@@ -378,8 +380,8 @@ def main(argv=None) -> Path:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data_cfg = {"layout": "nifti", "root": args.root_path, "fold": args.fold, "cache_dir": args.cache_dir,
-                "target_spacing": _target(args.target_spacing)}
-    cases, lab, _ = training_cases(data_cfg, args.labelnum or len(list_cases(data_cfg, "train")))
+                "target_spacing": _target(args.target_spacing), "labelnum": args.labelnum}
+    cases, lab, _ = training_cases(data_cfg)
     plan = prepare(data_cfg, [cases[i] for i in lab])
     folder = cache_dir(data_cfg, plan)
     write_record(args.output or folder, plan)
