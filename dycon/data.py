@@ -6,17 +6,17 @@
 Axis convention: volumes are ``(X, Y, Z)`` with the through-plane axis last, as in the released
 code (patch 112x112x80, ``stride_z`` on the last axis). The BraTS h5 files are stored the other
 way round and are transposed (2, 1, 0) on load, as the released training pipeline does; NIfTI
-arrays are kept in nibabel's (i, j, k) order so the affine applies unchanged.
+arrays are kept in nibabel's (i, j, k) order so the affine applies unchanged (``dycon.preprocess``
+reorients them to RAS for the network and maps results back).
 
 Layouts (``data_cfg["layout"]``):
 
 | layout | image files | split lists |
 |---|---|---|
 | brats, demo | ``<root>/data/<id>.h5`` (image, label) | ``<root>/{train,val,test}.txt`` |
-| la | ``<root>/<id>/mri_norm2.h5`` (image, label) | ``<root>/{train,val,test}.list`` |
+| la | ``<root>/LA_data/<id>/mri_norm2.h5`` (DyCON; UA-MT: ``2018LA_Seg_Training Set/``), or ``<root>/<id>/mri_norm2.h5`` | ``<root>/{train,val,test}.list``; root may name the data folder |
 | pancreas | ``<root>/Pancreas_data/<id>.h5`` (image, label) | ``<root>/{train,val,test}.list`` |
 | isles | ``<root>/<id>.h5`` (image, **mask**) | ``<root>/{train,val,test}.list`` |
-| la | also ``<root>/LA_data/<id>/mri_norm2.h5`` (released UA-MT) | ``<root>/{train,test}.list``; root may be ``LA_data/`` |
 | nifti | nnU-Net v2: ``imagesTr/<case>_0000<file_ending>`` (+ _0001 ...), ``labelsTr/<case><file_ending>``, ``imagesTs/``, ``labelsTs/``, ``dataset.json``; MSD: ``dataset.json`` ``training``/``test`` lists of 4-D images | ``<root>/<split>.txt``, ``splits_final.json`` with ``fold``, else imagesTr (train) / imagesTs (test) |
 
 NIfTI training images without a label file, and the images of ``imagesUnlabelled/``, form the
