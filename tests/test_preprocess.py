@@ -241,3 +241,19 @@ def test_evaluation_scores_on_the_label_grid(tmp_path):
 
     rows, summary = evaluate_cases(Bright(), list_cases(cfg, "test"), settings(plan))
     assert [r["case"] for r in rows] == ["b"] and rows[0]["dice"] == 1.0
+
+
+def test_official_preset_refuses_images_without_labels(tmp_path):
+    """The released preset reads the ground truth of the unlabelled volumes: a pool of images
+    without label files cannot give it one."""
+    from dycon.preprocess import training_data
+    label = blob()
+    cfg = dataset(tmp_path, {"a": (mri(label, 0), label, ras_affine()), "u": (mri(label, 1), None, ras_affine())})
+    run = {"data": dict(cfg, labelnum=1), "train": {"preset": "official", "method": "dycon"}}
+    with pytest.raises(ValueError, match=r"preset 'official'.*1 images without a label file \(\['u'\]"):
+        training_data(run, None)
+    run["train"]["preset"] = "dycon"
+    cases, labelled, unlabelled = training_data(run, tmp_path)
+    assert [c.id for c in cases] == ["a", "u"] and (labelled, unlabelled) == ([0], [1])
+    assert json.loads((tmp_path / "splits.json").read_text())["unlabelled"] == ["u"]
+    assert cases[1].load().label is None and cases[1].load().image.shape == (1, *SHAPE)
