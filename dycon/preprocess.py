@@ -16,7 +16,8 @@ prediction do to every image, in this order:
    (voxels outside it are 0). The teacher's input noise (sigma 0.1) is then in units of the
    intensity spread, whatever the scanner's units;
 3. resample to the target spacing (default: the median spacing; cubic for images, nearest for
-   labels, ``scipy.ndimage.zoom``).
+   labels, ``scipy.ndimage.zoom``; on a grid more than 3 times coarser along one axis, that axis
+   is resampled apart with nearest neighbours, as nnU-Net's "separate z").
 
 Predictions are mapped back: class probabilities are resampled (linear) to the RAS grid and
 reoriented to the input's own axis order, so that the label map has the input's shape and
@@ -53,6 +54,7 @@ PATCH_BUDGET = 112 * 112 * 80      # voxels of a patch chosen to fit: the releas
 PATCH_MAX = 128                    # largest patch side chosen to fit
 PATCH_MIN = 32                     # smallest: the bottleneck keeps 2 voxels a side (instance norm needs > 1)
 NET_STRIDE = 16                    # the networks halve the input four times
+ANISOTROPY = 3.0                   # spacing ratio above which nnU-Net resamples the coarse axis apart
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -85,14 +87,21 @@ def ras_spacing(volume: Volume, ornt: np.ndarray) -> list[float]:
     return spacing
 
 
-def _resample(array: np.ndarray, shape, order: int) -> np.ndarray:
-    """Each channel of ``array`` (C, X, Y, Z) resampled to the spatial ``shape``."""
+def _resample(array: np.ndarray, shape, order: int, spacing) -> np.ndarray:
+    """Each channel of ``array`` (C, X, Y, Z) resampled to the spatial ``shape``. On an anisotropic
+    grid (``spacing`` ratio above ``ANISOTROPY``) the coarse axis is resampled on its own with
+    nearest neighbours, as nnU-Net does: interpolating across thick slices invents structure."""
     if tuple(array.shape[1:]) == tuple(shape):
         return array
     factors = [n / o for n, o in zip(shape, array.shape[1:])]
-    out = np.stack([ndimage.zoom(c, factors, order=order, mode="nearest") for c in array])
-    assert out.shape[1:] == tuple(shape), (out.shape, shape)   # zoom rounds shape * factor: exact here
-    return out
+    coarse = int(np.argmax(spacing)) if max(spacing) > ANISOTROPY * min(spacing) else None
+    passes = [(factors, order)] if coarse is None or order == 0 else \
+        [([1.0 if a == coarse else f for a, f in enumerate(factors)], order),
+         ([f if a == coarse else 1.0 for a, f in enumerate(factors)], 0)]
+    for step, step_order in passes:
+        array = np.stack([ndimage.zoom(c, step, order=step_order, mode="nearest") for c in array])
+    assert array.shape[1:] == tuple(shape), (array.shape, shape)   # zoom rounds shape * factor: exact here
+    return array
 
 
 def resampled_shape(shape, spacing, target_spacing) -> list[int]:
@@ -201,17 +210,18 @@ def apply_plan(volume: Volume, plan: dict, case_id: str = "") -> tuple[np.ndarra
     ``to_input_grid`` needs to map a result back."""
     ornt = _orientation(volume, case_id)
     image = normalize(_reorient(volume.image, ornt), plan["normalization"])
-    shape = resampled_shape(image.shape[1:], ras_spacing(volume, ornt), plan["target_spacing"])
+    spacing = ras_spacing(volume, ornt)
+    shape = resampled_shape(image.shape[1:], spacing, plan["target_spacing"])
     label = None
     if volume.label is not None:
-        label = _resample(_reorient(volume.label[None], ornt), shape, order=0)[0]
-    geometry = {"ornt": ornt.tolist(), "ras_shape": list(image.shape[1:])}
-    return _resample(image, shape, order=3).astype(np.float32), label, geometry
+        label = _resample(_reorient(volume.label[None], ornt), shape, 0, spacing)[0]
+    geometry = {"ornt": ornt.tolist(), "ras_shape": list(image.shape[1:]), "ras_spacing": spacing}
+    return _resample(image, shape, 3, spacing).astype(np.float32), label, geometry
 
 
 def to_input_grid(probs: np.ndarray, geometry: dict) -> np.ndarray:
     """Class probabilities (K, ...) on the preprocessed grid, back on the input's grid."""
-    probs = _resample(probs, geometry["ras_shape"], order=1)
+    probs = _resample(probs, geometry["ras_shape"], 1, geometry["ras_spacing"])
     return _undo_orientation(probs, np.asarray(geometry["ornt"]))
 
 

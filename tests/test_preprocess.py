@@ -257,3 +257,18 @@ def test_official_preset_refuses_images_without_labels(tmp_path):
     assert [c.id for c in cases] == ["a", "u"] and (labelled, unlabelled) == ([0], [1])
     assert json.loads((tmp_path / "splits.json").read_text())["unlabelled"] == ["u"]
     assert cases[1].load().label is None and cases[1].load().image.shape == (1, *SHAPE)
+
+
+def test_anisotropic_axis_is_resampled_apart_with_nearest_neighbours():
+    """Slices 4 mm apart, to 2 mm: the thick axis is not interpolated (every new slice is a copy
+    of a stored one), the fine axes are (cubic)."""
+    rng = np.random.default_rng(3)
+    image = rng.random((1, 8, 8, 5)).astype(np.float32) + 1   # non-zero: the whole volume is z-scored
+    plan = {"normalization": [{"scheme": "none"}], "target_spacing": [0.5, 1.0, 2.0]}
+    out, _, geometry = apply_plan(Volume(image, None, ras_affine((1.0, 1.0, 4.0)), (1.0, 1.0, 4.0)), plan)
+    assert out.shape == (1, 16, 8, 10)
+    in_plane = out[0, :, :, ::2]
+    np.testing.assert_array_equal(out[0, :, :, 1::2], in_plane)   # z: each slice doubled
+    assert not np.isin(in_plane[1::2], image).all()                # x: new values between the old ones
+    back = to_input_grid(out, geometry)
+    assert back.shape == image.shape
