@@ -134,7 +134,7 @@ def list_cases(data_cfg: dict, split: str) -> list[Case]:
 def _layout_and_root(data_cfg: dict) -> tuple[str, Path]:
     for key in ("layout", "root"):
         if data_cfg.get(key) is None:
-            raise ValueError(f"data config needs the key {key!r} (got keys {sorted(data_cfg)})")
+            raise ValueError(f"data.{key} is not set (config file, or --{'root_path' if key == 'root' else key})")
     layout, root = data_cfg["layout"], Path(data_cfg["root"])
     if layout not in LAYOUTS:
         raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
