@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dycon import distributed, frameworks
+from dycon import distributed, frameworks, preprocess
 from dycon.checkpoint import load_checkpoint, save_checkpoint
-from dycon.config import check_amp_device, resolve_labelnum
-from dycon.data import PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases
+from dycon.config import check_amp_device
+from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
 from dycon.inference import segment
 from dycon.losses import dice_loss
 from dycon.metrics import dice
@@ -192,9 +192,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     log.info("torch threads: %d%s", torch.get_num_threads(), "" if t["threads"] else " (torch's setting)")
     torch.manual_seed(t["seed"])   # the initial weights; the same on every process
 
-    train_cases = list_cases(cfg["data"], "train")
-    labelnum = resolve_labelnum(cfg["data"]["labelnum"], len(train_cases))
-    labeled, unlabeled = labelled_split(len(train_cases), labelnum)
+    # with the unlabelled pool; splits.json and the preprocessing plan recorded in the run
+    train_cases, labeled, unlabeled = preprocess.training_data(cfg, run_dir if ctx.is_main else None)
+    labelnum = len(labeled)
     supervised = t["method"] == "supervised"
     sampler = TwoStreamBatchSampler(labeled, [] if supervised else unlabeled, t["labeled_bs"],
                                     0 if supervised else t["batch_size"] - t["labeled_bs"], seed=t["seed"])
@@ -202,7 +202,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
                            num_classes=cfg["model"]["num_classes"])
     loader = DataLoader(dataset, batch_sampler=distributed.ShardedBatchSampler(sampler, t["labeled_bs"], ctx),
                         num_workers=t["num_workers"], pin_memory=device.type == "cuda")
-    val_cases = list_cases(cfg["data"], "val") if cfg["val"]["every"] else []
+    val_cases = preprocess.wrap(list_cases(cfg["data"], "val"), cfg["data"]) if cfg["val"]["every"] else []
 
     framework = frameworks.build(cfg, device, ctx)
     optimizer = torch.optim.SGD(framework.parameters(), lr=t["base_lr"], momentum=t["momentum"],
@@ -318,7 +318,8 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     device = pick_device(cfg["train"]["device"])
     model = build_model(cfg["model"]).to(device)
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
-    eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"]}
+    eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
+                "preprocessing": cfg["data"]["preprocessing"]}
     rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg)
     summary.update(checkpoint=str(run_dir / name), weights="student", split="test")
     out = write_report(rows, summary, report_dir(run_dir, "test", "student"))

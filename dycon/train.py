@@ -72,6 +72,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--generate-demo", action="store_true",
                    help="demo config: generate the synthetic data set into --root_path when it is not there")
     p.add_argument("--labelnum", help="labelled cases: a count or a share such as 10%%")
+    p.add_argument("--layout", help="data layout: brats, la, pancreas, isles, nifti, demo (default: the config's)")
+    p.add_argument("--fold", type=int, help="validate on cross-validation fold K (splits_final.json)")
     for flag, (kind, text) in NUMBER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=text)
     p.add_argument("--lr_schedule", choices=("constant", "poly"), help="learning-rate schedule (train.lr_schedule)")
@@ -113,6 +115,9 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config)
     apply_flags(cfg, args)
     prepare_demo_data(cfg, generate=args.generate_demo)
+    if cfg["data"]["layout"] == "nifti":   # the preprocessing plan, and the config's 'auto' values from it
+        from dycon.preprocess import configure
+        configure(cfg)
     check_config(cfg)
     check_data(cfg, args.test)
     cfg["train"]["threads"], why = cli.choose_threads(cfg["train"]["threads"])
