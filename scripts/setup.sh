@@ -31,7 +31,7 @@ if [ "$CPU" = 1 ]; then
     step "torch, CPU build"
     python -m pip install -q "${TORCH_SPEC:-torch}" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
     # pip may still take a CUDA build from another index or link folder set in its own config.
-    python -c "import sys, torch; sys.exit(torch.version.cuda and
+    python -W ignore -c "import sys, torch; sys.exit(torch.version.cuda and
         f'--cpu: pip installed torch {torch.__version__}, a CUDA build (an index or link folder of the pip '
         'configuration has it); name a CPU wheel with TORCH_SPEC, e.g. TORCH_SPEC=torch==2.13.0+cpu')"
 else

@@ -56,7 +56,7 @@ def test_train_evaluate_predict_on_a_nifti_folder(tmp_path, monkeypatch):
     assert cfg["model"]["in_channels"] == 1 and cfg["model"]["num_classes"] == 2
     assert cfg["train"]["patch_size"] == [32, 32, 32] and cfg["val"]["stride_xy"] == 16
     assert cfg["data"]["preprocessing"]["normalization"] == [{"scheme": "zscore"}]
-    assert (run / "test_summary.yaml").is_file()
+    assert (run / "eval_test_student" / "summary.json").is_file()
     record = [(run / name).read_text() for name in ("fingerprint.json", "preprocessing.json")]
     # a resumed run keeps its plan: no new fingerprint of changed intensities
     nib.save(nib.Nifti1Image(_case(0)[0] * 3, np.diag([0.9, 0.9, 2.0, 1])), root / "imagesTr" / "a_0000.nii")
