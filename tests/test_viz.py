@@ -1,0 +1,261 @@
+"""Pictures (dycon.viz, dycon.plot): contour pixels where the masks' edges are, PNGs holding the
+panels unchanged, the empty and multi-class cases, snapshots from evaluation, curves."""
+import csv
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from scipy import ndimage
+
+from dycon import evaluate, plot, viz
+from dycon_kernels.reference import uncl_voxel_loss
+
+import torch
+
+SHAPE = (14, 12, 10)
+
+
+def box(start, stop, shape=SHAPE):
+    mask = np.zeros(shape, np.uint8)
+    mask[tuple(slice(a, b) for a, b in zip(start, stop))] = 1
+    return mask
+
+
+def taxicab_distance_to(target, beyond):
+    """Each pixel's number of 4-connected steps to the nearest ``target`` pixel; pixels beyond the
+    array count as targets when ``beyond``."""
+    padded = np.pad(~target, 1, constant_values=not beyond)
+    return ndimage.distance_transform_cdt(padded, metric="taxicab")[1:-1, 1:-1]
+
+
+def expected_edges(mask2d, reps, width, outside):
+    """The contour pixels of a displayed slice (X right, Y up; each voxel a ``reps`` block), derived
+    from distances rather than erosion: outside = background pixels within ``width`` steps of
+    the mask, inside = mask pixels within ``width`` steps of the background."""
+    shown = np.kron(np.flipud(mask2d.T), np.ones(reps, int)).astype(bool)
+    assert shown.any() and not shown.all()
+    if outside:
+        return ~shown & (taxicab_distance_to(shown, beyond=False) <= width)
+    return shown & (taxicab_distance_to(~shown, beyond=True) <= width)
+
+
+def is_colour(rgb, colour):
+    return (rgb == viz.colour_rgb(colour)).all(-1)
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])   # width, height
+
+
+def test_mask_edges_by_hand():
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    inside = mask.copy()
+    inside[3:5, 3:5] = False                       # the 12-pixel ring of the 4x4 square
+    np.testing.assert_array_equal(viz.mask_edges(mask), inside)
+    outside = np.zeros((8, 8), bool)
+    outside[1, 2:6] = outside[6, 2:6] = outside[2:6, 1] = outside[2:6, 6] = True   # no corners (4 steps)
+    np.testing.assert_array_equal(viz.mask_edges(mask, outside=True), outside)
+    touching = np.ones((3, 3), bool)               # beyond the border is background
+    assert viz.mask_edges(touching).sum() == 8
+
+
+def test_lesion_centre_largest_component_then_prediction_then_middle():
+    label = box((1, 1, 1), (3, 3, 3)) | box((6, 2, 2), (12, 10, 5))   # the larger box decides
+    label[8, 3:9, 4] = 0     # cross-sections of x = 8, of y = 3..8 and of z = 4 lose voxels: first maxima win
+    assert viz.lesion_centre(label) == (6, 2, 2)
+    empty = np.zeros(SHAPE, np.uint8)
+    assert viz.lesion_centre(empty, box((4, 5, 6), (5, 6, 7))) == (4, 5, 6)
+    assert viz.lesion_centre(empty, empty) == (7, 6, 5)
+
+
+def test_contour_pixels_exactly_on_the_mask_edges():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=SHAPE).astype(np.float32)
+    gt, pred = box((3, 3, 2), (10, 9, 8)), box((5, 2, 2), (12, 8, 7))
+    gt[6, 9, 2:8] = 1        # x = 6 has the largest cross-section; y = 3 and z = 2 are first of equals
+    rows = viz.case_panels(image, gt, pred)
+    assert len(rows) == 1 and [p.title for p in rows[0]] == ["Z = 2", "Y = 3", "X = 6"]
+    reps = viz.pixel_reps(SHAPE)
+    width = viz.contour_width(reps)
+    assert reps == (17, 17, 17) and width == 2
+    centre = (6, 3, 2)
+    for panel, axis in zip(rows[0], (2, 1, 0)):
+        a, b = (k for k in range(3) if k != axis)
+        cut = tuple(centre[axis] if k == axis else slice(None) for k in range(3))
+        gt_edge = expected_edges(gt[cut].astype(bool), (reps[b], reps[a]), width, outside=True)
+        pred_edge = expected_edges(pred[cut].astype(bool), (reps[b], reps[a]), width, outside=False)
+        assert panel.rgb.shape == (SHAPE[b] * reps[b], SHAPE[a] * reps[a], 3)
+        assert pred_edge.any() and (gt_edge & ~pred_edge).any()
+        np.testing.assert_array_equal(is_colour(panel.rgb, viz.PRED_COLOUR), pred_edge)
+        np.testing.assert_array_equal(is_colour(panel.rgb, viz.GT_COLOUR), gt_edge & ~pred_edge)
+        rest = ~(gt_edge | pred_edge)
+        assert (panel.rgb[rest] == panel.rgb[rest][:, :1]).all()     # grey elsewhere
+        assert panel.extent == (0.0, SHAPE[a], 0.0, SHAPE[b])
+
+
+def check_png_holds_panels(fig, path):
+    """The PNG has the figure's size and every panel's pixels unchanged at its axes' place;
+    returns the panels' pixels as read from the PNG, all in one row (the legend left out)."""
+    viz.save_figure(fig, path)
+    width, height = png_size(path)
+    assert (width, height) == tuple(np.round(fig.get_size_inches() * viz.DPI).astype(int))
+    pixels = np.round(imread(path)[..., :3] * 255).astype(np.uint8)
+    panels = []
+    for ax in fig.axes:
+        panel = ax.images[0].get_array()
+        box_ = ax.get_position()
+        left, top = round(box_.x0 * width), round((1 - box_.y1) * height)
+        panels.append(pixels[top:top + panel.shape[0], left:left + panel.shape[1]])
+        np.testing.assert_array_equal(panels[-1], panel)
+    return np.concatenate([p.reshape(-1, 3) for p in panels])
+
+
+def test_case_figure_png_with_spacing_in_mm(tmp_path):
+    image = np.random.default_rng(1).normal(size=SHAPE)
+    gt, pred = box((3, 3, 2), (10, 9, 8)), box((4, 3, 2), (10, 9, 8))
+    fig = viz.case_figure(image, gt, pred, "c1 — Dice 0.9", spacing=(0.5, 0.5, 2.0))
+    assert [ax.get_xlabel() for ax in fig.axes] == ["X (mm)", "X (mm)", "Y (mm)"]
+    assert tuple(fig.axes[1].images[0].get_extent()) == (0.0, 7.0, 0.0, 20.0)    # X 14 x 0.5, Z 10 x 2 mm
+    assert viz.pixel_reps(SHAPE, (0.5, 0.5, 2.0)) == (6, 6, 24)
+    pixels = check_png_holds_panels(fig, tmp_path / "c1.png")
+    assert is_colour(pixels, viz.GT_COLOUR).any() and is_colour(pixels, viz.PRED_COLOUR).any()
+    assert fig.get_suptitle() == "c1 — Dice 0.9"
+
+
+def test_empty_ground_truth_and_both_empty(tmp_path):
+    image = np.random.default_rng(2).normal(size=SHAPE)
+    empty = np.zeros(SHAPE, np.uint8)
+    fig = viz.case_figure(image, empty, box((4, 4, 4), (8, 8, 8)), "no lesion")
+    pixels = check_png_holds_panels(fig, tmp_path / "empty_gt.png")
+    assert is_colour(pixels, viz.PRED_COLOUR).any() and not is_colour(pixels, viz.GT_COLOUR).any()
+    fig = viz.case_figure(image, empty, empty, "nothing")
+    assert [ax.get_title() for ax in fig.axes] == ["Z = 5", "Y = 6", "X = 7"]
+    pixels = check_png_holds_panels(fig, tmp_path / "both_empty.png")
+    assert not (is_colour(pixels, viz.PRED_COLOUR) | is_colour(pixels, viz.GT_COLOUR)).any()
+
+
+def test_multi_class_one_colour_per_class_with_legend(tmp_path):
+    image = np.random.default_rng(3).normal(size=SHAPE)
+    gt = box((2, 2, 2), (11, 10, 8)) + box((4, 4, 2), (8, 8, 8))        # class 2 inside class 1
+    pred = gt.copy()
+    pred[9:11] = 0
+    rows = viz.case_panels(image, gt, pred, num_classes=3)
+    assert [[p.title for p in row] for row in rows] == [
+        ["ground truth, Z = 2", "ground truth, Y = 2", "ground truth, X = 2"],
+        ["prediction, Z = 2", "prediction, Y = 2", "prediction, X = 2"]]
+    reps = viz.pixel_reps(SHAPE)
+    for row, mask in zip(rows, (gt, pred)):
+        for c in (1, 2):   # the axial panel: inside edges of each class, in its own colour
+            expected = expected_edges(mask[:, :, 2] == c, (reps[1], reps[0]), 2, outside=False)
+            np.testing.assert_array_equal(is_colour(row[0].rgb, viz.class_colour(c)), expected)
+    fig = viz.case_figure(image, gt, pred, "three classes", num_classes=3)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["class 1", "class 2"]
+    check_png_holds_panels(fig, tmp_path / "multi.png")
+
+
+def fake_case(case_id, image, label, spacing=None):
+    volume = SimpleNamespace(image=image[None].astype(np.float32), label=label, spacing=spacing,
+                             path=f"/data/{case_id}.h5")
+    return SimpleNamespace(id=case_id, load=lambda num_classes=None: volume)
+
+
+class Threshold(torch.nn.Module):
+    """Stand-in network: foreground where the image is above 0.5."""
+
+    def forward(self, x):
+        fg = 20 * (x - 0.5)
+        return torch.cat([torch.zeros_like(fg), fg], 1), None
+
+
+def test_snapshots_from_evaluate_cases(tmp_path):
+    # the prediction (image > 0.5) misses i voxel layers of the lesion: Dice falls with i
+    cases = [fake_case(f"c{i}", box((2, 2, 2), (8 - i, 8, 8)), box((2, 2, 2), (8, 8, 8))) for i in range(3)]
+    snapshots = viz.Snapshots(tmp_path / "snaps", count=2, montage_cases=1)
+    cfg = dict(patch_size=(8, 8, 8), stride_xy=4, stride_z=4, num_classes=2, device="cpu", largest_component=False)
+    rows, _ = evaluate.evaluate_cases(Threshold(), cases, cfg, on_case=snapshots)
+    assert [r["dice"] for r in rows] == sorted((r["dice"] for r in rows), reverse=True) and rows[0]["dice"] == 1
+    montage = snapshots.finish()
+    assert [p.name for p in snapshots.written] == ["c0.png", "c1.png", "montage.png"]
+    for path in snapshots.written:
+        assert png_size(path)[0] > 300
+    assert montage == tmp_path / "snaps" / "montage.png"
+
+
+def test_montage_keeps_best_and_worst(tmp_path):
+    snapshots = viz.Snapshots(tmp_path, count=0, montage_cases=2)
+    assert snapshots.finish() is None
+    snapshots = viz.Snapshots(tmp_path, count=1, montage_cases=2)
+    for i, dice in enumerate([0.5, 0.9, 0.1, 0.7, 0.3]):
+        label = box((2, 2, 2), (6, 6, 6))
+        snapshots(SimpleNamespace(id=f"c{i}"), SimpleNamespace(image=label[None] * 1.0, label=label, spacing=None),
+                  label, [{"class": 1, "dice": dice, "hd95": float("nan")}])
+    assert [t.case_id for t in snapshots._tiles] == ["c1", "c3", "c4", "c2"]
+    assert png_size(snapshots.finish())[0] > 300
+
+
+def test_case_title():
+    rows = [{"class": 1, "dice": 0.8123, "hd95": 2.5}, {"class": 2, "dice": 0.0, "hd95": float("nan")}]
+    assert viz.case_title("x", rows[:1], "mm") == "x — Dice 0.812, HD95 2.50 mm"
+    assert viz.case_title("x", rows, "vox") == ("x — class 1: Dice 0.812, HD95 2.50 vox; "
+                                                "class 2: Dice 0.000, HD95 undefined (empty ground truth)")
+
+
+from test_predict import brats_root, run_dir  # noqa: E402,F401  (fixtures: a run folder, two h5 cases)
+
+
+def test_evaluate_cli_snapshots(run_dir, brats_root, tmp_path):  # noqa: F811
+    args = ["--run", str(run_dir), "--root_path", str(brats_root), "--device", "cpu"]
+    evaluate.main(args + ["--snapshots", "1", "--output", str(tmp_path / "one")])
+    assert sorted(p.name for p in (tmp_path / "one" / "snapshots").iterdir()) == ["case0.png", "montage.png"]
+    evaluate.main(args + ["--snapshots", "0", "--output", str(tmp_path / "none")])
+    assert not (tmp_path / "none" / "snapshots").exists()
+
+
+# ---- curves ------------------------------------------------------------------------------------
+
+def write_metrics(run, rows):
+    run.mkdir(parents=True)
+    fields = ["step", "epoch", "lr", "beta", "total", "sup", "mse", "uncl", "fecl", "val_dice", "skipped"]
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+
+
+def training_rows(scale):
+    rows = [{"step": s, "epoch": 0, "lr": 0.01, "beta": 5 - s / 10, "total": scale / s, "sup": 0.5 / s,
+             "uncl": 0.1, "fecl": 0.2 * scale} for s in range(1, 21)]
+    return rows + [{"step": s, "val_dice": 0.1 * s / 5} for s in (10, 20)]
+
+
+def test_read_metrics_skips_empty_cells(tmp_path):
+    write_metrics(tmp_path / "run", training_rows(1.0))
+    metrics = viz.read_metrics(tmp_path / "run" / "metrics.csv")
+    assert set(metrics) == {"epoch", "lr", "beta", "total", "sup", "uncl", "fecl", "val_dice"}   # no mse, skipped
+    steps, values = metrics["val_dice"]
+    np.testing.assert_array_equal(steps, [10, 20])
+    np.testing.assert_allclose(values, [0.2, 0.4])
+    with pytest.raises(FileNotFoundError, match="no metrics file .*nowhere"):
+        viz.read_metrics(tmp_path / "nowhere" / "metrics.csv")
+
+
+def test_curves_png_and_plot_cli(tmp_path):
+    write_metrics(tmp_path / "run_a", training_rows(1.0))
+    write_metrics(tmp_path / "run_b", [r for r in training_rows(2.0) if "beta" in r])   # never validated
+    path = viz.write_curves(tmp_path / "run_a")
+    assert path == tmp_path / "run_a" / "curves.png" and png_size(path) == (1000, 700)
+    fig = viz.curves_figure(viz.read_metrics(path.parent / "metrics.csv"))
+    assert [line.get_label() for line in fig.axes[0].lines] == ["total", "sup", "uncl", "fecl"]
+    assert [ax.get_title() for ax in fig.axes] == ["training losses", "validation Dice", "UnCL beta", "learning rate"]
+
+    out = tmp_path / "compare.png"
+    assert plot.main([str(tmp_path / "run_a"), str(tmp_path / "run_b"), "-o", str(out)]) == [out]
+    assert png_size(out) == (1100, 450)
+    fig = viz.runs_figure([tmp_path / "run_a", tmp_path / "run_b"])
+    assert [line.get_label() for line in fig.axes[0].lines] == ["run_a"]
+    assert [line.get_label() for line in fig.axes[1].lines] == ["run_a", "run_b"]
