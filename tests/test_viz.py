@@ -259,3 +259,59 @@ def test_curves_png_and_plot_cli(tmp_path):
     fig = viz.runs_figure([tmp_path / "run_a", tmp_path / "run_b"])
     assert [line.get_label() for line in fig.axes[0].lines] == ["run_a"]
     assert [line.get_label() for line in fig.axes[1].lines] == ["run_a", "run_b"]
+
+
+# ---- uncertainty images ------------------------------------------------------------------------
+
+def uncl_weight_by_reference(s_logits, t_logits, beta):
+    """UnCL's weight recovered from the reference loss map alone: with p = q the squared term
+    vanishes (l = 2 beta H), and at beta = 0 the weight is 1/2 (l = sum (p - q)^2 / 2)."""
+    def loss(a, b, bt):
+        return uncl_voxel_loss(a, b, bt).double()
+    entropy_term = (loss(s_logits, s_logits, beta) + loss(t_logits, t_logits, beta)) / 2
+    return (loss(s_logits, t_logits, beta) - entropy_term) / (2 * loss(s_logits, t_logits, 0.0))
+
+
+def test_entropy_and_uncl_weight():
+    certain, uniform = np.array([1.0, 0.0]), np.array([0.5, 0.5])
+    np.testing.assert_allclose(viz.entropy(np.stack([certain, uniform], 1)), [0, np.log(2)], atol=1e-5)
+    both = np.stack([certain, uniform], 1)
+    np.testing.assert_allclose(viz.uncl_weight(both, both, 2.0), [0.5, 1 / 8], rtol=1e-5)
+    rng = np.random.default_rng(4)
+    s_logits, t_logits = (torch.from_numpy(rng.normal(size=(1, 3, 5, 4)) * 2) for _ in range(2))
+    for beta in (0.5, 3.0):
+        expected = uncl_weight_by_reference(s_logits, t_logits, beta)[0].numpy()
+        got = viz.uncl_weight(s_logits.softmax(1)[0].numpy(), t_logits.softmax(1)[0].numpy(), beta)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_uncertainty_images_shapes_colours_and_patch_grid():
+    shape = (6, 4)                                  # a slice (a, b): shown 4 rows x 6 columns, x3
+    image = np.arange(24, dtype=float).reshape(shape)
+    label = np.zeros(shape, int)
+    label[2:4, 1:3] = 1
+    student = np.stack([1 - label, label]).astype(float)          # certain, right
+    teacher = np.full((2, *shape), 0.5)                            # unsure everywhere...
+    teacher[:, 0, 0] = (1.0, 0.0)                                  # ...but one pixel
+    patches = np.array([[1, 0], [-1, 0], [0, 0]])                  # a 3 x 2 grid of 2 x 2 voxels
+    out = viz.uncertainty_images(image, label, student, teacher, beta=1.0, loss_map=image,
+                                 patch_labels=patches, reps=(3, 3))
+    assert list(out) == ["image", "prediction", "teacher_entropy", "uncl_weight", "uncl_loss", "fecl_patches"]
+    assert all(v.shape == (12, 18, 3) and v.dtype == np.uint8 for v in out.values())
+    np.testing.assert_array_equal(is_colour(out["image"], viz.GT_COLOUR),
+                                  expected_edges(label.astype(bool), (3, 3), 1, outside=True))
+    np.testing.assert_array_equal(is_colour(out["prediction"], viz.PRED_COLOUR),
+                                  expected_edges(label.astype(bool), (3, 3), 1, outside=False))
+    # entropy 0 .. log 2: the one certain pixel (a = 0, b = 0: bottom left) at the colour map's start
+    low, high = viz.scalar_rgb(np.array([0.0, np.log(2)]), 0, np.log(2))
+    assert (out["teacher_entropy"][-3:, :3] == low).all() and (out["teacher_entropy"][:-3] == high).all()
+    top = viz.scalar_rgb(np.array([0.5]), 0, 0.5)
+    assert (out["uncl_weight"][-3:, :3] == top).all()        # both certain there: weight 1/2, the top
+    # patches (a, b) of 2 x 2 voxels are 6 x 6 pixel blocks; b = 0 is the lower row of blocks
+    grid = out["fecl_patches"]
+    assert (grid[::6] == 0).all() and (grid[:, ::6] == 0).all()                  # lines between patches
+    shown = viz.grey_rgb(np.flipud(image.T).repeat(3, 0).repeat(3, 1), viz.intensity_window(image))
+    tint = grid.astype(int) - shown
+    lesion, background, ignored = tint[7:12, 1:6], tint[1:6, 1:6], tint[7:12, 7:12]
+    assert (ignored == 0).all()
+    assert (lesion[..., 0] > lesion[..., 2] + 40).all() and (background[..., 2] > background[..., 0] + 40).all()
