@@ -26,18 +26,21 @@ from __future__ import annotations
 
 import csv
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
+import dycon_kernels
 from dycon.inference import keep_largest_component
 from dycon_kernels.reference import UNCL_EPS
 
@@ -393,6 +396,71 @@ def uncertainty_images(image: np.ndarray, label: np.ndarray, student_probs: np.n
     if patch_labels is not None:
         out["fecl_patches"] = patch_grid_rgb(orient(patch_labels), grey)
     return out
+
+
+def lesion_window(volume, patch_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """A ``patch_size`` window of a labelled volume centred on ``lesion_centre`` (zero-padded where
+    the volume is smaller): (image ``(C, *patch)``, label ``patch``, the centre inside the window)."""
+    patch = [int(p) for p in patch_size]
+    pads = [(max(p - n, 0) // 2, max(p - n, 0) - max(p - n, 0) // 2) for p, n in zip(patch, volume.label.shape)]
+    image = np.pad(volume.image, [(0, 0), *pads])
+    label = np.pad(volume.label, pads)
+    centre = lesion_centre(label)
+    start = [min(max(c - p // 2, 0), n - p) for c, p, n in zip(centre, patch, label.shape)]
+    window = tuple(slice(s, s + p) for s, p in zip(start, patch))
+    return image[(slice(None), *window)], label[window], tuple(c - s for c, s in zip(centre, start))
+
+
+@contextmanager
+def _eval_mode(*models):
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+@torch.no_grad()
+def validation_images(student, teacher, volume, cfg: dict, beta: Optional[float], device) -> dict[str, np.ndarray]:
+    """``uncertainty_images`` of one labelled case at the current training state.
+
+    The networks (in eval mode, restored afterwards) see one training-size window centred on the
+    case's lesion; the pictures show the axial slice through the lesion's largest cross-section.
+    ``teacher`` None (supervised runs): image and prediction only. ``beta`` (dycon runs): also
+    UnCL's weight and loss maps, and FeCL's patch labels as the method derives them for an
+    unlabelled volume (teacher-derived under the ``dycon`` preset, from the ground truth under
+    ``official``, as the released code does).
+    """
+    image, label, centre = lesion_window(volume, cfg["train"]["patch_size"])
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    models = [m for m in (student, teacher) if m is not None]
+    with _eval_mode(*models):
+        logits = [m(x)[0].float() for m in models]   # the networks return (logits, embeddings)
+    probs = [lg.softmax(1)[0, ..., centre[2]].cpu().numpy() for lg in logits]
+    extra = {}
+    if teacher is not None and beta is not None:
+        loss_map = dycon_kernels.uncl(logits[0], logits[1], beta, reduction="none",
+                                      backend=cfg["train"]["kernel_backend"])
+        extra = dict(beta=beta, loss_map=loss_map[0, ..., centre[2]].cpu().numpy(),
+                     patch_labels=_patch_label_slice(label, logits[1], centre[2], cfg))
+    return uncertainty_images(image[0, ..., centre[2]], label[..., centre[2]], probs[0],
+                              probs[1] if teacher is not None else None, **extra)
+
+
+def _patch_label_slice(label: np.ndarray, teacher_logits: torch.Tensor, z: int, cfg: dict) -> np.ndarray:
+    """FeCL's patch labels of the window treated as an unlabelled volume, the grid slice holding voxel slice ``z``."""
+    from dycon.losses import patch_grid, patch_labels_dycon, patch_labels_official   # training code
+
+    grid = patch_grid(cfg)
+    labels = torch.from_numpy(label.astype(np.int64))[None].to(teacher_logits.device)
+    if cfg["train"]["preset"] == "official":
+        patches = patch_labels_official(labels, grid)
+    else:
+        patches = patch_labels_dycon(labels, teacher_logits.softmax(1), 0, grid, cfg["loss"])
+    return patches.view(*grid).cpu().numpy()[..., z * grid[2] // label.shape[2]]
 
 
 # ------------------------------------------------------------------------------------ curves

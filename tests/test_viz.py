@@ -315,3 +315,15 @@ def test_uncertainty_images_shapes_colours_and_patch_grid():
     lesion, background, ignored = tint[7:12, 1:6], tint[1:6, 1:6], tint[7:12, 7:12]
     assert (ignored == 0).all()
     assert (lesion[..., 0] > lesion[..., 2] + 40).all() and (background[..., 2] > background[..., 0] + 40).all()
+
+
+def test_lesion_window_centres_and_pads():
+    label = np.zeros((40, 20, 36), np.uint8)
+    label[34:37, 9:12, 2:5] = 1                                   # centre (34, 9, 2): first of equal sections
+    volume = SimpleNamespace(image=np.random.default_rng(5).normal(size=(2, 40, 20, 36)), label=label)
+    image, window, centre = viz.lesion_window(volume, (32, 32, 32))
+    assert image.shape == (2, 32, 32, 32) and window.shape == (32, 32, 32)
+    assert centre == (26, 9 + 6, 2)           # x window starts at 8 (the border), Y is padded 6 + 6, z at 0
+    np.testing.assert_array_equal(window[:, 6:26], label[8:40, :, :32])
+    np.testing.assert_array_equal(image[:, :, 6:26], volume.image[:, 8:40, :, :32])
+    assert window.sum() == label.sum() and window[centre] == 1
