@@ -29,7 +29,7 @@ from dycon.data import list_cases
 from dycon.inference import segment
 from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
 from dycon.networks import build_model
-from dycon.viz import Snapshots
+from dycon.viz import DEFAULT_SNAPSHOTS, Snapshots
 
 log = logging.getLogger("dycon.evaluate")
 
@@ -250,9 +250,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--units", choices=UNITS, help="distance units (default: the run's test config, else voxel)")
     p.add_argument("--output", help="report folder (default: RUN/eval_<split>_<weights>, or "
                                     "eval_<checkpoint name>_<split>_<weights> beside the checkpoint)")
-    p.add_argument("--snapshots", type=int, default=5, metavar="N",
+    p.add_argument("--snapshots", type=int, default=DEFAULT_SNAPSHOTS, metavar="N",
                    help="overlay PNGs of the first N cases and a best/worst montage in OUTPUT/snapshots "
-                        "(default 5; 0: none)")
+                        f"(default {DEFAULT_SNAPSHOTS}; 0: none)")
     return p.parse_args(argv)
 
 
