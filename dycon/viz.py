@@ -277,7 +277,8 @@ class Snapshots:
     ``montage.png``, the first slice of the ``montage_cases`` best and worst cases by mean Dice.
 
     Call it once per case (it is ``dycon.evaluate.evaluate_cases``'s ``on_case``), then ``finish()``.
-    Only the pictures of the current best and worst cases are kept in memory.
+    Multi-channel images show their first channel. Only the pictures of the current best and
+    worst cases are kept in memory.
     """
 
     def __init__(self, folder: str | Path, count: int, units: str = "voxel", montage_cases: int = 4):
@@ -315,7 +316,7 @@ class Snapshots:
             for r in range(len(tiles[0].panels) if tiles else 0):
                 rows.append([_tile_panel(t.panels[r], f"{name} {i + 1}: {t.case_id}, Dice {t.dice:.3f}")
                              for i, t in enumerate(tiles)])
-        fig = grid_figure(rows, f"best and worst of the cases by Dice ({self.unit})", legend_handles(self.num_classes))
+        fig = grid_figure(rows, "the best and the worst cases by mean Dice", legend_handles(self.num_classes))
         path = save_figure(fig, self.folder / "montage.png")
         self.written.append(path)
         return path
