@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
-from dycon import train as T  # noqa: E402
+from dycon import config as C, loop  # noqa: E402
+from dycon.data import list_cases  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ["method", "labelled", "iterations", "best_val_dice", "dice", "jaccard", "hd95", "asd", "train_s"]
@@ -29,11 +30,11 @@ COLUMNS = ["method", "labelled", "iterations", "best_val_dice", "dice", "jaccard
 
 def run_method(cfg: dict, method: str, run_dir: Path) -> dict:
     cfg = {**cfg, "train": {**cfg["train"], "method": method}}
-    n_train = len(T.list_cases(cfg["data"], "train"))
-    result = T.train(cfg, run_dir)
-    summary = T.test_run(cfg, run_dir)
+    n_train = len(list_cases(cfg["data"], "train"))
+    result = loop.train(cfg, run_dir)
+    summary = loop.test_run(cfg, run_dir)
     stats = summary["classes"]["1"]
-    return {"method": method, "labelled": f"{T.resolve_labelnum(cfg['data']['labelnum'], n_train)}/{n_train}",
+    return {"method": method, "labelled": f"{C.resolve_labelnum(cfg['data']['labelnum'], n_train)}/{n_train}",
             "iterations": result["step"], "best_val_dice": round(result["best_dice"], 4),
             **{m: round(stats[m]["mean"], 4) for m in ("dice", "jaccard", "hd95", "asd")},
             "train_s": round(result["seconds"])}, summary
@@ -46,7 +47,7 @@ def write_results(rows: list[dict], cfg: dict, args, definition: str) -> Path:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    device = T.pick_device(cfg["train"]["device"])
+    device = loop.pick_device(cfg["train"]["device"])
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         f"# supervised vs Mean Teacher vs DyCON — config `{cfg['name']}`",
@@ -73,7 +74,7 @@ def write_results(rows: list[dict], cfg: dict, args, definition: str) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="demo")
-    p.add_argument("--methods", nargs="+", default=list(T.METHODS), choices=T.METHODS)
+    p.add_argument("--methods", nargs="+", default=list(C.METHODS), choices=C.METHODS)
     p.add_argument("--output", default=f"benchmarks/out/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     p.add_argument("--root_path")
     p.add_argument("--max_iterations", type=int)
@@ -82,10 +83,10 @@ def main(argv=None) -> None:
     p.add_argument("--device")
     args = p.parse_args(argv)
 
-    cfg = T.load_config(args.config)
-    T.apply_flags(cfg, argparse.Namespace(**{k: getattr(args, k, None) for k in T.FLAG_KEYS}))
-    T.prepare_demo_data(cfg)
-    T.check_config(cfg)
+    cfg = C.load_config(args.config)
+    C.apply_flags(cfg, argparse.Namespace(**{k: getattr(args, k, None) for k in C.FLAG_KEYS}))
+    C.prepare_demo_data(cfg)
+    C.check_config(cfg)
 
     rows, summary = [], None
     for method in args.methods:
