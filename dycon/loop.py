@@ -25,7 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dycon import distributed, frameworks
+from dycon import distributed, frameworks, viz
 from dycon.checkpoint import load_checkpoint, save_checkpoint
 from dycon.config import check_amp_device, resolve_labelnum
 from dycon.data import PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases
@@ -137,6 +137,10 @@ class MetricsLog:
             if key not in ("step", "epoch") and value not in ("", None):
                 self.tb.add_scalar(f"train/{key}" if key != "val_dice" else "val/dice", value, row["step"])
 
+    def images(self, images: dict, step: int) -> None:
+        for name, rgb in images.items():
+            self.tb.add_image(f"val_images/{name}", rgb, step, dataformats="HWC")
+
     def close(self) -> None:
         self.tb.close()
 
@@ -144,6 +148,9 @@ class MetricsLog:
 class NoMetrics:
     """What processes other than the main one log: nothing."""
     def write(self, row: dict) -> None:
+        pass
+
+    def images(self, images: dict, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -201,6 +208,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     loader = DataLoader(dataset, batch_sampler=distributed.ShardedBatchSampler(sampler, t["labeled_bs"], ctx),
                         num_workers=t["num_workers"], pin_memory=device.type == "cuda")
     val_cases = list_cases(cfg["data"], "val") if cfg["val"]["every"] else []
+    # the case whose uncertainty images TensorBoard shows at every validation (dycon.viz)
+    pictured = val_cases[0].load(cfg["model"]["num_classes"]) if val_cases and ctx.is_main else None
 
     framework = frameworks.build(cfg, device, ctx)
     optimizer = torch.optim.SGD(framework.parameters(), lr=t["base_lr"], momentum=t["momentum"],
@@ -291,6 +300,10 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
         if cfg["val"]["every"] and (step % cfg["val"]["every"] == 0 or step == t["max_iterations"]):
             val_dice = validate(framework.student, val_cases, cfg, device, ctx)
             metrics.write({"step": step, "epoch": epoch, "val_dice": val_dice})
+            if pictured is not None:
+                teacher = framework.teacher if framework.objective.uses_teacher else None
+                metrics.images(viz.validation_images(framework.student, teacher, pictured, cfg,
+                                                     last_stats.get("beta"), device), step)
             if val_dice > best_dice:
                 best_dice, best_step = val_dice, step
                 checkpoint("best.pt")
@@ -302,6 +315,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     bar.close()
     checkpoint("latest.pt")
     metrics.close()
+    if ctx.is_main:
+        viz.write_curves(run_dir)
     seconds = time.time() - start
     log.info("stopped at step %d after %.0f s (%d non-finite steps skipped)", step, seconds, skipped)
     return {"step": step, "best_dice": best_dice, "best_step": best_step, "skipped": skipped, "seconds": seconds}
@@ -316,7 +331,9 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     model = build_model(cfg["model"]).to(device)
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
     eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"]}
-    rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg)
+    snapshots = viz.Snapshots(run_dir / "test_snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])
+    rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg, on_case=snapshots)
+    snapshots.finish()
     with open(run_dir / "test_cases.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()

@@ -505,7 +505,8 @@ def curves_figure(metrics: dict, title: str = "") -> Figure:
     for term in LOSS_TERMS:
         if term in metrics:
             _plot_series(losses, metrics[term], term, "loss", log_scale=True)
-    losses.legend(fontsize=8)
+    if losses.lines:
+        losses.legend(fontsize=8)
     losses.set_title("training losses")
     for ax, key, name in ((dice, "val_dice", "validation Dice"), (beta, "beta", "UnCL beta"),
                           (lr, "lr", "learning rate")):

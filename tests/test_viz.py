@@ -327,3 +327,55 @@ def test_lesion_window_centres_and_pads():
     np.testing.assert_array_equal(window[:, 6:26], label[8:40, :, :32])
     np.testing.assert_array_equal(image[:, :, 6:26], volume.image[:, 8:40, :, :32])
     assert window.sum() == label.sum() and window[centre] == 1
+
+
+@pytest.mark.parametrize("preset", ["dycon", "official"])
+def test_validation_images_of_networks(preset):
+    from dycon.networks import build_model
+
+    torch.manual_seed(0)
+    model_cfg = dict(arch="unet3d", in_channels=1, num_classes=2, base_filters=2, embed_dim=8, feature_scaler=2)
+    student, teacher = build_model(model_cfg), build_model(model_cfg)
+    cfg = {"model": model_cfg, "train": {"patch_size": [32, 32, 32], "kernel_backend": "auto", "preset": preset},
+           "loss": {"patch_purity": 0.6, "teacher_confidence": 0.0}}
+    label = box((5, 6, 7), (12, 14, 12), (20, 24, 18))
+    volume = SimpleNamespace(image=label[None] + np.random.default_rng(6).normal(0, 0.2, (1, 20, 24, 18)), label=label)
+    images = viz.validation_images(student, teacher, volume, cfg, 2.0, "cpu")
+    assert list(images) == ["image", "prediction", "teacher_entropy", "uncl_weight", "uncl_loss", "fecl_patches"]
+    assert all(v.shape == (192, 192, 3) for v in images.values())
+    assert student.training and teacher.training                  # modes restored
+    # the lesion's 4 x 4 patch grid (8-voxel patches): with confidence 0 no patch is ignored
+    tinted = images["fecl_patches"].astype(int) - images["image"]
+    assert (np.abs(tinted).sum(-1) > 0).mean() > 0.5
+    only = viz.validation_images(student, None, volume, cfg, None, "cpu")
+    assert list(only) == ["image", "prediction"]
+
+
+# ---- the trainer's pictures ----------------------------------------------------------------------
+
+from test_train import data_root, tiny_config  # noqa: E402,F401  (fixture: a small demo data set)
+
+
+def test_training_writes_images_curves_and_test_snapshots(tmp_path, data_root):  # noqa: F811
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    from dycon import loop
+
+    cfg = tiny_config(data_root, max_iterations=2)                  # dycon method, one validation at step 2
+    loop.train(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={IMAGES: 0}).Reload()
+    names = ["image", "prediction", "teacher_entropy", "uncl_weight", "uncl_loss", "fecl_patches"]
+    assert sorted(events.Tags()["images"]) == sorted(f"val_images/{n}" for n in names)
+    shown = events.Images("val_images/uncl_weight")
+    assert [e.step for e in shown] == [2] and (shown[0].width, shown[0].height) == (192, 192)
+    assert png_size(tmp_path / "curves.png") == (1000, 700)
+
+    (tmp_path / "curves.png").unlink()
+    loop.train({**cfg, "train": {**cfg["train"], "max_iterations": 3}}, tmp_path, resume=True)
+    assert png_size(tmp_path / "curves.png") == (1000, 700)                   # drawn again at the resumed end
+    steps, _ = viz.read_metrics(tmp_path / "metrics.csv")["total"]
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+
+    loop.test_run(cfg, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "test_snapshots").iterdir()) == ["case_007.png", "case_008.png",
+                                                                              "montage.png"]
