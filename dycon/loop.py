@@ -4,9 +4,9 @@ validation, logging (train.log, metrics.csv, TensorBoard), checkpoints and exact
 Everything a run needs is one plain dict (dycon/config.py); it is saved as ``config.yaml`` in the
 run directory together with the log, ``metrics.csv``, TensorBoard scalars (and, at each
 validation, the uncertainty images of the first validation case, dycon/viz.py), ``curves.png``
-(drawn at the end of every training call), and ``latest.pt`` / ``best.pt`` checkpoints. Under ``torchrun`` the global batch is split between the processes
-(dycon/distributed.py) and the run is the same as one process on the whole batch; only rank 0
-writes.
+(drawn at the end of every training call), and ``latest.pt`` / ``best.pt`` checkpoints. Under
+``torchrun`` the global batch is split between the processes (dycon/distributed.py) and the run
+is the same as one process on the whole batch; only rank 0 writes.
 
 All randomness of a step is keyed by the seed and the batch number (crops and augmentation by
 the sampler, the teacher's noise by the volume's slot, dropout by the process), so a run resumed

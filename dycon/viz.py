@@ -182,6 +182,7 @@ def _contour_layers(label: np.ndarray, pred: np.ndarray, num_classes: int) -> li
 
 
 def class_colour(c: int) -> str:
+    """The colour of foreground class ``c`` (the palette repeats after seven classes)."""
     return CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
 
 
@@ -351,7 +352,8 @@ def patch_grid_rgb(patch_labels: np.ndarray, background: np.ndarray, alpha: floa
     patch_labels = np.asarray(patch_labels)
     rows, cols = background.shape[0] // patch_labels.shape[0], background.shape[1] // patch_labels.shape[1]
     if (rows * patch_labels.shape[0], cols * patch_labels.shape[1]) != background.shape[:2]:
-        raise ValueError(f"image {background.shape[:2]} is not a whole multiple of the patch grid {patch_labels.shape}")
+        raise ValueError(f"image {background.shape[:2]} is not a whole multiple of the patch grid "
+                         f"{patch_labels.shape}")
     labels = upsample(patch_labels, (rows, cols))
     out = background.astype(np.float64)
     for where, colour in ((labels >= 1, PATCH_COLOURS["lesion"]), (labels == 0, PATCH_COLOURS["background"])):
@@ -453,7 +455,8 @@ def validation_images(student, teacher, volume, cfg: dict, beta: Optional[float]
 
 
 def _patch_label_slice(label: np.ndarray, teacher_logits: torch.Tensor, z: int, cfg: dict) -> np.ndarray:
-    """FeCL's patch labels of the window treated as an unlabelled volume, the grid slice holding voxel slice ``z``."""
+    """FeCL's patch labels of the window, treated as an unlabelled volume: the slice of the patch
+    grid that holds voxel slice ``z``."""
     from dycon.losses import patch_grid, patch_labels_dycon, patch_labels_official   # training code
 
     grid = patch_grid(cfg)

@@ -379,3 +379,10 @@ def test_training_writes_images_curves_and_test_snapshots(tmp_path, data_root): 
     loop.test_run(cfg, tmp_path)
     assert sorted(p.name for p in (tmp_path / "test_snapshots").iterdir()) == ["case_007.png", "case_008.png",
                                                                               "montage.png"]
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"3D arrays of one shape, got \(14, 12, 10\), \(14, 12, 9\)"):
+        viz.case_panels(np.zeros(SHAPE), np.zeros((14, 12, 9)), np.zeros(SHAPE))
+    with pytest.raises(ValueError, match=r"not a whole multiple of the patch grid \(3, 2\)"):
+        viz.patch_grid_rgb(np.zeros((3, 2)), np.zeros((10, 10, 3), np.uint8))
