@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     default_out = (Path(args.run) / f"eval_{args.split}_{args.weights}" if args.run
                    else path.parent / f"eval_{path.stem}_{args.split}_{args.weights}")
     out = Path(args.output or default_out)
-    snapshots = Snapshots(out / "snapshots", args.snapshots, eval_cfg["units"]) if args.snapshots > 0 else None
+    snapshots = Snapshots(out / "snapshots", args.snapshots, eval_cfg["units"]) if args.snapshots else None
     rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg, on_case=snapshots)
     summary.update(checkpoint=str(path), weights=args.weights, split=args.split)
     write_report(rows, summary, out)

@@ -283,6 +283,8 @@ class Snapshots:
     """
 
     def __init__(self, folder: str | Path, count: int, units: str = "voxel", montage_cases: int = 4):
+        if count < 0 or montage_cases < 1:
+            raise ValueError(f"snapshots: need count >= 0 and montage_cases >= 1, got {count} and {montage_cases}")
         self.folder, self.count, self.montage_cases = Path(folder), count, montage_cases
         self.unit = "mm" if units == "mm" else "vox"
         self.written: list[Path] = []

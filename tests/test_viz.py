@@ -386,3 +386,5 @@ def test_bad_input_is_named():
         viz.case_panels(np.zeros(SHAPE), np.zeros((14, 12, 9)), np.zeros(SHAPE))
     with pytest.raises(ValueError, match=r"not a whole multiple of the patch grid \(3, 2\)"):
         viz.patch_grid_rgb(np.zeros((3, 2)), np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="count >= 0 .* got -1"):
+        viz.Snapshots("unused", -1)
