@@ -22,7 +22,9 @@ AMP_MODES = (None, "bf16", "fp16")
 # Every key a config may set. A config file gives the data set's values; these fill the rest.
 DEFAULTS = {
     "name": "run",
-    "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False},
+    "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False,
+             # NIfTI data sets (dycon.preprocess): cross-validation fold, resampling, cache, the plan
+             "fold": None, "target_spacing": "median", "cache_dir": None, "preprocessing": None},
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
               "feature_scaler": 2, "embed_dim": 256,
               "dropout": None},           # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
@@ -52,7 +54,8 @@ DEFAULTS = {
 
 # SSL4MIS-style flags -> (section, key)
 FLAG_KEYS = {
-    "root_path": ("data", "root"), "labelnum": ("data", "labelnum"),
+    "root_path": ("data", "root"), "labelnum": ("data", "labelnum"), "layout": ("data", "layout"),
+    "fold": ("data", "fold"),
     "method": ("train", "method"), "preset": ("train", "preset"),
     "labeled_bs": ("train", "labeled_bs"), "batch_size": ("train", "batch_size"),
     "max_iterations": ("train", "max_iterations"), "base_lr": ("train", "base_lr"),

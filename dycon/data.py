@@ -6,17 +6,23 @@
 Axis convention: volumes are ``(X, Y, Z)`` with the through-plane axis last, as in the released
 code (patch 112x112x80, ``stride_z`` on the last axis). The BraTS h5 files are stored the other
 way round and are transposed (2, 1, 0) on load, as the released training pipeline does; NIfTI
-arrays are kept in nibabel's (i, j, k) order so the affine applies unchanged.
+arrays are kept in nibabel's (i, j, k) order so the affine applies unchanged (``dycon.preprocess``
+reorients them to RAS for the network and maps results back).
 
 Layouts (``data_cfg["layout"]``):
 
 | layout | image files | split lists |
 |---|---|---|
 | brats, demo | ``<root>/data/<id>.h5`` (image, label) | ``<root>/{train,val,test}.txt`` |
-| la | ``<root>/<id>/mri_norm2.h5`` (image, label) | ``<root>/{train,val,test}.list`` |
+| la | ``<root>/LA_data/<id>/mri_norm2.h5`` (DyCON; UA-MT: ``2018LA_Seg_Training Set/``), or ``<root>/<id>/mri_norm2.h5`` | ``<root>/{train,val,test}.list``; root may name the data folder |
 | pancreas | ``<root>/Pancreas_data/<id>.h5`` (image, label) | ``<root>/{train,val,test}.list`` |
 | isles | ``<root>/<id>.h5`` (image, **mask**) | ``<root>/{train,val,test}.list`` |
-| nifti | ``imagesTr/<case>_0000.nii.gz`` (+ _0001 ...), ``labelsTr/<case>.nii.gz`` | ``<root>/<split>.txt``, or all of imagesTr (train) / imagesTs (test) |
+| nifti | nnU-Net v2: ``imagesTr/<case>_0000<file_ending>`` (+ _0001 ...), ``labelsTr/<case><file_ending>``, ``imagesTs/``, ``labelsTs/``, ``dataset.json``; MSD: ``dataset.json`` ``training``/``test`` lists of 4-D images | ``<root>/<split>.txt``, ``splits_final.json`` with ``fold``, else imagesTr (train) / imagesTs (test) |
+
+NIfTI training images without a label file, and the images of ``imagesUnlabelled/``, form the
+unlabelled pool (split ``"unlabelled"``). ``.nii`` / ``.nii.gz`` are read with nibabel,
+``.nrrd`` / ``.mha`` / ``.mhd`` with SimpleITK (optional extra ``dycon[sitk]``). How the splits
+are found, and the check that training never shares a case with val or test: ``split_ids``.
 
 Every problem with a file (unreadable, truncated, missing key, wrong shape, NaN/Inf image, label
 not whole numbers in 0..255, or not below ``num_classes`` when given) raises ``DataError``, a
@@ -24,7 +30,8 @@ not whole numbers in 0..255, or not below ``num_classes`` when given) raises ``D
 
 Data sets released without a validation list (LA, Pancreas) can set ``holdout_val: k`` in the
 data config: the last ``k`` ids of the training list become the validation split and leave
-the training split, so that model selection never sees the test list.
+the training split, so that model selection never sees the test list; ``fold: k`` picks
+fold ``k`` of a 5-fold cross-validation instead.
 """
 from __future__ import annotations
 
@@ -38,7 +45,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dycon.config import resolve_labelnum
+
 SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+SITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")   # read through SimpleITK (optional extra dycon[sitk])
 
 # layout -> (list file name pattern, how an id maps to its file, label key, transpose)
 H5_LAYOUTS = {
@@ -48,6 +60,10 @@ H5_LAYOUTS = {
     "pancreas": ("{split}.list", "Pancreas_data/{id}.h5", "label", None),
     "isles": ("{split}.list", "{id}.h5", "mask", None),
 }
+# layouts released with the files one folder down and the lists at the top (LA: DyCON's
+# <root>/LA_data/<id>/mri_norm2.h5 or UA-MT's "2018LA_Seg_Training Set", lists in <root>);
+# data.root may name either level
+H5_SUBFOLDERS = {"la": ("LA_data", "2018LA_Seg_Training Set")}
 LAYOUTS = tuple(H5_LAYOUTS) + ("nifti",)
 
 
@@ -78,6 +94,9 @@ class Case:
     transpose: Optional[tuple] = None
     channel_paths: list = field(default_factory=list)   # NIfTI: one file per channel
     label_path: Optional[Path] = None                    # NIfTI label (None: unlabelled)
+    channels_last: bool = False                          # MSD: one 4-D file, channels on its last axis
+    channel_count: Optional[int] = None                  # channels dataset.json names (None: any)
+    label_values: Optional[tuple] = None                 # label values dataset.json allows (None: any)
 
     @property
     def image_files(self) -> list:
@@ -96,49 +115,162 @@ class Case:
 # ------------------------------------------------------------------------------- listing cases
 
 def list_cases(data_cfg: dict, split: str) -> list[Case]:
-    """The cases of ``split`` ('train' | 'val' | 'test') for the config's ``layout`` and ``root``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    """The cases of ``split`` for the config's ``layout`` and ``root``: 'train' (the labelled
+    training cases), 'val', 'test', or 'unlabelled' (the unlabelled pool: training images without
+    a label file and ``imagesUnlabelled/``; always empty for the h5 layouts)."""
+    if split not in SPLITS + (UNLABELLED,):
+        raise ValueError(f"split must be one of {SPLITS + (UNLABELLED,)}, got {split!r}")
+    layout, root = _layout_and_root(data_cfg)
+    ids = split_ids(data_cfg)
+    if ids[split] is None:
+        raise FileNotFoundError(_no_split_message(layout, root, split))
+    if layout == "nifti":
+        return [_nifti_case(root, i, split) for i in ids[split]]
+    list_dir, data_dir = _h5_dirs(layout, root)
+    _, file_pattern, label_key, transpose = H5_LAYOUTS[layout]
+    return [Case(i, data_dir / file_pattern.format(id=i), layout, label_key, transpose) for i in ids[split]]
+
+
+def _layout_and_root(data_cfg: dict) -> tuple[str, Path]:
     for key in ("layout", "root"):
-        if key not in data_cfg:
-            raise ValueError(f"data config needs the key {key!r} (got keys {sorted(data_cfg)})")
+        if data_cfg.get(key) is None:
+            raise ValueError(f"data.{key} is not set (config file, or --{'root_path' if key == 'root' else key})")
     layout, root = data_cfg["layout"], Path(data_cfg["root"])
     if layout not in LAYOUTS:
         raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (data.root / --root_path)")
-
-    holdout = int(data_cfg.get("holdout_val", 0) or 0)
-    if holdout and split in ("train", "val"):
-        train = _list_ids(layout, root, "train")
-        if holdout >= len(train):
-            raise ValueError(f"data.holdout_val={holdout} leaves no training case ({len(train)} in the list)")
-        ids = train[:-holdout] if split == "train" else train[-holdout:]
-    else:
-        ids = _list_ids(layout, root, split)
-    if layout == "nifti":
-        return [_nifti_case(root, i, split) for i in ids]
-    _, file_pattern, label_key, transpose = H5_LAYOUTS[layout]
-    return [Case(i, root / file_pattern.format(id=i), layout, label_key, transpose) for i in ids]
+    return layout, root
 
 
-def _list_ids(layout: str, root: Path, split: str) -> list[str]:
-    if layout == "nifti":
-        return _nifti_ids(root, split)
-    path = root / H5_LAYOUTS[layout][0].format(split=split)
-    ids = _read_list(path)
-    if layout == "pancreas":   # the released Pancreas lists sometimes carry the extension
-        ids = [i[:-3] if i.endswith(".h5") else i for i in ids]
+def split_ids(data_cfg: dict) -> dict:
+    """The case ids of every split, ``{'train', 'val', 'test', 'unlabelled': list of ids or None}``
+    (None: the data set defines no such split). Where they come from, first match wins:
+
+    - test: ``test.txt`` / ``test.list``; NIfTI: ``imagesTs/`` or the MSD ``test`` list.
+    - train and val with ``fold: k``: fold ``k`` of ``splits_final.json`` in the root (nnU-Net's
+      format), else of a fixed 5-fold split of the training ids (seed 12345).
+    - train and val with ``holdout_val: k``: the last ``k`` ids of the training list are val.
+    - val: ``val.txt`` / ``val.list``.
+    - train: ``train.txt`` / ``train.list``; NIfTI: every case of ``imagesTr/`` (or the MSD
+      ``training`` list) that is not in val or test. NIfTI training cases without a label file
+      go to 'unlabelled', with the cases of ``imagesUnlabelled/``.
+
+    Training ids shared with val or test raise ``DataError`` naming them.
+    """
+    layout, root = _layout_and_root(data_cfg)
+    ids = {split: _listed_ids(layout, root, split) for split in SPLITS}
+    if layout == "nifti" and ids["test"] is None:
+        ids["test"] = _nifti_folder_ids(root, "test")
+    fold, holdout = data_cfg.get("fold"), int(data_cfg.get("holdout_val") or 0)
+    if fold is not None or holdout:
+        if ids["val"] is not None:
+            raise ValueError(f"{root}: a val list exists and data.{'fold' if fold is not None else 'holdout_val'} "
+                             "is set too; use one of them")
+        pool = ids["train"] if ids["train"] is not None else _all_training_ids(layout, root, ids)
+        ids["train"], ids["val"] = (_fold_split(layout, root, pool, int(fold)) if fold is not None
+                                    else _holdout_split(pool, holdout))
+    elif ids["train"] is None and layout == "nifti":
+        ids["train"] = _all_training_ids(layout, root, ids)
+    _check_disjoint(root, ids)
+    ids["unlabelled"] = []
+    if layout == "nifti" and ids["train"] is not None:
+        labelled = [i for i in ids["train"] if _nifti_label_path(root, i, "train") is not None]
+        ids["unlabelled"] = [i for i in ids["train"] if i not in set(labelled)] + _nifti_folder_ids(root, UNLABELLED)
+        ids["train"] = labelled
     return ids
 
 
+def _listed_ids(layout: str, root: Path, split: str) -> Optional[list[str]]:
+    """The ids of a split list file, None when there is none."""
+    if layout == "nifti":
+        names, list_dir = (f"{split}.txt", f"{split}.list"), root
+    else:
+        names, list_dir = (H5_LAYOUTS[layout][0].format(split=split),), _h5_dirs(layout, root)[0]
+    for name in names:
+        if (list_dir / name).is_file():
+            ids = _read_list(list_dir / name)
+            # the released Pancreas lists sometimes carry the extension
+            return [i[:-3] if layout == "pancreas" and i.endswith(".h5") else i for i in ids]
+    return None
+
+
+def _h5_dirs(layout: str, root: Path) -> tuple[Path, Path]:
+    """(folder of the split lists, folder the file pattern starts from). A layout released with a
+    data subfolder (LA: ``<root>/LA_data/<id>/mri_norm2.h5``, lists in ``<root>``) is found with
+    ``root`` at either level."""
+    if layout not in H5_SUBFOLDERS:
+        return root, root
+    subs = [root / sub for sub in H5_SUBFOLDERS[layout] if (root / sub).is_dir()]
+    has_lists = lambda d: any((d / H5_LAYOUTS[layout][0].format(split=s)).is_file() for s in SPLITS)  # noqa: E731
+    list_dir = root if has_lists(root) or not has_lists(root.parent) else root.parent
+    return list_dir, subs[0] if subs else root
+
+
+def _all_training_ids(layout: str, root: Path, ids: dict) -> list[str]:
+    """Every training case of a NIfTI folder that is neither in val nor in test."""
+    if layout != "nifti":
+        raise FileNotFoundError(_no_split_message(layout, root, "train"))
+    held_out = set(ids["val"] or []) | set(ids["test"] or [])
+    return [i for i in _nifti_folder_ids(root, "train") if i not in held_out]
+
+
+def _fold_split(layout: str, root: Path, pool: list[str], fold: int, n_folds: int = 5) -> tuple[list[str], list[str]]:
+    """(train, val) ids of cross-validation fold ``fold``; the generated folds validate on
+    labelled cases only (images without a label file stay in every fold's training split)."""
+    path = root / "splits_final.json"
+    if path.is_file():
+        folds = _read_json(path)
+        if not isinstance(folds, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in folds):
+            raise ValueError(f"{path}: expected nnU-Net's format, a list of {{'train': [...], 'val': [...]}} per fold")
+        source = str(path)
+    else:   # a fixed split, so that every run of fold k sees the same cases
+        labelled = [i for i in pool if layout != "nifti" or _nifti_label_path(root, i, "train") is not None]
+        order = [labelled[i] for i in np.random.default_rng(12345).permutation(len(labelled))]
+        folds = [{"train": [i for i in pool if i not in set(val)], "val": list(val)}
+                 for val in np.array_split(np.array(order, dtype=object), min(n_folds, len(labelled)))]
+        source = f"a {len(folds)}-fold split of the {len(labelled)} labelled training cases (no {path})"
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"data.fold={fold} but {source} has folds 0 .. {len(folds) - 1}")
+    return [str(i) for i in folds[fold]["train"]], [str(i) for i in folds[fold]["val"]]
+
+
+def _holdout_split(pool: list[str], holdout: int) -> tuple[list[str], list[str]]:
+    if holdout >= len(pool):
+        raise ValueError(f"data.holdout_val={holdout} leaves no training case ({len(pool)} in the list)")
+    return pool[:-holdout], pool[-holdout:]
+
+
+def _check_disjoint(root: Path, ids: dict) -> None:
+    for other in ("val", "test"):
+        shared = sorted(set(ids["train"] or []) & set(ids[other] or []))
+        if shared:
+            raise DataError(f"{root}: the training split shares {len(shared)} case(s) with the {other} split: "
+                            f"{shared[:10]}{' ...' if len(shared) > 10 else ''}; a case must not be both trained "
+                            f"on and used for {'model selection' if other == 'val' else 'testing'} "
+                            "(fix the split lists)")
+
+
+def _no_split_message(layout: str, root: Path, split: str) -> str:
+    if layout == "nifti":
+        return (f"no {root / (split + '.txt')}: this NIfTI data set has no {split!r} split "
+                f"({'no imagesTs/ folder' if split == 'test' else 'set data.fold or data.holdout_val'})")
+    list_dir = _h5_dirs(layout, root)[0]
+    return f"split list {list_dir / H5_LAYOUTS[layout][0].format(split=split)} does not exist"
+
+
 def _read_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"split list {path} does not exist")
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"split list {path} is empty")
     return ids
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
 def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
@@ -146,6 +278,31 @@ def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
     if not 1 <= labelnum <= n_train:
         raise ValueError(f"labelnum must be between 1 and the {n_train} training cases, got {labelnum}")
     return list(range(labelnum)), list(range(labelnum, n_train))
+
+
+def training_cases(data_cfg: dict, labelnum=None) -> tuple[list[Case], list[int], list[int]]:
+    """(cases, labelled indices, unlabelled indices) for the trainer: the first ``labelnum``
+    (default ``data_cfg['labelnum']``; a count or a share such as '10%') labelled training cases
+    are labelled; the other labelled training cases (their labels left unused) and the
+    unlabelled pool are unlabelled."""
+    labelled = list_cases(data_cfg, "train")
+    pool = list_cases(data_cfg, UNLABELLED)
+    count = resolve_labelnum(data_cfg["labelnum"] if labelnum is None else labelnum, len(labelled))
+    lab, unl = labelled_split(len(labelled), count)
+    return labelled + pool, lab, unl + list(range(len(labelled), len(labelled) + len(pool)))
+
+
+def record_splits(run_dir: Path, data_cfg: dict, cases: list[Case], labelled: list[int],
+                  unlabelled: list[int]) -> Path:
+    """Write ``run_dir/splits.json``: the ids trained on with and without labels, and the val and
+    test ids, so that a run says exactly which cases it saw."""
+    ids = split_ids(data_cfg)
+    record = {"layout": data_cfg["layout"], "root": str(data_cfg["root"]), "fold": data_cfg.get("fold"),
+              "labelled": [cases[i].id for i in labelled], "unlabelled": [cases[i].id for i in unlabelled],
+              "val": ids["val"], "test": ids["test"]}
+    path = Path(run_dir) / "splits.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------- checks of loaded arrays
@@ -237,85 +394,226 @@ def _read_key(f: h5py.File, key: str, where: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ NIfTI folders
+# nnU-Net v2 raw data sets (dataset.json with channel_names, labels, file_ending; one file per
+# channel, <case>_0000<ending>) and Medical Segmentation Decathlon folders (dataset.json with
+# training / test lists; one 4-D file per case, channels on the last axis).
 
-def _nifti_ids(root: Path, split: str) -> list[str]:
-    for name in (f"{split}.txt", f"{split}.list"):
-        if (root / name).is_file():
-            return _read_list(root / name)
-    folder = {"train": "imagesTr", "test": "imagesTs"}.get(split)
-    if folder is None:
-        raise FileNotFoundError(f"no {root / (split + '.txt')}: a NIfTI data set needs a list for the "
-                                f"{split!r} split (or data.holdout_val)")
-    if not (root / folder).is_dir():
-        raise FileNotFoundError(f"no {root / (split + '.txt')} and no folder {root / folder}")
-    ids = sorted(p.name[:-len("_0000.nii.gz")] for p in (root / folder).glob("*_0000.nii.gz"))
-    if not ids:
-        raise ValueError(f"{root / folder} holds no <case>_0000.nii.gz file")
-    return ids
+FOLDERS = {"train": ("imagesTr", "labelsTr"), "val": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs"),
+           UNLABELLED: ("imagesUnlabelled", None)}
+
+
+def dataset_meta(root: Path) -> dict:
+    """The data set's ``dataset.json`` ({} when there is none)."""
+    path = Path(root) / "dataset.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def channel_names(meta: dict) -> list[str]:
+    """Channel names in order (``channel_names``, or MSD's ``modality``); one unnamed channel without."""
+    names = meta.get("channel_names") or meta.get("modality") or {"0": "unknown"}
+    return [str(names[k]) for k in sorted(names, key=int)]
+
+
+def label_values(meta: dict) -> Optional[tuple]:
+    """The label values ``dataset.json`` allows (None: no ``labels``). nnU-Net v2 maps names to
+    values (a region to a list of them), MSD maps values to names."""
+    labels = meta.get("labels")
+    if not labels:
+        return None
+    if all(str(k).isdigit() for k in labels):   # MSD: {"0": "background", "1": "tumour"}
+        return tuple(sorted(int(k) for k in labels))
+    values = set()
+    for v in labels.values():
+        values.update(v if isinstance(v, list) else [v])
+    return tuple(sorted(int(v) for v in values))
+
+
+def _is_msd(meta: dict) -> bool:
+    return isinstance(meta.get("training"), list)
+
+
+def _file_ending(root: Path, meta: dict) -> str:
+    """``file_ending`` of dataset.json, else the ending of the files in imagesTr / imagesTs."""
+    if meta.get("file_ending"):
+        return meta["file_ending"]
+    for ending in NIFTI_ENDINGS + SITK_ENDINGS:
+        if any(any((root / d).glob(f"*_0000{ending}")) for d in ("imagesTr", "imagesTs") if (root / d).is_dir()):
+            return ending
+    return ".nii.gz"
+
+
+def _strip(name: str, ending: str) -> str:
+    return name[:-len(ending)] if name.endswith(ending) else name
+
+
+def _nifti_folder_ids(root: Path, split: str) -> Optional[list[str]]:
+    """The ids of every case in the split's image folder (None when there is no such folder)."""
+    meta = dataset_meta(root)
+    if _is_msd(meta) and split in ("train", "test"):
+        entries = meta["training"] if split == "train" else meta.get("test") or []
+        return [_msd_id(e["image"] if isinstance(e, dict) else e) for e in entries] or None
+    folder = root / FOLDERS[split][0]
+    if not folder.is_dir():
+        if split == "train":
+            raise FileNotFoundError(f"{folder} does not exist: a NIfTI data set needs imagesTr/ (or a train.txt)")
+        return [] if split == UNLABELLED else None
+    ending = _file_ending(root, meta)
+    if _is_msd(meta):   # imagesUnlabelled of an MSD folder: one file per case
+        return sorted(_strip(p.name, ending) for p in folder.glob(f"*{ending}"))
+    ids = sorted(p.name[:-len("_0000" + ending)] for p in folder.glob(f"*_0000{ending}"))
+    if not ids and split == "train":
+        raise ValueError(f"{folder} holds no <case>_0000{ending} file (file_ending {ending!r})")
+    return ids if ids or split == UNLABELLED else None
+
+
+def _nifti_label_path(root: Path, case_id: str, split: str) -> Optional[Path]:
+    """The case's label file, None when it has none."""
+    meta = dataset_meta(root)
+    if _is_msd(meta) and split != UNLABELLED:
+        for e in meta["training"]:
+            if isinstance(e, dict) and e.get("label") and _msd_id(e["image"]) == case_id:
+                return root / e["label"]
+    label_folder = FOLDERS[split][1]
+    if label_folder is None:
+        return None
+    path = root / label_folder / f"{case_id}{_file_ending(root, meta)}"
+    return path if path.is_file() else None
+
+
+def _msd_id(image: str) -> str:
+    return Path(image).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def _msd_image(root: Path, meta: dict, case_id: str, split: str) -> Path:
+    """The 4-D image file of an MSD case: as dataset.json lists it, else in the split's folder."""
+    for e in meta["training"] + (meta.get("test") or []):
+        image = e["image"] if isinstance(e, dict) else e
+        if _msd_id(image) == case_id and split != UNLABELLED:
+            return root / image
+    return root / FOLDERS[split][0] / f"{case_id}{_file_ending(root, meta)}"
 
 
 def _nifti_case(root: Path, case_id: str, split: str) -> Case:
-    folder, label_folder = ("imagesTs", "labelsTs") if split == "test" and (root / "imagesTs").is_dir() \
-        else ("imagesTr", "labelsTr")
-    channels = _nifti_channel_count(root)
-    paths = [root / folder / f"{case_id}_{c:04d}.nii.gz" for c in range(channels)]
-    label = root / label_folder / f"{case_id}.nii.gz"
-    return Case(case_id, paths[0], "nifti", channel_paths=paths,
-                label_path=label if label.exists() or folder == "imagesTr" else None)
-
-
-def _nifti_channel_count(root: Path) -> int:
-    """Channels from dataset.json (``channel_names`` or the older ``modality``), else 1."""
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        return 1
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is not valid JSON ({err})") from err
-    return len(meta.get("channel_names") or meta.get("modality") or {"0": None})
+    """The case's files; a channel file missing raises ``DataError`` naming the case and the files."""
+    meta = dataset_meta(root)
+    names, allowed = channel_names(meta), label_values(meta)
+    ending = _file_ending(root, meta)
+    folder = root / FOLDERS[split][0]
+    if split == UNLABELLED and (root / "imagesTr" / f"{case_id}_0000{ending}").is_file():
+        folder = root / "imagesTr"   # a training image without a label file
+    if _is_msd(meta):
+        paths = [_msd_image(root, meta, case_id, split)]
+    else:
+        paths = [folder / f"{case_id}_{c:04d}{ending}" for c in range(len(names))]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"case {case_id!r}: {len(missing)} of its {len(paths)} image file(s) are missing: {missing} "
+                        f"(dataset.json names the channels {names})")
+    label = _nifti_label_path(root, case_id, split)
+    if label is None and split in ("train", "val"):   # val cases need a label; 'train' lists labelled ones
+        label = root / FOLDERS[split][1] / f"{case_id}{ending}"
+    return Case(case_id, paths[0], "nifti", channel_paths=paths, label_path=label,
+                channels_last=_is_msd(meta), channel_count=len(names), label_values=allowed)
 
 
 def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
-    try:
-        import nibabel as nib   # optional dependency, only needed for NIfTI data sets
-    except ImportError as err:
-        raise ImportError(f"case {case.id!r}: reading NIfTI files needs nibabel (pip install nibabel)") from err
-
-    images, first = [], None
+    channels, first = [], None
     for path in case.channel_paths:
-        img, data = _read_nifti(nib, path, case, np.float32)
+        data, affine, header = _read_image(path, case, np.float32)
         where = _where(case, path)
-        if data.ndim != 3:
+        if case.channels_last and data.ndim == 4:   # MSD: all channels in one file
+            parts = [data[..., c] for c in range(data.shape[-1])]
+        elif data.ndim == 3:
+            parts = [data]
+        else:
             raise DataError(f"{where}: image must be a 3D volume, got shape {data.shape} (4D files: split the "
                             "channels into <case>_0000.nii.gz, <case>_0001.nii.gz ...)")
-        if first is not None and data.shape != images[0].shape:
-            raise DataError(f"{where}: channel shape {data.shape} != {images[0].shape} of {case.channel_paths[0]}")
-        images.append(_check_image(data, where))
         if first is None:
-            first = img
+            first = (path, affine, header, parts[0].shape)
+        else:
+            _check_same_grid(first[0], first[3], first[1], path, parts[0].shape, affine, case, "channel")
+        channels += [_check_image(p, where) for p in parts]
+    if case.channel_count and len(channels) != case.channel_count:
+        raise DataError(f"{_where(case)}: {len(channels)} channel(s) in {[str(p) for p in case.channel_paths]}, "
+                        f"dataset.json names {case.channel_count}")
     label = None
     if case.label_path is not None:
-        _, label = _read_nifti(nib, case.label_path, case)
+        label, affine, _ = _read_image(case.label_path, case)
+        _check_same_grid(first[0], first[3], first[1], case.label_path, label.shape, affine, case, "label")
         where = _where(case, case.label_path)
-        if label.shape != images[0].shape:
-            raise DataError(f"{where}: label shape {label.shape} != image shape {images[0].shape}")
         label = _check_label(label, where, num_classes)
-    spacing = tuple(float(s) for s in first.header.get_zooms()[:3])
-    return Volume(np.stack(images), label, affine=first.affine, spacing=spacing, header=first.header,
-                  path=str(case.path))
+        _check_label_values(label, case.label_values, where)
+    path, affine, header, _ = first
+    return Volume(np.stack(channels), label, affine=affine, spacing=voxel_spacing(affine, header),
+                  header=header, path=str(case.path))
 
 
-def _read_nifti(nib, path: Path, case: Case, dtype=None):
-    """(nibabel image, its whole data array): the data is read here, so that truncated files fail
-    with a clear message (nibabel reads lazily and the first voxels of a cut file still decode)."""
+def voxel_spacing(affine: np.ndarray, header=None) -> tuple:
+    """Voxel size along the array axes: the header's zooms for NIfTI, else the affine's column norms."""
+    zooms = header.get_zooms()[:3] if header is not None else np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    return tuple(float(z) for z in zooms)
+
+
+# an image and its label may differ by rounding in the stored affine; more is a different grid
+AFFINE_TOLERANCE = 1e-3
+
+
+def _check_same_grid(ref_path, ref_shape, ref_affine, path, shape, affine, case: Case, what: str) -> None:
+    if ref_shape != shape:
+        raise DataError(f"{_where(case, path)}: {what} shape {shape} != image shape {ref_shape} of {ref_path}")
+    diff = np.abs(np.asarray(affine) - np.asarray(ref_affine)).max()
+    if diff > AFFINE_TOLERANCE:
+        raise DataError(f"{_where(case, path)}: {what} affine differs from the image's ({ref_path}) by up to "
+                        f"{diff:.4g} (mm): the two are not on the same grid.\n{what} affine:\n{np.round(affine, 4)}\n"
+                        f"image affine:\n{np.round(ref_affine, 4)}")
+
+
+def _check_label_values(label: np.ndarray, allowed: Optional[tuple], where: str) -> None:
+    if allowed is None:
+        return
+    extra = sorted(set(np.unique(label).tolist()) - set(allowed))
+    if extra:
+        raise DataError(f"{where}: label values {extra} are not among dataset.json's labels {list(allowed)}")
+
+
+def _read_image(path: Path, case: Case, dtype=None) -> tuple:
+    """(whole data array, 4x4 RAS affine, NIfTI header or None) of one image file. The data is read
+    here, so that truncated files fail with a clear message (nibabel reads lazily and the first
+    voxels of a cut file still decode)."""
     if not path.is_file():
-        raise FileNotFoundError(f"case {case.id!r}: NIfTI file {path} does not exist")
+        raise FileNotFoundError(f"case {case.id!r}: image file {path} does not exist")
+    if path.name.endswith(NIFTI_ENDINGS):
+        try:
+            import nibabel as nib   # optional dependency, only needed for NIfTI data sets
+        except ImportError as err:
+            raise ImportError(f"case {case.id!r}: reading NIfTI files needs nibabel (pip install nibabel)") from err
+        try:
+            img = nib.load(str(path))
+            return np.asarray(img.dataobj, dtype=dtype), img.affine, img.header
+        except Exception as err:                 # nibabel raises several types for broken files
+            raise DataError(f"{_where(case, path)}: cannot read as NIfTI ({type(err).__name__}: {err})") from err
+    if path.name.endswith(SITK_ENDINGS):
+        return _read_sitk(path, case, dtype)
+    raise DataError(f"{_where(case, path)}: unsupported file type (expected {NIFTI_ENDINGS + SITK_ENDINGS})")
+
+
+def _read_sitk(path: Path, case: Case, dtype=None) -> tuple:
     try:
-        img = nib.load(str(path))
-        return img, np.asarray(img.dataobj, dtype=dtype)
-    except Exception as err:                 # nibabel raises several types for broken files
-        raise DataError(f"{_where(case, path)}: cannot read as NIfTI ({type(err).__name__}: {err})") from err
+        import SimpleITK as sitk
+    except ImportError as err:
+        raise ImportError(f"case {case.id!r}: reading {path.name} needs SimpleITK, an optional extra: "
+                          "pip install dycon[sitk] (or convert the files to NIfTI)") from err
+    try:
+        img = sitk.ReadImage(str(path))
+        data = sitk.GetArrayFromImage(img)   # (z, y, x) or (z, y, x, components)
+    except Exception as err:
+        raise DataError(f"{_where(case, path)}: cannot read with SimpleITK ({type(err).__name__}: {err})") from err
+    data = np.moveaxis(data, (0, 1, 2), (2, 1, 0)) if data.ndim >= 3 else data
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    affine[:3, 3] = img.GetOrigin()
+    # ITK's physical space is LPS, NIfTI's RAS
+    return np.asarray(data, dtype=dtype), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, None
 
 
 # ---------------------------------------------------------------------------- training patches
@@ -363,8 +661,6 @@ class PatchDataset(Dataset):
         if index in self._volumes:
             return self._volumes[index]
         vol = self.cases[index].load(self.num_classes)
-        if vol.label is None:
-            raise ValueError(f"training case {self.cases[index].id!r} ({vol.path}) has no label")
         if self.cache:
             self._volumes[index] = (vol.image, vol.label)
         return vol.image, vol.label
@@ -373,11 +669,16 @@ class PatchDataset(Dataset):
         index, seed = item
         rng = np.random.default_rng(seed)
         image, label = self._volume(index)
+        unlabelled = label is None   # a case of the unlabelled pool
+        if unlabelled:
+            label = np.zeros(image.shape[1:], np.uint8)   # cropped and turned along with the image
         image, label = random_crop(image, label, self.patch, rng)
         if self.augment:
             image, label = rot_flip(image, label, rng)
+        label = torch.from_numpy(np.ascontiguousarray(label)).long()
+        # -1: no label; the losses read labels of the labelled slots only
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
-                "label": torch.from_numpy(np.ascontiguousarray(label)).long()}
+                "label": label.fill_(-1) if unlabelled else label}
 
 
 class TwoStreamBatchSampler(Sampler):

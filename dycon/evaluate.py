@@ -26,7 +26,7 @@ import torch
 
 from dycon.checkpoint import load_checkpoint
 from dycon.data import list_cases
-from dycon.inference import segment
+from dycon.preprocess import predict_labels
 from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
 from dycon.networks import build_model
 from dycon.viz import DEFAULT_SNAPSHOTS, Snapshots
@@ -39,7 +39,7 @@ REQUIRED_KEYS = ("patch_size", "stride_xy", "stride_z", "num_classes")
 RELEASED_TEST = dict(stride_xy=16, stride_z=4, largest_component=True, hd_definition="medpy", units="voxel")
 # optional eval_cfg keys (device None: the model's)
 DEFAULTS = dict({k: RELEASED_TEST[k] for k in ("largest_component", "hd_definition", "units")},
-                device=None, batch_size=1)
+                device=None, batch_size=1, preprocessing=None)   # the run's plan (dycon.preprocess)
 
 
 def _complete_cfg(eval_cfg: dict) -> dict:
@@ -96,8 +96,7 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict, on_case=None) 
             raise ValueError(f"case {case.id}: label shape {volume.label.shape} does not match image "
                              f"shape {volume.image.shape} (C, X, Y, Z) in {volume.path}")
         spacing = _case_spacing(case, volume, cfg["units"])
-        pred = segment(model, volume.image, cfg["patch_size"], cfg["stride_xy"], cfg["stride_z"],
-                       cfg["num_classes"], cfg["largest_component"], device, cfg["batch_size"])
+        pred = predict_labels(model, volume, dict(cfg, device=device), case.id)   # on the label's own grid
         case_rows = []
         for c in range(1, cfg["num_classes"]):
             row = {"case": case.id, "class": c,
@@ -237,7 +236,8 @@ def run_settings(args: argparse.Namespace, config: dict, keys) -> dict:
     settings = {k: getattr(args, k) if getattr(args, k) is not None else test_cfg.get(k, RELEASED_TEST[k])
                 for k in keys}
     return dict(settings, patch_size=config["train"]["patch_size"], num_classes=config["model"]["num_classes"],
-                device=args.device, batch_size=args.batch_size)
+                device=args.device, batch_size=args.batch_size,
+                preprocessing=config.get("data", {}).get("preprocessing"))
 
 
 def _parse_args(argv=None) -> argparse.Namespace:

@@ -26,10 +26,10 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dycon import distributed, frameworks, viz
+from dycon import distributed, frameworks, preprocess, viz
 from dycon.checkpoint import load_checkpoint, save_checkpoint
-from dycon.config import check_amp_device, resolve_labelnum
-from dycon.data import PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases
+from dycon.config import check_amp_device
+from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
 from dycon.inference import segment
 from dycon.losses import dice_loss
 from dycon.metrics import dice
@@ -198,9 +198,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     set_determinism(t["deterministic"])
     torch.manual_seed(t["seed"])   # the initial weights; the same on every process
 
-    train_cases = list_cases(cfg["data"], "train")
-    labelnum = resolve_labelnum(cfg["data"]["labelnum"], len(train_cases))
-    labeled, unlabeled = labelled_split(len(train_cases), labelnum)
+    # with the unlabelled pool; splits.json and the preprocessing plan recorded in the run
+    train_cases, labeled, unlabeled = preprocess.training_data(cfg, run_dir if ctx.is_main else None)
+    labelnum = len(labeled)
     supervised = t["method"] == "supervised"
     sampler = TwoStreamBatchSampler(labeled, [] if supervised else unlabeled, t["labeled_bs"],
                                     0 if supervised else t["batch_size"] - t["labeled_bs"], seed=t["seed"])
@@ -208,7 +208,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
                            num_classes=cfg["model"]["num_classes"])
     loader = DataLoader(dataset, batch_sampler=distributed.ShardedBatchSampler(sampler, t["labeled_bs"], ctx),
                         num_workers=t["num_workers"], pin_memory=device.type == "cuda")
-    val_cases = list_cases(cfg["data"], "val") if cfg["val"]["every"] else []
+    val_cases = preprocess.wrap(list_cases(cfg["data"], "val"), cfg["data"]) if cfg["val"]["every"] else []
     # the case whose uncertainty images TensorBoard shows at every validation (dycon.viz)
     pictured = val_cases[0].load(cfg["model"]["num_classes"]) if val_cases and ctx.is_main else None
 
@@ -331,7 +331,8 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     device = pick_device(cfg["train"]["device"])
     model = build_model(cfg["model"]).to(device)
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
-    eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"]}
+    eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
+                "preprocessing": cfg["data"]["preprocessing"]}
     snapshots = viz.Snapshots(run_dir / "test_snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])
     rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg, on_case=snapshots)
     snapshots.finish()

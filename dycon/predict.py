@@ -19,7 +19,13 @@ Inputs (a file, or every such file in a folder):
   geometry), or with ``--h5`` ``<case>.h5`` holding the key ``prediction``; either way the
   array has the input's shape.
 
-Images must be preprocessed (intensity normalisation) the way the training data were.
+A model trained on a NIfTI data set carries its preprocessing plan (``dycon.preprocess``):
+inputs are reoriented, normalised and resampled as in training and the result is mapped back to
+the input's grid. Inputs to a model trained on an h5 layout must be preprocessed the way that
+data set's h5 files were.
+
+Outputs are named after the case id (LA's ``<id>/mri_norm2.h5`` gives ``<id>.nii.gz``); an
+existing output is an error unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -32,26 +38,28 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dycon.data import H5_LAYOUTS, Case, Volume
+from dycon.data import H5_LAYOUTS, NIFTI_ENDINGS, SITK_ENDINGS, Case, Volume
 from dycon.evaluate import add_model_args, load_model, resolve_checkpoint, run_settings
-from dycon.inference import segment
+from dycon.preprocess import predict_labels
 
 log = logging.getLogger("dycon.predict")
 
-CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_ENDINGS = NIFTI_ENDINGS + SITK_ENDINGS
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# h5 layouts whose files are named after a folder per case (LA: <id>/mri_norm2.h5)
+H5_CASE_FOLDER_FILES = ("mri_norm2.h5",)
 
 
 def _nifti_case_key(path: Path) -> tuple[str, int]:
-    """(case id, channel index) of a NIfTI file name."""
-    match = CHANNEL_FILE.match(path.name)
-    if match:
-        return match["case"], int(match["channel"])
-    return re.sub(r"\.nii(\.gz)?$", "", path.name), 0
+    """(case id, channel index) of an image file name (``<case>_0001.nii.gz``; no suffix: channel 0)."""
+    stem = next(path.name[:-len(e)] for e in IMAGE_ENDINGS if path.name.endswith(e))
+    match = CHANNEL_FILE.match(stem)
+    return (match["case"], int(match["channel"])) if match else (stem, 0)
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
+    """An image file read through ``Case.load`` (NIfTI, or NRRD / MHA with SimpleITK)."""
+    return path.name.endswith(IMAGE_ENDINGS)
 
 
 def find_inputs(path: str | Path) -> list[Case]:
@@ -64,18 +72,23 @@ def find_inputs(path: str | Path) -> list[Case]:
         if path.suffix == ".h5":
             return [_h5_case(path)]
         if not _is_nifti(path):
-            raise ValueError(f"input {path}: unsupported file type (expected .nii, .nii.gz or .h5)")
+            raise ValueError(f"input {path}: unsupported file type (expected {', '.join(IMAGE_ENDINGS)} or .h5)")
         case_id = _nifti_case_key(path)[0]
         files = [p for p in path.parent.iterdir() if _is_nifti(p) and _nifti_case_key(p)[0] == case_id]
     else:
         files = sorted(p for p in path.iterdir() if p.is_file() and (_is_nifti(p) or p.suffix == ".h5"))
+        # a released LA folder: one sub-folder per case
+        files += sorted(p for name in H5_CASE_FOLDER_FILES for p in path.glob(f"*/{name}"))
         if not files:
-            raise ValueError(f"input folder {path} holds no .nii, .nii.gz or .h5 file")
+            raise ValueError(f"input folder {path} holds no {', '.join(IMAGE_ENDINGS)} or .h5 file "
+                             f"(nor <case>/{' or '.join(H5_CASE_FOLDER_FILES)})")
     return _group(files)
 
 
 def _h5_case(path: Path) -> Case:
-    return Case(path.name[:-3], path, "h5", label_key=None)
+    """An h5 input; its id is the file's name, or the folder's for LA's ``<id>/mri_norm2.h5``."""
+    case_id = path.parent.name if path.name in H5_CASE_FOLDER_FILES else path.name[:-3]
+    return Case(case_id, path, "h5", label_key=None)
 
 
 def _group(files: list[Path]) -> list[Case]:
@@ -83,7 +96,10 @@ def _group(files: list[Path]) -> list[Case]:
     h5_cases: dict[str, Case] = {}
     for f in files:
         if f.suffix == ".h5":
-            h5_cases[f.name[:-3]] = _h5_case(f)
+            case = _h5_case(f)
+            if case.id in h5_cases:   # predictions are named after the id: one would overwrite the other
+                raise ValueError(f"case {case.id!r}: both {h5_cases[case.id].path} and {f} in the input")
+            h5_cases[case.id] = case
             continue
         case_id, channel = _nifti_case_key(f)
         if channel in channels.setdefault(case_id, {}):
@@ -106,8 +122,8 @@ def write_nifti(labels: np.ndarray, path: Path, like: Volume) -> None:
     import nibabel as nib
 
     labels = labels.astype(np.uint8)
-    if like.header is None:
-        img = nib.Nifti1Image(labels, np.eye(4))
+    if like.header is None:   # h5 (no geometry) or SimpleITK input (an affine, no NIfTI header)
+        img = nib.Nifti1Image(labels, np.eye(4) if like.affine is None else like.affine)
     else:
         header = like.header.copy()
         header.set_data_dtype(np.uint8)
@@ -123,26 +139,32 @@ def _h5_transpose(config: dict):
     return H5_LAYOUTS[layout][3] if layout in H5_LAYOUTS else None
 
 
-def predict_case(model, case: Case, output_dir: Path, pred_cfg: dict, h5_out: bool = False) -> Path:
-    """Segment one case and write it; returns the output path."""
+def predict_case(model, case: Case, output_dir: Path, pred_cfg: dict, h5_out: bool = False,
+                 overwrite: bool = False) -> Path:
+    """Segment one case and write it to ``output_dir/<case id>.nii.gz`` (``.h5``); returns the
+    output path. An existing output is an error unless ``overwrite``."""
+    out = _output_path(case, output_dir, h5_out)
+    if out.resolve() in {p.resolve() for p in case.image_files}:
+        raise ValueError(f"output {out} would overwrite its input; choose another --output folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"case {case.id!r}: output {out} exists already (--overwrite replaces it)")
     if case.layout == "h5":
         case = replace(case, transpose=pred_cfg["h5_transpose"])   # the axis order training used
     volume = case.load()
     if volume.image.shape[0] != pred_cfg["in_channels"]:
         raise ValueError(f"case {case.id!r}: {volume.image.shape[0]} channel(s) in "
                          f"{[str(p) for p in case.image_files]}, the model takes {pred_cfg['in_channels']}")
-    labels = segment(model, volume.image, pred_cfg["patch_size"], pred_cfg["stride_xy"], pred_cfg["stride_z"],
-                     pred_cfg["num_classes"], pred_cfg["largest_component"], pred_cfg["device"],
-                     pred_cfg["batch_size"])
+    labels = predict_labels(model, volume, pred_cfg, case.id)   # on the input's grid
     if case.transpose:
         labels = labels.transpose(np.argsort(case.transpose))   # back to the file's axis order
-    return _write_prediction(labels, case, volume, output_dir, h5_out)
+    return _write_prediction(labels, case, volume, out)
 
 
-def _write_prediction(labels: np.ndarray, case: Case, volume: Volume, output_dir: Path, h5_out: bool) -> Path:
-    out = output_dir / f"{case.id}{'.h5' if h5_out and case.layout == 'h5' else '.nii.gz'}"
-    if out.resolve() in {p.resolve() for p in case.image_files}:
-        raise ValueError(f"output {out} would overwrite its input; choose another --output folder")
+def _output_path(case: Case, output_dir: Path, h5_out: bool) -> Path:
+    return Path(output_dir) / f"{case.id}{'.h5' if h5_out and case.layout == 'h5' else '.nii.gz'}"
+
+
+def _write_prediction(labels: np.ndarray, case: Case, volume: Volume, out: Path) -> Path:
     if out.suffix == ".h5":
         with h5py.File(out, "w") as f:
             f.create_dataset("prediction", data=labels.astype(np.uint8), compression="gzip")
@@ -156,9 +178,11 @@ def _write_prediction(labels: np.ndarray, case: Case, volume: Volume, output_dir
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dycon.predict", description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--input", required=True, help="a .nii/.nii.gz/.h5 file or a folder of them")
+    p.add_argument("--input", required=True, help="an image file (.nii, .nii.gz, .h5; .nrrd, .mha with SimpleITK) "
+                                                  "or a folder of them")
     p.add_argument("--output", required=True, help="folder for the predictions")
     p.add_argument("--h5", action="store_true", help="write .h5 (key 'prediction') for .h5 inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: an error)")
     return p.parse_args(argv)
 
 
@@ -173,7 +197,7 @@ def main(argv=None) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for case in cases:
-        written.append(predict_case(model, case, output_dir, pred_cfg, args.h5))
+        written.append(predict_case(model, case, output_dir, pred_cfg, args.h5, args.overwrite))
         log.info("%s -> %s", case.id, written[-1])
     return written
 

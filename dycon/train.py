@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, help="FeCL patch labels and loss settings (default dycon)")
     p.add_argument("--root_path", help="data root")
     p.add_argument("--labelnum", help="labelled cases: a count or a share such as 10%%")
+    p.add_argument("--layout", help="data layout: brats, la, pancreas, isles, nifti, demo (default: the config's)")
+    p.add_argument("--fold", type=int, help="validate on cross-validation fold K (splits_final.json)")
     for flag in ("labeled_bs", "batch_size", "max_iterations", "seed", "feature_scaler", "base_filters",
                  "val_every", "num_workers", "checkpoint_every"):
         p.add_argument(f"--{flag}", type=int)
@@ -76,6 +78,9 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config)
     apply_flags(cfg, args)
     prepare_demo_data(cfg)
+    if cfg["data"]["layout"] == "nifti":   # the preprocessing plan, and the config's 'auto' values from it
+        from dycon.preprocess import configure
+        configure(cfg)
     check_config(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0   # under torchrun, only rank 0 writes
     if not (args.resume or args.output) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
