@@ -333,7 +333,8 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
     eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
                 "preprocessing": cfg["data"]["preprocessing"]}
-    snapshots = viz.Snapshots(run_dir / "test_snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])
+    # where ``python -m dycon.evaluate --run RUN_DIR`` puts them
+    snapshots = viz.Snapshots(run_dir / "eval_test_student" / "snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])
     rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg, on_case=snapshots)
     snapshots.finish()
     with open(run_dir / "test_cases.csv", "w", newline="") as f:

@@ -377,8 +377,8 @@ def test_training_writes_images_curves_and_test_snapshots(tmp_path, data_root): 
     np.testing.assert_array_equal(steps, [1, 2, 3])
 
     loop.test_run(cfg, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "test_snapshots").iterdir()) == ["case_007.png", "case_008.png",
-                                                                              "montage.png"]
+    snapshots = tmp_path / "eval_test_student" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["case_007.png", "case_008.png", "montage.png"]
 
 
 def test_bad_input_is_named():
