@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dycon.viz import runs_figure, save_figure, write_curves
+from dycon.viz import runs_figure, save_figure, write_curves   # matplotlib, no torch
 
 
 def _parse_args(argv=None) -> argparse.Namespace:

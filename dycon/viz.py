@@ -19,6 +19,10 @@ outside its mask and the predicted one just inside, so a perfect prediction show
 by side. Panels are placed on whole pixels and shown without resampling: the PNG holds the
 panel arrays unchanged.
 
+torch is imported only by the functions that need it (overlays: the connected components of
+``dycon.inference``; uncertainty images: the networks and kernels), not by the curves, so that
+``python -m dycon.plot`` starts quickly.
+
 Orientation: volumes are ``(X, Y, Z)``. A slice across one axis shows the two others, the first
 from left to right and the second from bottom to top.
 """
@@ -33,16 +37,12 @@ from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
-import torch
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-import dycon_kernels
-from dycon.inference import keep_largest_component
-from dycon_kernels.reference import UNCL_EPS
 
 # Okabe & Ito's palette: distinct for the common colour-vision deficiencies
 OKABE_ITO = {"orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73", "yellow": "#F0E442",
@@ -134,6 +134,8 @@ def lesion_centre(label: np.ndarray, pred: Optional[np.ndarray] = None) -> tuple
     """Where to slice: along each axis, the slice with the largest cross-section of the ground
     truth's largest connected component (of the prediction's when the ground truth is empty;
     the middle of the volume when both are empty)."""
+    from dycon.inference import keep_largest_component   # imports torch
+
     for mask in (label, pred):
         if mask is not None and np.any(mask):
             component = keep_largest_component(np.asarray(mask) > 0).astype(bool)
@@ -337,6 +339,7 @@ def _file_name(case_id: str) -> str:
 
 def entropy(probs: np.ndarray) -> np.ndarray:
     """``-sum_c p_c log(p_c + eps)`` over axis 0, as UnCL defines it (losses.md section 1)."""
+    from dycon_kernels.reference import UNCL_EPS
     probs = np.asarray(probs, dtype=np.float64)
     return -(probs * np.log(probs + UNCL_EPS)).sum(axis=0)
 
@@ -429,7 +432,6 @@ def _eval_mode(*models):
             m.train(mode)
 
 
-@torch.no_grad()
 def validation_images(student, teacher, volume, cfg: dict, beta: Optional[float], device) -> dict[str, np.ndarray]:
     """``uncertainty_images`` of one labelled case at the current training state.
 
@@ -440,18 +442,22 @@ def validation_images(student, teacher, volume, cfg: dict, beta: Optional[float]
     unlabelled volume (teacher-derived under the ``dycon`` preset, from the ground truth under
     ``official``, as the released code does).
     """
+    import torch
+
+    import dycon_kernels
+
     image, label, centre = lesion_window(volume, cfg["train"]["patch_size"])
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     models = [m for m in (student, teacher) if m is not None]
-    with _eval_mode(*models):
+    with _eval_mode(*models), torch.no_grad():
         logits = [m(x)[0].float() for m in models]   # the networks return (logits, embeddings)
-    probs = [lg.softmax(1)[0, ..., centre[2]].cpu().numpy() for lg in logits]
-    extra = {}
-    if teacher is not None and beta is not None:
-        loss_map = dycon_kernels.uncl(logits[0], logits[1], beta, reduction="none",
-                                      backend=cfg["train"]["kernel_backend"])
-        extra = dict(beta=beta, loss_map=loss_map[0, ..., centre[2]].cpu().numpy(),
-                     patch_labels=_patch_label_slice(label, logits[1], centre[2], cfg))
+        probs = [lg.softmax(1)[0, ..., centre[2]].cpu().numpy() for lg in logits]
+        extra = {}
+        if teacher is not None and beta is not None:
+            loss_map = dycon_kernels.uncl(logits[0], logits[1], beta, reduction="none",
+                                          backend=cfg["train"]["kernel_backend"])
+            extra = dict(beta=beta, loss_map=loss_map[0, ..., centre[2]].cpu().numpy(),
+                         patch_labels=_patch_label_slice(label, logits[1], centre[2], cfg))
     return uncertainty_images(image[0, ..., centre[2]], label[..., centre[2]], probs[0],
                               probs[1] if teacher is not None else None, **extra)
 
@@ -459,6 +465,8 @@ def validation_images(student, teacher, volume, cfg: dict, beta: Optional[float]
 def _patch_label_slice(label: np.ndarray, teacher_logits: torch.Tensor, z: int, cfg: dict) -> np.ndarray:
     """FeCL's patch labels of the window, treated as an unlabelled volume: the slice of the patch
     grid that holds voxel slice ``z``."""
+    import torch
+
     from dycon.losses import patch_grid, patch_labels_dycon, patch_labels_official   # training code
 
     grid = patch_grid(cfg)

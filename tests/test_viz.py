@@ -261,6 +261,20 @@ def test_curves_png_and_plot_cli(tmp_path):
     assert [line.get_label() for line in fig.axes[1].lines] == ["run_a", "run_b"]
 
 
+def test_plot_does_not_import_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    write_metrics(tmp_path / "run", training_rows(1.0))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; from dycon import plot; plot.main([{str(tmp_path / 'run')!r}, '-o', "
+            f"{str(tmp_path / 'c.png')!r}]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip().splitlines()[-1] == "False" and png_size(tmp_path / "c.png") == (1100, 450)
+
+
 # ---- uncertainty images ------------------------------------------------------------------------
 
 def uncl_weight_by_reference(s_logits, t_logits, beta):
