@@ -2,13 +2,14 @@
 
     python -m dycon.evaluate --run RUN_DIR | --checkpoint PATH [--split test] [--weights student|teacher]
         [--root_path DATA] [--stride_xy 16 --stride_z 4] [--no-largest-component]
-        [--hd monai] [--units mm] [--output DIR] [--device cpu]
+        [--hd monai] [--units mm] [--output DIR] [--device cpu] [--snapshots N]
 
 Strides, post-processing, HD95 definition and units default to the run's ``test`` config,
 else to the released test script's (16, 4, largest component, medpy, voxels).
 
 Writes ``cases.csv`` (one row per case and foreground class), ``summary.json`` and
-``summary.txt`` (mean and std, with the metric definitions and units) to the output folder.
+``summary.txt`` (mean and std, with the metric definitions and units) to the output folder, and
+overlay pictures of the first N cases plus a best/worst montage to its ``snapshots/`` (``dycon.viz``).
 Metric definitions: ``dycon.metrics``.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dycon.data import list_cases
 from dycon.preprocess import predict_labels
 from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
 from dycon.networks import build_model
+from dycon.viz import DEFAULT_SNAPSHOTS, Snapshots
 
 log = logging.getLogger("dycon.evaluate")
 PROG = "python -m dycon.evaluate"
@@ -74,14 +76,15 @@ def _case_spacing(case, volume, units: str):
     return volume.spacing
 
 
-def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict) -> tuple[list[dict], dict]:
+def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict, on_case=None) -> tuple[list[dict], dict]:
     """Segment and score every case; returns (per-case rows, summary).
 
     ``eval_cfg``: ``patch_size``, ``stride_xy``, ``stride_z``, ``num_classes`` (required);
     ``largest_component`` (True), ``hd_definition`` ('medpy' | 'monai'), ``units``
     ('voxel' | 'mm'), ``device`` (default: the model's), ``batch_size`` (1).
     Each row: ``case``, ``class`` (foreground label), ``dice``, ``jaccard``, ``hd95``, ``asd``,
-    ``empty`` (see ``dycon.metrics.case_metrics``).
+    ``empty`` (see ``dycon.metrics.case_metrics``). ``on_case(case, volume, pred, case_rows)``, if
+    given, is called after each case (e.g. ``dycon.viz.Snapshots``).
     """
     cfg = _complete_cfg(eval_cfg)
     device = torch.device(cfg["device"]) if cfg["device"] else next(model.parameters()).device
@@ -96,12 +99,16 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict) -> tuple[list[
                              f"shape {volume.image.shape} (C, X, Y, Z) in {volume.path}")
         spacing = _case_spacing(case, volume, cfg["units"])
         pred = predict_labels(model, volume, dict(cfg, device=device), case.id)   # on the label's own grid
+        case_rows = []
         for c in range(1, cfg["num_classes"]):
             row = {"case": case.id, "class": c,
                    **case_metrics(pred == c, volume.label == c, spacing, cfg["hd_definition"])}
             log.info("%s class %d: Dice %.4f  Jaccard %.4f  HD95 %.2f  ASD %.2f%s", case.id, c, row["dice"],
                      row["jaccard"], row["hd95"], row["asd"], f"  (empty {row['empty']})" if row["empty"] else "")
-            rows.append(row)
+            case_rows.append(row)
+        if on_case is not None:
+            on_case(case, volume, pred, case_rows)
+        rows += case_rows
     return rows, summarize(rows, cfg)
 
 
@@ -256,6 +263,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--units", choices=UNITS, help="distance units (default: the run's test config, else voxel)")
     p.add_argument("--output", help="report folder (default: RUN/eval_<split>_<weights>, or "
                                     "eval_<checkpoint name>_<split>_<weights> beside the checkpoint)")
+    p.add_argument("--snapshots", type=int, default=DEFAULT_SNAPSHOTS, metavar="N",
+                   help="overlay PNGs of the first N cases and a best/worst montage in OUTPUT/snapshots "
+                        f"(default {DEFAULT_SNAPSHOTS}; 0: none)")
     return p
 
 
@@ -270,13 +280,18 @@ def main(argv=None) -> dict:
     if args.split == "val":
         log.warning("evaluating on 'val', the split used to select the best checkpoint: the numbers are optimistic")
     eval_cfg = run_settings(args, config, RELEASED_TEST)
-    rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg)
-    summary.update(checkpoint=str(path), weights=args.weights, split=args.split)
     default_out = (report_dir(args.run, args.split, args.weights) if args.run
                    else path.parent / f"eval_{path.stem}_{args.split}_{args.weights}")
-    out = write_report(rows, summary, args.output or default_out)
+    out = Path(args.output or default_out)
+    snapshots = Snapshots(out / "snapshots", args.snapshots, eval_cfg["units"]) if args.snapshots else None
+    rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg, on_case=snapshots)
+    summary.update(checkpoint=str(path), weights=args.weights, split=args.split)
+    write_report(rows, summary, out)
     print(format_table(summary))
     print("wrote " + ", ".join(str(out / name) for name in REPORT_FILES))
+    if snapshots is not None:
+        snapshots.finish()
+        print(f"wrote {len(snapshots.written)} picture(s) to {out / 'snapshots'}")
     return summary
 
 

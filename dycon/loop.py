@@ -2,10 +2,11 @@
 validation, logging (train.log, metrics.csv, TensorBoard), checkpoints and exact resume.
 
 Everything a run needs is one plain dict (dycon/config.py); it is saved as ``config.yaml`` in the
-run directory together with the log, ``metrics.csv``, TensorBoard scalars, and ``latest.pt`` /
-``best.pt`` checkpoints. Under ``torchrun`` the global batch is split between the processes
-(dycon/distributed.py) and the run is the same as one process on the whole batch; only rank 0
-writes.
+run directory together with the log, ``metrics.csv``, TensorBoard scalars (and, at each
+validation, the uncertainty images of the first validation case, dycon/viz.py), ``curves.png``
+(drawn at the end of every training call), and ``latest.pt`` / ``best.pt`` checkpoints. Under
+``torchrun`` the global batch is split between the processes (dycon/distributed.py) and the run
+is the same as one process on the whole batch; only rank 0 writes.
 
 All randomness of a step is keyed by the seed and the batch number (crops and augmentation by
 the sampler, the teacher's noise by the volume's slot, dropout by the process), so a run resumed
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dycon import distributed, frameworks, preprocess
+from dycon import distributed, frameworks, preprocess, viz
 from dycon.checkpoint import load_checkpoint, save_checkpoint
 from dycon.config import check_amp_device
 from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
@@ -136,6 +137,10 @@ class MetricsLog:
             if key not in ("step", "epoch") and value not in ("", None):
                 self.tb.add_scalar(f"train/{key}" if key != "val_dice" else "val/dice", value, row["step"])
 
+    def images(self, images: dict, step: int) -> None:
+        for name, rgb in images.items():
+            self.tb.add_image(f"val_images/{name}", rgb, step, dataformats="HWC")
+
     def close(self) -> None:
         self.tb.close()
 
@@ -143,6 +148,9 @@ class MetricsLog:
 class NoMetrics:
     """What processes other than the main one log: nothing."""
     def write(self, row: dict) -> None:
+        pass
+
+    def images(self, images: dict, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -203,6 +211,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     loader = DataLoader(dataset, batch_sampler=distributed.ShardedBatchSampler(sampler, t["labeled_bs"], ctx),
                         num_workers=t["num_workers"], pin_memory=device.type == "cuda")
     val_cases = preprocess.wrap(list_cases(cfg["data"], "val"), cfg["data"]) if cfg["val"]["every"] else []
+    # the case whose uncertainty images TensorBoard shows at every validation (dycon.viz)
+    pictured = val_cases[0].load(cfg["model"]["num_classes"]) if val_cases and ctx.is_main else None
 
     framework = frameworks.build(cfg, device, ctx)
     optimizer = torch.optim.SGD(framework.parameters(), lr=t["base_lr"], momentum=t["momentum"],
@@ -293,6 +303,10 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
         if cfg["val"]["every"] and (step % cfg["val"]["every"] == 0 or step == t["max_iterations"]):
             val_dice = validate(framework.student, val_cases, cfg, device, ctx)
             metrics.write({"step": step, "epoch": epoch, "val_dice": val_dice})
+            if pictured is not None:
+                teacher = framework.teacher if framework.objective.uses_teacher else None
+                metrics.images(viz.validation_images(framework.student, teacher, pictured, cfg,
+                                                     last_stats.get("beta"), device), step)
             if val_dice > best_dice:
                 best_dice, best_step = val_dice, step
                 checkpoint("best.pt")
@@ -304,6 +318,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     bar.close()
     checkpoint("latest.pt")
     metrics.close()
+    if ctx.is_main:
+        viz.write_curves(run_dir)
     seconds = time.time() - start
     log.info("stopped at step %d after %.0f s (%d non-finite steps skipped)", step, seconds, skipped)
     return {"step": step, "best_dice": best_dice, "best_step": best_step, "skipped": skipped, "seconds": seconds}
@@ -320,8 +336,11 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
     eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
                 "preprocessing": cfg["data"]["preprocessing"]}
-    rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg)
+    out = report_dir(run_dir, "test", "student")
+    snapshots = viz.Snapshots(out / "snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])
+    rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg, on_case=snapshots)
+    snapshots.finish()
     summary.update(checkpoint=str(run_dir / name), weights="student", split="test")
-    out = write_report(rows, summary, report_dir(run_dir, "test", "student"))
+    write_report(rows, summary, out)
     log.info("test set (report in %s):\n%s", out, format_table(summary))
     return summary
