@@ -134,14 +134,13 @@ def test_threads_flag_then_environment(monkeypatch):
         cli.choose_threads(0)
 
 
-def test_train_records_its_thread_count(tmp_path, monkeypatch):
+def test_train_records_its_thread_count_and_generates_the_demo_only_when_asked(tmp_path, monkeypatch):
     from dycon import loop
-    from dycon.demo import ensure_demo_data
 
-    root = ensure_demo_data(tmp_path / "demo", size=16, splits={"train": 2, "val": 1, "test": 1})
     seen = {}
     monkeypatch.setattr(loop, "train", lambda cfg, run_dir, resume: seen.setdefault("threads", cfg["train"]["threads"]))
-    run = tmp_path / "run"
-    train.main(["--root_path", str(root), "--threads", "2", "--no-test", "--output", str(run)])
+    root, run = tmp_path / "demo", tmp_path / "run"
+    train.main(["--root_path", str(root), "--generate-demo", "--threads", "2", "--no-test", "--output", str(run)])
+    assert (root / "demo_version.txt").is_file()
     assert seen["threads"] == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["threads"] == 2
