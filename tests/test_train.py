@@ -65,6 +65,7 @@ def test_each_framework_method_and_preset_trains(tmp_path, data_root, framework,
             assert 0 <= float(row["val_patch_recall"]) <= 1
     log_text = (tmp_path / "train.log").read_text()
     assert ("label leakage" in log_text) == (method == "dycon" and preset == "official")
+    assert ("validation pseudo-label patches: precision" in log_text) == (method == "dycon" and preset == "dycon")
     assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
 
 
