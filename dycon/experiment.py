@@ -494,18 +494,18 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         grid.variants[method] = {"train.method": method}
     for name, *assignments in args.variant:
         grid.variants[name] = parse_assignments(assignments, f"--variant {name}")
-    if args.variants:
+    for key in ("seeds", "draws", "draw_key", "reference"):
+        if getattr(args, key) is not None:
+            setattr(grid, key, getattr(args, key))
+    grid.compare = [*grid.compare, *args.compare]
+    grid.check()
+    if args.variants:   # a subset: the comparisons that involve variants left out are left out too
         unknown = sorted(set(args.variants) - set(grid.variants))
         if unknown:
             raise ValueError(f"--variants {unknown}: not in the grid (variants: {list(grid.variants)})")
         grid.variants = {n: grid.variants[n] for n in args.variants}
-    for key in ("seeds", "draws", "draw_key", "reference"):
-        if getattr(args, key) is not None:
-            setattr(grid, key, getattr(args, key))
-    if grid.reference not in grid.variants:
-        grid.reference = None
-    grid.compare = [p for p in [*grid.compare, *args.compare] if all(n in grid.variants for n in p)]
-    grid.check()
+        grid.reference = grid.reference if grid.reference in grid.variants else None
+        grid.compare = [p for p in grid.compare if all(n in grid.variants for n in p)]
     return grid
 
 

@@ -158,6 +158,10 @@ def test_grid_file_and_flags(tmp_path):
     assert grid.seeds == [1, 2]
     assert grid.pairs() == [("x", "dycon"), ("y", "dycon"), ("z", "dycon"), ("y", "x")]
     assert [c.name for c in E.cells(grid)][:5] == ["x/seed1", "y/seed1", "dycon/seed1", "z/seed1", "x/seed2"]
+    subset = E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--variants", "x", "y"]))
+    assert list(subset.variants) == ["x", "y"] and subset.pairs() == [("y", "x")]
+    with pytest.raises(ValueError, match="compare/reference"):
+        E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--reference", "typo"]))
     path.write_text(yaml.safe_dump({"variants": {"bad name": {}}}))
     with pytest.raises(ValueError, match="variant names"):
         E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o"]))
