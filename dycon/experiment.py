@@ -53,7 +53,6 @@ STEM`` writes the same three files also as ``STEM.csv``, ``STEM.md``, ``STEM.png
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import logging
@@ -347,7 +346,8 @@ def _average_cases(per_run: dict[tuple, dict[str, float]]) -> dict[str, float]:
 
 def _pm(mean_sd_pair, scale: float, digits: int) -> str:
     mean, sd = mean_sd_pair
-    return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}" if math.isfinite(sd) else f"{mean * scale:.{digits}f}"
+    text = f"{mean * scale:.{digits}f}"
+    return f"{text} ± {sd * scale:.{digits}f}" if math.isfinite(sd) else text
 
 
 def _ci(interval, scale: float, digits: int) -> str:
@@ -383,13 +383,15 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         "t-interval; Wilcoxon signed-rank p (two-sided) over the test cases, each case's score first "
         "averaged over those runs.",
         "",
-        "| A − B | runs | Δ Dice (pp) | 95 % t-interval | Wilcoxon p (cases) | Δ HD95 | 95 % t-interval | Wilcoxon p |",
+        "| A − B | runs | Δ Dice (pp) | 95 % t-interval | Wilcoxon p (cases) | Δ HD95 | 95 % t-interval "
+        "| Wilcoxon p |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for pr in agg["pairs"]:
         d, h = pr["dice"], pr["hd95"]
-        lines.append(f"| {pr['a']} − {pr['b']} | {pr['paired_runs']} | {d['mean'] * 100:+.2f} | {_ci(d['ci'], 100, 2)} | "
-                     f"{d['wilcoxon_p']:.3g} ({d['cases']}) | {h['mean']:+.2f} | {_ci(h['ci'], 1, 2)} | "
+        lines.append(f"| {pr['a']} − {pr['b']} | {pr['paired_runs']} | {d['mean'] * 100:+.2f} | "
+                     f"{_ci(d['ci'], 100, 2)} | {d['wilcoxon_p']:.3g} ({d['cases']}) | {h['mean']:+.2f} | "
+                     f"{_ci(h['ci'], 1, 2)} | "
                      f"{h['wilcoxon_p']:.3g} |")
     definition = records[0]["definition"] if records else ""
     lines += ["", f"Dice as a percentage. {definition}", "", f"Command: `{command}`", ""]
@@ -400,14 +402,15 @@ def _flat(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(config as is)"
 
 
-def plot(agg: dict, path: Path, title: str) -> None:
+def plot(agg: dict, path: Path, title: str, hd_unit: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(agg["variants"])
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 0.6 * len(names) + 3), 4.2), constrained_layout=True)
-    for ax, (metric, label, scale) in zip(axes, (("dice", "test Dice (%)", 100), ("hd95", "test HD95", 1))):
+    panels = (("dice", "test Dice (%)", 100), ("hd95", f"test HD95 ({hd_unit})", 1))
+    for ax, (metric, label, scale) in zip(axes, panels):
         for x, name in enumerate(names):
             entry = agg["variants"][name][metric]
             values = np.asarray(entry["values"]) * scale
@@ -434,7 +437,7 @@ def write_reports(agg: dict, grid: Grid, records: list[dict], missing: list[str]
             writer = csv.DictWriter(f, RESULT_COLUMNS)
             writer.writeheader()
             writer.writerows(result_row(r) for r in records)
-        plot(agg, stem.with_suffix(".png"), f"config {grid.config}")
+        plot(agg, stem.with_suffix(".png"), f"config {grid.config}", records[0]["config"]["test"]["units"])
 
 
 def result_row(record: dict) -> dict:

@@ -104,7 +104,8 @@ def test_changed_cell_config_is_refused(tmp_path, grid_file):
 
 def record(variant, seed, dice, hd95):
     return {"cell": {"variant": variant, "seed": seed, "draw": None},
-            "cases": [{"case": f"c{k}", "class": 1.0, "dice": d, "hd95": h} for k, (d, h) in enumerate(zip(dice, hd95))]}
+            "cases": [{"case": f"c{k}", "class": 1.0, "dice": d, "hd95": h}
+                      for k, (d, h) in enumerate(zip(dice, hd95))]}
 
 
 def test_mean_sd_and_t_interval_by_hand():
@@ -158,7 +159,8 @@ def test_grid_file_and_flags(tmp_path):
     assert grid.seeds == [1, 2]
     assert grid.pairs() == [("x", "dycon"), ("y", "dycon"), ("z", "dycon"), ("y", "x")]
     assert [c.name for c in E.cells(grid)][:5] == ["x/seed1", "y/seed1", "dycon/seed1", "z/seed1", "x/seed2"]
-    subset = E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--variants", "x", "y"]))
+    args = E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--variants", "x", "y"])
+    subset = E.grid_from_args(args)
     assert list(subset.variants) == ["x", "y"] and subset.pairs() == [("y", "x")]
     with pytest.raises(ValueError, match="compare/reference"):
         E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--reference", "typo"]))
