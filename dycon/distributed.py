@@ -4,7 +4,7 @@ Launched with ``torchrun --nproc_per_node K -m dycon.train ...`` every process (
 the same model on its share of each global batch. The design goal is that K processes compute
 exactly what one process computes on the whole global batch (to float rounding):
 
-- every loss is written as ratios of batch sums (``dycon.train.loss_sums``); the sums are
+- every loss is written as ratios of batch sums (``dycon.losses``); the sums are
   added over the ranks with one differentiable ``all_reduce`` per step, so every rank holds the
   global loss. Its backward all-reduces the gradient of each sum, so each rank back-propagates
   K times its share of the global gradient, and DistributedDataParallel's averaging over the K
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -51,6 +52,12 @@ def init(device_type: str) -> Context:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def derived_seed(*key: int) -> int:
+    """A 63-bit seed that depends on every part of ``key`` (NumPy's SeedSequence mixing): the
+    trainer keys each random draw by the seed, the batch number and the volume's slot or rank."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def shutdown(ctx: Context) -> None:

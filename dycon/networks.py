@@ -6,7 +6,7 @@ Both return ``(segmentation_logits, embeddings)``:
 - ``embeddings``: ``(B, N, embed_dim)``, one L2-normalised vector per patch, ``N`` patches on a
   grid of ``input / (16 / feature_scaler)`` (a 96^3 input with scaler 2 gives 12^3 = 1728
   patches of 8^3 voxels). Patches are listed in C order of the grid, the same order as
-  ``patch_grid_labels(...).flatten(1)`` in ``dycon.train``.
+  ``patch_labels_dycon(...)`` in ``dycon.losses``.
 
 The input's spatial size must be divisible by 16 (four 2x downsamplings).
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 import yaml
 
-from dycon import train as T
+from dycon import config as C, loop, losses, schedules, train as T
+from dycon.checkpoint import load_checkpoint
 from dycon.demo import ensure_demo_data
+from dycon.frameworks.mean_teacher import ema_update
 from dycon.networks import build_model
 
 
@@ -28,7 +30,7 @@ def tiny_config(root, **train):
         "val": {"every": 2, "stride_xy": 16, "stride_z": 16},
         "test": {"stride_xy": 16, "stride_z": 16, "largest_component": False},
     }
-    return T.merge_config(T.DEFAULTS, raw, "test")
+    return C.merge_config(C.DEFAULTS, raw, "test")
 
 
 def read_metrics(run_dir):
@@ -40,7 +42,7 @@ def read_metrics(run_dir):
                                            ("dycon", "dycon"), ("dycon", "official")])
 def test_each_method_and_preset_trains(tmp_path, data_root, method, preset):
     cfg = tiny_config(data_root, method=method, preset=preset, max_iterations=3)
-    result = T.train(cfg, tmp_path)
+    result = loop.train(cfg, tmp_path)
     assert result["step"] == 3 and result["skipped"] == 0 and 0 <= result["best_dice"] <= 1
     rows = [r for r in read_metrics(tmp_path) if r["total"]]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
@@ -55,12 +57,12 @@ def test_each_method_and_preset_trains(tmp_path, data_root, method, preset):
 
 def test_resume_gives_the_same_weights(tmp_path, data_root):
     cfg = tiny_config(data_root)
-    T.train(cfg, tmp_path / "straight")
-    T.train(cfg, tmp_path / "split", stop_after=2)
-    assert T.load_checkpoint(tmp_path / "split" / "latest.pt")["step"] == 2
-    T.train(cfg, tmp_path / "split", resume=True)
-    a = T.load_checkpoint(tmp_path / "straight" / "latest.pt")
-    b = T.load_checkpoint(tmp_path / "split" / "latest.pt")
+    loop.train(cfg, tmp_path / "straight")
+    loop.train(cfg, tmp_path / "split", stop_after=2)
+    assert load_checkpoint(tmp_path / "split" / "latest.pt")["step"] == 2
+    loop.train(cfg, tmp_path / "split", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "latest.pt")
+    b = load_checkpoint(tmp_path / "split" / "latest.pt")
     assert a["step"] == b["step"] == 4 and a["best_dice"] == b["best_dice"]
     for key in ("student", "teacher"):
         for name in a[key]:
@@ -72,7 +74,7 @@ def test_resume_gives_the_same_weights(tmp_path, data_root):
 
 
 def test_checkpoint_is_weights_only_and_complete(tmp_path, data_root):
-    T.train(tiny_config(data_root, max_iterations=2), tmp_path)
+    loop.train(tiny_config(data_root, max_iterations=2), tmp_path)
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     for key in ("student", "teacher", "optimizer", "step", "config", "best_dice", "sampler", "grad_scaler"):
         assert key in ckpt
@@ -82,7 +84,7 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, data_root):
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root, monkeypatch):
-    real, calls = T.compute_losses, []
+    real, calls = loop.compute_losses, []
 
     def sometimes_nan(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -91,8 +93,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root, monkeypat
             out["total"] = out["total"] * float("nan")
         return out
 
-    monkeypatch.setattr(T, "compute_losses", sometimes_nan)
-    result = T.train(tiny_config(data_root, max_iterations=3), tmp_path)
+    monkeypatch.setattr(loop, "compute_losses", sometimes_nan)
+    result = loop.train(tiny_config(data_root, max_iterations=3), tmp_path)
     assert result["step"] == 3 and result["skipped"] == 1 and len(calls) == 4
     assert [r["skipped"] for r in read_metrics(tmp_path) if r["total"]] == ["0", "1", "1"]
     assert "step 1: non-finite loss" in (tmp_path / "train.log").read_text()
@@ -121,30 +123,30 @@ def test_patch_labels_and_anchor_weights():
     probs[:, 0] = 0.9                          # a confident teacher that sees only background
     probs[:, 1] = 0.1
     probs[1, :, 8:, 8:, 8:] = 0.5              # and one unsure block in the unlabelled volume
-    patch = T.patch_labels_dycon(labels, probs, 1, [2, 2, 2], {"patch_purity": 0.6, "teacher_confidence": 0.7})
+    patch = losses.patch_labels_dycon(labels, probs, 1, [2, 2, 2], {"patch_purity": 0.6, "teacher_confidence": 0.7})
     assert patch.shape == (2, 8)
     assert patch[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]          # labelled: ground truth, majority
     assert patch[1].tolist() == [0, 0, 0, 0, 0, 0, 0, -1]         # unlabelled: teacher, unsure -> -1
-    official = T.patch_labels_official(labels, [2, 2, 2])
+    official = losses.patch_labels_official(labels, [2, 2, 2])
     assert official[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
-    u = T.anchor_weights(torch.zeros(1, 2, 16, 16, 16), [2, 2, 2])
+    u = losses.anchor_weights(torch.zeros(1, 2, 16, 16, 16), [2, 2, 2])
     torch.testing.assert_close(u, torch.full((1, 8), 2.0), atol=1e-4, rtol=0)   # max entropy -> 1 + 1
 
 
 def test_schedules_and_ema():
     loss_cfg = {"beta_max": 5.0, "beta_min": 0.5, "s_beta": None}
-    assert T.beta_at(0, 10, loss_cfg) == 5.0 and abs(T.beta_at(10, 10, loss_cfg) - 0.5) < 1e-12
-    assert T.beta_at(3, 10, {**loss_cfg, "s_beta": 1.5}) == 1.5
+    assert schedules.beta_at(0, 10, loss_cfg) == 5.0 and abs(schedules.beta_at(10, 10, loss_cfg) - 0.5) < 1e-12
+    assert schedules.beta_at(3, 10, {**loss_cfg, "s_beta": 1.5}) == 1.5
     train_cfg = {"consistency": 0.1, "consistency_rampup": 200.0}
-    assert T.consistency_weight(0, train_cfg) == pytest.approx(0.1 * math.exp(-5))
-    assert T.consistency_weight(150 * 200, train_cfg) == pytest.approx(0.1)
+    assert schedules.consistency_weight(0, train_cfg) == pytest.approx(0.1 * math.exp(-5))
+    assert schedules.consistency_weight(150 * 200, train_cfg) == pytest.approx(0.1)
     student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     teacher = copy.deepcopy(student)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
         student[1].running_mean.fill_(3.0)
-    T.ema_update(teacher, student, 0.99, step=0)     # alpha = 0: the teacher becomes the student
+    ema_update(teacher, student, 0.99, step=0)     # alpha = 0: the teacher becomes the student
     for tp, sp in zip(teacher.state_dict().values(), student.state_dict().values()):
         assert torch.equal(tp, sp)
 
@@ -153,12 +155,39 @@ def test_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_iters: 5\n")
     with pytest.raises(ValueError, match="bad.yaml.*train.max_iters"):
-        T.load_config(str(bad))
+        C.load_config(str(bad))
     with pytest.raises(FileNotFoundError, match="nope"):
-        T.load_config("nope")
-    cfg = T.load_config("brats19")
+        C.load_config("nope")
+    cfg = C.load_config("brats19")
     assert cfg["train"]["patch_size"] == [96, 96, 96] and cfg["train"]["max_iterations"] == 20000
     cfg["train"]["method"] = "fixmatch"
     with pytest.raises(ValueError, match="train.method"):
-        T.check_config(cfg)
-    assert T.resolve_labelnum("10%", 40) == 4 and T.resolve_labelnum(7, 40) == 7
+        C.check_config(cfg)
+    assert C.resolve_labelnum("10%", 40) == 4 and C.resolve_labelnum(7, 40) == 7
+
+
+def test_overrides_set_dotted_keys_and_name_unknown_ones():
+    cfg = C.load_config("demo")
+    C.apply_overrides(cfg, {"loss.temp": 0.5, "train.u_weight": 0.0, "name": "ablation"})
+    assert cfg["loss"]["temp"] == 0.5 and cfg["train"]["u_weight"] == 0.0 and cfg["name"] == "ablation"
+    for bad in ("loss.tmp", "nope.temp", "loss", "loss.temp.x"):
+        with pytest.raises(ValueError, match=f"unknown config key '{bad}'"):
+            C.apply_overrides(cfg, {bad: 1})
+    assert C.parse_override("train.patch_size=[64, 64, 32]") == ("train.patch_size", [64, 64, 32])
+    assert C.parse_override("loss.s_beta=null") == ("loss.s_beta", None)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        C.parse_override("loss.temp")
+    args = T.parse_args(["--temp", "0.3", "--set", "loss.temp=0.4", "--set", "train.preset=official"])
+    C.apply_flags(cfg, args)
+    assert cfg["loss"]["temp"] == 0.4 and cfg["train"]["preset"] == "official"   # --set comes last
+
+
+def test_help_does_not_import_torch():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys; from dycon import train; train.parse_args(['--method', 'dycon']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "False"

@@ -14,7 +14,8 @@ import yaml
 
 from torch.utils.data import default_collate
 
-from dycon import train as T
+from dycon import config as C, frameworks, loop
+from dycon.checkpoint import load_checkpoint
 from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
 from dycon.demo import ensure_demo_data
 from dycon.distributed import Context
@@ -39,7 +40,7 @@ def tiny_config(root, model=None, **train):
         "val": {"every": 0},
         "test": {"stride_xy": 16, "stride_z": 16, "largest_component": False},
     }
-    return T.merge_config(T.DEFAULTS, raw, "test")
+    return C.merge_config(C.DEFAULTS, raw, "test")
 
 
 def read_metrics(run_dir):
@@ -99,7 +100,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, data
     runs = {n: cli("--config", config, "--output", str(tmp_path / f"np{n}"), nproc=n) for n in (1, 2)}
     for n, proc in runs.items():
         assert proc.wait(timeout=600) == 0, f"{n}-process run failed"
-    one, two = (T.load_checkpoint(tmp_path / f"np{n}" / "latest.pt") for n in (1, 2))
+    one, two = (load_checkpoint(tmp_path / f"np{n}" / "latest.pt") for n in (1, 2))
     rows1, rows2 = read_metrics(tmp_path / "np1"), read_metrics(tmp_path / "np2")
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == ["1", "2", "3"]
     assert all(float(r["fecl"]) > 0.1 and float(r["uncl"]) > 0.1 for r in rows1)   # every term is at work
@@ -131,7 +132,7 @@ def first_batch(cfg):
 
 
 # X = 48: PyTorch's CPU bf16 Conv3d weight gradient is wrong for inputs 2 voxels deep (a 32-voxel
-# patch's bottleneck); train.check_amp_device refuses those patches, tested below.
+# patch's bottleneck); config.check_amp_device refuses those patches, tested below.
 AMP_PATCH = [48, 32, 32]
 
 
@@ -141,10 +142,10 @@ def test_mixed_precision_losses_are_close_to_float32(data_root, amp):
     for mode in (None, amp):
         cfg = tiny_config(data_root, amp=mode, patch_size=AMP_PATCH)
         torch.manual_seed(0)
-        student, models = T.build_models(cfg, torch.device("cpu"), Context())
-        losses[mode] = T.compute_losses(cfg, first_batch(cfg), models, 0, 0, 10, 0)
+        framework = frameworks.build(cfg, torch.device("cpu"), Context())
+        losses[mode] = loop.compute_losses(cfg, first_batch(cfg), framework, 0, 0, 10, 0)
         losses[mode]["total"].backward()
-        assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+        assert all(torch.isfinite(p.grad).all() for p in framework.parameters() if p.grad is not None)
     assert losses[None]["fecl"] > 0.1
     for term in ("sup", "uncl", "fecl", "total"):   # same weights and batch: only rounding differs
         assert losses[amp][term].dtype == torch.float32
@@ -153,8 +154,8 @@ def test_mixed_precision_losses_are_close_to_float32(data_root, amp):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_training_runs(tmp_path, data_root, amp):
-    result = T.train(tiny_config(data_root, max_iterations=3, amp=amp, patch_size=AMP_PATCH), tmp_path)
-    ckpt = T.load_checkpoint(tmp_path / "latest.pt")
+    result = loop.train(tiny_config(data_root, max_iterations=3, amp=amp, patch_size=AMP_PATCH), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "latest.pt")
     assert result["step"] == 3
     assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())
     assert all(math.isfinite(float(r["total"])) for r in read_metrics(tmp_path))
@@ -166,7 +167,7 @@ def test_mixed_precision_training_runs(tmp_path, data_root, amp):
 
 def test_cpu_bf16_with_patches_two_voxels_deep_is_refused(tmp_path, data_root):
     with pytest.raises(ValueError, match=r"amp 'bf16' on the CPU needs patch_size\[0\] >= 48, got \[32, 32, 32\]"):
-        T.train(tiny_config(data_root, max_iterations=1, amp="bf16"), tmp_path)
+        loop.train(tiny_config(data_root, max_iterations=1, amp="bf16"), tmp_path)
 
 
 def test_compiled_step_has_no_graph_break_and_matches_eager(tmp_path, data_root):
@@ -174,9 +175,9 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(tmp_path, data_root)
     torch._dynamo.reset()
     counters.clear()
     # dropout 0: compiled code draws its dropout masks from another generator than eager code
-    eager = T.train(tiny_config(data_root, {"dropout": 0.0}, max_iterations=3), tmp_path / "eager")
+    eager = loop.train(tiny_config(data_root, {"dropout": 0.0}, max_iterations=3), tmp_path / "eager")
     # one labelled batch per epoch: beta changes at every step, and must not cause a recompile
-    compiled = T.train(tiny_config(data_root, {"dropout": 0.0}, max_iterations=3, compile=True),
+    compiled = loop.train(tiny_config(data_root, {"dropout": 0.0}, max_iterations=3, compile=True),
                        tmp_path / "compiled")
     assert eager["step"] == compiled["step"] == 3
     assert all(float(r["fecl"]) > 0.1 for r in read_metrics(tmp_path / "eager"))
@@ -192,13 +193,13 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(tmp_path, data_root)
 
 def test_deterministic_runs_are_bitwise_identical(tmp_path, data_root):
     for name in ("a", "b"):
-        T.train(tiny_config(data_root, deterministic=True), tmp_path / name)
+        loop.train(tiny_config(data_root, deterministic=True), tmp_path / name)
     try:
         assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")   # the logged values, as text
-        assert_same_checkpoint(T.load_checkpoint(tmp_path / "a" / "latest.pt"),
-                               T.load_checkpoint(tmp_path / "b" / "latest.pt"))
+        assert_same_checkpoint(load_checkpoint(tmp_path / "a" / "latest.pt"),
+                               load_checkpoint(tmp_path / "b" / "latest.pt"))
     finally:
-        T.set_determinism(False)
+        loop.set_determinism(False)
 
 
 # ---------------------------------------------------------------------------------------- faults
@@ -209,7 +210,7 @@ def wait_for_checkpoint(path, min_step, proc, timeout=300):
         assert proc.poll() is None, "the run ended before it could be killed"
         if path.exists():
             try:
-                if T.load_checkpoint(path)["step"] >= min_step:
+                if load_checkpoint(path)["step"] >= min_step:
                     return
             except ValueError:
                 pass   # never expected (writes are atomic); the assertion below would catch it
@@ -226,10 +227,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_checkpoint(tmp_path, da
     wait_for_checkpoint(tmp_path / "killed" / "latest.pt", 3, victim)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
-    killed_at = T.load_checkpoint(tmp_path / "killed" / "latest.pt")["step"]
+    killed_at = load_checkpoint(tmp_path / "killed" / "latest.pt")["step"]
     assert 3 <= killed_at < 10
     assert straight.wait(timeout=600) == 0
     assert cli("--resume", str(tmp_path / "killed")).wait(timeout=600) == 0
-    assert_same_checkpoint(T.load_checkpoint(tmp_path / "straight" / "latest.pt"),
-                           T.load_checkpoint(tmp_path / "killed" / "latest.pt"))
+    assert_same_checkpoint(load_checkpoint(tmp_path / "straight" / "latest.pt"),
+                           load_checkpoint(tmp_path / "killed" / "latest.pt"))
     assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "killed")

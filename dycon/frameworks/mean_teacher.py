@@ -1,0 +1,82 @@
+"""One student and its teacher, an exponential moving average of it (method.md section 3).
+
+The teacher sees the batch plus noise, in train mode as released (dropout and batch statistics
+in the teacher too), without gradient; it follows the student after every optimiser step.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dycon import distributed, frameworks, losses
+from dycon.objectives import OBJECTIVES
+
+
+class MeanTeacher:
+    def __init__(self, cfg: dict, device: torch.device, ctx: distributed.Context):
+        t = cfg["train"]
+        self.cfg, self.ctx, self.objective = cfg, ctx, OBJECTIVES[t["method"]]
+        self.student = frameworks.new_network(cfg, device, ctx)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        # supervised and mean_teacher leave the projection head out of the loss
+        self.stepped = frameworks.distribute(self.student, device, ctx, all_parameters_used=t["method"] == "dycon")
+        self.loss_sums = frameworks.maybe_compile(loss_sums, t, ctx)
+        self.slots = distributed.global_slots(t["batch_size"], t["labeled_bs"], ctx)   # this process's volumes
+
+    def parameters(self):
+        return self.student.parameters()
+
+    def sums(self, image, labels, labeled_bs: int, number: int, beta, threshold) -> dict:
+        """Every term's sums on this process's share of global batch ``number``."""
+        t = self.cfg["train"]
+        noise = teacher_noise(image, t["seed"], number, self.slots) if self.objective.uses_teacher else None
+        with frameworks.autocast(t, image.device.type):
+            return self.loss_sums(self.cfg, image, labels, noise, self.stepped, self.teacher, labeled_bs,
+                                  beta, threshold)
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, self.cfg["train"]["ema_decay"], step)
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+
+
+def loss_sums(cfg: dict, image, labels, noise, student, teacher, labeled_bs: int, beta, threshold) -> dict:
+    """This process's batch sums of every loss term: ``{term: tensor of sums}`` (compiled as one
+    graph under ``--compile``). ``image``/``labels`` hold ``labeled_bs`` labelled volumes first."""
+    objective = OBJECTIVES[cfg["train"]["method"]]
+    student_out = student(image)
+    out = losses.supervised_sums(student_out[0][:labeled_bs], labels[:labeled_bs])
+    if not objective.uses_teacher:
+        return out
+    with torch.no_grad():
+        teacher_out = teacher(image + noise)
+    return {**out, **objective.sums(cfg, student_out, teacher_out, labels, labeled_bs, beta, threshold)}
+
+
+def teacher_noise(image: torch.Tensor, seed: int, number: int, slots: list[int]) -> torch.Tensor:
+    """The teacher's input noise, clamp(0.1 N(0, 1), -0.2, 0.2), drawn per volume from a generator
+    keyed by the volume's slot in global batch ``number``: the same whatever the process count."""
+    noise = torch.empty_like(image)
+    for i, slot in enumerate(slots):
+        g = torch.Generator(image.device).manual_seed(distributed.derived_seed(seed, 3, number, slot))
+        noise[i] = torch.randn(image.shape[1:], generator=g, device=image.device, dtype=image.dtype)
+    return torch.clamp(noise * 0.1, -0.2, 0.2)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay: float, step: int) -> None:
+    """teacher = alpha teacher + (1 - alpha) student, alpha = min(1 - 1/(step+1), decay); buffers copied."""
+    alpha = min(1.0 - 1.0 / (step + 1), decay)
+    for tp, sp in zip(teacher.parameters(), student.parameters()):
+        tp.mul_(alpha).add_(sp, alpha=1.0 - alpha)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
+

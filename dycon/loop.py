@@ -1,0 +1,327 @@
+"""The training loop, written once for every framework and method: data, optimiser, the step,
+validation, logging (train.log, metrics.csv, TensorBoard), checkpoints and exact resume.
+
+Everything a run needs is one plain dict (dycon/config.py); it is saved as ``config.yaml`` in the
+run directory together with the log, ``metrics.csv``, TensorBoard scalars, and ``latest.pt`` /
+``best.pt`` checkpoints. Under ``torchrun`` the global batch is split between the processes
+(dycon/distributed.py) and the run is the same as one process on the whole batch; only rank 0
+writes.
+
+All randomness of a step is keyed by the seed and the batch number (crops and augmentation by
+the sampler, the teacher's noise by the volume's slot, dropout by the process), so a run resumed
+from ``latest.pt`` continues exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dycon import distributed, frameworks
+from dycon.checkpoint import load_checkpoint, save_checkpoint
+from dycon.config import check_amp_device, resolve_labelnum
+from dycon.data import PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases
+from dycon.inference import segment
+from dycon.losses import dice_loss
+from dycon.metrics import dice
+from dycon.networks import build_model
+from dycon.objectives import OBJECTIVES
+from dycon.schedules import beta_at, learning_rate
+from dycon_kernels.presets import teacher_threshold_ramp
+
+log = logging.getLogger("dycon.train")
+
+
+# ----------------------------------------------------------------------------------- the step
+
+def combine_sums(sums: dict, ctx: distributed.Context) -> dict:
+    """Add every term's sums over the processes with one collective."""
+    names = list(sums)
+    flat = distributed.sum_over_ranks(torch.cat([sums[n].float().flatten() for n in names]), ctx)
+    return dict(zip(names, flat.split([sums[n].numel() for n in names])))
+
+
+def compute_losses(cfg: dict, batch: dict, framework, step: int, epoch: int, n_epochs: int, number: int) -> dict:
+    """All loss terms of iteration ``step`` (global batch ``number``); ``total`` is what gets
+    back-propagated. The terms are the same on every process."""
+    t, ctx = cfg["train"], framework.ctx
+    lb = t["labeled_bs"] // ctx.world_size
+    beta = beta_at(epoch, n_epochs, cfg["loss"])
+    threshold = teacher_threshold_ramp(epoch)
+    sums = framework.sums(batch["image"], batch["label"], lb, number, torch.tensor(beta, dtype=torch.float64),
+                          torch.tensor(threshold, dtype=torch.float64))
+    s = combine_sums(sums, ctx)
+    out = {"sup": s["ce"][0] / s["ce"][1] + dice_loss(s["dice"].view(-1, 3))}
+    # every other term is a ratio; FeCL's count of valid anchors may be 0 (as its reduction='mean')
+    terms = {name: v[0] / v[1].clamp_min(1) for name, v in s.items() if name not in ("ce", "dice")}
+    out.update(terms)
+    if "uncl" in terms:
+        out["beta"] = beta
+    weighted = OBJECTIVES[t["method"]].weighted(cfg, terms, step)
+    out["total"] = sum(weighted, t["l_weight"] * out["sup"])
+    return out
+
+
+# ------------------------------------------------------------------------------ the run's parts
+
+def pick_device(name: str, ctx: distributed.Context = distributed.Context()) -> torch.device:
+    """``auto`` is the GPU when there is one; with several processes, each takes GPU ``LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and ctx.distributed:
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)   # NCCL and DDP use the current device
+    return device
+
+
+def setup_logging(run_dir: Path, ctx: distributed.Context) -> None:
+    """Log to train.log and the console from the main process; other processes report only problems."""
+    class TqdmHandler(logging.Handler):   # prints above the progress bar instead of through it
+        def emit(self, record):
+            tqdm.write(self.format(record))
+
+    log.handlers.clear()
+    log.propagate = False
+    console = TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s" if ctx.is_main else f"[rank {ctx.rank}] %(message)s"))
+    log.addHandler(console)
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)
+        return
+    log.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(run_dir / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(file_handler)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """``--deterministic``: deterministic algorithms everywhere (PyTorch raises on an op that
+    has none; so do our kernels, see docs/fecl_kernels.md)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS reads it at first use
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
+
+
+class MetricsLog:
+    """metrics.csv (one row per logged step) and the TensorBoard scalars."""
+    FIELDS = ["step", "epoch", "lr", "beta", "total", "sup", "mse", "uncl", "fecl", "val_dice", "skipped"]
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.csv"
+        rows = []
+        if resume_step and self.path.exists():   # drop the rows written after the checkpoint
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        from torch.utils.tensorboard import SummaryWriter   # slow import, only for real runs
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        for key, value in row.items():
+            if key not in ("step", "epoch") and value not in ("", None):
+                self.tb.add_scalar(f"train/{key}" if key != "val_dice" else "val/dice", value, row["step"])
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class NoMetrics:
+    """What processes other than the main one log: nothing."""
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def validate(model, cases, cfg: dict, device, ctx: distributed.Context) -> float:
+    """Mean foreground Dice of the validation cases (sliding-window inference), the cases shared
+    out between the processes."""
+    scores = []
+    for case in cases[ctx.rank::ctx.world_size]:
+        volume = case.load(cfg["model"]["num_classes"])
+        pred = segment(model, volume.image, cfg["train"]["patch_size"], cfg["val"]["stride_xy"],
+                       cfg["val"]["stride_z"], cfg["model"]["num_classes"],
+                       cfg["test"]["largest_component"], device)
+        scores += [dice(pred == c, volume.label == c) for c in range(1, cfg["model"]["num_classes"])]
+    total, count = distributed.sum_values([float(np.sum(scores)), float(len(scores))], ctx)
+    return total / count
+
+
+# ----------------------------------------------------------------------------------- the run
+
+def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Run (or continue) training; returns ``{"step", "best_dice", "skipped", "seconds"}``.
+
+    ``stop_after`` ends this call after that many optimiser steps in total, saving
+    ``latest.pt`` so that ``resume=True`` continues the same run (e.g. on a time-limited queue).
+    Under ``torchrun`` every process calls this; only the main one writes to ``run_dir``.
+    """
+    t = cfg["train"]
+    ctx = distributed.init(pick_device(t["device"]).type)
+    try:
+        return _train(cfg, run_dir, resume, stop_after, ctx, pick_device(t["device"], ctx))
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Context, device) -> dict:
+    t = cfg["train"]
+    distributed.check_divisible(ctx, t["batch_size"], t["labeled_bs"])
+    check_amp_device(t, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, ctx)
+    set_determinism(t["deterministic"])
+    torch.manual_seed(t["seed"])   # the initial weights; the same on every process
+
+    train_cases = list_cases(cfg["data"], "train")
+    labelnum = resolve_labelnum(cfg["data"]["labelnum"], len(train_cases))
+    labeled, unlabeled = labelled_split(len(train_cases), labelnum)
+    supervised = t["method"] == "supervised"
+    sampler = TwoStreamBatchSampler(labeled, [] if supervised else unlabeled, t["labeled_bs"],
+                                    0 if supervised else t["batch_size"] - t["labeled_bs"], seed=t["seed"])
+    dataset = PatchDataset(train_cases, t["patch_size"], augment=True, cache=cfg["data"]["cache"],
+                           num_classes=cfg["model"]["num_classes"])
+    loader = DataLoader(dataset, batch_sampler=distributed.ShardedBatchSampler(sampler, t["labeled_bs"], ctx),
+                        num_workers=t["num_workers"], pin_memory=device.type == "cuda")
+    val_cases = list_cases(cfg["data"], "val") if cfg["val"]["every"] else []
+
+    framework = frameworks.build(cfg, device, ctx)
+    optimizer = torch.optim.SGD(framework.parameters(), lr=t["base_lr"], momentum=t["momentum"],
+                                weight_decay=t["weight_decay"])
+    # fp16 needs loss scaling; bf16 has float32's range and does not
+    scaler = torch.amp.GradScaler(device.type, enabled=t["amp"] == "fp16")
+
+    step = batches = skipped = 0
+    best_dice, best_step = -1.0, 0
+    if resume:
+        ckpt = load_checkpoint(run_dir / "latest.pt", map_location=device)
+        framework.load_state_dict(ckpt)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["grad_scaler"]:   # empty when saved without fp16
+            scaler.load_state_dict(ckpt["grad_scaler"])
+        step, batches, skipped = ckpt["step"], ckpt["sampler"]["batches"], ckpt["skipped_steps"]
+        best_dice, best_step = ckpt["best_dice"], ckpt["best_step"]
+        sampler.load_state_dict(ckpt["sampler"])
+        log.info("resumed %s at step %d (best Dice %.4f at step %d)", run_dir, step, best_dice, best_step)
+    metrics = MetricsLog(run_dir, step if resume else 0) if ctx.is_main else NoMetrics()
+
+    n_epochs = t["max_iterations"] // len(sampler) + 1
+    if t["preset"] == "official" and t["method"] == "dycon":
+        log.warning("preset 'official': FeCL patch labels of the UNLABELLED volumes come from their ground "
+                    "truth, as in the released code (label leakage); results are not semi-supervised")
+    log.info("%d training cases (%d labelled, %d unlabelled), %d validation; %d batches per epoch; "
+             "device %s x %d process(es); %.2fM parameters; amp %s; compile %s; deterministic %s",
+             len(train_cases), labelnum, len(unlabeled), len(val_cases), len(sampler), device, ctx.world_size,
+             sum(p.numel() for p in framework.student.parameters()) / 1e6, t["amp"], t["compile"],
+             t["deterministic"])
+
+    def state() -> dict:
+        return {**framework.state_dict(), "optimizer": optimizer.state_dict(), "grad_scaler": scaler.state_dict(),
+                "step": step, "config": cfg, "best_dice": best_dice, "best_step": best_step,
+                "skipped_steps": skipped,
+                # workers prefetch ahead of the loop: what counts is what the loop consumed
+                "sampler": {**sampler.state_dict(), "batches": batches}}
+
+    def checkpoint(name: str) -> None:
+        if ctx.is_main:
+            save_checkpoint(run_dir / name, state())
+
+    start, last_stats = time.time(), {}
+    bar = tqdm(total=t["max_iterations"], initial=step, desc=cfg["name"], dynamic_ncols=True,
+               disable=not ctx.is_main)
+    data_iter = iter(loader)
+    while step < t["max_iterations"] and (stop_after is None or step < stop_after):
+        try:
+            batch = next(data_iter)
+        except StopIteration:   # end of an epoch (one pass over the labelled list)
+            data_iter = iter(loader)
+            continue
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        number, epoch = batches, batches // len(sampler)
+        batches += 1
+        # dropout draws from the global generator: seed it from the batch number, so that a
+        # resumed run draws what the uninterrupted one did
+        torch.manual_seed(distributed.derived_seed(t["seed"], 4, number, ctx.rank))
+        lr = learning_rate(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        losses = compute_losses(cfg, batch, framework, step, epoch, n_epochs, number)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(losses["total"]):   # the same on every process: all skip together
+            skipped += 1
+            log.warning("step %d: non-finite loss %s, batch skipped (%d so far)", step,
+                        {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}, skipped)
+            continue
+        scaler.scale(losses["total"]).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(framework.parameters(), t["grad_clip"])
+        if not torch.isfinite(grad_norm):
+            scaler.update()   # fp16: a smaller loss scale next time
+            skipped += 1
+            log.warning("step %d: non-finite gradient norm, batch skipped (%d so far)", step, skipped)
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        framework.after_step(step)
+        step += 1
+        bar.update(1)
+
+        last_stats = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}
+        if step % t["log_every"] == 0 or step == t["max_iterations"]:
+            bar.set_postfix(loss=f"{last_stats['total']:.3f}", best=f"{max(best_dice, 0):.3f}")
+            metrics.write({"step": step, "epoch": epoch, "lr": lr, "skipped": skipped, **last_stats})
+        if cfg["val"]["every"] and (step % cfg["val"]["every"] == 0 or step == t["max_iterations"]):
+            val_dice = validate(framework.student, val_cases, cfg, device, ctx)
+            metrics.write({"step": step, "epoch": epoch, "val_dice": val_dice})
+            if val_dice > best_dice:
+                best_dice, best_step = val_dice, step
+                checkpoint("best.pt")
+            log.info("step %d: loss %.4f  val Dice %.4f  (best %.4f at step %d)", step, last_stats["total"],
+                     val_dice, best_dice, best_step)
+            checkpoint("latest.pt")
+        elif t["checkpoint_every"] and step % t["checkpoint_every"] == 0:
+            checkpoint("latest.pt")
+    bar.close()
+    checkpoint("latest.pt")
+    metrics.close()
+    seconds = time.time() - start
+    log.info("stopped at step %d after %.0f s (%d non-finite steps skipped)", step, seconds, skipped)
+    return {"step": step, "best_dice": best_dice, "best_step": best_step, "skipped": skipped, "seconds": seconds}
+
+
+def test_run(cfg: dict, run_dir: Path) -> dict:
+    """Evaluate the run's best checkpoint (the latest without validation) on the test list."""
+    from dycon.evaluate import evaluate_cases, format_table
+
+    name = "best.pt" if (run_dir / "best.pt").exists() else "latest.pt"
+    device = pick_device(cfg["train"]["device"])
+    model = build_model(cfg["model"]).to(device)
+    model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
+    eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"]}
+    rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg)
+    with open(run_dir / "test_cases.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(run_dir / "test_summary.yaml", "w") as f:
+        yaml.safe_dump(summary, f, sort_keys=False)
+    log.info("test set, student weights of %s:\n%s", name, format_table(summary))
+    return summary
