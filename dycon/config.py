@@ -22,7 +22,8 @@ AMP_MODES = (None, "bf16", "fp16")
 # Every key a config may set. A config file gives the data set's values; these fill the rest.
 DEFAULTS = {
     "name": "run",
-    "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False},
+    "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False,
+             "demo_set": "demo"},         # layout demo: which synthetic set (dycon/demo.py KINDS)
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
               "feature_scaler": 2, "embed_dim": 256,
               "dropout": None},           # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
@@ -186,12 +187,11 @@ def apply_flags(cfg: dict, args) -> None:
 
 
 def prepare_demo_data(cfg: dict) -> None:
-    """Demo layout: default the root ($DYCON_DATA or data/demo) and generate the data on first use."""
+    """Demo layout: default the root (per synthetic set, dycon/demo.py) and generate the set on first use."""
     if cfg["data"]["layout"] != "demo":
         return
-    from dycon.demo import default_root, ensure_demo_data   # h5py and scipy: only when needed
+    from dycon.demo import default_root, prepare_demo_set   # h5py and scipy: only when needed
 
     if cfg["data"]["root"] is None:
-        cfg["data"]["root"] = str(default_root())
-    if not (Path(cfg["data"]["root"]) / "demo_version.txt").exists():
-        ensure_demo_data(cfg["data"]["root"])
+        cfg["data"]["root"] = str(default_root(cfg["data"]["demo_set"]))
+    prepare_demo_set(cfg["data"]["root"], cfg["data"]["demo_set"])

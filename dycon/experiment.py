@@ -53,6 +53,7 @@ STEM`` writes the same three files also as ``STEM.csv``, ``STEM.md``, ``STEM.png
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -72,7 +73,8 @@ import torch
 import yaml
 from scipy import stats
 
-from dycon import train as T
+from dycon import config as C, train as train_cli
+from dycon.loop import pick_device
 
 log = logging.getLogger("dycon.experiment")
 
@@ -161,31 +163,20 @@ def load_grid(path: str | Path) -> Grid:
 
 # ------------------------------------------------------------------------------------ configs
 
-def apply_overrides(cfg: dict, overrides: dict, source: str) -> dict:
-    """``cfg`` with dotted overrides applied; an unknown key raises ValueError naming it."""
-    nested: dict = {}
-    for key, value in overrides.items():
-        section, dot, name = str(key).partition(".")
-        if not dot:
-            raise ValueError(f"{source}: override {key!r} is not a dotted key such as 'train.method'")
-        nested.setdefault(section, {})[name] = value
-    return T.merge_config(cfg, nested, source)
-
-
 def cell_configs(grid: Grid, selected: list[Cell]) -> dict[Cell, dict]:
     """Every selected cell's full trainer config, all built and checked before anything runs."""
-    base = T.load_config(grid.config)
-    T.prepare_demo_data(base)            # once, here: not by every cell or process at once
+    base = C.load_config(grid.config)
+    C.prepare_demo_data(base)            # once, here: not by every cell or process at once
     if base["data"]["root"] is not None:
         base["data"]["root"] = str(Path(base["data"]["root"]).resolve())
     configs, problems = {}, []
     for cell in selected:
         try:
-            cfg = apply_overrides(base, cell.overrides(grid), f"cell {cell.name}")
-            T.check_config(cfg)
+            cfg = C.apply_overrides(copy.deepcopy(base), cell.overrides(grid))
+            C.check_config(cfg)
             configs[cell] = cfg
         except ValueError as err:
-            problems.append(str(err))
+            problems.append(f"cell {cell.name}: {err}")
     if problems:
         raise ValueError("some cells cannot run (select others with --variants):\n  " + "\n  ".join(problems))
     return configs
@@ -205,7 +196,7 @@ def run_cell(cell: Cell, cfg: dict, run_dir: Path, launcher: str | None) -> dict
     if launcher:
         subprocess.run([*shlex.split(launcher), "-m", "dycon.train", *argv], check=True)
     else:
-        T.main(argv)
+        train_cli.main(argv)
     record = {"cell": {"variant": cell.variant, "seed": cell.seed, "draw": cell.draw}, "config": cfg,
               "wall_s": round(time.time() - start, 1), **read_run(run_dir)}
     tmp = run_dir / (DONE + ".tmp")
@@ -356,7 +347,7 @@ def _ci(interval, scale: float, digits: int) -> str:
 
 
 def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], command: str) -> str:
-    device = T.pick_device(records[0]["config"]["train"]["device"]) if records else "?"
+    device = pick_device(records[0]["config"]["train"]["device"]) if records else "?"
     lines = [
         f"# Experiment grid — config `{grid.config}`",
         "",

@@ -204,3 +204,18 @@ def test_prepare_demo_set_refuses_another_kind(tmp_path):
     assert prepare_demo_set(tmp_path, "demo_hard") == tmp_path          # any size of the right kind
     with pytest.raises(ValueError, match="holds the demo set 'demo_hard', not 'demo'"):
         prepare_demo_set(tmp_path, "demo")
+
+
+def test_demo_hard_config_prepares_its_own_set(tmp_path):
+    from dycon import config as C
+
+    cfg = C.load_config("demo_hard")
+    assert cfg["data"]["demo_set"] == "demo_hard" and cfg["data"]["labelnum"] == 2
+    cfg["data"]["root"] = str(tmp_path / "hard")
+    ensure_demo_data(cfg["data"]["root"], size=32, splits={"train": 2, "val": 1, "test": 1}, kind="demo_hard")
+    C.prepare_demo_data(cfg)                        # the small set is reused, not regenerated
+    assert len(list((tmp_path / "hard" / "data").iterdir())) == 4
+    ensure_demo_data(tmp_path / "easy", size=32, splits={"train": 2, "val": 1, "test": 1})
+    cfg["data"]["root"] = str(tmp_path / "easy")
+    with pytest.raises(ValueError, match="not 'demo_hard'"):
+        C.prepare_demo_data(cfg)
