@@ -7,16 +7,19 @@
     python -m dycon.train --resume runs/brats19-dycon-20250101-120000
     python -m dycon.train --config brats19 --amp bf16 --compile        # mixed precision, compiled step
     torchrun --nproc_per_node 4 -m dycon.train --config brats19 --output runs/brats19-4gpu
-    python -m dycon.train --config demo --set loss.temp=0.5 --set train.u_weight=0  # any config key
+    python -m dycon.train --framework co_training --method dycon           # CT + DyCON on the demo
+    python -m dycon.train --config demo --set loss.temp=0.5 --set loss.fecl_weight=0  # any config key
 
 Everything a run needs is one plain dict (the YAML config merged over the defaults, with the
 flags and ``--set`` overrides applied, dycon/config.py); it is saved as ``config.yaml`` in the
 run directory with the log, ``metrics.csv``, TensorBoard scalars and checkpoints (dycon/loop.py).
 
 Methods: ``supervised`` (labelled batches only, CE + Dice), ``mean_teacher`` (+ MSE between
-student and teacher softmax on the unlabelled half, ramped up), ``dycon`` (+ UnCL and FeCL);
-each is one objective in dycon/objectives.py. FeCL presets: ``dycon`` (default, no label
-leakage) and ``official`` (the released code).
+student and teacher softmax on the unlabelled half, ramped up), ``uamt`` (that MSE where the
+teacher is certain), ``dycon`` (+ UnCL and FeCL); each is one objective in dycon/objectives.py.
+Frameworks (dycon/frameworks): ``mean_teacher`` (student + EMA teacher) and ``co_training`` (two
+students with cross pseudo-labels). FeCL presets: ``dycon`` (default, no label leakage) and
+``official`` (the released code).
 
 This module is the command line only: torch and the training modules are imported after the
 arguments are parsed, so ``--help`` is fast.
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from dycon.config import DEFAULTS, METHODS, PRESETS, apply_flags, check_config, load_config, merge_config, \
+from dycon.config import DEFAULTS, FRAMEWORKS, METHODS, PRESETS, apply_flags, check_config, load_config, merge_config, \
     prepare_demo_data
 
 
@@ -41,15 +44,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
     p.add_argument("--output", metavar="RUN_DIR", help="run directory (default runs/<config>-<method>-<time>)")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the test-set evaluation")
-    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--framework", choices=FRAMEWORKS,
+                   help="mean_teacher (student + EMA teacher, default) or co_training (two students)")
+    p.add_argument("--method", choices=METHODS, help="what the unlabelled data add (default dycon)")
     p.add_argument("--preset", choices=PRESETS, help="FeCL patch labels and loss settings (default dycon)")
     p.add_argument("--root_path", help="data root")
     p.add_argument("--labelnum", help="labelled cases: a count or a share such as 10%%")
+    p.add_argument("--label_seed", type=int, help="draw the labelled cases at random with this seed "
+                   "(default: the first labelnum of the training list, as released)")
     for flag in ("labeled_bs", "batch_size", "max_iterations", "seed", "feature_scaler", "base_filters",
                  "val_every", "num_workers", "checkpoint_every"):
         p.add_argument(f"--{flag}", type=int)
-    for flag in ("base_lr", "ema_decay", "temp", "gamma", "beta_min", "beta_max", "s_beta"):
+    for flag in ("base_lr", "ema_decay", "beta_min", "beta_max"):
         p.add_argument(f"--{flag}", type=float)
+    p.add_argument("--s_beta", type=float, help="a fixed UnCL beta instead of the adaptive schedule")
+    p.add_argument("--uncl", choices=("uncl", "mse"), help="mse: replace UnCL by plain MSE consistency")
+    for flag, what in (("uncl_weight", "UnCL weight (0.5)"), ("fecl_weight", "FeCL weight (0.5)"),
+                       ("temp", "FeCL temperature (0.6)"), ("gamma_pos", "FeCL focal exponent of positives, F+ (2)"),
+                       ("gamma_neg", "FeCL focal exponent of negatives, F- (2; 0 = off)"),
+                       ("patch_purity", "FeCL patch-label purity threshold (0.6)"),
+                       ("teacher_confidence", "FeCL pseudo-label confidence threshold (0.7)")):
+        p.add_argument(f"--{flag}", type=float, help=what)
+    for flag, what in (("uncl_rampup", "UnCL sigmoid ramp-up, iterations (0 = none)"),
+                       ("fecl_rampup", "FeCL sigmoid ramp-up after the warm-up, iterations (0 = none)"),
+                       ("fecl_warmup", "iterations without FeCL at the start (0)"),
+                       ("teacher_top_k", "FeCL teacher hard negatives per anchor (32; 0 = off)"),
+                       ("student_top_k", "FeCL student negatives per anchor (0 = all)"),
+                       ("uamt_samples", "UA-MT Monte-Carlo dropout passes (8)")):
+        p.add_argument(f"--{flag}", type=int, help=what)
+    p.add_argument("--anchor_weight", choices=("entropy", "none"), help="FeCL anchor weight u = 1 + H, or none")
     p.add_argument("--lr_schedule", choices=("constant", "poly"))
     p.add_argument("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"))
     p.add_argument("--kernel-backend", dest="kernel_backend",
