@@ -159,6 +159,9 @@ def test_grid_file_and_flags(tmp_path):
     assert grid.seeds == [1, 2]
     assert grid.pairs() == [("x", "dycon"), ("y", "dycon"), ("z", "dycon"), ("y", "x")]
     assert [c.name for c in E.cells(grid)][:5] == ["x/seed1", "y/seed1", "dycon/seed1", "z/seed1", "x/seed2"]
+    drawn = E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--draws", "4", "5"]))
+    assert [c.name for c in E.cells(drawn)][:3] == ["x/seed3-draw4", "y/seed3-draw4", "x/seed3-draw5"]
+    assert E.Cell("x", 3, 5).overrides(drawn) == {"train.method": "supervised", "train.seed": 3, "data.label_seed": 5}
     args = E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--variants", "x", "y"])
     subset = E.grid_from_args(args)
     assert list(subset.variants) == ["x", "y"] and subset.pairs() == [("y", "x")]
@@ -169,9 +172,12 @@ def test_grid_file_and_flags(tmp_path):
         E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o"]))
 
 
-def test_shipped_grid_names_the_paper_ablations():
+def test_shipped_grid_names_the_paper_ablations_and_every_cell_builds(tmp_path):
     grid = E.load_grid(ROOT / "benchmarks" / "grids" / "demo_hard.yaml")
     grid.check()
+    root = ensure_demo_data(tmp_path, size=32, splits={"train": 2, "val": 1, "test": 1}, kind="demo_hard")
+    grid.overrides["data.root"] = str(root)
+    assert len(E.cell_configs(grid, E.cells(grid))) == len(grid.variants) * len(grid.seeds)   # keys all known
     for name in ("supervised", "mean_teacher", "uamt", "dycon", "dycon_official", "co_training",
                  "co_training_dycon", "uncl_only", "fecl_only", "fixed_beta", "scaler4", "scaler8"):
         assert name in grid.variants
