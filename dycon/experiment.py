@@ -81,7 +81,7 @@ log = logging.getLogger("dycon.experiment")
 SEED_KEY = "train.seed"
 METRICS = ("dice", "hd95")                     # compared and plotted
 RESULT_COLUMNS = ["variant", "seed", "draw", "dice", "jaccard", "hd95", "asd", "iterations", "best_val_dice",
-                  "wall_s"]
+                  "wall_s"]   # wall_s: of the call that completed the cell (after an interruption: its last part)
 DONE = "cell.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # variant names are directory names
 
@@ -232,9 +232,9 @@ def check_done(cell: Cell, cfg: dict, run_dir: Path) -> dict | None:
     return record
 
 
-def run_grid(grid: Grid, output: Path, launcher: str | None = None, variants: list[str] | None = None) -> list[dict]:
-    """Run every cell not done yet; returns the records of all done cells of the grid."""
-    selected = [c for c in cells(grid) if variants is None or c.variant in variants]
+def run_grid(grid: Grid, output: Path, launcher: str | None = None) -> list[dict]:
+    """Run every cell not done yet; returns the records of all cells of the grid."""
+    selected = cells(grid)
     configs = cell_configs(grid, selected)
     records = []
     for i, cell in enumerate(selected):
@@ -249,9 +249,10 @@ def run_grid(grid: Grid, output: Path, launcher: str | None = None, variants: li
     return records
 
 
-def done_records(output: Path) -> list[dict]:
-    """Every completed cell under ``output`` (for --aggregate-only)."""
-    return [json.loads(p.read_text()) for p in sorted(output.glob(f"*/*/{DONE}"))]
+def done_records(grid: Grid, output: Path) -> list[dict]:
+    """The grid's cells completed under ``output`` (for --aggregate-only)."""
+    paths = [output / cell.name / DONE for cell in cells(grid)]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -440,19 +441,9 @@ def result_row(record: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------- CLI
 
-def parse_value(text: str):
-    """A YAML value, as in a config file: 0.5, true, null, [32, 32, 32], dycon."""
-    return yaml.safe_load(text)
-
-
-def parse_assignments(items: list[str], what: str) -> dict:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"{what}: expected KEY=VALUE, got {item!r}")
-        out[key] = parse_value(value)
-    return out
+def overrides_of(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings (VALUE read as YAML, as the trainer's ``--set``) as a dict."""
+    return dict(C.parse_override(text) for text in items)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every cell, e.g. train.max_iterations=200 (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int)
-    p.add_argument("--draws", nargs="+", type=parse_value, help="labelled-subset draws (values of --draw_key)")
+    p.add_argument("--draws", nargs="+", type=yaml.safe_load, help="labelled-subset draws (values of --draw_key)")
     p.add_argument("--draw_key", help="config key the draw sets (default data.label_seed)")
     p.add_argument("--reference", help="variant every other is compared with (default: the first)")
     p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"), help="also compare A - B")
@@ -483,11 +474,11 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
     grid = load_grid(args.grid) if args.grid else Grid()
     if args.config:
         grid.config = args.config
-    grid.overrides.update(parse_assignments(args.overrides, "--set"))
+    grid.overrides.update(overrides_of(args.overrides))
     for method in args.methods or []:
         grid.variants[method] = {"train.method": method}
     for name, *assignments in args.variant:
-        grid.variants[name] = parse_assignments(assignments, f"--variant {name}")
+        grid.variants[name] = overrides_of(assignments)
     for key in ("seeds", "draws", "draw_key", "reference"):
         if getattr(args, key) is not None:
             setattr(grid, key, getattr(args, key))
@@ -512,7 +503,7 @@ def main(argv=None, **defaults) -> dict:
     grid = grid_from_args(args)
     output = Path(args.output)
     if args.aggregate_only:
-        records = [r for r in done_records(output) if r["cell"]["variant"] in grid.variants]
+        records = done_records(grid, output)
     else:
         records = run_grid(grid, output, args.launcher)
     done = {(r["cell"]["variant"], r["cell"]["seed"], str(r["cell"]["draw"])) for r in records}
