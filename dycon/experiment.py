@@ -316,6 +316,8 @@ def aggregate(records: list[dict], pairs: list[tuple[str, str]]) -> dict:
         if a not in by_variant or b not in by_variant:
             continue
         shared = [u for u in by_variant[a] if u in by_variant[b]]
+        if not shared:
+            continue
         entry = {"a": a, "b": b, "paired_runs": len(shared)}
         for m in METRICS:
             per_case = [{u: case_scores(by_variant[v][u], m) for u in shared} for v in (a, b)]
@@ -369,8 +371,15 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         per_run = " ".join(f"{x * 100:.1f}" for x in v["dice"]["values"])
         lines.append(f"| {name} | `{_flat(grid.variants.get(name, {}))}` | {v['runs']} | "
                      f"{_pm(v['dice']['mean_sd'], 100, 1)} | {_pm(v['hd95']['mean_sd'], 1, 2)} | {per_run} |")
-    lines += [
-        "",
+    if agg["pairs"]:
+        lines += ["", *_pair_table(agg["pairs"])]
+    definition = records[0]["definition"] if records else ""
+    lines += ["", f"Dice as a percentage. {definition}", "", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def _pair_table(pairs: list[dict]) -> list[str]:
+    lines = [
         "Paired differences A − B over the runs both completed (same seed and draw): mean and 95 % "
         "t-interval; Wilcoxon signed-rank p (two-sided) over the test cases, each case's score first "
         "averaged over those runs.",
@@ -379,15 +388,12 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         "| Wilcoxon p |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for pr in agg["pairs"]:
+    for pr in pairs:
         d, h = pr["dice"], pr["hd95"]
         lines.append(f"| {pr['a']} − {pr['b']} | {pr['paired_runs']} | {d['mean'] * 100:+.2f} | "
                      f"{_ci(d['ci'], 100, 2)} | {d['wilcoxon_p']:.3g} ({d['cases']}) | {h['mean']:+.2f} | "
-                     f"{_ci(h['ci'], 1, 2)} | "
-                     f"{h['wilcoxon_p']:.3g} |")
-    definition = records[0]["definition"] if records else ""
-    lines += ["", f"Dice as a percentage. {definition}", "", f"Command: `{command}`", ""]
-    return "\n".join(lines)
+                     f"{_ci(h['ci'], 1, 2)} | {h['wilcoxon_p']:.3g} |")
+    return lines
 
 
 def _flat(overrides: dict) -> str:

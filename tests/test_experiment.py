@@ -144,6 +144,8 @@ def test_aggregate_on_a_fixed_table():
     assert (d["wilcoxon_p"], d["cases"]) == (pytest.approx(2 / 64), 6)
     h = pair["hd95"]
     assert h["diffs"] == pytest.approx([-1.0] * 3) and h["cases"] == 6   # NaN of seed 1 left out
+    # a pair without a seed both completed is left out, not reported from nothing
+    assert E.aggregate(a[:1] + b[1:], [("A", "B")])["pairs"] == []
 
 
 def test_grid_file_and_flags(tmp_path):
