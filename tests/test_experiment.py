@@ -3,6 +3,7 @@ values) and the demo_hard synthetic set."""
 import json
 import math
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def markers(output: Path) -> dict:
     return {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.glob(f"*/*/{E.DONE}")}
 
 
-def test_grid_resumes_after_interruption(tmp_path, grid_file, caplog):
+def test_grid_resumes_after_interruption(tmp_path, grid_file, caplog, monkeypatch):
     out = tmp_path / "out"
     argv = ["--grid", str(grid_file), "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -82,6 +83,13 @@ def test_grid_resumes_after_interruption(tmp_path, grid_file, caplog):
     assert len(rows) == 5 and rows[0].startswith("variant,seed,draw,dice")
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mean_teacher − supervised" in (out / "summary.md").read_text()
+
+    # the compare_methods wrapper: the runner with supervised, mean_teacher and dycon as variants
+    wrapper_argv = ["compare_methods.py", *argv, "--aggregate-only", "--results", str(tmp_path / "cm_{config}")]
+    monkeypatch.setattr(sys, "argv", wrapper_argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "compare_methods.py"), run_name="__main__")
+    text = (tmp_path / "cm_tiny.md").read_text()
+    assert "2 not done (dycon/seed1, dycon/seed2)" in text and (tmp_path / "cm_tiny.png").exists()
 
 
 def test_unknown_override_fails_before_training(tmp_path, grid_file):
