@@ -154,7 +154,7 @@ class MetricsLog:
             csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
         for key, value in row.items():
             if key not in ("step", "epoch") and value not in ("", None):
-                self.tb.add_scalar(f"train/{key}" if key != "val_dice" else "val/dice", value, row["step"])
+                self.tb.add_scalar(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}", value, row["step"])
 
     def close(self) -> None:
         self.tb.close()
@@ -345,8 +345,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
             if fecl_pseudo_labels:
                 row["val_patch_precision"], row["val_patch_recall"] = patch_label_quality(
                     framework.labeler, val_cases, cfg, device, ctx)
-                quality = "  FeCL pseudo-label patches: precision %.3f recall %.3f" % (
-                    row["val_patch_precision"], row["val_patch_recall"])
+                quality = "  FeCL: last batch %d anchors (%d lesion); validation pseudo-label patches: " \
+                          "precision %.3f recall %.3f" % (last_stats["anchors"], last_stats["lesion_anchors"],
+                                                          row["val_patch_precision"], row["val_patch_recall"])
             metrics.write(row)
             if val_dice > best_dice:
                 best_dice, best_step = val_dice, step

@@ -65,6 +65,7 @@ def test_each_framework_method_and_preset_trains(tmp_path, data_root, framework,
             assert 0 <= float(row["val_patch_recall"]) <= 1
     log_text = (tmp_path / "train.log").read_text()
     assert ("label leakage" in log_text) == (method == "dycon" and preset == "official")
+    assert ("validation pseudo-label patches: precision" in log_text) == (method == "dycon" and preset == "dycon")
     assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
 
 
@@ -121,9 +122,11 @@ def test_cli_runs_tests_and_resumes(tmp_path, data_root):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(data_root, max_iterations=2)))
     run = tmp_path / "run"
-    result = T.main(["--config", str(cfg_path), "--output", str(run), "--labelnum", "50%", "--seed", "3"])
+    result = T.main(["--config", str(cfg_path), "--output", str(run), "--labelnum", "50%", "--seed", "3",
+                     "--fecl_warmup", "1", "--set", "loss.patch_purity=0.5"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["labelnum"] == "50%" and saved["train"]["seed"] == 3
+    assert saved["loss"]["fecl_warmup"] == 1 and saved["loss"]["patch_purity"] == 0.5
     assert 0 <= result["test"]["classes"]["1"]["dice"]["mean"] <= 1
     assert (run / "test_cases.csv").exists()
     with pytest.raises(FileExistsError, match="--resume"):

@@ -26,7 +26,7 @@ class CoTraining:
         torch.manual_seed(distributed.derived_seed(t["seed"], 6))   # a different initialisation
         self.student_b = frameworks.new_network(cfg, device, ctx)
         self.labeler = self.student_b   # FeCL's patch labels for the (validated) first student
-        used = t["method"] == "dycon" and self.objective.uses_embeddings(cfg)
+        used = self.objective.uses_embeddings(cfg)   # the projection heads: only FeCL uses them
         self.stepped = [frameworks.distribute(m, device, ctx, all_parameters_used=used)
                         for m in (self.student, self.student_b)]
         self.loss_sums = frameworks.maybe_compile(loss_sums, t, ctx)
