@@ -4,6 +4,7 @@ import json
 import math
 import os
 import runpy
+import shlex
 import signal
 import subprocess
 import sys
@@ -235,3 +236,19 @@ def test_demo_hard_config_prepares_its_own_set(tmp_path):
     cfg["data"]["root"] = str(tmp_path / "easy")
     with pytest.raises(ValueError, match="not 'demo_hard'"):
         C.prepare_demo_data(cfg)
+
+
+def test_interrupted_cell_continues_from_its_checkpoint_in_a_launched_process(tmp_path, grid_file):
+    from dycon import loop
+
+    grid = E.load_grid(grid_file)
+    grid.variants, grid.seeds = {"supervised": grid.variants["supervised"]}, [1]
+    (cell,) = E.cells(grid)
+    cfg = E.cell_configs(grid, [cell])[cell]
+    run_dir = tmp_path / cell.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))      # as the trainer's CLI writes it
+    loop.train(cfg, run_dir, stop_after=1)                            # a cell killed after step 1
+    (record,) = E.run_grid(grid, tmp_path, launcher=shlex.quote(sys.executable))
+    assert record["iterations"] == 2 and (run_dir / E.DONE).exists()
+    assert "resumed" in (run_dir / "train.log").read_text()
