@@ -25,6 +25,7 @@ DEFAULTS = {
     "name": "run",
     "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False,
              "label_seed": None,      # None: the first labelnum cases are labelled (as released)
+             "demo_set": "demo",      # layout demo: which synthetic set (dycon/demo.py KINDS)
              # NIfTI data sets (dycon.preprocess): cross-validation fold, resampling, cache, the plan
              "fold": None, "target_spacing": "median", "cache_dir": None, "preprocessing": None},
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
@@ -238,12 +239,11 @@ def apply_flags(cfg: dict, args) -> None:
 
 
 def prepare_demo_data(cfg: dict) -> None:
-    """Demo layout: default the root ($DYCON_DATA or data/demo) and generate the data on first use."""
+    """Demo layout: default the root (per synthetic set, dycon/demo.py) and generate the set on first use."""
     if cfg["data"]["layout"] != "demo":
         return
-    from dycon.demo import default_root, ensure_demo_data   # h5py and scipy: only when needed
+    from dycon.demo import default_root, prepare_demo_set   # h5py and scipy: only when needed
 
     if cfg["data"]["root"] is None:
-        cfg["data"]["root"] = str(default_root())
-    if not (Path(cfg["data"]["root"]) / "demo_version.txt").exists():
-        ensure_demo_data(cfg["data"]["root"])
+        cfg["data"]["root"] = str(default_root(cfg["data"]["demo_set"]))
+    prepare_demo_set(cfg["data"]["root"], cfg["data"]["demo_set"])
