@@ -55,6 +55,10 @@ if triton_interpreted():  # the interpreter has no libdevice: numpy's exact log2
     @triton.jit
     def _div(a, b):
         return a / b
+
+    @triton.jit
+    def _rcp(x):
+        return 1.0 / x
 else:
     @triton.jit
     def _log2(x):
@@ -74,6 +78,16 @@ else:
         else:
             return a / b
 
+    @triton.jit
+    def _rcp(x):
+        """float32: rcp.approx.ftz (one MUFU op; 1 / x via div.approx adds a multiply and an
+        ftz move). Its argument here lies in [1, 2]."""
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return 1.0 / x
+
 
 # ---- C = 2: closed form -------------------------------------------------------------------------
 
@@ -83,7 +97,7 @@ def _binary_probs(x0, x1):
     1 - p computed as e / (1 + e) with e = exp(-|x1 - x0|)), and log2(p + eps) of both."""
     d = x1 - x0
     e = _exp(-tl.abs(d))
-    big = _div(tl.full(e.shape, 1.0, e.dtype), 1.0 + e)
+    big = _rcp(1.0 + e)
     small = e * big
     p1 = tl.where(d >= 0, big, small)
     p0 = tl.where(d >= 0, small, big)
@@ -91,8 +105,9 @@ def _binary_probs(x0, x1):
 
 
 @triton.jit
-def _binary_entropy(p0, p1, l0, l1):
-    return -LN2 * (p0 * l0 + p1 * l1)
+def _binary_plogp(p0, p1, l0, l1):
+    """sum p log2(p + eps) = -H / ln 2: the kernels scale it by -beta ln 2 once (beta H)."""
+    return p0 * l0 + p1 * l1
 
 
 @triton.jit
@@ -108,11 +123,11 @@ def _binary_grad(x0, x1, l0, l1, diff_term, coef, g):
 
 @triton.jit
 def _softmax_entropy(x, cmask):
-    """Softmax over axis 0 of a (BLOCK_C, BLOCK_V) tile, and its entropy -sum p log(p + eps)."""
+    """Softmax over axis 0 of a (BLOCK_C, BLOCK_V) tile, and sum p log2(p + eps) = -H / ln 2."""
     x = tl.where(cmask, x, float("-inf"))
     e = _exp(x - tl.max(x, axis=0)[None, :])
     p = e / tl.sum(e, axis=0)[None, :]
-    return p, -LN2 * tl.sum(p * _log2(p + EPS), axis=0)
+    return p, tl.sum(p * _log2(p + EPS), axis=0)
 
 
 @triton.jit
@@ -127,13 +142,11 @@ def _side_grad(x, y, cmask, w, coef_h, g):
 # ---- shared by both paths ----------------------------------------------------------------------
 
 @triton.jit
-def _weights(h_s, h_t, beta):
-    """W = 1/(e^{beta Hs} + e^{beta Ht}) and share_s = e^{beta Hs} W, around max(beta Hs, beta Ht):
-    with a = e^{-|beta Hs - beta Ht|}, W = e^{-max} / (1 + a) and share_s is 1/(1 + a) or a/(1 + a)."""
-    bs = beta * h_s
-    bt = beta * h_t
+def _weights(bs, bt):
+    """W = 1/(e^bs + e^bt) and share_s = e^bs W for bs = beta Hs, bt = beta Ht, around max(bs, bt):
+    with a = e^{-|bs - bt|}, W = e^{-max} / (1 + a) and share_s is 1/(1 + a) or a/(1 + a)."""
     a = _exp(-tl.abs(bs - bt))
-    r = _div(tl.full(a.shape, 1.0, a.dtype), 1.0 + a)
+    r = _rcp(1.0 + a)
     w = _exp(-tl.maximum(bs, bt)) * r
     return w, tl.where(bs >= bt, r, a * r)
 
@@ -165,22 +178,22 @@ def _load2(X, offs_v, stride_c, vmask, ACC: tl.constexpr):
 
 @triton.jit
 def _binary_terms(S, T, offs, stride_c, vmask, ACC: tl.constexpr):
-    """C = 2: both sides' probabilities, their log2(p + eps) and entropies."""
+    """C = 2: both sides' probabilities, their log2(p + eps) and sum p log2(p + eps)."""
     s0, s1 = _load2(S, offs, stride_c, vmask, ACC)
     t0, t1 = _load2(T, offs, stride_c, vmask, ACC)
     p0, p1, ls0, ls1 = _binary_probs(s0, s1)
     q0, q1, lt0, lt1 = _binary_probs(t0, t1)
-    return p0, p1, ls0, ls1, q0, q1, lt0, lt1, _binary_entropy(p0, p1, ls0, ls1), _binary_entropy(q0, q1, lt0, lt1)
+    return p0, p1, ls0, ls1, q0, q1, lt0, lt1, _binary_plogp(p0, p1, ls0, ls1), _binary_plogp(q0, q1, lt0, lt1)
 
 
 @triton.jit
 def _tile_terms(S, T, offs, vmask, C, stride_c, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Any C: the tile offsets and masks, both sides' probabilities, entropies and D."""
+    """Any C: the tile offsets and masks, both sides' probabilities, sum p log2(p + eps) and D."""
     offs2, cmask = _channel_offsets(offs, C, stride_c, BLOCK_C)
     mask = cmask & vmask[None, :]
-    p, h_s = _softmax_entropy(tl.load(S + offs2, mask=mask, other=0.0).to(ACC), cmask)
-    q, h_t = _softmax_entropy(tl.load(T + offs2, mask=mask, other=0.0).to(ACC), cmask)
-    return offs2, mask, cmask, p, q, h_s, h_t, tl.sum((p - q) * (p - q), axis=0)
+    p, g_s = _softmax_entropy(tl.load(S + offs2, mask=mask, other=0.0).to(ACC), cmask)
+    q, g_t = _softmax_entropy(tl.load(T + offs2, mask=mask, other=0.0).to(ACC), cmask)
+    return offs2, mask, cmask, p, q, g_s, g_t, tl.sum((p - q) * (p - q), axis=0)
 
 
 @triton.jit
@@ -188,16 +201,19 @@ def uncl_forward_kernel(S, T, W, OUT, C, V, stride_b, stride_c, beta: tl.float64
                         REDUCE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     if ACC == tl.float32:  # float64 programs keep beta unrounded (not via a helper: under the
         beta = tl.cast(beta, tl.float32)  # interpreter a helper's return value becomes float32)
+    beta_h = tl.full((), -LN2, ACC) * beta  # beta H = beta_h sum p log2(p + eps)
     b, offs, vmask = _program_voxels(V, BLOCK_V)
     S += b * stride_b  # the volume's start: the offsets below stay within it
     T += b * stride_b
     if BLOCK_C == 2:
-        p0, p1, ls0, ls1, q0, q1, lt0, lt1, h_s, h_t = _binary_terms(S, T, offs, stride_c, vmask, ACC)
+        p0, p1, ls0, ls1, q0, q1, lt0, lt1, g_s, g_t = _binary_terms(S, T, offs, stride_c, vmask, ACC)
         d = 2.0 * (p1 - q1) * (p1 - q1)
     else:
-        offs2, mask, cmask, p, q, h_s, h_t, d = _tile_terms(S, T, offs, vmask, C, stride_c, ACC, BLOCK_C)
-    w, share_s = _weights(h_s, h_t, beta)
-    loss = d * w + beta * (h_s + h_t)
+        offs2, mask, cmask, p, q, g_s, g_t, d = _tile_terms(S, T, offs, vmask, C, stride_c, ACC, BLOCK_C)
+    bs = beta_h * g_s
+    bt = beta_h * g_t
+    w, share_s = _weights(bs, bt)
+    loss = d * w + bs + bt
     if HAS_WEIGHT:
         loss = loss * tl.load(W + b * V + offs, mask=vmask, other=0.0)
     if REDUCE:
@@ -213,6 +229,7 @@ def uncl_backward_kernel(G, S, T, W, DS, DT, C, V, stride_b, stride_c, beta: tl.
                          ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     if ACC == tl.float32:  # float64 programs keep beta unrounded (not via a helper: under the
         beta = tl.cast(beta, tl.float32)  # interpreter a helper's return value becomes float32)
+    beta_h = tl.full((), -LN2, ACC) * beta  # beta H = beta_h sum p log2(p + eps)
     b, offs, vmask = _program_voxels(V, BLOCK_V)
     S += b * stride_b  # the volume's start: the offsets below stay within it
     T += b * stride_b
@@ -224,10 +241,10 @@ def uncl_backward_kernel(G, S, T, W, DS, DT, C, V, stride_b, stride_c, beta: tl.
     if HAS_WEIGHT:
         g = g * tl.load(W + b * V + offs, mask=vmask, other=0.0)
     if BLOCK_C == 2:
-        p0, p1, ls0, ls1, q0, q1, lt0, lt1, h_s, h_t = _binary_terms(S, T, offs, stride_c, vmask, ACC)
+        p0, p1, ls0, ls1, q0, q1, lt0, lt1, g_s, g_t = _binary_terms(S, T, offs, stride_c, vmask, ACC)
         delta = p1 - q1
         d = 2.0 * delta * delta
-        w, share_s = _weights(h_s, h_t, beta)
+        w, share_s = _weights(beta_h * g_s, beta_h * g_t)
         # dl/dp1 - dl/dp0 of the D W term: 2 (p1 - q1) W - 2 (p0 - q0) W = 4 (p1 - q1) W.
         dw4 = 4.0 * delta * w
         ds1 = _binary_grad(p0, p1, ls0, ls1, dw4, beta * (1.0 - d * w * share_s), g)
@@ -239,8 +256,8 @@ def uncl_backward_kernel(G, S, T, W, DS, DT, C, V, stride_b, stride_c, beta: tl.
             tl.store(DT + offs, (-dt1).to(DT.dtype.element_ty), mask=vmask)
             tl.store(DT + stride_c + offs, dt1.to(DT.dtype.element_ty), mask=vmask)
     else:
-        offs2, mask, cmask, p, q, h_s, h_t, d = _tile_terms(S, T, offs, vmask, C, stride_c, ACC, BLOCK_C)
-        w, share_s = _weights(h_s, h_t, beta)
+        offs2, mask, cmask, p, q, g_s, g_t, d = _tile_terms(S, T, offs, vmask, C, stride_c, ACC, BLOCK_C)
+        w, share_s = _weights(beta_h * g_s, beta_h * g_t)
         ds = _side_grad(p, q, cmask, w, beta * (1.0 - d * w * share_s), g)
         tl.store(DS + offs2, ds.to(DS.dtype.element_ty), mask=mask)
         if NEED_T_GRAD:
@@ -329,3 +346,18 @@ def launch_configs(full: bool = False):
                     GRAD_IS_MAP=grad_map, HAS_WEIGHT=has_w, NEED_T_GRAD=need_t, ACC=ACC,
                     BLOCK_C=block_c, BLOCK_V=block_v)))
     return configs
+
+
+def fit_configs(cc: int, full: bool = False):
+    """For tests/triton_aot.py --fit: ``(kernel, signature, constexprs, options, bounds)`` on
+    sm_<cc>, bounded by the card's shared memory. The kernels' only shared memory is the forward's
+    partial-sum reduction (a few bytes per warp), the same for every dtype and flag: by default the
+    reducing forward and the all-flags backward of both channel tilings (the closed form and the
+    tile) in float32; ``full``: every launch."""
+    from dycon_kernels.triton.fecl import SMEM_LIMITS
+
+    configs = launch_configs(full=full)
+    if not full:
+        configs = [c for c in configs if c[1]["S"] == "*fp32" and all(
+            c[2].get(flag, True) for flag in ("REDUCE", "HAS_WEIGHT", "GRAD_IS_MAP", "NEED_T_GRAD"))]
+    return [(kernel, sig, ce, None, dict(smem=SMEM_LIMITS[cc])) for kernel, sig, ce in configs]
