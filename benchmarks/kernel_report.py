@@ -106,41 +106,39 @@ def parse_sass(text: str):
     return out
 
 
-def main_loop(instrs):
-    """The largest backward branch range [target, branch] (the outermost loop with the most
-    instructions); None for straight-line code. A branch to itself (the trailing trap) is skipped."""
-    best = None
+def loops(instrs):
+    """[(start, end)] address ranges of the loops: a branch to an earlier address closes one (a
+    branch to itself, the trailing trap, is skipped)."""
+    out = []
     for addr, op, instr in instrs:
-        if op.startswith("BRA"):
-            m = re.search(r"0x([0-9a-f]+)", instr)
-            target = int(m.group(1), 16) if m else addr
-            if target < addr and (best is None or addr - target > best[1] - best[0]):
-                best = (target, addr)
-    return best
+        m = re.search(r"0x([0-9a-f]+)", instr)
+        if op.startswith("BRA") and m and int(m.group(1), 16) < addr:
+            out.append((int(m.group(1), 16), addr))
+    return out
+
+
+def _body(instrs, loop):
+    return [op for a, op, _ in instrs if (loop is None or loop[0] <= a <= loop[1]) and op != "NOP"]
+
+
+def _is_tensor(op: str) -> bool:
+    return op.split(".")[0] in TENSOR_OPS
+
+
+def main_loop(instrs):
+    """The main loop: the largest loop with tensor-core instructions (a key-tile loop), else the
+    largest loop (a gather loop over stored indices), else None (straight-line code)."""
+    ranges = sorted(loops(instrs), key=lambda r: r[1] - r[0], reverse=True)
+    tiled = [r for r in ranges if any(_is_tensor(op) for op in _body(instrs, r))]
+    return (tiled or ranges or [None])[0]
 
 
 def loop_counts(instrs):
     """(instructions, MUFU, tensor-core instructions, has_loop) in the main loop (whole kernel
-    when there is none)."""
+    when there is none); an inner loop's body counts once."""
     loop = main_loop(instrs)
-    body = [(a, op) for a, op, _ in instrs if loop is None or loop[0] <= a <= loop[1]]
-    ops = [op for _, op in body if op != "NOP"]
-    mufu = sum(op.startswith("MUFU") for op in ops)
-    tensor = sum(op.split(".")[0] in TENSOR_OPS for op in ops)
-    return len(ops), mufu, tensor, loop is not None
-
-
-def ptxas_resources(ptx: str, cc: int):
-    """(registers, spill store bytes, spill load bytes) from ptxas -v on Triton's PTX."""
-    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        log = subprocess.run([_triton_bin("ptxas"), "-v", f"--gpu-name={arch}", str(path), "-o",
-                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return regs, int(spill.group(1)), int(spill.group(2))
+    ops = _body(instrs, loop)
+    return len(ops), sum(op.startswith("MUFU") for op in ops), sum(map(_is_tensor, ops)), loop is not None
 
 
 def occupancy(cc: int, regs: int, smem: int, warps: int) -> float:
@@ -168,15 +166,13 @@ def units_per_iteration(op: str, constexprs: dict, tensor_ops: int) -> int:
 
 def _analyse(job):
     """Compile one launch for one target and measure it; returns a report row."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    from tests.triton_aot import compile_one, ptxas_resources
 
     op, case, index, cc = job
     name, kernel, sig, ce, options = OPS[op][1](case, cc)[index]
     row = dict(op=op, case="/".join(map(str, case)), kernel=name, target=f"sm_{cc}")
     try:
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=ce)
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        compiled = compile_one(kernel, sig, ce, cc, options or None)
     except Exception as exc:  # noqa: BLE001  (a row saying why, e.g. OutOfResources)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         return row
@@ -196,7 +192,7 @@ def _analyse(job):
                warps=md.num_warps, stages=md.num_stages, regs=regs, spill=spill_st + spill_ld, smem=md.shared,
                smem_limit=limit, fits=md.shared <= limit,
                occupancy=round(occupancy(cc, regs, md.shared, md.num_warps), 3) if md.shared <= limit else 0.0,
-               loop="yes" if has_loop else "none", units=units,
+               loop=("tile" if n_tensor else "gather") if has_loop else "none", units=units,
                # thread-instructions per unit: each warp instruction runs on 32 lanes (docs/kernel_report.md)
                instr_per_unit=round(n_instr * threads / units, 1),
                mufu_per_unit=round(n_mufu * threads / units, 2),
@@ -260,13 +256,15 @@ COLUMNS = ["op", "case", "kernel", "target", "tiles", "warps", "stages", "regs",
 
 
 def totals(rows):
-    """Per (op, case, target): the sum over the call's kernels of the per-unit figures."""
+    """Per (op, case, target): the sum of the per-unit figures over the call's kernels whose main
+    loop is a key-tile loop (FeCL: the per-pair cost of the N x N work; gather loops over stored
+    top-k indices are per stored pair and listed on their own rows), or over all (UnCL)."""
     out = {}
     for r in rows:
-        if r["op"] == "cuda" or "instr_per_unit" not in r:
+        if r["op"] == "cuda" or "instr_per_unit" not in r or (r["op"] == "fecl" and r["loop"] != "tile"):
             continue
         key = (r["op"], r["case"], r["target"])
-        t = out.setdefault(key, dict(op=r["op"], case=r["case"], target=r["target"], kernel="TOTAL fwd+bwd",
+        t = out.setdefault(key, dict(op=r["op"], case=r["case"], target=r["target"], kernel="TOTAL tile loops",
                                      instr_per_unit=0.0, mufu_per_unit=0.0, spill=0, fits=True))
         t["instr_per_unit"] = round(t["instr_per_unit"] + r["instr_per_unit"], 1)
         t["mufu_per_unit"] = round(t["mufu_per_unit"] + r["mufu_per_unit"], 2)
