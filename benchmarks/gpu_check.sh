@@ -40,11 +40,11 @@ WORK=${GPU_CHECK_WORK:-$ROOT/benchmarks/out/gpu_check}   # logs and benchmark ou
 mkdir -p "$RESULTS" "$FILES" "$WORK/stages"
 [ -n "${OUT:-}" ] && mkdir -p "$OUT"
 
-# Stage limits in seconds: 160 (build | warm) + 90 + 70 + 100 + 40 = 460 s at most.
+# Stage limits in seconds: 160 (build | warm) + 90 + 80 + 95 + 40 = 465 s at most.
 T_BUILD=${T_BUILD:-160}
 T_TESTS=${T_TESTS:-90}
-T_SANITIZER=${T_SANITIZER:-70}
-T_FECL=${T_FECL:-100}
+T_SANITIZER=${T_SANITIZER:-80}
+T_FECL=${T_FECL:-95}
 T_UNCL=${T_UNCL:-40}
 STAGE_ORDER="build warm tests sanitizer bench_fecl bench_uncl"
 

@@ -270,14 +270,26 @@ def test_available_backends_lists_reference():
     assert "reference" in dk.available_backends()
 
 
+def _triton_aot(*args):
+    """tests/triton_aot.py on dycon_kernels.triton.uncl in a subprocess without TRITON_INTERPRET
+    (under it @triton.jit returns interpreted functions, which cannot be compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.uncl", "-j", "2", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_compile_for_sm80_and_sm90():
     """Compile every launched UnCL configuration for the GPU (no GPU needed): catches what the
-    interpreter accepts but the compiler does not. In a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.uncl", "-j", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    interpreter accepts but the compiler does not, and (SIZE_ARGS) any 32-bit product of sizes."""
+    _triton_aot()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_fit_the_shared_memory_of_every_card():
+    """fit_configs(): the kernels' shared memory against sm_80/86/89/90's per-block limits."""
+    _triton_aot("--fit", "--cc", "80", "86", "89", "90")
 
 
 def _edge_logits(dtype, seed):

@@ -7,8 +7,9 @@ gradients. The math mirrors csrc/uncl_math.h.
 
 Two paths share the kernels: C = 2 in closed form (the softmax is a sigmoid of the logit
 difference, the softmax Jacobian a single product p0 p1), any other C on a (BLOCK_C, BLOCK_V)
-tile. Both use exp2/log2 with log2(e) and ln(2) folded into the operands: in float32 they are
-single MUFU instructions, where exp/log are a scaling plus a MUFU, or a software log.
+tile. Both use exp2/log2 with log2(e) and ln(2) folded into the operands, and in float32 the
+approximate MUFU forms (lg2/rcp/div.approx, about 2 ulp) instead of the software log2f and the
+IEEE division (benchmarks/results/uncl_instructions.md: ~3.4x fewer instructions per voxel).
 
 Launch hygiene: every launch runs under the tensors' device guard; ``beta`` is a kernel
 argument typed float64 (so float64 inputs get it unrounded; float32 programs round it once);
@@ -19,7 +20,6 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-
 from triton.language.extra import libdevice
 
 from dycon_kernels.backends import new_output, triton_interpreted
@@ -27,6 +27,11 @@ from dycon_kernels.backends import new_output, triton_interpreted
 EPS = tl.constexpr(1e-6)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Shared memory per block (opt-in) of sm_80 (A100), sm_86/sm_89 (RTX 3090/4090, A6000, L40) and
+# sm_90 (H100/H200), for fit_configs(). (k-fecl's FeCL dispatcher has the same table: keep one.)
+SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Size arguments whose products must be 64-bit (tests/triton_aot.py checks the compiled TTIR).
+SIZE_ARGS = ("C", "V", "stride_b", "stride_c")
 # Every voxel offset within a volume is int32 (program_id * BLOCK_V + lane): refuse larger volumes.
 MAX_VOXELS = 2**31 - 1 - 4096
 
@@ -81,7 +86,7 @@ else:
     @triton.jit
     def _rcp(x):
         """float32: rcp.approx.ftz (one MUFU op; 1 / x via div.approx adds a multiply and an
-        ftz move). Its argument here lies in [1, 2]."""
+        ftz move). Its arguments here lie in [1, C]."""
         if x.dtype == tl.float32:
             return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                              is_pure=True, pack=1)
@@ -126,14 +131,14 @@ def _softmax_entropy(x, cmask):
     """Softmax over axis 0 of a (BLOCK_C, BLOCK_V) tile, and sum p log2(p + eps) = -H / ln 2."""
     x = tl.where(cmask, x, float("-inf"))
     e = _exp(x - tl.max(x, axis=0)[None, :])
-    p = e / tl.sum(e, axis=0)[None, :]
+    p = e * _rcp(tl.sum(e, axis=0))[None, :]  # the sum lies in [1, C]
     return p, tl.sum(p * _log2(p + EPS), axis=0)
 
 
 @triton.jit
 def _side_grad(x, y, cmask, w, coef_h, g):
     """g * d l / d logits of one side: x its probabilities, y the other side's (uncl_math.h)."""
-    dldx = 2.0 * (x - y) * w[None, :] + coef_h[None, :] * -(LN2 * _log2(x + EPS) + x / (x + EPS))
+    dldx = 2.0 * (x - y) * w[None, :] + coef_h[None, :] * -(LN2 * _log2(x + EPS) + _div(x, x + EPS))
     dldx = tl.where(cmask, dldx, 0.0)
     dot = tl.sum(x * dldx, axis=0)
     return g[None, :] * x * (dldx - dot[None, :])
@@ -354,8 +359,6 @@ def fit_configs(cc: int, full: bool = False):
     partial-sum reduction (a few bytes per warp), the same for every dtype and flag: by default the
     reducing forward and the all-flags backward of both channel tilings (the closed form and the
     tile) in float32; ``full``: every launch."""
-    from dycon_kernels.triton.fecl import SMEM_LIMITS
-
     configs = launch_configs(full=full)
     if not full:
         configs = [c for c in configs if c[1]["S"] == "*fp32" and all(
