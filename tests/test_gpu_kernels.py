@@ -11,8 +11,8 @@ import torch
 
 import dycon_kernels as dk
 from dycon_kernels import backends, reference
-from conftest import DEVICE, fused_backends
 from dycon_kernels.presets import fecl_params
+from conftest import DEVICE, fused_backends
 from test_fecl import make_inputs, run
 from test_uncl import _assert_close, _run, random_logits
 

@@ -401,4 +401,5 @@ def test_triton_launch_configs_cover_launches(monkeypatch):
         loose = ("BLOCK_C", "BLOCK_V")
         flags = {k: v for k, v in kwargs.items() if k not in loose}
         assert any(c[0] is kernel and {k: v for k, v in c[1].items() if k in sig} == sig
-                   and {k: v for k, v in c[2].items() if k not in loose} == flags for c in configs), (kernel, sig, flags)
+                   and {k: v for k, v in c[2].items() if k not in loose} == flags
+                   for c in configs), (kernel, sig, flags)
