@@ -83,6 +83,28 @@ def passes(preset: str, k) -> tuple[int, int]:
     return fwd, bwd
 
 
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+ISSUE_PER_EXP = 8  # 128 thread-instructions per SM per clock against the 16 exp/clk/SM of bc.exp_rate
+
+
+def kernel_report_instr(path: str, device: torch.device) -> dict:
+    """{(dtype, D, preset, k): thread-instructions per pair, fwd+bwd} of this card's target from
+    benchmarks/kernel_report.py's CSV (its 'TOTAL fwd+bwd' rows); {} when the file is missing."""
+    import csv
+
+    major, minor = torch.cuda.get_device_capability(device)
+    target = f"sm_{major}{minor}"
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("op") == "fecl" and row.get("target") == target and row.get("kernel") == "TOTAL fwd+bwd":
+                dt, D, preset, k = row["case"].split("/")
+                out[(dt, int(D), preset, "none" if k == "0" else int(k))] = float(row["instr_per_unit"])
+    return out
+
+
 def parse_list(text: str, cast):
     return [None if v.strip().lower() == "none" else cast(v) for v in text.split(",") if v.strip()]
 
@@ -96,6 +118,11 @@ def main(argv=None):
     p.add_argument("--presets", default=None, help="comma list: official, dycon")
     p.add_argument("--check", action="store_true", help="only the CPU target case")
     p.add_argument("--ref-max-n", type=int, default=None, help="skip the reference above this N (saves time)")
+    p.add_argument("--cuda-max-n", type=int, default=None,
+                   help="skip the 'cuda' backend above this N (its time at N = 110592 exceeds a GPU check's budget)")
+    p.add_argument("--kernel-report", default=None,
+                   help="benchmarks/kernel_report.py's CSV: adds the instruction-issue bound of each row "
+                        "(its thread-instructions per pair on this card's target)")
     args = p.parse_args(argv)
     device, dtype, timing, cap = bc.setup(args)
     sweep = dict(SWEEPS[(device.type, args.quick)])
@@ -127,17 +154,24 @@ def main(argv=None):
              "presets with their own teacher mode (official: threshold 0.3; dycon: top-32)",
              f"reference skipped where 12 x B x N^2 x {ref_elt} bytes > {budget / bc.GiB:.1f} GiB available"]
     mma = exp = None
+    instr = {}
     if device.type == "cuda":
-        mm_dtype = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
-        mma = bc.matmul_rate(device, mm_dtype)
+        # One yardstick for every dtype: the card's bf16 tensor-core rate.
+        mma = bc.matmul_rate(device, torch.bfloat16)
         exp, exp_how = bc.exp_rate(device)
-        extra += [f"rates for the estimate: matmul {mma / 1e12:.0f} TFLOP/s (measured, 8192^3 "
-                  f"{'TF32' if mm_dtype == torch.float32 else args.dtype}), exp {exp / 1e12:.2f} Texp/s ({exp_how})"]
+        extra += [f"rates for the estimate: bf16 matmul {mma / 1e12:.0f} TFLOP/s (measured, 8192^3), "
+                  f"exp {exp / 1e12:.2f} Texp/s ({exp_how}); instruction issue {ISSUE_PER_EXP * exp / 1e12:.1f} "
+                  "T thread-instructions/s (4 schedulers x 32 lanes per SM per clock)"]
+        if args.kernel_report:
+            instr = kernel_report_instr(args.kernel_report, device)
+            extra.append(f"instructions per pair: {args.kernel_report} ({len(instr)} cases for this card)")
     for line in bc.header("FeCL benchmark", device, f"embeddings {args.dtype}, labels int64", extra):
         out(line)
     out()
 
     def skip(spec):
+        if spec["backend"] == "cuda" and args.cuda_max_n and spec["N"] > args.cuda_max_n:
+            return f"skipped (N > --cuda-max-n {args.cuda_max_n}: over this run's time budget)"
         if spec["backend"] != "reference":
             return None
         if args.ref_max_n and spec["N"] > args.ref_max_n:
@@ -150,7 +184,7 @@ def main(argv=None):
              for N in sweep["n"] for preset in sweep["presets"] for k in sweep["k"] for D in sweep["d"]
              for name in names]
     rows = bc.run_sweep(specs, make_case, device, timing, out, skip=skip, mem_cap=cap,
-                        warm_spec=lambda spec: dict(spec, B=1, N=64), case_timeout=args.case_timeout)
+                        warm_spec=lambda spec: dict(spec, B=1, N=min(64, spec["N"])), case_timeout=args.case_timeout)
     order = {v: i for i, v in enumerate(sweep["presets"] + sweep["k"])}
     rows.sort(key=lambda r: (order[r["preset"]], order[r["k"]], r["D"], r["N"]))
     bc.add_reference_ratios(rows, ["preset", "k", "D", "N", "B"])
@@ -163,13 +197,21 @@ def main(argv=None):
             row["est_tflops"] = (fwd + bwd) * 2 * row["D"] * pairs / seconds / 1e12
             row["est_pct_mma"] = 100 * row["est_tflops"] * 1e12 / mma
             row["est_pct_exp"] = 100 * (fwd + bwd) * pairs / seconds / exp
+            per_pair = instr.get((SHORT_DTYPE[row["dtype"]], row["D"], row["preset"], row["k"]))
+            if per_pair and row["backend"] == "triton":
+                row["issue_bound_ms"] = per_pair * pairs / (ISSUE_PER_EXP * exp) * 1e3
+                row["pct_issue_bound"] = 100 * row["issue_bound_ms"] / row["full_ms"]
     columns = ["preset", "k", "D", "N", "backend", "status", "fwd_ms", "bwd_ms", "full_ms", "peak_mib",
-               "speedup", "mem_saving"] + (["est_tflops", "est_pct_mma", "est_pct_exp"] if mma else [])
+               "speedup", "mem_saving"] + (["est_tflops", "est_pct_mma", "est_pct_exp"] if mma else []) \
+        + (["issue_bound_ms", "pct_issue_bound"] if instr else [])
     out("full_ms = fwd+bwd; speedup = reference full_ms / full_ms; mem_saving = reference peak / peak")
     if mma:
         out("est_* = ESTIMATE from a pass count (2*D flops and 1 exp per pair per pass; fwd/bwd passes: "
             + ", ".join(f"{pr} k={k}: {'/'.join(map(str, passes(pr, k)))}" for pr in sweep["presets"]
-                        for k in sweep["k"]) + "), not a hardware counter")
+                        for k in sweep["k"]) + "), not a hardware counter; est_pct_mma is against the bf16 rate")
+    if instr:
+        out("issue_bound_ms = B N^2 pairs x the kernel report's thread-instructions per pair (fwd+bwd) / the "
+            "card's issue rate: the time if every instruction issued at full rate; pct_issue_bound = it / full_ms")
     for line in bc.results(rows, columns, lambda r: f"{r['preset']} k={r['k']} D={r['D']} N={r['N']} {r['backend']}"):
         out(line)
 

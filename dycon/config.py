@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHODS = ("supervised", "mean_teacher", "dycon")
+METHODS = ("supervised", "mean_teacher", "uamt", "dycon")
+FRAMEWORKS = ("mean_teacher", "co_training")
 PRESETS = ("dycon", "official")
 AMP_MODES = (None, "bf16", "fp16")
 
@@ -23,15 +24,21 @@ AMP_MODES = (None, "bf16", "fp16")
 DEFAULTS = {
     "name": "run",
     "data": {"layout": None, "root": None, "labelnum": None, "holdout_val": 0, "cache": False,
+             "label_seed": None,      # None: the first labelnum cases are labelled (as released)
+             "demo_set": "demo",      # layout demo: which synthetic set (dycon/demo.py KINDS)
              # NIfTI data sets (dycon.preprocess): cross-validation fold, resampling, cache, the plan
              "fold": None, "target_spacing": "median", "cache_dir": None, "preprocessing": None},
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
               "feature_scaler": 2, "embed_dim": 256,
-              "dropout": None},           # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
+              "dropout": None,            # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
+              # weight initialisation: "released" (Kaiming-normal convolutions, batch-norm weights
+              # N(1, 0.02) and biases 0, as the released networks) or "pytorch"; None: by the
+              # preset ("released" under official, "pytorch" under dycon)
+              "init": None},
     "train": {
-        "method": "dycon", "preset": "dycon", "patch_size": [96, 96, 96], "batch_size": 8, "labeled_bs": 4,
+        "framework": "mean_teacher", "method": "dycon", "preset": "dycon", "patch_size": [96, 96, 96], "batch_size": 8, "labeled_bs": 4,
         "max_iterations": 20000, "base_lr": 0.01, "lr_schedule": "constant", "momentum": 0.9,
-        "weight_decay": 1e-4, "ema_decay": 0.99, "l_weight": 1.0, "u_weight": 0.5,
+        "weight_decay": 1e-4, "ema_decay": 0.99, "l_weight": 1.0,
         "consistency": 0.1, "consistency_rampup": 200.0, "grad_clip": 1.0, "seed": 1337,
         "num_workers": 0, "device": "auto", "kernel_backend": "auto", "log_every": 10,
         # latest.pt is also written at every validation; 0 = only then and at the end
@@ -44,13 +51,25 @@ DEFAULTS = {
         "threads": None,
     },
     "loss": {
-        "beta_max": 5.0, "beta_min": 0.5, "s_beta": None, "temp": 0.6, "gamma": 2.0,
+        # UnCL: beta decays from beta_max to beta_min over the epochs, or stays at s_beta; "mse"
+        # replaces UnCL by the plain MSE between student and teacher softmax (whole batch)
+        "uncl": "uncl", "beta_max": 5.0, "beta_min": 0.5, "s_beta": None,
+        # weights (released: 0.5 both, u_weight) and sigmoid ramp-ups in iterations (0: none);
+        # FeCL is off for the first fecl_warmup iterations, then ramps up over fecl_rampup
+        "uncl_weight": 0.5, "uncl_rampup": 0, "fecl_weight": 0.5, "fecl_rampup": 0, "fecl_warmup": 0,
+        # FeCL: temperature, focal exponents of the positives (F+) and of the negatives (F-,
+        # dycon preset only), per-anchor weights ("entropy": u = 1 + H, or "none"), the teacher's
+        # top-k hard negatives (null or 0: none) and the student's (null or 0: all negatives)
+        "temp": 0.6, "gamma_pos": 2.0, "gamma_neg": 2.0, "anchor_weight": "entropy",
+        "teacher_top_k": 32, "student_top_k": None,
         # dycon preset: a patch is ignored (-1) when its majority class covers less than
         # patch_purity of its voxels, or (unlabelled) when the teacher's mean confidence is below
         # teacher_confidence
         "patch_purity": 0.6, "teacher_confidence": 0.7,
+        "uamt_samples": 8,     # UA-MT: Monte-Carlo dropout passes of the teacher for its uncertainty
     },
-    "val": {"every": 200, "stride_xy": 64, "stride_z": 64},
+    # the released validation keeps every component (test.largest_component is for the test set)
+    "val": {"every": 200, "stride_xy": 64, "stride_z": 64, "largest_component": False},
     "test": {"stride_xy": 16, "stride_z": 4, "largest_component": True, "hd_definition": "medpy",
              "units": "voxel"},
 }
@@ -65,8 +84,15 @@ FLAG_KEYS = {
     "lr_schedule": ("train", "lr_schedule"), "ema_decay": ("train", "ema_decay"),
     "patch_size": ("train", "patch_size"), "seed": ("train", "seed"), "device": ("train", "device"),
     "kernel_backend": ("train", "kernel_backend"), "num_workers": ("train", "num_workers"),
-    "temp": ("loss", "temp"), "gamma": ("loss", "gamma"), "beta_min": ("loss", "beta_min"),
-    "beta_max": ("loss", "beta_max"), "s_beta": ("loss", "s_beta"),
+    "framework": ("train", "framework"), "label_seed": ("data", "label_seed"),
+    "temp": ("loss", "temp"), "beta_min": ("loss", "beta_min"),
+    "beta_max": ("loss", "beta_max"), "s_beta": ("loss", "s_beta"), "uncl": ("loss", "uncl"),
+    "uncl_weight": ("loss", "uncl_weight"), "uncl_rampup": ("loss", "uncl_rampup"),
+    "fecl_weight": ("loss", "fecl_weight"), "fecl_rampup": ("loss", "fecl_rampup"),
+    "fecl_warmup": ("loss", "fecl_warmup"), "gamma_pos": ("loss", "gamma_pos"), "gamma_neg": ("loss", "gamma_neg"),
+    "anchor_weight": ("loss", "anchor_weight"), "teacher_top_k": ("loss", "teacher_top_k"),
+    "student_top_k": ("loss", "student_top_k"), "patch_purity": ("loss", "patch_purity"),
+    "teacher_confidence": ("loss", "teacher_confidence"), "uamt_samples": ("loss", "uamt_samples"),
     "feature_scaler": ("model", "feature_scaler"), "base_filters": ("model", "base_filters"),
     "val_every": ("val", "every"), "amp": ("train", "amp"), "compile": ("train", "compile"),
     "deterministic": ("train", "deterministic"), "checkpoint_every": ("train", "checkpoint_every"),
@@ -141,6 +167,11 @@ def check_config(cfg: dict) -> None:
     t = cfg["train"]
     if t["method"] not in METHODS:
         raise ValueError(f"train.method must be one of {METHODS}, got {t['method']!r}")
+    if t["framework"] not in FRAMEWORKS:
+        raise ValueError(f"train.framework must be one of {FRAMEWORKS}, got {t['framework']!r}")
+    if t["framework"] == "co_training" and t["method"] not in ("mean_teacher", "dycon"):
+        raise ValueError(f"train.framework 'co_training' takes method 'mean_teacher' (cross pseudo-labels only) "
+                         f"or 'dycon' (with UnCL and FeCL between the students), got {t['method']!r}")
     if t["preset"] not in PRESETS:
         raise ValueError(f"train.preset must be one of {PRESETS}, got {t['preset']!r}")
     if t["amp"] not in AMP_MODES:
@@ -156,9 +187,28 @@ def check_config(cfg: dict) -> None:
     if t["method"] != "supervised" and t["labeled_bs"] == t["batch_size"]:
         raise ValueError(f"train.method {t['method']!r} needs unlabelled volumes in the batch: "
                          f"labeled_bs ({t['labeled_bs']}) must be smaller than batch_size")
+    if cfg["model"]["init"] not in (None, "released", "pytorch"):
+        raise ValueError(f"model.init must be null, 'released' or 'pytorch', got {cfg['model']['init']!r}")
+    check_loss_switches(cfg["loss"])
     for key in ("layout", "root", "labelnum"):
         if cfg["data"][key] is None:
             raise ValueError(f"data.{key} is not set (config file or command line)")
+
+
+def check_loss_switches(loss: dict) -> None:
+    """The method's switches: named choices and non-negative weights, counts and exponents."""
+    choices = {"uncl": ("uncl", "mse"), "anchor_weight": ("entropy", "none")}
+    for key, allowed in choices.items():
+        if loss[key] not in allowed:
+            raise ValueError(f"loss.{key} must be one of {allowed}, got {loss[key]!r}")
+    for key in ("uncl_weight", "uncl_rampup", "fecl_weight", "fecl_rampup", "fecl_warmup", "gamma_pos", "gamma_neg"):
+        if not isinstance(loss[key], (int, float)) or loss[key] < 0:
+            raise ValueError(f"loss.{key} must be a number >= 0, got {loss[key]!r}")
+    for key in ("teacher_top_k", "student_top_k"):
+        if loss[key] is not None and (not isinstance(loss[key], int) or loss[key] < 0):
+            raise ValueError(f"loss.{key} must be null or 0 (off) or an integer k >= 1, got {loss[key]!r}")
+    if not isinstance(loss["uamt_samples"], int) or loss["uamt_samples"] < 2:
+        raise ValueError(f"loss.uamt_samples must be an integer >= 2, got {loss['uamt_samples']!r}")
 
 
 def check_amp_device(t: dict, device) -> None:
@@ -193,18 +243,16 @@ def apply_flags(cfg: dict, args) -> None:
 
 
 def prepare_demo_data(cfg: dict, generate: bool = False) -> None:
-    """Demo layout: default the root ($DYCON_DATA or data/demo) and generate the data there on
-    first use. Into a root the user named, only when ``generate`` (``--generate-demo``): a
+    """Demo layout: default the root (per synthetic set, dycon/demo.py) and generate the set there
+    on first use. Into a root the user named, only when ``generate`` (``--generate-demo``): a
     mistyped ``--root_path`` is an error, not a new 24 MB data set."""
     if cfg["data"]["layout"] != "demo":
         return
-    from dycon.demo import default_root, ensure_demo_data   # h5py and scipy: only when needed
+    from dycon.demo import default_root, prepare_demo_set   # h5py and scipy: only when needed
 
-    named = cfg["data"]["root"] is not None
-    if not named:
-        cfg["data"]["root"] = str(default_root())
-    if not (Path(cfg["data"]["root"]) / "demo_version.txt").exists():
-        if named and not generate:
-            raise FileNotFoundError(f"data root {cfg['data']['root']} holds no demo data (data.root / --root_path); "
-                                    "add --generate-demo to generate the demo data set there")
-        ensure_demo_data(cfg["data"]["root"])
+    if cfg["data"]["root"] is None:
+        cfg["data"]["root"] = str(default_root(cfg["data"]["demo_set"]))
+    elif not generate and not (Path(cfg["data"]["root"]) / "demo_version.txt").exists():
+        raise FileNotFoundError(f"data root {cfg['data']['root']} holds no demo data (data.root / --root_path); "
+                                "add --generate-demo to generate the demo data set there")
+    prepare_demo_set(cfg["data"]["root"], cfg["data"]["demo_set"])

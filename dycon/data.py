@@ -273,22 +273,25 @@ def _read_json(path: Path):
         raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
-def labelled_split(n_train: int, labelnum: int) -> tuple[list[int], list[int]]:
-    """Indices of the labelled (the first ``labelnum``) and unlabelled training cases."""
+def labelled_split(n_train: int, labelnum: int, label_seed=None) -> tuple[list[int], list[int]]:
+    """Indices of the labelled and unlabelled training cases: the first ``labelnum`` (as
+    released), or with a ``label_seed`` a random draw of ``labelnum`` (the same draw for the same
+    seed and list)."""
     if not 1 <= labelnum <= n_train:
         raise ValueError(f"labelnum must be between 1 and the {n_train} training cases, got {labelnum}")
-    return list(range(labelnum)), list(range(labelnum, n_train))
+    order = np.arange(n_train) if label_seed is None else np.random.default_rng(int(label_seed)).permutation(n_train)
+    return sorted(int(i) for i in order[:labelnum]), sorted(int(i) for i in order[labelnum:])
 
 
 def training_cases(data_cfg: dict, labelnum=None) -> tuple[list[Case], list[int], list[int]]:
-    """(cases, labelled indices, unlabelled indices) for the trainer: the first ``labelnum``
-    (default ``data_cfg['labelnum']``; a count or a share such as '10%') labelled training cases
-    are labelled; the other labelled training cases (their labels left unused) and the
+    """(cases, labelled indices, unlabelled indices) for the trainer: ``labelnum`` (default
+    ``data_cfg['labelnum']``; a count or a share such as '10%') labelled training cases are
+    labelled (the first ones, or a draw by ``data_cfg['label_seed']``); the other labelled training cases (their labels left unused) and the
     unlabelled pool are unlabelled."""
     labelled = list_cases(data_cfg, "train")
     pool = list_cases(data_cfg, UNLABELLED)
     count = resolve_labelnum(data_cfg["labelnum"] if labelnum is None else labelnum, len(labelled))
-    lab, unl = labelled_split(len(labelled), count)
+    lab, unl = labelled_split(len(labelled), count, data_cfg.get("label_seed"))
     return labelled + pool, lab, unl + list(range(len(labelled), len(labelled) + len(pool)))
 
 

@@ -1,29 +1,68 @@
-"""A small synthetic lesion data set in the BraTS h5 layout, for the demo and the tests.
+"""Small synthetic lesion data sets in the BraTS h5 layout, for the demo, the benchmarks and the tests.
 
-``ensure_demo_data()`` writes it once (deterministic, a few seconds) and reuses it afterwards:
+``ensure_demo_data()`` writes one once (deterministic, seconds) and reuses it afterwards:
 
     <root>/data/case_000.h5 ...   image float32 (X, Y, Z), label uint8 {0, 1}
     <root>/train.txt, val.txt, test.txt
 
-Each volume is an ellipsoid of "tissue" with smooth texture and noise, holding 1-3 irregular,
-moderately bright lesions that cover about 1-3 % of the voxels. The test cases are held out
-from training and validation. The default root is ``$DYCON_DATA`` or ``data/demo``.
+Two kinds (``KINDS``), each a ``Spec`` of the same generator:
+
+- ``demo`` (the quick start): an ellipsoid of "tissue" with smooth texture and noise, holding
+  1-3 irregular, moderately bright lesions (contrast 0.8-1.3) that cover about 1-3 % of the voxels.
+- ``demo_hard`` (labels are scarce, benchmark): 2-5 small, faint lesions (contrast 0.35-0.6,
+  together 0.2-0.6 % of the voxels, most smaller than one 8^3 FeCL patch of the demo's grid), noise
+  0.3, and scanner variation between volumes: a tissue gain and a smooth multiplicative bias field
+  drawn per volume.
+
+The test cases are held out from training and validation. Default roots: ``$DYCON_DATA`` or
+``data/demo``; ``$DYCON_DATA_HARD`` or ``data/demo_hard``.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
 from scipy import ndimage
 
 DEFAULT_SPLITS = {"train": 40, "val": 6, "test": 12}
-VERSION = 1   # bump when the generator changes, so stale caches are rebuilt
+VERSION = 2   # bump when the generator changes, so stale caches are rebuilt
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("DYCON_DATA", "data/demo"))
+@dataclass(frozen=True)
+class Spec:
+    """One kind of synthetic set. Ranges are (low, high) of uniform draws per volume."""
+    seed: int                         # of the whole set
+    lesion_share: tuple               # lesion voxels wanted in total, as a share of the volume
+    n_lesions: tuple                  # lesions per volume, integers low..high inclusive
+    lesion_gain: tuple                # lesion contrast over the tissue
+    noise: float                      # white noise std (before normalisation)
+    tissue_gain: Optional[tuple] = None   # scanner variation: tissue brightness per volume
+    bias: Optional[tuple] = None          # scanner variation: amplitude of log bias field per volume
+    env: str = "DYCON_DATA"           # environment variable naming the default root
+    root: str = "data/demo"
+
+
+KINDS = {
+    "demo": Spec(seed=2025, lesion_share=(0.01, 0.03), n_lesions=(1, 3), lesion_gain=(0.8, 1.3), noise=0.25),
+    "demo_hard": Spec(seed=2026, lesion_share=(0.002, 0.006), n_lesions=(2, 5), lesion_gain=(0.35, 0.6),
+                      noise=0.3, tissue_gain=(0.7, 1.3), bias=(0.1, 0.35),
+                      env="DYCON_DATA_HARD", root="data/demo_hard"),
+}
+
+
+def _spec(kind: str) -> Spec:
+    if kind not in KINDS:
+        raise ValueError(f"unknown demo set {kind!r} (known: {sorted(KINDS)})")
+    return KINDS[kind]
+
+
+def default_root(kind: str = "demo") -> Path:
+    spec = _spec(kind)
+    return Path(os.environ.get(spec.env, spec.root))
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
@@ -31,8 +70,9 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     return field / (field.std() + 1e-8)
 
 
-def make_case(rng: np.random.Generator, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+def make_case(rng: np.random.Generator, size: int = 48, kind: str = "demo") -> tuple[np.ndarray, np.ndarray]:
     """One (image, label) pair of shape (size, size, size)."""
+    spec = _spec(kind)
     shape = (size,) * 3
     grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32)] * 3, indexing="ij"))
     centre = size / 2 + rng.uniform(-2, 2, 3)
@@ -40,8 +80,8 @@ def make_case(rng: np.random.Generator, size: int = 48) -> tuple[np.ndarray, np.
     tissue = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
 
     label = np.zeros(shape, bool)
-    target = rng.uniform(0.01, 0.03) * size ** 3          # lesion voxels wanted in total
-    n_lesions = rng.integers(1, 4)
+    target = rng.uniform(*spec.lesion_share) * size ** 3          # lesion voxels wanted in total
+    n_lesions = rng.integers(spec.n_lesions[0], spec.n_lesions[1] + 1)
     for share in rng.dirichlet(np.ones(n_lesions) * 2) * target:
         radius = (3 * max(share, 60) / (4 * np.pi)) ** (1 / 3)
         inside = np.argwhere(ndimage.binary_erosion(tissue, iterations=int(radius) + 2))
@@ -51,22 +91,33 @@ def make_case(rng: np.random.Generator, size: int = 48) -> tuple[np.ndarray, np.
         dist = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0)) / radius
         label |= (dist + 0.25 * _smooth_noise(rng, shape, 2.0) < 1) & tissue   # irregular outline
 
-    image = np.where(tissue, 1.0, 0.0) + 0.35 * _smooth_noise(rng, shape, 3.0) * tissue
-    image += 0.2 * _smooth_noise(rng, shape, 1.0) * tissue
-    lesion_gain = rng.uniform(0.8, 1.3)
-    image += label * (lesion_gain + 0.25 * _smooth_noise(rng, shape, 1.5))
-    image += 0.25 * rng.standard_normal(shape)
+    structure = np.where(tissue, 1.0, 0.0) + 0.35 * _smooth_noise(rng, shape, 3.0) * tissue
+    structure += 0.2 * _smooth_noise(rng, shape, 1.0) * tissue
+    lesion_gain = rng.uniform(*spec.lesion_gain)
+    lesion = label * (lesion_gain + 0.25 * _smooth_noise(rng, shape, 1.5))
+    noise = spec.noise * rng.standard_normal(shape)
+    if spec.tissue_gain is None:
+        image = structure + lesion + noise
+    else:   # drawn after the easy demo's draws, which therefore stay as they were
+        field = np.exp(rng.uniform(*spec.bias) * _smooth_noise(rng, shape, size / 4))
+        image = (rng.uniform(*spec.tissue_gain) * structure + lesion) * field + noise
     image = (image - image.mean()) / image.std()
     return image.astype(np.float32), label.astype(np.uint8)
 
 
-def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed: int = 2025,
-                     splits: dict | None = None) -> Path:
-    """Generate the demo data set under ``root`` unless a complete one is already there."""
-    root = Path(root) if root is not None else default_root()
+def _stamp(kind: str, size: int, seed: int, splits: dict) -> str:
+    return f"{kind} {VERSION} {size} {seed} {sorted(splits.items())}"
+
+
+def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed: int | None = None,
+                     splits: dict | None = None, kind: str = "demo") -> Path:
+    """Generate the ``kind`` set under ``root`` unless a complete one is already there."""
+    spec = _spec(kind)
+    root = Path(root) if root is not None else default_root(kind)
     splits = splits or DEFAULT_SPLITS
+    seed = spec.seed if seed is None else seed
     stamp = root / "demo_version.txt"
-    expected = f"{VERSION} {size} {seed} {sorted(splits.items())}"
+    expected = _stamp(kind, size, seed, splits)
     if stamp.exists() and stamp.read_text().strip() == expected:
         return root
     (root / "data").mkdir(parents=True, exist_ok=True)
@@ -76,12 +127,26 @@ def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed
         ids = [f"case_{index + i:03d}" for i in range(count)]
         index += count
         for case_id in ids:
-            image, label = make_case(rng, size)
+            image, label = make_case(rng, size, kind)
             # stored (Z, Y, X) like the BraTS h5 files; the loader transposes (2, 1, 0)
             _write_h5(root / "data" / f"{case_id}.h5", image.transpose(2, 1, 0), label.transpose(2, 1, 0))
         (root / f"{split}.txt").write_text("\n".join(ids) + "\n")
     stamp.write_text(expected + "\n")
     return root
+
+
+def prepare_demo_set(root: str | os.PathLike | None, kind: str = "demo") -> Path:
+    """The trainer's entry: reuse a ``kind`` set of any size under ``root`` (the tests write small
+    ones), refuse a set of another kind there, else generate the default ``kind`` set."""
+    root = Path(root) if root is not None else default_root(kind)
+    stamp = root / "demo_version.txt"
+    if stamp.exists():
+        found = stamp.read_text().split()
+        if found[:2] == [kind, str(VERSION)]:
+            return root
+        if found and found[0] in KINDS:
+            raise ValueError(f"{root} holds the demo set {found[0]!r}, not {kind!r}: give another data root")
+    return ensure_demo_data(root, kind=kind)
 
 
 def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:

@@ -29,11 +29,11 @@ from dycon import distributed, frameworks, preprocess, viz
 from dycon.checkpoint import load_checkpoint, save_checkpoint
 from dycon.config import check_amp_device
 from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
-from dycon.inference import segment
-from dycon.losses import dice_loss
+from dycon.inference import segment, sliding_window_inference
+from dycon.losses import dice_loss, patch_labels_dycon
 from dycon.metrics import dice
 from dycon.networks import build_model
-from dycon.objectives import OBJECTIVES
+from dycon.objectives import UAMT
 from dycon.schedules import beta_at, learning_rate
 from dycon_kernels.presets import teacher_threshold_ramp
 
@@ -55,18 +55,24 @@ def compute_losses(cfg: dict, batch: dict, framework, step: int, epoch: int, n_e
     t, ctx = cfg["train"], framework.ctx
     lb = t["labeled_bs"] // ctx.world_size
     beta = beta_at(epoch, n_epochs, cfg["loss"])
-    threshold = teacher_threshold_ramp(epoch)
-    sums = framework.sums(batch["image"], batch["label"], lb, number, torch.tensor(beta, dtype=torch.float64),
-                          torch.tensor(threshold, dtype=torch.float64))
-    s = combine_sums(sums, ctx)
-    out = {"sup": s["ce"][0] / s["ce"][1] + dice_loss(s["dice"].view(-1, 3))}
+    values = {"beta": beta, "threshold": teacher_threshold_ramp(epoch),
+              "uamt_threshold": UAMT.threshold(step, t["max_iterations"], cfg["model"]["num_classes"])}
+    scalars = {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+    s = combine_sums(framework.sums(batch["image"], batch["label"], lb, number, scalars), ctx)
+    out = {}
+    for suffix in ("", "_b"):   # co-training: the second student's terms end in _b
+        if f"ce{suffix}" in s:
+            ce, dice_rows = s.pop(f"ce{suffix}"), s.pop(f"dice{suffix}")
+            out[f"sup{suffix}"] = ce[0] / ce[1] + dice_loss(dice_rows.view(-1, 3))
+        if f"fecl_anchors{suffix}" in s:   # diagnostics, not losses
+            out[f"anchors{suffix}"], out[f"lesion_anchors{suffix}"] = s.pop(f"fecl_anchors{suffix}").tolist()
     # every other term is a ratio; FeCL's count of valid anchors may be 0 (as its reduction='mean')
-    terms = {name: v[0] / v[1].clamp_min(1) for name, v in s.items() if name not in ("ce", "dice")}
+    terms = {name: v[0] / v[1].clamp_min(1) for name, v in s.items()}
     out.update(terms)
     if "uncl" in terms:
         out["beta"] = beta
-    weighted = OBJECTIVES[t["method"]].weighted(cfg, terms, step)
-    out["total"] = sum(weighted, t["l_weight"] * out["sup"])
+    supervised = t["l_weight"] * (out["sup"] + out["sup_b"] if "sup_b" in out else out["sup"])
+    out["total"] = sum(framework.weighted(terms, step), supervised)
     return out
 
 
@@ -115,7 +121,10 @@ def set_determinism(deterministic: bool) -> None:
 
 class MetricsLog:
     """metrics.csv (one row per logged step) and the TensorBoard scalars."""
-    FIELDS = ["step", "epoch", "lr", "beta", "total", "sup", "mse", "uncl", "fecl", "val_dice", "skipped"]
+    FIELDS = ["step", "epoch", "lr", "beta", "total", "sup", "mse", "uncl", "fecl", "val_dice", "skipped",
+              "uncl_mse", "anchors", "lesion_anchors", "val_patch_precision", "val_patch_recall",
+              # co-training: the cross pseudo-label term and the second student's terms
+              "cps", "sup_b", "mse_b", "uncl_b", "uncl_mse_b", "fecl_b", "anchors_b", "lesion_anchors_b"]
 
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.csv"
@@ -135,7 +144,7 @@ class MetricsLog:
             csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
         for key, value in row.items():
             if key not in ("step", "epoch") and value not in ("", None):
-                self.tb.add_scalar(f"train/{key}" if key != "val_dice" else "val/dice", value, row["step"])
+                self.tb.add_scalar(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}", value, row["step"])
 
     def images(self, images: dict, step: int) -> None:
         for name, rgb in images.items():
@@ -165,10 +174,36 @@ def validate(model, cases, cfg: dict, device, ctx: distributed.Context) -> float
         volume = case.load(cfg["model"]["num_classes"])
         pred = segment(model, volume.image, cfg["train"]["patch_size"], cfg["val"]["stride_xy"],
                        cfg["val"]["stride_z"], cfg["model"]["num_classes"],
-                       cfg["test"]["largest_component"], device)
+                       cfg["val"]["largest_component"], device)
         scores += [dice(pred == c, volume.label == c) for c in range(1, cfg["model"]["num_classes"])]
     total, count = distributed.sum_values([float(np.sum(scores)), float(len(scores))], ctx)
     return total / count
+
+
+def patch_label_quality(model, cases, cfg: dict, device, ctx: distributed.Context) -> tuple[float, float]:
+    """Precision and recall of the lesion patch labels that FeCL (dycon preset) would take from
+    ``model``'s predictions on the validation cases, against the patch labels of their ground
+    truth (same purity rule): what FeCL's pseudo-labels are worth. NaN when there is nothing to
+    count. Each volume is cut to whole patches of ``16 / feature_scaler`` voxels."""
+    block, num_classes = 16 // cfg["model"]["feature_scaler"], cfg["model"]["num_classes"]
+    counts = np.zeros(3)   # true positives, predicted lesion patches, true lesion patches
+    for case in cases[ctx.rank::ctx.world_size]:
+        volume = case.load(num_classes)
+        image = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))[None].to(device)
+        probs = sliding_window_inference(model, image, cfg["train"]["patch_size"], cfg["val"]["stride_xy"],
+                                         cfg["val"]["stride_z"], num_classes)
+        grid = [s // block for s in volume.label.shape]
+        if 0 in grid:
+            continue
+        cut = tuple(slice(0, g * block) for g in grid)
+        label = torch.from_numpy(volume.label[cut].astype(np.int64)).to(device)[None]
+        pseudo = patch_labels_dycon(label, probs[(slice(None),) + cut][None], 0, grid, cfg["loss"])
+        truth = patch_labels_dycon(label, torch.ones(1, num_classes, *label.shape[1:], device=device), 1, grid,
+                                   cfg["loss"])
+        counts += [float(((pseudo >= 1) & (pseudo == truth)).sum()), float((pseudo >= 1).sum()),
+                   float((truth >= 1).sum())]
+    tp, predicted, actual = distributed.sum_values(counts.tolist(), ctx)
+    return (tp / predicted if predicted else float("nan")), (tp / actual if actual else float("nan"))
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -235,14 +270,20 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     metrics = MetricsLog(run_dir, step if resume else 0) if ctx.is_main else NoMetrics()
 
     n_epochs = t["max_iterations"] // len(sampler) + 1
+    # the dycon preset's FeCL labels the unlabelled patches from predictions: measure them at validation
+    fecl_pseudo_labels = t["method"] == "dycon" and t["preset"] == "dycon" and cfg["loss"]["fecl_weight"] > 0
     if t["preset"] == "official" and t["method"] == "dycon":
         log.warning("preset 'official': FeCL patch labels of the UNLABELLED volumes come from their ground "
                     "truth, as in the released code (label leakage); results are not semi-supervised")
-    log.info("%d training cases (%d labelled, %d unlabelled), %d validation; %d batches per epoch; "
-             "device %s x %d process(es); %.2fM parameters; amp %s; compile %s; deterministic %s",
-             len(train_cases), labelnum, len(unlabeled), len(val_cases), len(sampler), device, ctx.world_size,
+    log.info("%s framework, method %s; %d training cases (%d labelled, %d unlabelled), %d validation; "
+             "%d batches per epoch; device %s x %d process(es); %.2fM parameters; amp %s; compile %s; "
+             "deterministic %s", t["framework"], t["method"], len(train_cases), labelnum, len(unlabeled),
+             len(val_cases), len(sampler), device, ctx.world_size,
              sum(p.numel() for p in framework.student.parameters()) / 1e6, t["amp"], t["compile"],
              t["deterministic"])
+    if cfg["data"]["label_seed"] is not None:
+        log.info("labelled cases (label_seed %s): %s", cfg["data"]["label_seed"],
+                 " ".join(train_cases[i].id for i in labeled))
 
     def state() -> dict:
         return {**framework.state_dict(), "optimizer": optimizer.state_dict(), "grad_scaler": scaler.state_dict(),
@@ -302,16 +343,23 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
             metrics.write({"step": step, "epoch": epoch, "lr": lr, "skipped": skipped, **last_stats})
         if cfg["val"]["every"] and (step % cfg["val"]["every"] == 0 or step == t["max_iterations"]):
             val_dice = validate(framework.student, val_cases, cfg, device, ctx)
-            metrics.write({"step": step, "epoch": epoch, "val_dice": val_dice})
+            row, quality = {"step": step, "epoch": epoch, "val_dice": val_dice}, ""
+            if fecl_pseudo_labels:
+                row["val_patch_precision"], row["val_patch_recall"] = patch_label_quality(
+                    framework.labeler, val_cases, cfg, device, ctx)
+                quality = "  FeCL: last batch %d anchors (%d lesion); validation pseudo-label patches: " \
+                          "precision %.3f recall %.3f" % (last_stats["anchors"], last_stats["lesion_anchors"],
+                                                          row["val_patch_precision"], row["val_patch_recall"])
+            metrics.write(row)
             if pictured is not None:
-                teacher = framework.teacher if framework.objective.uses_teacher else None
+                teacher = framework.labeler if framework.objective.uses_teacher else None
                 metrics.images(viz.validation_images(framework.student, teacher, pictured, cfg,
                                                      last_stats.get("beta"), device), step)
             if val_dice > best_dice:
                 best_dice, best_step = val_dice, step
                 checkpoint("best.pt")
-            log.info("step %d: loss %.4f  val Dice %.4f  (best %.4f at step %d)", step, last_stats["total"],
-                     val_dice, best_dice, best_step)
+            log.info("step %d: loss %.4f  val Dice %.4f  (best %.4f at step %d)%s", step, last_stats["total"],
+                     val_dice, best_dice, best_step, quality)
             checkpoint("latest.pt")
         elif t["checkpoint_every"] and step % t["checkpoint_every"] == 0:
             checkpoint("latest.pt")

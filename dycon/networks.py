@@ -268,22 +268,39 @@ def _transposed(cin: int, cout: int, norm: str) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose3d(cin, cout, 2, stride=2), _norm(norm, cout), nn.ReLU(inplace=True))
 
 
+@torch.no_grad()
+def init_released(model: nn.Module) -> nn.Module:
+    """The released networks' initialisation (SSL4MIS ``weights_init_kaiming``): convolutions
+    Kaiming-normal (fan-in, their biases as PyTorch leaves them), batch-norm weights N(1, 0.02)
+    and biases 0. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def build_model(model_cfg: dict) -> nn.Module:
     """The network described by the config's ``model`` dict.
 
     Keys: ``arch`` ('unet3d' | 'vnet'), ``in_channels``, ``num_classes``, ``feature_scaler``,
     ``base_filters``, and optionally ``embed_dim``, ``dropout`` (absent or None: the
     architecture's default, 0.3 for unet3d and 0.5 for vnet; 0.0 switches it off), ``norm``
-    ('instance' | 'batch').
+    ('instance' | 'batch'), ``init`` ('released': ``init_released``; absent, None or 'pytorch':
+    PyTorch's defaults).
     """
     cfg = dict(model_cfg)
     arch = cfg.pop("arch", "unet3d")
     if arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+    init = cfg.pop("init", None)   # the trainer's key: weights, not architecture
     known = {"in_channels", "num_classes", "base_filters", "feature_scaler", "embed_dim", "dropout", "norm"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"unknown model key(s) {unknown}; valid: ['arch'] + {sorted(known)}")
     if cfg.get("dropout", 0.0) is None:     # the trainer's defaults spell "architecture default" None
         del cfg["dropout"]
-    return (UNet3D if arch == "unet3d" else VNet)(**cfg)
+    model = (UNet3D if arch == "unet3d" else VNet)(**cfg)
+    return init_released(model) if init == "released" else model

@@ -7,16 +7,19 @@
     python -m dycon.train --resume runs/brats19-dycon-20250101-120000
     python -m dycon.train --config brats19 --amp bf16 --compile        # mixed precision, compiled step
     torchrun --nproc_per_node 4 -m dycon.train --config brats19 --output runs/brats19-4gpu
-    python -m dycon.train --config demo --set loss.temp=0.5 --set train.u_weight=0  # any config key
+    python -m dycon.train --framework co_training --method dycon           # CT + DyCON on the demo
+    python -m dycon.train --config demo --set loss.temp=0.5 --set loss.fecl_weight=0  # any config key
 
 Everything a run needs is one plain dict (the YAML config merged over the defaults, with the
 flags and ``--set`` overrides applied, dycon/config.py); it is saved as ``config.yaml`` in the
 run directory with the log, ``metrics.csv``, TensorBoard scalars and checkpoints (dycon/loop.py).
 
 Methods: ``supervised`` (labelled batches only, CE + Dice), ``mean_teacher`` (+ MSE between
-student and teacher softmax on the unlabelled half, ramped up), ``dycon`` (+ UnCL and FeCL);
-each is one objective in dycon/objectives.py. FeCL presets: ``dycon`` (default, no label
-leakage) and ``official`` (the released code).
+student and teacher softmax on the unlabelled half, ramped up), ``uamt`` (that MSE where the
+teacher is certain), ``dycon`` (+ UnCL and FeCL); each is one objective in dycon/objectives.py.
+Frameworks (dycon/frameworks): ``mean_teacher`` (student + EMA teacher) and ``co_training`` (two
+students with cross pseudo-labels). FeCL presets: ``dycon`` (default, no label leakage) and
+``official`` (the released code).
 
 This module is the command line only: torch and the training modules are imported after the
 arguments are parsed, so ``--help`` is fast. Flags take ``-`` or ``_`` (``--labeled-bs``,
@@ -33,8 +36,8 @@ from pathlib import Path
 import yaml
 
 from dycon import cli
-from dycon.config import DEFAULTS, METHODS, PRESETS, apply_flags, check_config, load_config, merge_config, \
-    prepare_demo_data
+from dycon.config import DEFAULTS, FRAMEWORKS, METHODS, PRESETS, apply_flags, check_config, load_config, \
+    merge_config, prepare_demo_data
 
 PROG = "python -m dycon.train"
 # flag -> (type, help) of the SSL4MIS-style numeric flags (config key: config.FLAG_KEYS)
@@ -52,11 +55,8 @@ NUMBER_FLAGS = {
                      "config.yaml, kept on --resume)"),
     "base_lr": (float, "learning rate (train.base_lr)"),
     "ema_decay": (float, "teacher EMA decay (train.ema_decay)"),
-    "temp": (float, "FeCL temperature (loss.temp)"),
-    "gamma": (float, "FeCL focal exponents, positive and negative (loss.gamma)"),
     "beta_min": (float, "UnCL beta at the end of training (loss.beta_min)"),
     "beta_max": (float, "UnCL beta at the start of training (loss.beta_max)"),
-    "s_beta": (float, "fixed UnCL beta instead of the schedule (loss.s_beta)"),
 }
 
 
@@ -66,7 +66,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
     p.add_argument("--output", metavar="RUN_DIR", help="run directory (default runs/<config>-<method>-<time>)")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the test-set evaluation")
-    p.add_argument("--method", choices=METHODS, help="training method (default: the config's, else dycon)")
+    p.add_argument("--framework", choices=FRAMEWORKS,
+                   help="mean_teacher (student + EMA teacher, default) or co_training (two students)")
+    p.add_argument("--method", choices=METHODS, help="what the unlabelled data add (default dycon)")
     p.add_argument("--preset", choices=PRESETS, help="FeCL patch labels and loss settings (default dycon)")
     p.add_argument("--root_path", help="data root (must exist; the demo generates into it only with --generate-demo)")
     p.add_argument("--generate-demo", action="store_true",
@@ -74,8 +76,26 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--labelnum", help="labelled cases: a count or a share such as 10%%")
     p.add_argument("--layout", help="data layout: brats, la, pancreas, isles, nifti, demo (default: the config's)")
     p.add_argument("--fold", type=int, help="validate on cross-validation fold K (splits_final.json)")
+    p.add_argument("--label_seed", type=int, help="draw the labelled cases at random with this seed "
+                   "(default: the first labelnum of the training list, as released)")
     for flag, (kind, text) in NUMBER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=text)
+    p.add_argument("--s_beta", type=float, help="a fixed UnCL beta instead of the adaptive schedule")
+    p.add_argument("--uncl", choices=("uncl", "mse"), help="mse: replace UnCL by plain MSE consistency")
+    for flag, what in (("uncl_weight", "UnCL weight (0.5)"), ("fecl_weight", "FeCL weight (0.5)"),
+                       ("temp", "FeCL temperature (0.6)"), ("gamma_pos", "FeCL focal exponent of positives, F+ (2)"),
+                       ("gamma_neg", "FeCL focal exponent of negatives, F- (2; 0 = off)"),
+                       ("patch_purity", "FeCL patch-label purity threshold (0.6)"),
+                       ("teacher_confidence", "FeCL pseudo-label confidence threshold (0.7)")):
+        p.add_argument(f"--{flag}", type=float, help=what)
+    for flag, what in (("uncl_rampup", "UnCL sigmoid ramp-up, iterations (0 = none)"),
+                       ("fecl_rampup", "FeCL sigmoid ramp-up after the warm-up, iterations (0 = none)"),
+                       ("fecl_warmup", "iterations without FeCL at the start (0)"),
+                       ("teacher_top_k", "FeCL teacher hard negatives per anchor (32; 0 = off)"),
+                       ("student_top_k", "FeCL student negatives per anchor (0 = all)"),
+                       ("uamt_samples", "UA-MT Monte-Carlo dropout passes (8)")):
+        p.add_argument(f"--{flag}", type=int, help=what)
+    p.add_argument("--anchor_weight", choices=("entropy", "none"), help="FeCL anchor weight u = 1 + H, or none")
     p.add_argument("--lr_schedule", choices=("constant", "poly"), help="learning-rate schedule (train.lr_schedule)")
     p.add_argument("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="training patch (train.patch_size)")
     p.add_argument("--kernel-backend", dest="kernel_backend", choices=("auto", "triton", "cuda", "cpu", "reference"),

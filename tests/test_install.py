@@ -49,7 +49,8 @@ def _link_torch(site: Path, env: Path) -> None:
             source = Path(dist.locate_file(name))
             if source.exists() and not (site / name).exists():
                 (site / name).symlink_to(source)
-    purelib = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    purelib = subprocess.run([str(env / "bin" / "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
     Path(purelib, "linked_torch.pth").write_text(str(site) + "\n")
 
@@ -66,7 +67,8 @@ def _copy_checkout(dest: Path) -> None:
 
 def _run(cmd: list, cwd: Path, env: dict, timeout: float) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, \
+        f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
 

@@ -74,6 +74,23 @@ def test_dropout_is_configurable(arch, default):
         assert torch.equal(a, b)
 
 
+def test_released_initialisation():
+    torch.manual_seed(0)
+    model = build_model(dict(TINY, arch="vnet", base_filters=8, init="released"))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m.weight[0].numel() >= 512]
+    for conv in convs:   # Kaiming normal, fan-in: std sqrt(2 / fan_in)
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    weights = torch.cat([bn.weight for bn in bns])
+    assert abs(weights.mean().item() - 1) < 0.01 and 0.015 < weights.std().item() < 0.025
+    assert all(torch.equal(bn.bias, torch.zeros_like(bn.bias)) for bn in bns)
+    default = build_model(dict(TINY, arch="vnet", base_filters=8))
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in default.modules()
+               if isinstance(bn, torch.nn.BatchNorm3d))   # PyTorch's default: ones
+    assert convs and bns
+
+
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("scale", [1, 2, 4])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (1, 2, 6, 1, 7)])

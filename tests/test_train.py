@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from dycon import config as C, loop, losses, schedules, train as T
+from dycon.data import labelled_split
 from dycon.checkpoint import load_checkpoint
 from dycon.demo import ensure_demo_data
 from dycon.frameworks.mean_teacher import ema_update
@@ -38,25 +39,40 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("method,preset", [("supervised", "dycon"), ("mean_teacher", "dycon"),
-                                           ("dycon", "dycon"), ("dycon", "official")])
-def test_each_method_and_preset_trains(tmp_path, data_root, method, preset):
-    cfg = tiny_config(data_root, method=method, preset=preset, max_iterations=3)
+@pytest.mark.parametrize("framework,method,preset", [
+    ("mean_teacher", "supervised", "dycon"), ("mean_teacher", "mean_teacher", "dycon"),
+    ("mean_teacher", "uamt", "dycon"), ("mean_teacher", "dycon", "dycon"), ("mean_teacher", "dycon", "official"),
+    ("co_training", "mean_teacher", "dycon"), ("co_training", "dycon", "dycon")])
+def test_each_framework_method_and_preset_trains(tmp_path, data_root, framework, method, preset):
+    cfg = tiny_config(data_root, framework=framework, method=method, preset=preset, max_iterations=3)
     result = loop.train(cfg, tmp_path)
     assert result["step"] == 3 and result["skipped"] == 0 and 0 <= result["best_dice"] <= 1
     rows = [r for r in read_metrics(tmp_path) if r["total"]]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    co_training = framework == "co_training"
     for row in rows:
         assert math.isfinite(float(row["total"]))
-        assert bool(row["fecl"]) == bool(row["uncl"]) == (method == "dycon")
-        assert bool(row["mse"]) == (method == "mean_teacher" or preset == "official")
+        assert bool(row["fecl"]) == bool(row["uncl"]) == bool(row["anchors"]) == (method == "dycon")
+        assert bool(row["mse"]) == (method in ("mean_teacher", "uamt") and not co_training or preset == "official")
+        assert bool(row["cps"]) == bool(row["sup_b"]) == co_training
+        assert bool(row["fecl_b"]) == (co_training and method == "dycon")
+        if row["anchors"]:
+            assert 0 <= float(row["lesion_anchors"]) <= float(row["anchors"])
+    val_rows = [r for r in read_metrics(tmp_path) if r["val_dice"]]
+    assert len(val_rows) == 2   # steps 2 and 3
+    for row in val_rows:        # FeCL's pseudo-label quality, where FeCL takes them from predictions
+        assert bool(row["val_patch_recall"]) == (method == "dycon" and preset == "dycon")
+        if row["val_patch_recall"]:
+            assert 0 <= float(row["val_patch_recall"]) <= 1
     log_text = (tmp_path / "train.log").read_text()
     assert ("label leakage" in log_text) == (method == "dycon" and preset == "official")
+    assert ("validation pseudo-label patches: precision" in log_text) == (method == "dycon" and preset == "dycon")
     assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
 
 
-def test_resume_gives_the_same_weights(tmp_path, data_root):
-    cfg = tiny_config(data_root)
+@pytest.mark.parametrize("framework", ["mean_teacher", "co_training"])
+def test_resume_gives_the_same_weights(tmp_path, data_root, framework):
+    cfg = tiny_config(data_root, framework=framework)
     loop.train(cfg, tmp_path / "straight")
     loop.train(cfg, tmp_path / "split", stop_after=2)
     assert load_checkpoint(tmp_path / "split" / "latest.pt")["step"] == 2
@@ -64,13 +80,16 @@ def test_resume_gives_the_same_weights(tmp_path, data_root):
     a = load_checkpoint(tmp_path / "straight" / "latest.pt")
     b = load_checkpoint(tmp_path / "split" / "latest.pt")
     assert a["step"] == b["step"] == 4 and a["best_dice"] == b["best_dice"]
-    for key in ("student", "teacher"):
+    for key in ("student", "teacher") if framework == "mean_teacher" else ("student", "student_b"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert [r["step"] for r in read_metrics(tmp_path / "straight")] == \
         [r["step"] for r in read_metrics(tmp_path / "split")]
+    if framework == "co_training":   # two students, differently initialised, both trained
+        assert not torch.equal(a["student"]["classifier.weight"], a["student_b"]["classifier.weight"])
+        assert len(a["optimizer"]["state"]) == 2 * len(list(build_model(cfg["model"]).parameters()))
 
 
 def test_checkpoint_is_weights_only_and_complete(tmp_path, data_root):
@@ -104,9 +123,11 @@ def test_cli_runs_tests_and_resumes(tmp_path, data_root):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(data_root, max_iterations=2)))
     run = tmp_path / "run"
-    result = T.main(["--config", str(cfg_path), "--output", str(run), "--labelnum", "50%", "--seed", "3"])
+    result = T.main(["--config", str(cfg_path), "--output", str(run), "--labelnum", "50%", "--seed", "3",
+                     "--fecl_warmup", "1", "--set", "loss.patch_purity=0.5"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["labelnum"] == "50%" and saved["train"]["seed"] == 3
+    assert saved["loss"]["fecl_warmup"] == 1 and saved["loss"]["patch_purity"] == 0.5
     assert 0 <= result["test"]["classes"]["1"]["dice"]["mean"] <= 1
     assert (run / "eval_test_student" / "cases.csv").exists()   # the report dycon.evaluate --run writes
     with pytest.raises(FileExistsError, match="--resume"):
@@ -168,8 +189,8 @@ def test_config_errors(tmp_path):
 
 def test_overrides_set_dotted_keys_and_name_unknown_ones():
     cfg = C.load_config("demo")
-    C.apply_overrides(cfg, {"loss.temp": 0.5, "train.u_weight": 0.0, "name": "ablation"})
-    assert cfg["loss"]["temp"] == 0.5 and cfg["train"]["u_weight"] == 0.0 and cfg["name"] == "ablation"
+    C.apply_overrides(cfg, {"loss.temp": 0.5, "loss.fecl_weight": 0.0, "name": "ablation"})
+    assert cfg["loss"]["temp"] == 0.5 and cfg["loss"]["fecl_weight"] == 0.0 and cfg["name"] == "ablation"
     for bad in ("loss.tmp", "nope.temp", "loss", "loss.temp.x"):
         with pytest.raises(ValueError, match=f"unknown config key '{bad}'"):
             C.apply_overrides(cfg, {bad: 1})
@@ -191,3 +212,157 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": root})
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------ the method's switches
+
+def step_losses(cfg, seed=0):
+    """compute_losses of the first batch, from weights and dropout drawn from ``seed``."""
+    from torch.utils.data import default_collate
+    from dycon import frameworks
+    from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
+    from dycon.distributed import Context
+    sampler = TwoStreamBatchSampler([0, 1], [2, 3, 4, 5], 2, 2, seed=cfg["train"]["seed"])
+    dataset = PatchDataset(list_cases(cfg["data"], "train"), cfg["train"]["patch_size"])
+    batch = default_collate([dataset[item] for item in sampler.batch(0)])
+    torch.manual_seed(seed)
+    framework = frameworks.build(cfg, torch.device("cpu"), Context())
+    torch.manual_seed(seed + 1)
+    return loop.compute_losses(cfg, batch, framework, 0, 0, 10, 0)
+
+
+def test_unsupervised_weights_switch_terms_off_exactly(data_root):
+    # feature_scaler 4: patches of 4^3 voxels, so that the crops hold lesion patches
+    cfg = tiny_config(data_root)
+    cfg["model"]["feature_scaler"] = 4
+    full = step_losses(cfg)
+    assert float(full["fecl"]) > 0.1 and float(full["uncl"]) > 0.1 and full["lesion_anchors"] > 0
+    assert float(full["total"]) == pytest.approx(float(full["sup"] + 0.5 * full["fecl"] + 0.5 * full["uncl"]), rel=1e-6)
+
+    no_fecl = step_losses(C.apply_overrides(copy.deepcopy(cfg), {"loss.fecl_weight": 0.0}))
+    assert "fecl" not in no_fecl and torch.equal(no_fecl["uncl"], full["uncl"])
+    assert torch.equal(no_fecl["total"], no_fecl["sup"] + 0.5 * no_fecl["uncl"])   # exactly MT + UnCL
+    no_uncl = step_losses(C.apply_overrides(copy.deepcopy(cfg), {"loss.uncl_weight": 0.0, "loss.fecl_weight": 2.0}))
+    assert "uncl" not in no_uncl and torch.equal(no_uncl["fecl"], full["fecl"])
+    assert torch.equal(no_uncl["total"], no_uncl["sup"] + 2.0 * no_uncl["fecl"])
+
+    mse = step_losses(C.apply_overrides(copy.deepcopy(cfg), {"loss.uncl": "mse", "loss.fecl_weight": 0.0}))
+    assert "uncl" not in mse and 0 < float(mse["uncl_mse"]) < 0.5
+    assert torch.equal(mse["total"], mse["sup"] + 0.5 * mse["uncl_mse"])
+
+
+@pytest.mark.parametrize("overrides,params", [
+    ({}, {}),
+    ({"loss.gamma_neg": 0.0}, {"gamma_neg": 0.0}),
+    ({"loss.gamma_pos": 0.0, "loss.temp": 0.3}, {"gamma_pos": 0.0, "temperature": 0.3}),
+    ({"loss.teacher_top_k": 0}, {"teacher": "none"}),
+    ({"loss.teacher_top_k": 4, "loss.student_top_k": 3}, {"teacher_top_k": 4, "top_k": 3}),
+    ({"loss.anchor_weight": "none"}, {"anchor_weight": None}),
+])
+def test_fecl_switches_reach_the_loss(overrides, params):
+    from dycon.objectives import DyCON
+    from dycon_kernels.reference import fecl as reference_fecl
+    g = torch.Generator().manual_seed(0)
+    logits, t_logits = torch.randn(4, 2, 16, 16, 16, generator=g), torch.randn(4, 2, 16, 16, 16, generator=g)
+    z = torch.nn.functional.normalize(torch.randn(4, 64, 8, generator=g), dim=-1)
+    zt = torch.nn.functional.normalize(torch.randn(4, 64, 8, generator=g), dim=-1)
+    labels = (torch.rand(4, 16, 16, 16, generator=g) < 0.3).long()
+    cfg = C.merge_config(C.DEFAULTS, {"model": {"feature_scaler": 4},
+                                      "train": {"patch_size": [16, 16, 16], "kernel_backend": "reference"},
+                                      "loss": {"patch_purity": 0.0, "teacher_confidence": 0.0}}, "test")
+    C.apply_overrides(cfg, overrides)
+    got = DyCON().fecl_sums(cfg, (logits, z), (t_logits, zt), labels, 2, {})
+    patch = losses.patch_labels_dycon(labels, t_logits.softmax(1), 2, [4, 4, 4], cfg["loss"])
+    expected = dict(temperature=0.6, gamma_pos=2.0, gamma_neg=2.0, top_k=None, shift="exact", teacher="topk",
+                    teacher_top_k=32, teacher_threshold=None, teacher_weight=1.0, reduction="sum",
+                    anchor_weight=losses.anchor_weights(logits, [4, 4, 4]))
+    expected.update(params)
+    teacher = expected["teacher"] != "none"
+    value = reference_fecl(z, patch, zt if teacher else None, patch if teacher else None, **expected)
+    torch.testing.assert_close(got["fecl"][0], value.float(), rtol=1e-5, atol=1e-6)
+    assert got["fecl"][1] == (patch >= 0).sum() and got["fecl_anchors"].tolist() == \
+        [float((patch >= 0).sum()), float((patch == 1).sum())]
+    if overrides:   # each switch changes the loss
+        default = DyCON().fecl_sums(C.merge_config(cfg, {"loss": dict(C.DEFAULTS["loss"], patch_purity=0.0,
+                                                                      teacher_confidence=0.0)}, "d"),
+                                    (logits, z), (t_logits, zt), labels, 2, {})
+        assert not torch.allclose(default["fecl"][0], got["fecl"][0])
+
+
+def test_ramps_warmup_and_uamt_threshold():
+    from dycon.objectives import UAMT
+    loss_cfg = {**C.DEFAULTS["loss"], "uncl_rampup": 100, "fecl_warmup": 50, "fecl_rampup": 100, "fecl_weight": 1.0}
+    assert schedules.unsupervised_weights(C.DEFAULTS["loss"], 0) == (0.5, 0.5)   # released: no ramp
+    assert schedules.unsupervised_weights(loss_cfg, 0) == pytest.approx((0.5 * math.exp(-5), 0.0))
+    assert schedules.unsupervised_weights(loss_cfg, 49)[1] == 0.0
+    assert schedules.unsupervised_weights(loss_cfg, 50)[1] == pytest.approx(math.exp(-5))
+    assert schedules.unsupervised_weights(loss_cfg, 150) == pytest.approx((0.5, 1.0))
+    assert UAMT.threshold(0, 100, 2) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
+    assert UAMT.threshold(100, 100, 2) == pytest.approx(math.log(2))
+
+
+def test_uamt_masks_uncertain_voxels():
+    from dycon.objectives import UAMT
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 2, 4, 4, 4, generator=g), torch.randn(3, 2, 4, 4, 4, generator=g)
+    uncertainty = torch.rand(2, 4, 4, 4, generator=g)
+    mse = losses.mse_sums(s[1:], t[1:])
+    for thr, expect in ((2.0, mse), (-1.0, torch.tensor([0.0, 0.0]))):   # all certain, all uncertain
+        got = UAMT().sums({}, (s, None), (t, None), None, 1, {"uncertainty": uncertainty, "uamt_threshold": torch.tensor(thr)})
+        torch.testing.assert_close(got["mse"], expect)
+    half = UAMT().sums({}, (s, None), (t, None), None, 1, {"uncertainty": uncertainty, "uamt_threshold": torch.tensor(0.5)})
+    assert half["mse"][1] == 2 * (uncertainty < 0.5).sum()
+
+
+def test_label_seed_draws_the_labelled_cases():
+    assert labelled_split(10, 3, None) == ([0, 1, 2], list(range(3, 10)))   # as released
+    labeled, unlabeled = labelled_split(10, 3, 7)
+    assert len(labeled) == 3 and sorted(labeled + unlabeled) == list(range(10))
+    assert labelled_split(10, 3, 7) == (labeled, unlabeled)
+    assert {tuple(labelled_split(10, 3, s)[0]) for s in range(5)} != {(0, 1, 2)}
+
+
+def test_switch_errors_name_the_key():
+    cfg = C.load_config("demo")
+    cfg["data"]["root"] = "x"
+    for key, value in (("loss.uncl", "kl"), ("loss.fecl_weight", -1), ("loss.teacher_top_k", 2.5),
+                       ("loss.anchor_weight", "u"), ("train.framework", "fixmatch")):
+        bad = C.apply_overrides(copy.deepcopy(cfg), {key: value})
+        with pytest.raises(ValueError, match=key):
+            C.check_config(bad)
+    with pytest.raises(ValueError, match="co_training"):
+        C.check_config(C.apply_overrides(copy.deepcopy(cfg), {"train.framework": "co_training", "train.method": "uamt"}))
+
+
+def test_patch_label_quality_of_a_perfect_and_a_blind_labeler():
+    from types import SimpleNamespace
+    from dycon.data import Volume
+    label = torch.zeros(16, 16, 16, dtype=torch.uint8)
+    label[:8, :8, :8] = 1                      # one lesion patch of 8^3 (feature_scaler 2)
+    label[8:10, 8:10, 8:10] = 1                # too small a share of its patch: not a lesion patch
+    case = SimpleNamespace(load=lambda n: Volume(image=label[None].float().numpy(), label=label.numpy()))
+
+    class Sees(torch.nn.Module):               # logits from the image: the lesion where the image is 1
+        def __init__(self, gain):
+            super().__init__()
+            self.gain = gain
+
+        def forward(self, x):
+            return torch.cat([-self.gain * x, self.gain * x], 1), None
+
+    cfg = C.merge_config(C.DEFAULTS, {"train": {"patch_size": [16, 16, 16]},
+                                      "val": {"stride_xy": 16, "stride_z": 16}}, "test")
+    from dycon.distributed import Context
+    assert loop.patch_label_quality(Sees(10.0), [case], cfg, torch.device("cpu"), Context()) == (1.0, 1.0)
+    precision, recall = loop.patch_label_quality(Sees(0.0), [case], cfg, torch.device("cpu"), Context())
+    assert math.isnan(precision) and recall == 0.0   # unsure everywhere: no lesion patch predicted
+
+
+def test_official_preset_initialises_as_released(data_root):
+    from dycon import frameworks
+    from dycon.distributed import Context
+    for preset, released in (("official", True), ("dycon", False)):
+        cfg = tiny_config(data_root, preset=preset)
+        student = frameworks.new_network(cfg, torch.device("cpu"), Context())
+        bn_weight = student.head.proj[1].weight
+        assert torch.equal(bn_weight, torch.ones_like(bn_weight)) != released

@@ -270,11 +270,136 @@ def test_available_backends_lists_reference():
     assert "reference" in dk.available_backends()
 
 
+def _triton_aot(*args):
+    """tests/triton_aot.py on dycon_kernels.triton.uncl in a subprocess without TRITON_INTERPRET
+    (under it @triton.jit returns interpreted functions, which cannot be compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.uncl", "-j", "2", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_compile_for_sm80_and_sm90():
     """Compile every launched UnCL configuration for the GPU (no GPU needed): catches what the
-    interpreter accepts but the compiler does not. In a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.uncl", "-j", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    interpreter accepts but the compiler does not, and (SIZE_ARGS) any 32-bit product of sizes."""
+    _triton_aot()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_fit_the_shared_memory_of_every_card():
+    """fit_configs(): the kernels' shared memory against sm_80/86/89/90's per-block limits."""
+    _triton_aot("--fit", "--cc", "80", "86", "89", "90")
+
+
+def _edge_logits(dtype, seed):
+    """(2, 2, 6, 7) C = 2 logits whose differences cover 0 exactly, both signs, |d| up to 40 (p
+    within 1e-17 of 0 or 1) and the usual range, so both branches of the closed form's selects
+    (p1 = sigmoid(d) for d >= 0, e^d / (1 + e^d) below) and of share_s (bs >= bt or not) run."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = 3 * torch.randn((2, 1, 6, 7), generator=g, dtype=torch.float64)
+    d = torch.cat([torch.zeros(2, 1, 1, 7, dtype=torch.float64),
+                   40 * torch.rand((2, 1, 2, 7), generator=g, dtype=torch.float64) - 20,
+                   torch.tensor([-40.0, -12.0, -1e-3, 1e-3, 12.0, 40.0, 0.5], dtype=torch.float64).expand(2, 1, 1, 7),
+                   3 * torch.randn((2, 1, 2, 7), generator=g, dtype=torch.float64)], dim=2)
+    return torch.cat([x0, x0 + d], dim=1).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("backend", [b for b in fused_backends() if b == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.6, 9.0])
+def test_two_class_closed_form_matches_reference(backend, dtype, weighted, teacher_grad, beta):
+    """C = 2 runs the closed form (sigmoid, one Jacobian product): loss map and both gradients
+    against the float64 reference at logits near the closed form's branch points."""
+    s, t = _edge_logits(dtype, 91), _edge_logits(dtype, 92)
+    w = torch.rand((2, 6, 7), generator=torch.Generator().manual_seed(93)).to(DEVICE) if weighted else None
+    got = _run(dk.uncl, s, t, beta=beta, weight=w, reduction="none", backend=backend, teacher_grad=teacher_grad)
+    want = _run(reference.uncl, s.double(), t.double(), beta=beta, weight=w, reduction="none",
+                teacher_grad=teacher_grad)
+    assert (got[2] is None) == (not teacher_grad)
+    for g, r in zip(got, want):
+        if r is not None:
+            _assert_close(g, r.to(dtype), dtype)
+
+
+@pytest.mark.skipif(not backends.can_run("triton", DEVICE), reason="triton cannot run here")
+@pytest.mark.parametrize("C", [2, 3])
+def test_triton_offsets_past_2_31(monkeypatch, C):
+    """Element offsets c * stride_c + b * stride_b past 2^31 (int32 would wrap to a negative
+    address): logits as a strided view into a ~4 GiB storage that is allocated but never
+    touched beyond the viewed elements, through the kernels' own stride arguments."""
+    from dycon_kernels.triton import uncl as tuncl
+
+    monkeypatch.setenv("DYCON_POISON", "0")  # NaN-filling the outputs would touch the whole span
+    B, V = 2, 40
+    stride_c = 2**31 // (C - 1) + 64  # (C - 1) * stride_c > 2^31 but stride_c < 2^31: typed int32
+    stride_b = 128
+    storage = torch.empty((C - 1) * stride_c + stride_b * B + 256, dtype=torch.float16, device=DEVICE)
+    s = storage.as_strided((B, C, V), (stride_b, stride_c, 1))
+    t = storage.as_strided((B, C, V), (stride_b, stride_c, 1), storage_offset=64)
+    s.copy_(random_logits((B, C, V), torch.float16, 95))
+    t.copy_(random_logits((B, C, V), torch.float16, 96))
+    grad = random_logits((B, V), torch.float32, 97)
+    got_map = tuncl.uncl_forward(s, t, 1.3, None, False)
+    got_ds, got_dt = tuncl.uncl_backward(grad, s, t, 1.3, None, True)
+    sc, tc = s.contiguous(), t.contiguous()
+    want_map = tuncl.uncl_forward(sc, tc, 1.3, None, False)
+    want_ds, want_dt = tuncl.uncl_backward(grad, sc, tc, 1.3, None, True)
+    assert torch.equal(got_map, want_map)
+    assert torch.equal(got_ds, want_ds) and torch.equal(got_dt, want_dt)
+    _assert_close(want_map, reference.uncl(sc.double(), tc.double(), 1.3, reduction="none"), torch.float16)
+
+
+@pytest.mark.skipif(not backends.can_run("triton", DEVICE), reason="triton cannot run here")
+def test_triton_launch_configs_cover_launches(monkeypatch):
+    """Every UnCL kernel launch (signature and flags) is in launch_configs(), which the GPU-compile
+    test compiles. beta's type is what Triton gives it: its annotation (float64) over the value's."""
+    import inspect
+
+    from dycon_kernels.triton import uncl as tuncl
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    configs = tuncl.launch_configs(full=True)  # before the kernels are wrapped
+    for name in ["uncl_forward_kernel", "uncl_backward_kernel"]:
+        monkeypatch.setattr(tuncl, name, Recorder(getattr(tuncl, name)))
+    short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+    for dtype, C in ((torch.float32, 2), (torch.float32, 5), (torch.bfloat16, 2), (torch.float64, 2)):
+        s, t = random_logits((2, C, 3, 4, 5), dtype, 98), random_logits((2, C, 3, 4, 5), dtype, 99)
+        w = torch.rand((2, 3, 4, 5), device=DEVICE)
+        for reduction, weight, teacher_grad in (("mean", w, True), ("none", None, False)):
+            _run(dk.uncl, s, t, beta=0.9, weight=weight, reduction=reduction, backend="triton",
+                 teacher_grad=teacher_grad)
+    assert len(launches) == 16
+    for kernel, args, kwargs in launches:
+        params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        runtime = [(n, p) for n, p in params.items() if "constexpr" not in str(p.annotation)]
+        assert len(runtime) == len(args)
+        sig = {}
+        for (name, param), arg in zip(runtime, args):
+            if arg is None:  # an absent optional tensor (W, DT): Triton makes it a constexpr None
+                continue
+            if isinstance(arg, torch.Tensor):
+                sig[name] = f"*{short[arg.dtype]}"
+            elif param.annotation is not inspect.Parameter.empty:
+                sig[name] = str(param.annotation)
+            else:
+                sig[name] = "i32" if isinstance(arg, int) else "fp32"
+        assert sig["beta"] == "fp64"
+        loose = ("BLOCK_C", "BLOCK_V")
+        flags = {k: v for k, v in kwargs.items() if k not in loose}
+        assert any(c[0] is kernel and {k: v for k, v in c[1].items() if k in sig} == sig
+                   and {k: v for k, v in c[2].items() if k not in loose} == flags
+                   for c in configs), (kernel, sig, flags)

@@ -2,10 +2,14 @@
 
 A framework holds its networks and gives the loop (dycon/loop.py) what it needs, whatever the
 method: ``student`` (the network that is validated, tested and saved as ``"student"``),
+``labeler`` (the network whose predictions give the first student's FeCL pseudo-labels),
 ``parameters()`` for the optimiser, ``sums(...)`` (the forward passes and every term's batch
 sums), ``after_step(step)``, and ``state_dict()`` / ``load_state_dict(ckpt)`` for checkpoints.
 
-- ``mean_teacher``: one student and its EMA teacher (mean_teacher.py).
+- ``mean_teacher``: one student and its EMA teacher (mean_teacher.py);
+- ``co_training``: two students teaching each other with cross pseudo-labels (co_training.py).
+
+Both also give ``weighted(terms, step)``: the unsupervised terms, weighted, for the total loss.
 """
 from __future__ import annotations
 
@@ -19,15 +23,17 @@ AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build(cfg: dict, device: torch.device, ctx: distributed.Context):
     """The framework of the config, its networks on ``device``."""
+    from dycon.frameworks.co_training import CoTraining
     from dycon.frameworks.mean_teacher import MeanTeacher
 
-    return MeanTeacher(cfg, device, ctx)
+    return {"mean_teacher": MeanTeacher, "co_training": CoTraining}[cfg["train"]["framework"]](cfg, device, ctx)
 
 
 def new_network(cfg: dict, device: torch.device, ctx: distributed.Context) -> torch.nn.Module:
     """A freshly initialised network of the config in train mode (global batch norm with several
-    processes)."""
-    model = build_model(cfg["model"])
+    processes); the official preset initialises as the released code unless ``model.init`` says."""
+    init = cfg["model"]["init"] or ("released" if cfg["train"]["preset"] == "official" else "pytorch")
+    model = build_model({**cfg["model"], "init": init})
     if ctx.distributed:
         model = convert_sync_batchnorm(model)   # batch statistics of the global batch
     return model.to(device).train()

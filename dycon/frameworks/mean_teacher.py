@@ -21,21 +21,30 @@ class MeanTeacher:
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        # supervised and mean_teacher leave the projection head out of the loss
-        self.stepped = frameworks.distribute(self.student, device, ctx, all_parameters_used=t["method"] == "dycon")
+        self.labeler = self.teacher   # whose predictions label the unlabelled patches for FeCL
+        self.stepped = frameworks.distribute(self.student, device, ctx,
+                                             all_parameters_used=self.objective.uses_embeddings(cfg))
         self.loss_sums = frameworks.maybe_compile(loss_sums, t, ctx)
         self.slots = distributed.global_slots(t["batch_size"], t["labeled_bs"], ctx)   # this process's volumes
 
     def parameters(self):
         return self.student.parameters()
 
-    def sums(self, image, labels, labeled_bs: int, number: int, beta, threshold) -> dict:
+    def sums(self, image, labels, labeled_bs: int, number: int, scalars: dict) -> dict:
         """Every term's sums on this process's share of global batch ``number``."""
         t = self.cfg["train"]
         noise = teacher_noise(image, t["seed"], number, self.slots) if self.objective.uses_teacher else None
+        if t["method"] == "uamt":   # one more noise draw per Monte-Carlo pass, keyed by the pass
+            noises = [teacher_noise(image[labeled_bs:], t["seed"], number, self.slots[labeled_bs:], 1 + i)
+                      for i in range(self.cfg["loss"]["uamt_samples"])]
+            with frameworks.autocast(t, image.device.type):
+                uncertainty = self.objective.uncertainty(self.teacher, image[labeled_bs:], torch.stack(noises))
+            scalars = {**scalars, "uncertainty": uncertainty}
         with frameworks.autocast(t, image.device.type):
-            return self.loss_sums(self.cfg, image, labels, noise, self.stepped, self.teacher, labeled_bs,
-                                  beta, threshold)
+            return self.loss_sums(self.cfg, image, labels, noise, self.stepped, self.teacher, labeled_bs, scalars)
+
+    def weighted(self, terms: dict, step: int) -> list:
+        return self.objective.weighted(self.cfg, terms, step)
 
     def after_step(self, step: int) -> None:
         ema_update(self.teacher, self.student, self.cfg["train"]["ema_decay"], step)
@@ -48,7 +57,7 @@ class MeanTeacher:
         self.teacher.load_state_dict(ckpt["teacher"])
 
 
-def loss_sums(cfg: dict, image, labels, noise, student, teacher, labeled_bs: int, beta, threshold) -> dict:
+def loss_sums(cfg: dict, image, labels, noise, student, teacher, labeled_bs: int, scalars: dict) -> dict:
     """This process's batch sums of every loss term: ``{term: tensor of sums}`` (compiled as one
     graph under ``--compile``). ``image``/``labels`` hold ``labeled_bs`` labelled volumes first."""
     objective = OBJECTIVES[cfg["train"]["method"]]
@@ -58,15 +67,17 @@ def loss_sums(cfg: dict, image, labels, noise, student, teacher, labeled_bs: int
         return out
     with torch.no_grad():
         teacher_out = teacher(image + noise)
-    return {**out, **objective.sums(cfg, student_out, teacher_out, labels, labeled_bs, beta, threshold)}
+    return {**out, **objective.sums(cfg, student_out, teacher_out, labels, labeled_bs, scalars)}
 
 
-def teacher_noise(image: torch.Tensor, seed: int, number: int, slots: list[int]) -> torch.Tensor:
+def teacher_noise(image: torch.Tensor, seed: int, number: int, slots: list[int], draw: int = 0) -> torch.Tensor:
     """The teacher's input noise, clamp(0.1 N(0, 1), -0.2, 0.2), drawn per volume from a generator
-    keyed by the volume's slot in global batch ``number``: the same whatever the process count."""
+    keyed by the volume's slot in global batch ``number``: the same whatever the process count.
+    ``draw`` > 0: UA-MT's further draws for its Monte-Carlo passes."""
     noise = torch.empty_like(image)
     for i, slot in enumerate(slots):
-        g = torch.Generator(image.device).manual_seed(distributed.derived_seed(seed, 3, number, slot))
+        key = (seed, 3, number, slot) + ((draw,) if draw else ())   # draw 0: the key as before
+        g = torch.Generator(image.device).manual_seed(distributed.derived_seed(*key))
         noise[i] = torch.randn(image.shape[1:], generator=g, device=image.device, dtype=image.dtype)
     return torch.clamp(noise * 0.1, -0.2, 0.2)
 

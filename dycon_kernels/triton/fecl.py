@@ -670,3 +670,31 @@ def launch_configs(full: bool = False):
     for D in (16, 128, 512):
         configs += [_config("topk", "bf16", D, K_PAD=32), _config("backward", "bf16", D, flags=dycon)]
     return configs
+
+
+# The flags (COLUMN, GN_ON, TEACHER) of the two presets (dycon_kernels/presets.py) and their
+# teacher top-k: what benchmarks/kernel_report.py compiles.
+PRESET_FLAGS = {"dycon": (False, True, 1), "official": (True, False, 2)}
+PRESET_TEACHER_K = {"dycon": 32, "official": 0}
+
+
+def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int):
+    """The launches of one forward + backward call of ``preset`` with ``top_k`` (0 = dense) on
+    sm_<cc> (the tiles do not depend on the card yet): ``(name, kernel, signature, constexprs,
+    options)`` with ``options`` the compile options (num_warps, num_stages)."""
+    column, gn_on, teacher = PRESET_FLAGS[preset]
+    flags = (column, top_k > 0, gn_on, teacher)
+    launches = []
+    if column:
+        launches.append(("colshift", _config("colshift", dtype, D)))
+    if top_k:
+        launches.append(("topk", _config("topk", dtype, D, K_PAD=k_pad(top_k))))
+    if PRESET_TEACHER_K[preset]:
+        launches.append(("topk_teacher", _config("topk", dtype, D, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
+    launches += [("logneg", _config("logneg", dtype, D, flags=flags)),
+                 ("positive", _config("positive", dtype, D, COLUMN=column)),
+                 ("backward", _config("backward", dtype, D, flags=flags))]
+    if top_k:
+        launches.append(("scatter", _config("scatter", dtype, D, COLUMN=column, GN_ON=gn_on)))
+    options = dict(num_warps=4, num_stages=3)  # Triton's defaults
+    return [(name, kernel, sig, ce, options) for name, (kernel, sig, ce) in launches]

@@ -1,0 +1,254 @@
+"""The experiment runner (a grid resumes after an interruption; statistics against hand-computed
+values) and the demo_hard synthetic set."""
+import json
+import math
+import os
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import ndimage
+
+from dycon import experiment as E
+from dycon.demo import ensure_demo_data, make_case, prepare_demo_set
+
+ROOT = Path(__file__).resolve().parents[1]
+T_975_2 = 4.302652729749464      # t quantile 0.975 with 2 degrees of freedom (tables)
+
+
+# ------------------------------------------------------------------------------ a tiny grid
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    root = ensure_demo_data(tmp / "data", size=32, splits={"train": 4, "val": 1, "test": 2})
+    config = {
+        "name": "tiny",
+        "data": {"layout": "demo", "root": str(root), "labelnum": 2, "cache": True},
+        "model": {"base_filters": 4, "embed_dim": 16},
+        "train": {"patch_size": [32, 32, 32], "batch_size": 2, "labeled_bs": 1, "max_iterations": 2,
+                  "device": "cpu", "log_every": 1},
+        "val": {"every": 2, "stride_xy": 16, "stride_z": 16},
+        "test": {"stride_xy": 16, "stride_z": 16, "largest_component": False},
+    }
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    grid = {"config": str(tmp / "tiny.yaml"), "seeds": [1, 2], "set": {"train.max_iterations": 2},
+            "variants": {"supervised": {"train.method": "supervised"},
+                         "mean_teacher": {"train.method": "mean_teacher"}}}
+    (tmp / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))   # variant order matters
+    return tmp / "grid.yaml"
+
+
+def markers(output: Path) -> dict:
+    return {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.glob(f"*/*/{E.DONE}")}
+
+
+def test_grid_resumes_after_interruption(tmp_path, grid_file, caplog, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--grid", str(grid_file), "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dycon.experiment", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # seed-major order: supervised/seed1, mean_teacher/seed1, supervised/seed2, mean_teacher/seed2;
+    # kill the grid as soon as the third cell starts
+    deadline = time.time() + 600
+    while not (out / "supervised" / "seed2").exists():
+        assert proc.poll() is None and time.time() < deadline, "the grid ended before its third cell"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = markers(out)
+    assert sorted(before) == [f"mean_teacher/seed1/{E.DONE}", f"supervised/seed1/{E.DONE}"]
+    assert not (out / "summary.md").exists()
+
+    caplog.set_level("INFO", logger="dycon.experiment")
+    agg = E.main(argv)
+    after = markers(out)
+    assert len(after) == 4 and all(after[k] == v for k, v in before.items())   # done cells not rerun
+    skipped = [r.getMessage() for r in caplog.records if "done, skipped" in r.getMessage()]
+    assert len(skipped) == 2 and all("seed1" in m for m in skipped)
+    for run in after:
+        record = json.loads((out / run).read_text())
+        assert record["iterations"] == 2 and len(record["cases"]) == 2
+    assert agg["variants"]["supervised"]["runs"] == agg["variants"]["mean_teacher"]["runs"] == 2
+    (pair,) = agg["pairs"]
+    assert (pair["a"], pair["b"], pair["paired_runs"]) == ("mean_teacher", "supervised", 2)
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("variant,seed,draw,dice")
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean_teacher − supervised" in (out / "summary.md").read_text()
+
+    # the compare_methods wrapper: the runner with supervised, mean_teacher and dycon as variants
+    wrapper_argv = ["compare_methods.py", *argv, "--aggregate-only", "--results", str(tmp_path / "cm_{config}")]
+    monkeypatch.setattr(sys, "argv", wrapper_argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "compare_methods.py"), run_name="__main__")
+    text = (tmp_path / "cm_tiny.md").read_text()
+    assert "2 not done (dycon/seed1, dycon/seed2)" in text and (tmp_path / "cm_tiny.png").exists()
+
+
+def test_unknown_override_fails_before_training(tmp_path, grid_file):
+    with pytest.raises(ValueError, match="train.no_such_switch"):
+        E.main(["--grid", str(grid_file), "--output", str(tmp_path), "--variant", "typo", "train.no_such_switch=1"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_changed_cell_config_is_refused(tmp_path, grid_file):
+    grid = E.load_grid(grid_file)
+    grid.variants = {"supervised": grid.variants["supervised"]}
+    grid.seeds = [1]
+    E.run_grid(grid, tmp_path)
+    grid.overrides["train.base_lr"] = 0.5
+    with pytest.raises(ValueError, match="another config"):
+        E.run_grid(grid, tmp_path)
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def record(variant, seed, dice, hd95):
+    return {"cell": {"variant": variant, "seed": seed, "draw": None},
+            "cases": [{"case": f"c{k}", "class": 1.0, "dice": d, "hd95": h}
+                      for k, (d, h) in enumerate(zip(dice, hd95))]}
+
+
+def test_mean_sd_and_t_interval_by_hand():
+    mean, sd = E.mean_sd([0.80, 0.84, 0.88])
+    assert mean == pytest.approx(0.84, abs=1e-12) and sd == pytest.approx(0.04, abs=1e-12)
+    lo, hi = E.t_interval([0.01, 0.03, 0.05])
+    half = T_975_2 * 0.02 / math.sqrt(3)
+    assert (lo, hi) == (pytest.approx(0.03 - half, abs=1e-12), pytest.approx(0.03 + half, abs=1e-12))
+    assert all(math.isnan(x) for x in E.t_interval([0.5]))
+
+
+def test_wilcoxon_exact_p_by_hand():
+    # six distinct differences: 2^6 equally likely sign patterns under the null
+    a = {f"c{k}": 1.0 for k in range(6)}
+    assert E.wilcoxon_p(a, {c: 1.0 - (k + 1) / 10 for k, c in enumerate(a)}) == (pytest.approx(2 / 64), 6)
+    # one negative difference of rank 3: W- = 3; sign patterns with W- <= 3: {}, {1}, {2}, {3}, {1,2}
+    b = {c: 1.0 - d for c, d in zip(a, [0.1, 0.2, -0.3, 0.4, 0.5, 0.6])}
+    assert E.wilcoxon_p(a, b) == (pytest.approx(2 * 5 / 64), 6)
+    assert math.isnan(E.wilcoxon_p(a, dict(a))[0])
+
+
+def test_aggregate_on_a_fixed_table():
+    # A's Dice at seed s and case k: 0.5 + 0.01 k + 0.01 (s - 2); B's: 0.5 everywhere
+    a = [record("A", s, [0.5 + 0.01 * k + 0.01 * (s - 2) for k in range(1, 7)], [2.0] * 6) for s in (1, 2, 3)]
+    b = [record("B", s, [0.5] * 6, [3.0] * 5 + [math.nan if s == 1 else 3.0]) for s in (1, 2, 3)]
+    agg = E.aggregate(a + b, [("A", "B")])
+    va = agg["variants"]["A"]["dice"]
+    assert va["values"] == pytest.approx([0.525, 0.535, 0.545])
+    assert va["mean_sd"] == pytest.approx((0.535, 0.01))
+    (pair,) = agg["pairs"]
+    d = pair["dice"]
+    assert d["diffs"] == pytest.approx([0.025, 0.035, 0.045]) and d["mean"] == pytest.approx(0.035)
+    half = T_975_2 * 0.01 / math.sqrt(3)
+    assert d["ci"] == pytest.approx((0.035 - half, 0.035 + half))
+    # per-case means over the seeds: A - B = 0.01 k, all positive and distinct
+    assert (d["wilcoxon_p"], d["cases"]) == (pytest.approx(2 / 64), 6)
+    h = pair["hd95"]
+    assert h["diffs"] == pytest.approx([-1.0] * 3) and h["cases"] == 6   # NaN of seed 1 left out
+    # a pair without a seed both completed is left out, not reported from nothing
+    assert E.aggregate(a[:1] + b[1:], [("A", "B")])["pairs"] == []
+
+
+def test_grid_file_and_flags(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"variants": {"x": {"train.method": "supervised"}, "y": None},
+                                    "compare": [["y", "x"]], "seeds": [3]}))
+    args = E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--methods", "dycon",
+                                        "--variant", "z", "loss.s_beta=0.5", "train.patch_size=[16, 16, 16]",
+                                        "--seeds", "1", "2", "--reference", "dycon"])
+    grid = E.grid_from_args(args)
+    assert grid.variants == {"x": {"train.method": "supervised"}, "y": {}, "dycon": {"train.method": "dycon"},
+                             "z": {"loss.s_beta": 0.5, "train.patch_size": [16, 16, 16]}}
+    assert grid.seeds == [1, 2]
+    assert grid.pairs() == [("x", "dycon"), ("y", "dycon"), ("z", "dycon"), ("y", "x")]
+    assert [c.name for c in E.cells(grid)][:5] == ["x/seed1", "y/seed1", "dycon/seed1", "z/seed1", "x/seed2"]
+    drawn = E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--draws", "4", "5"]))
+    assert [c.name for c in E.cells(drawn)][:3] == ["x/seed3-draw4", "y/seed3-draw4", "x/seed3-draw5"]
+    assert E.Cell("x", 3, 5).overrides(drawn) == {"train.method": "supervised", "train.seed": 3, "data.label_seed": 5}
+    args = E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--variants", "x", "y"])
+    subset = E.grid_from_args(args)
+    assert list(subset.variants) == ["x", "y"] and subset.pairs() == [("y", "x")]
+    with pytest.raises(ValueError, match="compare/reference"):
+        E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o", "--reference", "typo"]))
+    path.write_text(yaml.safe_dump({"variants": {"bad name": {}}}))
+    with pytest.raises(ValueError, match="variant names"):
+        E.grid_from_args(E.build_parser().parse_args(["--grid", str(path), "--output", "o"]))
+
+
+def test_shipped_grid_names_the_paper_ablations_and_every_cell_builds(tmp_path):
+    grid = E.load_grid(ROOT / "benchmarks" / "grids" / "demo_hard.yaml")
+    grid.check()
+    root = ensure_demo_data(tmp_path, size=32, splits={"train": 2, "val": 1, "test": 1}, kind="demo_hard")
+    grid.overrides["data.root"] = str(root)
+    assert len(E.cell_configs(grid, E.cells(grid))) == len(grid.variants) * len(grid.seeds)   # keys all known
+    for name in ("supervised", "mean_teacher", "uamt", "dycon", "dycon_official", "co_training",
+                 "co_training_dycon", "uncl_only", "fecl_only", "fixed_beta", "scaler4", "scaler8"):
+        assert name in grid.variants
+    assert len(grid.seeds) >= 3
+
+
+# ------------------------------------------------------------------------------ demo_hard
+
+def test_demo_hard_is_deterministic_faint_and_small():
+    a = make_case(np.random.default_rng(3), 32, "demo_hard")
+    b = make_case(np.random.default_rng(3), 32, "demo_hard")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    sizes, contrasts = {}, {}
+    for kind in ("demo", "demo_hard"):
+        rng = np.random.default_rng(11)
+        cases = [make_case(rng, 48, kind) for _ in range(3)]
+        # lesion over the tissue right around it, in units of the volume's std (images are normalised)
+        rings = [ndimage.binary_dilation(label > 0, iterations=2) & (label == 0) for _, label in cases]
+        contrasts[kind] = np.mean([image[label > 0].mean() - image[ring].mean()
+                                   for (image, label), ring in zip(cases, rings)])
+        sizes[kind] = np.concatenate([np.bincount(ndimage.label(label)[0].ravel())[1:] for _, label in cases])
+    assert contrasts["demo_hard"] < contrasts["demo"] / 2
+    # the demo's FeCL patches (8^3 voxels of a 32^3 crop at feature_scaler 2) cannot be lesion
+    # patches in demo_hard: lesions are smaller than half a patch; the demo's are larger than one
+    assert np.percentile(sizes["demo_hard"], 90) < 256 < 512 < np.median(sizes["demo"])
+
+
+def test_prepare_demo_set_refuses_another_kind(tmp_path):
+    ensure_demo_data(tmp_path, size=32, splits={"train": 1, "val": 1, "test": 1}, kind="demo_hard")
+    assert prepare_demo_set(tmp_path, "demo_hard") == tmp_path          # any size of the right kind
+    with pytest.raises(ValueError, match="holds the demo set 'demo_hard', not 'demo'"):
+        prepare_demo_set(tmp_path, "demo")
+
+
+def test_demo_hard_config_prepares_its_own_set(tmp_path):
+    from dycon import config as C
+
+    cfg = C.load_config("demo_hard")
+    assert cfg["data"]["demo_set"] == "demo_hard" and cfg["data"]["labelnum"] == 2
+    cfg["data"]["root"] = str(tmp_path / "hard")
+    ensure_demo_data(cfg["data"]["root"], size=32, splits={"train": 2, "val": 1, "test": 1}, kind="demo_hard")
+    C.prepare_demo_data(cfg)                        # the small set is reused, not regenerated
+    assert len(list((tmp_path / "hard" / "data").iterdir())) == 4
+    ensure_demo_data(tmp_path / "easy", size=32, splits={"train": 2, "val": 1, "test": 1})
+    cfg["data"]["root"] = str(tmp_path / "easy")
+    with pytest.raises(ValueError, match="not 'demo_hard'"):
+        C.prepare_demo_data(cfg)
+
+
+def test_interrupted_cell_continues_from_its_checkpoint_in_a_launched_process(tmp_path, grid_file):
+    from dycon import loop
+
+    grid = E.load_grid(grid_file)
+    grid.variants, grid.seeds = {"supervised": grid.variants["supervised"]}, [1]
+    (cell,) = E.cells(grid)
+    cfg = E.cell_configs(grid, [cell])[cell]
+    run_dir = tmp_path / cell.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))      # as the trainer's CLI writes it
+    loop.train(cfg, run_dir, stop_after=1)                            # a cell killed after step 1
+    (record,) = E.run_grid(grid, tmp_path, launcher=shlex.quote(sys.executable))
+    assert record["iterations"] == 2 and (run_dir / E.DONE).exists()
+    assert "resumed" in (run_dir / "train.log").read_text()
