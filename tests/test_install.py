@@ -1,7 +1,8 @@
 """A new user's install: a fresh virtual environment, `pip install -e . --no-build-isolation` of a
 clean copy of the repository, and every kind of command the README shows runs in it (a two-
 iteration training with its test report, an evaluation, a prediction, the smallest case of each
-benchmark). It fails when a module that a default path imports is missing from setup.py.
+benchmark: UnCL, FeCL, the method comparison, the kernel report). It fails when a module that a
+default path imports is missing from setup.py.
 
 torch and the packages it requires are linked from this test's own environment instead of
 installed (a CUDA build is several GB: minutes of copying for nothing this test checks); every
@@ -117,5 +118,6 @@ def test_fresh_venv_pip_install_runs_every_command(tmp_path):
           "--presets", "dycon"], repo, env, 600)
     written = sorted(p.suffix for p in (repo / "bench").iterdir())
     assert written == [".csv", ".csv", ".md", ".md", ".png", ".png"], written
-    _run([py, "benchmarks/compare_methods.py", "--config", "tiny.yaml", "--methods", "supervised",
-          "--output", "compare"], repo, env, 600)
+    _run([py, "benchmarks/compare_methods.py", "--config", "tiny.yaml", "--output", "compare"], repo, env, 900)
+    _run([py, "benchmarks/kernel_report.py", "--quick", "--ops", "uncl", "--cc", "90", "--no-cuda", "--name", "kr"],
+         repo, env, 900)
