@@ -247,8 +247,9 @@ def _parse_ptxas_log(log: str, source: str):
 
 def _demangle(name: str) -> str:
     try:
-        # -p: no parameter list; the return type is dropped too.
-        return subprocess.run(["c++filt", "-p", name], capture_output=True, text=True).stdout.strip().split(" ", 1)[-1]
+        # -p: without the parameter list
+        out = subprocess.run(["c++filt", "-p", name], capture_output=True, text=True).stdout.strip()
+        return out.removeprefix("void ").replace("(anonymous namespace)::", "")
     except OSError:
         return name
 
