@@ -12,6 +12,7 @@ ptxas and cuobjdump; the CUDA part needs nvcc). Triton's cache (~/.triton/cache)
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import subprocess
@@ -209,11 +210,15 @@ def cuda_rows(ccs):
     from torch.utils.cpp_extension import include_paths
     rows = []
     gencode = [f"-gencode=arch=compute_{cc},code=sm_{cc}" for cc in ccs]
-    incs = [f"-I{p}" for p in include_paths()] + [f"-I{REPO / 'csrc'}"]
+    # As setup.py builds them: torch's headers, pip's nvidia headers (cuBLAS/cuSPARSE may be
+    # missing from the toolkit), C++20 (torch >= 2.10), -O3.
+    nvidia = [d for site in sys.path for d in glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include"))]
+    incs = [f"-I{p}" for p in [*include_paths(), *nvidia, str(REPO / "csrc")]]
     for cu in sorted((REPO / "csrc").glob("*.cu")):
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run(["nvcc", "-c", str(cu), "-o", str(Path(tmp) / "k.o"), "-O3", "--use_fast_math",
-                                   "-std=c++17", "-Xptxas", "-v", *gencode, *incs], capture_output=True, text=True)
+            proc = subprocess.run(["nvcc", "-c", str(cu), "-o", str(Path(tmp) / "k.o"), "-O3", "-std=c++20",
+                                   "-DDYCON_WITH_CUDA=1", "-Xptxas", "-v", *gencode, *incs],
+                                  capture_output=True, text=True)
         if proc.returncode:
             rows.append(dict(op="cuda", case=cu.name, kernel="-", target="-", error=proc.stderr.strip()[-200:]))
             continue
@@ -242,7 +247,9 @@ def _parse_ptxas_log(log: str, source: str):
 
 def _demangle(name: str) -> str:
     try:
-        return subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip().split("(")[0]
+        # -p: without the parameter list
+        out = subprocess.run(["c++filt", "-p", name], capture_output=True, text=True).stdout.strip()
+        return out.removeprefix("void ").replace("(anonymous namespace)::", "")
     except OSError:
         return name
 
@@ -296,7 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cc", type=int, nargs="+", default=sorted(CARDS), help="compute capabilities")
     parser.add_argument("-j", "--jobs", type=int, default=1)
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
-    parser.add_argument("--ops", nargs="+", default=["fecl", "uncl"], choices=sorted(OPS))
+    parser.add_argument("--ops", nargs="*", default=["fecl", "uncl"], choices=sorted(OPS),
+                        help="Triton ops to compile (none: only the CUDA kernels)")
     parser.add_argument("--name", default="kernel_report", help="output name under benchmarks/results/")
     args = parser.parse_args(argv)
     start = time.time()

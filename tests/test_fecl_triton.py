@@ -346,9 +346,9 @@ def test_launch_configs_cover_launches(monkeypatch):
 
     names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
              "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
-    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD")
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD", "FAST_LOG")  # FAST_LOG: True on the GPU only
     configs = [(fn, sig, {k: v for k, v in ce.items() if k not in loose})
-               for fn, sig, ce in fecl.launch_configs(full=True)]
+               for fn, sig, ce, _ in fecl.launch_configs(full=True)]
     for name in names:
         monkeypatch.setattr(fecl, name, Recorder(getattr(fecl, name)))
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -363,21 +363,129 @@ def test_launch_configs_cover_launches(monkeypatch):
         params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
         runtime = [n for n, p in params.items() if "constexpr" not in str(p.annotation)]
         assert len(runtime) == len(args)
-        sig = {n: (f"*{short[a.dtype]}" if isinstance(a, torch.Tensor) else "i32" if isinstance(a, int) else "fp32")
+        sig = {n: (f"*{short[a.dtype]}" if isinstance(a, torch.Tensor) else "i32" if isinstance(a, int) else "fp64")
                for n, a in zip(runtime, args)}
-        flags = {k: v for k, v in kwargs.items() if k not in loose}
+        flags = {k: v for k, v in kwargs.items() if k not in loose + ("num_warps", "num_stages")}
         assert any(c[0] is kernel and c[1] == sig and c[2] == flags for c in configs), (kernel, sig, flags)
         seen.add(kernel)
     assert len(seen) == len(names)
 
 
+# DYCON_AOT_FULL=1: the GPU-compile tests compile their exhaustive lists (hours) instead of the
+# covering subsets CI runs.
+AOT_FULL = ["--full"] if os.environ.get("DYCON_AOT_FULL") == "1" else []
+
+
+def _aot(*args, timeout=1800):
+    """Run tests/triton_aot.py in a subprocess without TRITON_INTERPRET (under it @triton.jit
+    returns interpreted functions); Triton's cache is shared with the other runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), *args, *AOT_FULL]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU runs the kernels themselves")
 def test_gpu_compile():
-    """Compile every launched configuration for sm_80 and sm_90 (no GPU needed, Triton ships ptxas),
-    in a subprocess without TRITON_INTERPRET (under it @triton.jit returns interpreted functions)."""
+    """Compile every launched configuration for sm_80 and sm_90 (no GPU needed, Triton ships
+    ptxas); the TTIR of each must multiply no size argument in 32 bits (fecl.SIZE_ARGS)."""
+    _aot("dycon_kernels.triton.fecl", "-j", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a GPU checks its own limit at launch")
+def test_compiled_kernels_fit_every_card():
+    """Every configuration the dispatcher returns on sm_80/86/89/90 (a covering subset: the
+    largest-footprint kernels at D = 256 and the largest accepted D) compiles within that card's
+    shared memory and within the dispatcher's own estimate (fecl.fit_configs)."""
+    _aot("--fit", "dycon_kernels.triton.fecl", "--cc", "80", "86", "89", "90", "-j", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="compiled separately")
+def test_float64_scalars_reach_kernels_in_float64():
+    """A float64 kernel gets the teacher threshold as a .f64 parameter and 1/tau (tau = 0.6) as the
+    float64 constant 0x3FFAAAAAAAAAAAAB, not a float32 rounding of it."""
+    code = ("from tests.triton_aot import compile_one\n"
+            "from dycon_kernels.triton import fecl\n"
+            "fn, sig, ce, opts = fecl._config('logneg', 'fp64', 32, 90, flags=(True, False, True, 2))\n"
+            "print(compile_one(fn, sig, ce, 90, opts).asm['ptx'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(REPO / "tests" / "triton_aot.py"), "dycon_kernels.triton.fecl", "-j", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = proc.stdout
+    assert ".param .f64 fecl_logneg_kernel_param_10" in ptx
+    assert "0d3FFAAAAAAAAAAAAB" in ptx
+
+
+def test_int32_size_products_are_found():
+    """The 64-bit offset check of tests/triton_aot.py flags a 32-bit product of a size argument,
+    directly or through a splat, and passes the 64-bit form."""
+    from triton_aot import int32_size_products
+
+    bad = ["%r = arith.muli %offs, %D : i32 loc(#a)",
+           "%d = tt.splat %D : i32 -> tensor<64xi32> loc(#a)",
+           "%p = arith.muli %rows, %d : tensor<64xi32> loc(#a)"]
+    good = ["%e = arith.extsi %D : i32 to i64 loc(#a)",
+            "%p = arith.muli %rows, %e : tensor<64xi64> loc(#a)",
+            "%q = arith.muli %pid, %c64_i32 : i32 loc(#a)"]
+    assert len(int32_size_products("\n".join(bad), ["N", "D"])) == 2
+    assert int32_size_products("\n".join(good), ["N", "D"]) == []
+
+
+@pytest.mark.parametrize("cc", [80, 86, 89, 90])
+def test_launch_config_fits_or_refuses(cc):
+    """For every dtype and D the dispatcher returns tiles within the card's shared memory (by
+    its estimate, which test_compiled_kernels_fit_every_card checks against the compiler) or
+    refuses with an error naming the limit; the trainer's default (D = 256, float32, and the AMP
+    dtypes) is accepted on every card; D > 1024 is refused."""
+    from dycon_kernels.triton import fecl
+
+    limit = fecl.SMEM_LIMITS[cc]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for D in (1, 16, 19, 64, 100, 128, 256, 300, 512, 700, 1024):
+            for kind in ("forward", "backward"):
+                try:
+                    bm, bn, bd, warps, stages = fecl.launch_config(limit, dtype, D, kind)
+                except ValueError as err:
+                    assert f"allows {limit}" in str(err) and f"D = {D}" in str(err)
+                    assert D > 128, (dtype, D)
+                    continue
+                assert bd >= D and bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
+                assert fecl.smem_estimate(kind, dtype, bm, bn, bd, stages) <= limit
+        if dtype != torch.float64:
+            fecl.launch_config(limit, dtype, 256, "backward")
+    with pytest.raises(ValueError, match="larger than the supported 1024"):
+        fecl.launch_config(limit, torch.bfloat16, 1025, "forward")
+
+
+def test_no_host_values_copied_per_call(monkeypatch):
+    """The scalars reach the kernels as constants/arguments: a call builds no tensor from Python
+    values (torch.tensor(...).to(device) would be a synchronising host-to-device copy on a GPU)."""
+    from dycon_kernels.triton.fecl import fecl_backward, fecl_forward
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called inside a FeCL call")
+
+    cfg = config(top_k=3, teacher="threshold", column_shift=True)
+    z, y, zt, yt, u = make_inputs(1, 9, 5, 3, torch.float32, Nt=7, weights=True)
+    grad = torch.ones(1, 9)
+    monkeypatch.setattr(torch, "tensor", refuse)
+    out = fecl_forward(z, y, zt, yt, u, cfg, blocks=(16, 16))
+    dz = fecl_backward(grad, grad, z, y, zt, yt, u, *out[3:], cfg, blocks=(16, 16))
+    assert torch.isfinite(dz).all()
+
+
+def test_launch_uses_the_tensors_device():
+    """Launches happen under torch.cuda.device(z.device) (Triton launches on the current GPU);
+    CPU tensors (the interpreter) need no guard."""
+    from dycon_kernels.triton.fecl import _device_guard
+
+    guard = _device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(_device_guard(torch.device("cpu")), torch.cuda.device)

@@ -69,7 +69,8 @@ def ptxas_resources(ptx: str, cc: int):
 
 
 _MULI = re.compile(r"(%[\w.]+) = arith\.muli (%[\w.]+), (%[\w.]+) : (\S+)")
-_DERIVE = re.compile(r"(%[\w.]+) = (?:tt\.splat|tt\.broadcast|tt\.expand_dims|arith\.addi|arith\.subi|arith\.muli) (.*?) : (\S+)")
+_DERIVE = re.compile(r"(%[\w.]+) = (?:tt\.splat|tt\.broadcast|tt\.expand_dims|arith\.addi|arith\.subi|arith\.muli)"
+                     r" (.*?) : (\S+)")
 
 
 def int32_size_products(ttir: str, size_args) -> list[str]:

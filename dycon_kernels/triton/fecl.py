@@ -38,6 +38,9 @@ float32 ``torch.topk``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +52,8 @@ FP32_DOT_PRECISION = "tf32x3"
 
 NEG_INF = tl.constexpr(float("-inf"))
 TEACHER_CODES = {"none": 0, "topk": 1, "threshold": 2}
+# Size arguments of the kernels: tests/triton_aot.py checks that no offset multiplies them in 32 bits.
+SIZE_ARGS = ("N", "NT", "NK", "D", "K", "TK")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,39 +96,64 @@ def _sim(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _params(PARAMS):
-    """(1/tau, tau, gamma_pos, gamma_neg, teacher_threshold), read from a small tensor in the
-    compute dtype (scalar kernel arguments would be float32 even for float64 runs)."""
-    return tl.load(PARAMS), tl.load(PARAMS + 1), tl.load(PARAMS + 2), tl.load(PARAMS + 3), tl.load(PARAMS + 4)
+def _scalar(value: tl.constexpr, ACC: tl.constexpr):
+    """A compile-time constant in ACC at full precision (a bare Python float in an expression is
+    a float32 constant, which would round 1/tau for float64 runs)."""
+    return tl.full([], value, ACC)
 
 
 @triton.jit
-def _pow(x, p):
-    """x ** p for x >= 0 with 0 ** 0 = 1 (p is a runtime scalar)."""
-    return tl.where(p == 0.0, 1.0, tl.exp(p * tl.log(x)))
+def _pow_log(x, log_x, P: tl.constexpr):
+    """x ** P for x >= 0 (0 ** 0 = 1) with the exponent known at compile time: the presets' small
+    integers as multiplications, anything else as exp(P log x) from the given ``log_x``."""
+    if P == 0.0:
+        y = tl.full(x.shape, 1.0, x.dtype)
+    elif P == 1.0:
+        y = x
+    elif P == 2.0:
+        y = x * x
+    elif P == 3.0:
+        y = x * x * x
+    else:
+        y = tl.exp(P * log_x)
+    return y
 
 
 @triton.jit
-def _neg_weight(l, tau, gamma_neg, GN_ON: tl.constexpr):
+def _pow(x, P: tl.constexpr):
+    """x ** P for x > 0 (the log is only evaluated for non-integer exponents)."""
+    if P == 0.0 or P == 1.0 or P == 2.0 or P == 3.0:
+        y = _pow_log(x, x, P)
+    else:
+        y = _pow_log(x, tl.log(x), P)
+    return y
+
+
+@triton.jit
+def _neg_weight(l, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr):
     """w = ((1 + tau l) / 2) ^ gamma_neg; 0 where the base is <= 0 (rounding can push a cosine
     below -1): such a negative drops out, as in the reference and the C++ backends."""
-    if GN_ON:
-        base = (1.0 + tau * l) * 0.5
-        return tl.where(base > 0.0, _pow(tl.maximum(base, 0.0), gamma_neg), 0.0)
+    if GAMMA_NEG != 0.0:
+        base = (1.0 + _scalar(TAU, l.dtype) * l) * 0.5
+        safe = tl.where(base > 0.0, base, 1.0)
+        w = tl.where(base > 0.0, _pow(safe, GAMMA_NEG), 0.0)
     else:
-        return tl.full(l.shape, 1.0, l.dtype)
+        w = tl.full(l.shape, 1.0, l.dtype)
+    return w
 
 
 @triton.jit
-def _neg_bracket(l, tau, gamma_neg, GN_ON: tl.constexpr):
+def _neg_bracket(l, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr):
     """d(w e)/dl / e = w + gamma_neg tau / 2 base^(gamma_neg - 1)  (1 when gamma_neg = 0, 0 where
     the base is <= 0)."""
-    if GN_ON:
-        base = (1.0 + tau * l) * 0.5
+    if GAMMA_NEG != 0.0:
+        base = (1.0 + _scalar(TAU, l.dtype) * l) * 0.5
         safe = tl.where(base > 0.0, base, 1.0)
-        return tl.where(base > 0.0, _pow(safe, gamma_neg) + gamma_neg * tau * 0.5 * _pow(safe, gamma_neg - 1.0), 0.0)
+        w = _pow(safe, GAMMA_NEG) + _scalar(GAMMA_NEG * TAU * 0.5, l.dtype) * _pow(safe, GAMMA_NEG - 1.0)
+        w = tl.where(base > 0.0, w, 0.0)
     else:
-        return tl.full(l.shape, 1.0, l.dtype)
+        w = tl.full(l.shape, 1.0, l.dtype)
+    return w
 
 
 @triton.jit
@@ -137,18 +167,39 @@ def _lse_update(m, s, t, w):
 
 
 @triton.jit
-def _pos_terms(x, gamma_pos):
+def _log(x, FAST_LOG: tl.constexpr):
+    """Natural log; with FAST_LOG (GPU, float32) the hardware lg2.approx (one MUFU op, absolute
+    error ~1e-7 on [0.5, 2]) instead of libdevice's logf (~20 instructions). The interpreter has no
+    inline PTX, so CPU runs take tl.log."""
+    if FAST_LOG and x.dtype == tl.float32:
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1) * 0.6931471805599453
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _pos_terms(x, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
     """For S = sigmoid(x): f = (1 - S)^gp log S and f'(S) S (1 - S) = (1-S)^gp ((1-S) - gp S log S),
-    written with one exp and one log1p so that they stay finite for any x (x = +inf: S = 1)."""
+    from one exp, one log and one reciprocal, finite for any x (x = +inf: S = 1). With
+    a = exp(-|x|) and u = 1 + a: S and 1 - S are 1/u and a/u (which is which: the sign of x),
+    log S = -softplus(-x) = -(max(-x, 0) + log1p(a)); log1p(a) is log(u) corrected by
+    (a - (u - 1)) / u, the part of a lost in rounding u (exact to first order, so tiny a keep
+    their relative accuracy)."""
     a = tl.exp(-tl.abs(x))                     # in (0, 1]
-    one_p_a = 1.0 + a
-    log1p_a = tl.where(one_p_a == 1.0, a, tl.log(one_p_a) * (a / (one_p_a - 1.0)))  # log1p(a)
-    log_s = -(tl.maximum(-x, 0.0) + log1p_a)   # log S = -softplus(-x)
-    log_1ms = -(tl.maximum(x, 0.0) + log1p_a)  # log(1 - S) = -softplus(x)
-    s = tl.where(x >= 0, 1.0, a) / one_p_a
-    one_ms = tl.where(x >= 0, a, 1.0) / one_p_a
-    pw = tl.where(gamma_pos == 0.0, 1.0, tl.exp(gamma_pos * log_1ms))
-    return pw * log_s, pw * (one_ms - gamma_pos * s * log_s)
+    u = 1.0 + a
+    inv_u = 1.0 / u
+    log1p_a = _log(u, FAST_LOG) + (a - (u - 1.0)) * inv_u  # u in [1, 2]
+    log_s = -(tl.maximum(-x, 0.0) + log1p_a)
+    a_u = a * inv_u
+    s = tl.where(x >= 0, inv_u, a_u)
+    one_ms = tl.where(x >= 0, a_u, inv_u)
+    if GAMMA_POS == 0.0 or GAMMA_POS == 1.0 or GAMMA_POS == 2.0 or GAMMA_POS == 3.0:
+        pw = _pow_log(one_ms, one_ms, GAMMA_POS)
+    else:
+        pw = _pow_log(one_ms, -(tl.maximum(x, 0.0) + log1p_a), GAMMA_POS)  # log(1 - S) = -softplus(x)
+    return pw * log_s, pw * (one_ms - _scalar(GAMMA_POS, x.dtype) * s * log_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,10 +207,10 @@ def _pos_terms(x, gamma_pos):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def fecl_colshift_kernel(Z, Y, CS, PARAMS, N, D, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 1: c_i = max(0, max_{valid j != i} l_ij) for valid i (0 for invalid i)."""
-    inv_tau, _, _, _, _ = _params(PARAMS)
+    inv_tau = _scalar(1.0 / TAU, ACC)
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     c = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, N, BLOCK_N):
@@ -214,13 +265,14 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_PR
 
 
 @triton.jit
-def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, PARAMS, N, NT, D, K, TK,
-                       COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, GN_ON: tl.constexpr, TEACHER: tl.constexpr,
+def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRESHOLD: tl.float64, N, NT, D, K, TK,
+                       COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                       TEACHER: tl.constexpr,
                        ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 3: log Neg_i = log(sum_{q in H(i)} w_iq exp(l_iq - c_q) + sum_{k in T(i)} exp(l^t_ik))
     (-inf without negatives); with TEACHER == 2, cross_i and cross_count_i."""
-    inv_tau, tau, _, gamma_neg, threshold = _params(PARAMS)
+    inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     vi = yi >= 0
     m = tl.full([BLOCK_M], NEG_INF, ACC)
@@ -235,7 +287,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, PARA
             if COLUMN:
                 t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
             t = tl.where(ok, t, NEG_INF)
-            m, s = _lse_update(m, s, t[:, None], _neg_weight(l, tau, gamma_neg, GN_ON)[:, None])
+            m, s = _lse_update(m, s, t[:, None], _neg_weight(l, TAU, GAMMA_NEG)[:, None])
     else:
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -245,7 +297,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, PARA
             if COLUMN:
                 t = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
             neg = vi[:, None] & (yj[None, :] >= 0) & (yi[:, None] != yj[None, :])
-            m, s = _lse_update(m, s, tl.where(neg, t, NEG_INF), _neg_weight(l, tau, gamma_neg, GN_ON))
+            m, s = _lse_update(m, s, tl.where(neg, t, NEG_INF), _neg_weight(l, TAU, GAMMA_NEG))
     if TEACHER == 1:
         # T(i) from the stored teacher indices, no offset and no weight.
         for slot in range(0, TK):
@@ -270,12 +322,13 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, PARA
 
 
 @triton.jit
-def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, PARAMS, N, D, COLUMN: tl.constexpr,
+def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.constexpr,
+                         TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr,
                          ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
     L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S),  n_pos_i = |P(i)|."""
-    inv_tau, _, gamma_pos, _, _ = _params(PARAMS)
+    inv_tau = _scalar(1.0 / TAU, ACC)
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     log_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0)
     f_sum = tl.zeros([BLOCK_M], ACC)
@@ -288,7 +341,7 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, PARAMS, N, D, COLUM
         if COLUMN:
             l = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
         pos = (yi[:, None] >= 0) & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
-        f, r = _pos_terms(l - log_neg[:, None], gamma_pos)
+        f, r = _pos_terms(l - log_neg[:, None], GAMMA_POS, FAST_LOG)
         f_sum += tl.sum(tl.where(pos, f, 0.0), axis=1)
         r_sum += tl.sum(tl.where(pos, r, 0.0), axis=1)
         n_pos += tl.sum(pos.to(ACC), axis=1)
@@ -304,8 +357,8 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, PARAMS, N, D, COLUM
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, inv_tau, tau,
-                   gamma_neg, COLUMN: tl.constexpr, GN_ON: tl.constexpr, ACC: tl.constexpr):
+def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, inv_tau, COLUMN: tl.constexpr,
+                   TAU: tl.constexpr, GAMMA_NEG: tl.constexpr, ACC: tl.constexpr):
     """For the stored pair (i, q) of each row: g_iq = a_i R_i exp(l_iq - c_q - log_neg_i) *
     bracket(l_iq) (0 where not ok), and the gathered key rows z_q."""
     zq = _gather_rows(Z, base_z, q, ok, offs_d, D, ACC)
@@ -313,18 +366,20 @@ def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, 
     t = l
     if COLUMN:
         t = l - tl.load(CS + base_row + q, mask=ok, other=0.0)
-    g = a_r * tl.exp(t - ln_safe) * _neg_bracket(l, tau, gamma_neg, GN_ON)
+    g = a_r * tl.exp(t - ln_safe) * _neg_bracket(l, TAU, GAMMA_NEG)
     return tl.where(ok, g, 0.0), zq
 
 
 @triton.jit
-def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, PARAMS, N, NT, D, K, TK,
-                         COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, GN_ON: tl.constexpr, TEACHER: tl.constexpr,
+def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THRESHOLD: tl.float64, N, NT, D, K,
+                         TK, COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
+                         GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr,
+                         FAST_LOG: tl.constexpr,
                          ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dz_i = (1/tau) sum_j (g_ij + g_ji) z_j + teacher terms, row-parallel, no atomics.
     A = grad_loss * u / n_pos (0 without positives); g_ji uses anchor j's statistics."""
-    inv_tau, tau, gamma_pos, gamma_neg, threshold = _params(PARAMS)
+    inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
     vi = yi >= 0
     ln_i = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=NEG_INF)
@@ -348,8 +403,8 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, PAR
             c_j = tl.load(CS + b * N + offs_n, mask=col_ok, other=0.0)
         # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i).
         pos = vi[:, None] & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
-        f_ij, d_ij = _pos_terms(l - c_j[None, :] - ln_i[:, None], gamma_pos)
-        f_ji, d_ji = _pos_terms(l - c_i[:, None] - ln_j[None, :], gamma_pos)
+        f_ij, d_ij = _pos_terms(l - c_j[None, :] - ln_i[:, None], GAMMA_POS, FAST_LOG)
+        f_ji, d_ji = _pos_terms(l - c_i[:, None] - ln_j[None, :], GAMMA_POS, FAST_LOG)
         g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
         if not USE_TOPK:
             neg = vi[:, None] & (yj[None, :] >= 0) & (yi[:, None] != yj[None, :])
@@ -357,7 +412,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, PAR
             ln_safe_j = tl.where(ln_j == NEG_INF, float("inf"), ln_j)
             e_ij = tl.exp(l - c_j[None, :] - ln_safe_i[:, None])
             e_ji = tl.exp(l - c_i[:, None] - ln_safe_j[None, :])
-            g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(l, tau, gamma_neg, GN_ON)
+            g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(l, TAU, GAMMA_NEG)
             g += tl.where(neg, g_neg, 0.0)
         acc += tl.dot(g, zj, input_precision=DOT_PREC)
     if USE_TOPK:
@@ -365,7 +420,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, PAR
         for slot in range(0, K):
             q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
             g_q, zq = _topk_neg_coef(zi, q, row_ok & (q >= 0), Z, CS, b * N * D, b * N, ar_i, ln_safe_i,
-                                     D, offs_d, inv_tau, tau, gamma_neg, COLUMN, GN_ON, ACC)
+                                     D, offs_d, inv_tau, COLUMN, TAU, GAMMA_NEG, ACC)
             acc += g_q[:, None] * zq
     if TEACHER == 1:
         for slot in range(0, TK):
@@ -393,11 +448,11 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, PAR
 
 
 @triton.jit
-def fecl_topk_scatter_kernel(Z, CS, LOGNEG, R, A, TOPK, DZ, PARAMS, N, D, K, COLUMN: tl.constexpr,
-                             GN_ON: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+def fecl_topk_scatter_kernel(Z, CS, LOGNEG, R, A, TOPK, DZ, N, D, K, COLUMN: tl.constexpr,
+                             TAU: tl.constexpr, GAMMA_NEG: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_D: tl.constexpr):
     """Key side of the sparse top-k pairs: dz_q += g_iq z_i / tau (atomics into DZ, in ACC)."""
-    inv_tau, tau, gamma_pos, gamma_neg, threshold = _params(PARAMS)
+    inv_tau = _scalar(1.0 / TAU, ACC)
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -410,7 +465,7 @@ def fecl_topk_scatter_kernel(Z, CS, LOGNEG, R, A, TOPK, DZ, PARAMS, N, D, K, COL
         q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
         ok = row_ok & (q >= 0)
         g_q, zq = _topk_neg_coef(zi, q, ok, Z, CS, b * N * D, b * N, ar_i, ln_safe_i,
-                                D, offs_d, inv_tau, tau, gamma_neg, COLUMN, GN_ON, ACC)
+                                D, offs_d, inv_tau, COLUMN, TAU, GAMMA_NEG, ACC)
         dst = DZ + b * N * D + tl.where(ok, q, 0)[:, None] * D + offs_d[None, :]
         tl.atomic_add(dst, (g_q * inv_tau)[:, None] * zi, mask=ok[:, None] & (offs_d[None, :] < D))
 
@@ -433,18 +488,81 @@ def dot_precision(dtype) -> str:
     return "ieee"
 
 
-def block_sizes(D: int, device_type: str = "cuda"):
-    """(BLOCK_M, BLOCK_N, BLOCK_D): D padded to a power of two >= 16 (tl.dot needs every dim
-    >= 16). On the GPU 64 x 64 tiles (64 x 32 for D > 64, 32 x 32 for D > 256, to bound
-    registers); under the interpreter (CPU tensors) every tile step costs, so 32 x 32."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if device_type != "cuda":
-        return 32, 32, block_d
-    if block_d <= 64:
-        return 64, 64, block_d
-    if block_d <= 256:
-        return 64, 32, block_d
-    return 32, 32, block_d
+MAX_D = 1024
+# Shared memory per block (opt-in) of the cards the kernels are checked for (tests and
+# benchmarks/kernel_report.py); on a GPU the real value comes from the device properties.
+SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Tile shapes (BLOCK_M, BLOCK_N), largest first, and pipeline depths tried for each.
+TILE_CHOICES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+STAGE_CHOICES = (3, 2, 1)
+# Register budget: the anchor block (BLOCK_M, BLOCK_D) in ACC stays in registers for the gathers,
+# at most this many elements per program. Always 4 warps: with 8, the compiled sm_90 backward
+# evaluated every element-wise term twice (the two warp groups hold replicated tiles).
+MAX_ANCHOR_TILE = 64 * 256
+NUM_WARPS = 4
+
+
+def padded_d(D: int) -> int:
+    """BLOCK_D: D padded to a power of two >= 16 (tl.dot needs every dimension >= 16)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int) -> int:
+    """Bytes of shared memory a launch needs, an upper bound of what Triton allocates: tl.dot
+    stages both operands in ACC (twice for float32's tf32x3, which splits each into a TF32 high
+    and low part), the pipeline keeps ``stages - 1`` more key tiles in the input dtype, and the
+    backward's second dot (g @ z_j) adds the (BLOCK_M, BLOCK_N) coefficients and the key tile.
+    tests/test_fecl_triton.py checks it against the compiled kernels."""
+    acc = 8 if dtype == torch.float64 else 4
+    split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
+    total = (bm + bn) * bd * acc * split + (stages - 1) * bn * bd * torch.empty(0, dtype=dtype).element_size()
+    if kind == "backward":
+        total += (bn * bd + bm * bn) * acc
+    return total
+
+
+def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the ``kind`` ('forward' or 'backward')
+    kernels of one call on a card with ``smem_limit`` bytes of shared memory per block: the
+    largest tiles, then the deepest pipeline, whose estimate fits and whose (rows, BLOCK_D) tiles
+    stay within the register budget. A pure function, so that the choice is testable without a GPU.
+    Raises ValueError for D > MAX_D or when not even 16 x 16 tiles fit."""
+    if D > MAX_D:
+        raise ValueError(f"fecl (triton): embedding dimension D = {D} is larger than the supported {MAX_D}")
+    bd = padded_d(D)
+    for bm, bn in TILE_CHOICES:
+        if bm * bd > MAX_ANCHOR_TILE:
+            continue
+        for stages in STAGE_CHOICES:
+            if smem_estimate(kind, dtype, bm, bn, bd, stages) <= smem_limit:
+                return bm, bn, bd, NUM_WARPS, stages
+    need = smem_estimate(kind, dtype, 16, 16, bd, 1)
+    raise ValueError(f"fecl (triton): D = {D} with {dtype} embeddings needs {need} bytes of shared memory per "
+                     f"block even with 16 x 16 tiles, but this GPU allows {smem_limit}; use float16/bfloat16 "
+                     f"embeddings, a smaller D or the 'cuda' backend")
+
+
+@functools.lru_cache(maxsize=None)
+def device_smem_limit(index: int) -> int:
+    """The opt-in shared memory per block of CUDA device ``index``."""
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks):
+    """The launch configuration on ``device``; under the interpreter (CPU tensors) every tile step
+    costs time, so 32 x 32 (or ``blocks``, tests), and the compile options do not apply."""
+    if device.type != "cuda":
+        bm, bn = blocks or (32, 32)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=padded_d(D)), {}
+    bm, bn, bd, warps, stages = launch_config(device_smem_limit(device.index), dtype, D, kind)
+    if blocks is not None:
+        bm, bn = blocks
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), dict(num_warps=warps, num_stages=stages)
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, whichever is current (Triton launches on the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def k_pad(k: int) -> int:
@@ -455,7 +573,7 @@ def k_pad(k: int) -> int:
 class _Launch:
     """What every launch of one call shares: shapes, dtypes, tiles, flags, dummy pointers."""
 
-    def __init__(self, z, y, zt, yt, cfg, blocks):
+    def __init__(self, z, y, zt, yt, cfg, blocks, kind):
         if z.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"fecl (triton): embeddings must be float16/bfloat16/float32/float64, got {z.dtype}")
         if z.dim() != 3 or tuple(y.shape) != tuple(z.shape[:2]):
@@ -481,15 +599,14 @@ class _Launch:
         else:
             self.zt, self.yt, self.NT = self.z, self.y, self.N  # passed, never read
         self.column = bool(cfg.column_shift)
-        self.gn_on = float(cfg.gamma_neg) != 0.0
-        threshold = float(cfg.teacher_threshold) if self.teacher == 2 else 0.0
-        self.params = torch.tensor([1.0 / float(cfg.tau), float(cfg.tau), float(cfg.gamma_pos), float(cfg.gamma_neg),
-                                    threshold], dtype=self.stat).to(self.device)
-        bm, bn, bd = block_sizes(self.D, self.device.type)
-        if blocks is not None:
-            bm, bn = blocks
-        self.grid = (triton.cdiv(self.N, bm), self.B)
-        self.tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        # Scalars reach the kernels as compile-time constants (no host-to-device copy per call;
+        # float64 kernels get them in float64), except the teacher threshold, which the official
+        # preset ramps every epoch: a float64 kernel argument.
+        self.threshold = float(cfg.teacher_threshold) if self.teacher == 2 else 0.0
+        self.scalars = dict(TAU=float(cfg.tau), GAMMA_POS=float(cfg.gamma_pos), GAMMA_NEG=float(cfg.gamma_neg))
+        self.fast_log = self.device.type == "cuda"  # see _log; the interpreter has no inline PTX
+        self.tiles, self.options = _tiles(self.device, z.dtype, self.D, kind, blocks)
+        self.grid = (triton.cdiv(self.N, self.tiles["BLOCK_M"]), self.B)
         self.consts = dict(ACC=compute_dtype(z.dtype), DOT_PREC=dot_precision(z.dtype))
         self.dummy_f = torch.empty(1, device=self.device, dtype=self.stat)  # pointers never read
         self.dummy_i = torch.empty(1, device=self.device, dtype=torch.int64)
@@ -505,24 +622,30 @@ def fecl_forward(z, y, zt, yt, u, cfg, *, blocks=None):
     Unused outputs (``col_shift`` without the column shift, ``cross``/``cross_count`` without the
     threshold teacher, the index tensors) are empty tensors. ``blocks=(BLOCK_M, BLOCK_N)``
     overrides the tile sizes (tests)."""
-    s = _Launch(z, y, zt, yt, cfg, blocks)
-    B, N, NT, D = s.B, s.N, s.NT, s.D
-    z, y, zt, yt, grid = s.z, s.y, s.zt, s.yt, s.grid
+    s = _Launch(z, y, zt, yt, cfg, blocks, "forward")
+    with _device_guard(s.device):
+        return _forward(s, u)
 
+
+def _forward(s, u):
+    B, N, NT, D = s.B, s.N, s.NT, s.D
+    z, y, zt, yt, grid, opts = s.z, s.y, s.zt, s.yt, s.grid, s.options
+    tau, gp, gn = s.scalars["TAU"], s.scalars["GAMMA_POS"], s.scalars["GAMMA_NEG"]
     if s.column:
         col_shift = s.stat_empty(B, N)
-        fecl_colshift_kernel[grid](z, y, col_shift, s.params, N, D, **s.consts, **s.tiles)
+        fecl_colshift_kernel[grid](z, y, col_shift, N, D, TAU=tau, **s.consts, **s.tiles, **opts)
     else:
         col_shift = s.stat_empty(0)
 
     topk_idx = teacher_idx = torch.empty(0, device=s.device, dtype=torch.int64)
     if s.top_k:
         topk_idx = torch.empty(B, N, s.top_k, device=s.device, dtype=torch.int64)
-        fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, **s.consts, K_PAD=k_pad(s.top_k), **s.tiles)
+        fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, **s.consts, K_PAD=k_pad(s.top_k), **s.tiles,
+                               **opts)
     if s.teacher_k:
         teacher_idx = torch.empty(B, N, s.teacher_k, device=s.device, dtype=torch.int64)
         fecl_topk_kernel[grid](z, y, zt, yt, teacher_idx, N, NT, D, s.teacher_k, **s.consts,
-                               K_PAD=k_pad(s.teacher_k), **s.tiles)
+                               K_PAD=k_pad(s.teacher_k), **s.tiles, **opts)
 
     log_neg = s.stat_empty(B, N)
     cross = cross_count = s.stat_empty(0)
@@ -531,14 +654,14 @@ def fecl_forward(z, y, zt, yt, u, cfg, *, blocks=None):
     cs = col_shift if s.column else s.dummy_f
     fecl_logneg_kernel[grid](
         z, y, cs, zt, yt, topk_idx if s.top_k else s.dummy_i, teacher_idx if s.teacher_k else s.dummy_i,
-        log_neg, cross if s.teacher == 2 else s.dummy_f, cross_count if s.teacher == 2 else s.dummy_f, s.params,
-        N, NT, D, s.top_k, s.teacher_k, COLUMN=s.column, USE_TOPK=s.top_k > 0, GN_ON=s.gn_on, TEACHER=s.teacher,
-        **s.consts, **s.tiles)
+        log_neg, cross if s.teacher == 2 else s.dummy_f, cross_count if s.teacher == 2 else s.dummy_f, s.threshold,
+        N, NT, D, s.top_k, s.teacher_k, COLUMN=s.column, USE_TOPK=s.top_k > 0, TAU=tau, GAMMA_NEG=gn,
+        TEACHER=s.teacher, **s.consts, **s.tiles, **opts)
 
     u = torch.ones(B, N, device=s.device, dtype=torch.float32) if u is None else u.to(torch.float32).contiguous()
     loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), s.stat_empty(B, N)
-    fecl_positive_kernel[grid](z, y, cs, log_neg, u, loss, r, n_pos, s.params, N, D, COLUMN=s.column,
-                               **s.consts, **s.tiles)
+    fecl_positive_kernel[grid](z, y, cs, log_neg, u, loss, r, n_pos, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
+                               FAST_LOG=s.fast_log, **s.consts, **s.tiles, **opts)
     return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx
 
 
@@ -546,7 +669,12 @@ def fecl_backward(grad_loss, grad_cross, z, y, zt, yt, u, log_neg, r, n_pos, col
                   teacher_idx, cfg, *, blocks=None):
     """dz (z's dtype) from the upstream (B, N) gradients of ``loss`` and ``cross`` and the saved
     statistics; ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
-    s = _Launch(z, y, zt, yt, cfg, blocks)
+    s = _Launch(z, y, zt, yt, cfg, blocks, "backward")
+    with _device_guard(s.device):
+        return _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx)
+
+
+def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx):
     B, N, NT, D = s.B, s.N, s.NT, s.D
     z, y, zt, yt, grid = s.z, s.y, s.zt, s.yt, s.grid
     # a_i = grad_loss_i u_i / n_pos_i, 0 without positives (invalid anchors have n_pos = 0).
@@ -559,16 +687,17 @@ def fecl_backward(grad_loss, grad_cross, z, y, zt, yt, u, log_neg, r, n_pos, col
     grad_cross = grad_cross.to(s.stat).contiguous() if s.teacher == 2 else s.dummy_f
     topk_idx = topk_idx.contiguous() if s.top_k else s.dummy_i
     teacher_idx = teacher_idx.contiguous() if s.teacher_k else s.dummy_i
-    flags = dict(COLUMN=s.column, GN_ON=s.gn_on)
+    flags = dict(COLUMN=s.column, TAU=s.scalars["TAU"], GAMMA_NEG=s.scalars["GAMMA_NEG"])
     # With top_k the key side of the sparse pairs is added with atomics: accumulate in ACC.
     dz = torch.empty(B, N, D, device=s.device, dtype=s.stat if s.top_k else z.dtype)
     fecl_backward_kernel[grid](z, y, col_shift, log_neg, r, a, zt, yt, topk_idx, teacher_idx, grad_cross, dz,
-                               s.params, N, NT, D, s.top_k, s.teacher_k, USE_TOPK=s.top_k > 0, TEACHER=s.teacher,
-                               **flags, **s.consts, **s.tiles)
+                               s.threshold, N, NT, D, s.top_k, s.teacher_k, USE_TOPK=s.top_k > 0, TEACHER=s.teacher,
+                               GAMMA_POS=s.scalars["GAMMA_POS"], FAST_LOG=s.fast_log, **flags, **s.consts, **s.tiles,
+                               **s.options)
     if s.top_k:
-        fecl_topk_scatter_kernel[grid](z, col_shift, log_neg, r, a, topk_idx, dz, s.params, N, D, s.top_k,
+        fecl_topk_scatter_kernel[grid](z, col_shift, log_neg, r, a, topk_idx, dz, N, D, s.top_k,
                                        **flags, ACC=s.consts["ACC"], BLOCK_M=s.tiles["BLOCK_M"],
-                                       BLOCK_D=s.tiles["BLOCK_D"])
+                                       BLOCK_D=s.tiles["BLOCK_D"], **s.options)
         dz = dz.to(z.dtype)
     return dz
 
@@ -592,109 +721,151 @@ COVER_FLAGS = [
 ]
 
 
-def _config(kernel: str, dtype: str, D: int, **flags):
-    """(kernel, signature, constexprs) of one launch: runtime arguments in order, with the types
-    that fecl_forward/fecl_backward pass (statistics in the compute dtype, indices int64)."""
+def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
+    """(kernel, signature, constexprs, options) of one launch on sm_<cc>: runtime arguments in
+    order, with the types that fecl_forward/fecl_backward pass (statistics in the compute dtype,
+    indices int64), the dispatcher's tiles and compile options, the presets' tau and gamma_pos."""
     tdt = TORCH_DTYPES[dtype]
     st, zp = ("*fp64" if dtype == "fp64" else "*fp32"), f"*{dtype}"
-    bm, bn, bd = block_sizes(D, "cuda")
+    kind = "backward" if kernel in ("backward", "scatter") else "forward"
+    bm, bn, bd, warps, stages = launch_config(SMEM_LIMITS[cc], tdt, D, kind)
+    options = dict(num_warps=warps, num_stages=stages)
     acc, prec = compute_dtype(tdt), dot_precision(tdt)
     tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    gamma_neg = 2.0 if flags.get("GN_ON") or (flags.get("flags") and flags["flags"][2]) else 0.0
     if kernel == "colshift":
-        return (fecl_colshift_kernel, dict(Z=zp, Y="*i64", CS=st, PARAMS=st, N="i32", D="i32"),
-                dict(ACC=acc, DOT_PREC=prec, **tiles))
+        return (fecl_colshift_kernel, dict(Z=zp, Y="*i64", CS=st, N="i32", D="i32"),
+                dict(TAU=0.6, ACC=acc, DOT_PREC=prec, **tiles), options)
     if kernel == "topk":
         return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
-                                       K="i32"), dict(ACC=acc, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles))
+                                       K="i32"), dict(ACC=acc, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
     if kernel == "positive":
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", LOSS=st, R=st, NPOS=st,
-                                           PARAMS=st, N="i32", D="i32"),
-                dict(COLUMN=flags["COLUMN"], ACC=acc, DOT_PREC=prec, **tiles))
+                                           N="i32", D="i32"),
+                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_PREC=prec, **tiles),
+                options)
     if kernel == "scatter":
-        return (fecl_topk_scatter_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, TOPK="*i64", DZ=st, PARAMS=st,
+        return (fecl_topk_scatter_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, TOPK="*i64", DZ=st,
                                                N="i32", D="i32", K="i32"),
-                dict(COLUMN=flags["COLUMN"], GN_ON=flags["GN_ON"], ACC=acc, BLOCK_M=bm, BLOCK_D=bd))
-    column, use_topk, gn_on, teacher = flags["flags"]
-    flags = dict(COLUMN=column, USE_TOPK=use_topk, GN_ON=gn_on, TEACHER=teacher, ACC=acc, DOT_PREC=prec, **tiles)
+                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_NEG=gamma_neg, ACC=acc, BLOCK_M=bm, BLOCK_D=bd), options)
+    column, use_topk, _, teacher = flags["flags"]
+    consts = dict(COLUMN=column, USE_TOPK=use_topk, TAU=0.6, GAMMA_NEG=gamma_neg, TEACHER=teacher, ACC=acc,
+                  DOT_PREC=prec, **tiles)
     if kernel == "logneg":
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
-                                         LOGNEG=st, CROSS=st, CCOUNT=st, PARAMS=st, N="i32", NT="i32", D="i32",
-                                         K="i32", TK="i32"), flags)
+                                         LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
+                                         D="i32", K="i32", TK="i32"), consts, options)
     assert kernel == "backward"
+    consts = dict(consts, GAMMA_POS=2.0, FAST_LOG=True)
     return (fecl_backward_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, R=st, A=st, ZT=zp, YT="*i64",
-                                       TOPK="*i64", TIDX="*i64", GC=st, DZ=st if use_topk else zp, PARAMS=st,
-                                       N="i32", NT="i32", D="i32", K="i32", TK="i32"), flags)
+                                       TOPK="*i64", TIDX="*i64", GC=st, DZ=st if use_topk else zp, THRESHOLD="fp64",
+                                       N="i32", NT="i32", D="i32", K="i32", TK="i32"), consts, options)
 
 
-def _kernel_set(dtype, D, flag_sets, k_pads):
+def _kernel_set(dtype, D, flag_sets, k_pads, cc):
     """The launches of one call for each flag set (shared kernels listed once)."""
-    configs = [_config("colshift", dtype, D)] if any(f[0] for f in flag_sets) else []
-    configs += [_config("topk", dtype, D, K_PAD=kp) for kp in k_pads]
-    configs += [_config("positive", dtype, D, COLUMN=c) for c in sorted({f[0] for f in flag_sets})]
+    configs = [_config("colshift", dtype, D, cc)] if any(f[0] for f in flag_sets) else []
+    configs += [_config("topk", dtype, D, cc, K_PAD=kp) for kp in k_pads]
+    configs += [_config("positive", dtype, D, cc, COLUMN=c) for c in sorted({f[0] for f in flag_sets})]
     scatter_flags = sorted({(f[0], f[2]) for f in flag_sets if f[1]})
-    configs += [_config("scatter", dtype, D, COLUMN=c, GN_ON=g) for c, g in scatter_flags]
+    configs += [_config("scatter", dtype, D, cc, COLUMN=c, GN_ON=g) for c, g in scatter_flags]
     for f in flag_sets:
-        configs += [_config("logneg", dtype, D, flags=f), _config("backward", dtype, D, flags=f)]
+        configs += [_config("logneg", dtype, D, cc, flags=f), _config("backward", dtype, D, cc, flags=f)]
     return configs
 
 
-def launch_configs(full: bool = False):
-    """(kernel, signature, constexprs) of the launches of fecl_forward/fecl_backward on the GPU,
-    for tests/triton_aot.py (a GPU compile of each catches what the interpreter accepts).
+def _fits(dtype: str, D: int, cc: int) -> bool:
+    """Whether the dispatcher accepts (dtype, D) on sm_<cc> (the backward needs the most)."""
+    try:
+        launch_config(SMEM_LIMITS[cc], TORCH_DTYPES[dtype], D, "backward")
+        return True
+    except ValueError:
+        return False
+
+
+def launch_configs(full: bool = False, cc: int = 90):
+    """(kernel, signature, constexprs, options) of the launches of fecl_forward/fecl_backward on
+    sm_<cc>, for tests/triton_aot.py (a GPU compile of each catches what the interpreter accepts).
 
     ``full=True``: every launched combination for float32/float16/bfloat16/float64, the tiles of
-    D in {16, 32, 64, 128, 256, 512}, K_PAD in {1, ..., 64} and every flag set (~1300 configs,
-    hours of compiling: ptxas takes seconds per kernel). Default: a covering set (~30 configs)
-    in which every kernel, dtype, tile shape and code path appears: at the D = 64 tiles every
-    kernel for float32 (every flag set of the forward; for the backward both presets and the
-    all-on set, which contain the other sets' code), the presets and the all-on set for
-    bfloat16/float64, the 'dycon' preset for float16; the other tile shapes
-    (64 x 64 x 16, 64 x 32 x 128, 32 x 32 x 512) for bfloat16."""
+    D in {16, 32, ..., 1024} that the dispatcher accepts on this card, K_PAD in {1, ..., 64} and
+    every flag set (thousands of configs, hours of compiling: ptxas takes seconds per kernel).
+    Default: a covering set (~30 configs) in which every kernel, dtype and code path appears: at
+    D = 64 every kernel for float32 (every flag set of the forward; for the backward both presets
+    and the all-on set, which contain the other sets' code), the presets and the all-on set for
+    bfloat16/float64, the 'dycon' preset for float16; other tile shapes (D = 16, 128, 512 where
+    accepted) for bfloat16."""
     if full:
         configs = []
         for dtype in TORCH_DTYPES:
-            for D in (16, 32, 64, 128, 256, 512):
-                configs += _kernel_set(dtype, D, ALL_FLAGS, (1, 2, 4, 8, 16, 32, 64))
+            for D in (16, 32, 64, 128, 256, 512, 1024):
+                if _fits(dtype, D, cc):
+                    configs += _kernel_set(dtype, D, ALL_FLAGS, (1, 2, 4, 8, 16, 32, 64), cc)
         return configs
     dycon, official, all_on = COVER_FLAGS[:3]
-    configs = [_config("colshift", "fp32", 64), _config("topk", "fp32", 64, K_PAD=1),
-               _config("topk", "fp32", 64, K_PAD=32), _config("positive", "fp32", 64, COLUMN=True),
-               _config("scatter", "fp32", 64, COLUMN=True, GN_ON=True)]
-    configs += [_config("logneg", "fp32", 64, flags=f) for f in COVER_FLAGS]
-    configs += [_config("backward", "fp32", 64, flags=f) for f in (dycon, official, all_on)]
+    configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, K_PAD=1),
+               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True),
+               _config("scatter", "fp32", 64, cc, COLUMN=True, GN_ON=True)]
+    configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
+    configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
     for dtype in ("bf16", "fp64"):
-        configs += [_config("topk", dtype, 64, K_PAD=32), _config("positive", dtype, 64, COLUMN=True),
-                    _config("scatter", dtype, 64, COLUMN=True, GN_ON=True), _config("logneg", dtype, 64, flags=all_on),
-                    _config("backward", dtype, 64, flags=dycon), _config("backward", dtype, 64, flags=all_on)]
-    configs += [_config("logneg", "fp16", 64, flags=dycon), _config("backward", "fp16", 64, flags=dycon)]
+        configs += [_config("topk", dtype, 64, cc, K_PAD=32), _config("positive", dtype, 64, cc, COLUMN=True),
+                    _config("scatter", dtype, 64, cc, COLUMN=True, GN_ON=True),
+                    _config("logneg", dtype, 64, cc, flags=all_on),
+                    _config("backward", dtype, 64, cc, flags=dycon), _config("backward", dtype, 64, cc, flags=all_on)]
+    configs += [_config("logneg", "fp16", 64, cc, flags=dycon), _config("backward", "fp16", 64, cc, flags=dycon)]
     for D in (16, 128, 512):
-        configs += [_config("topk", "bf16", D, K_PAD=32), _config("backward", "bf16", D, flags=dycon)]
+        if _fits("bf16", D, cc):
+            configs += [_config("topk", "bf16", D, cc, K_PAD=32), _config("backward", "bf16", D, cc, flags=dycon)]
     return configs
 
 
-# The flags (COLUMN, GN_ON, TEACHER) of the two presets (dycon_kernels/presets.py) and their
-# teacher top-k: what benchmarks/kernel_report.py compiles.
+def fit_configs(cc: int, full: bool = False):
+    """For tests/triton_aot.py --fit: ``(kernel, signature, constexprs, options, bounds)`` on
+    sm_<cc>. Shared memory: the kernels that need the most (column shift, the all-on log-neg and
+    backward) at the configurations the dispatcher returns for (dtype, D), bounded by the card's
+    limit and by the dispatcher's own estimate; by default float32/bfloat16 at D = 256 and at the
+    largest D accepted (the tightest fits), ``full``: every dtype and D in {16, ..., 1024}.
+    (Spills are not bounded: the kernels at D = 256 spill; benchmarks/kernel_report.py lists them.)"""
+    dtypes = list(TORCH_DTYPES) if full else ["fp32", "bf16"]
+    out = []
+    for dtype in dtypes:
+        dims = [D for D in (16, 32, 64, 128, 256, 512, 1024) if _fits(dtype, D, cc)]
+        for D in (dims if full else sorted({256, dims[-1]} & set(dims))):
+            for kernel, flags in (("colshift", {}), ("logneg", dict(flags=COVER_FLAGS[2])),
+                                  ("backward", dict(flags=COVER_FLAGS[2]))):
+                fn, sig, ce, opts = _config(kernel, dtype, D, cc, **flags)
+                kind = "backward" if kernel == "backward" else "forward"
+                estimate = smem_estimate(kind, TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_D"],
+                                         opts["num_stages"])
+                out.append((fn, sig, ce, opts, dict(smem=SMEM_LIMITS[cc], smem_estimate=estimate)))
+    return out
+
+
+# The flags (COLUMN, USE_TOPK is per case, GN_ON, TEACHER) of the two presets
+# (dycon_kernels/presets.py) and their teacher top-k: what benchmarks/kernel_report.py compiles.
 PRESET_FLAGS = {"dycon": (False, True, 1), "official": (True, False, 2)}
 PRESET_TEACHER_K = {"dycon": 32, "official": 0}
 
 
 def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int):
     """The launches of one forward + backward call of ``preset`` with ``top_k`` (0 = dense) on
-    sm_<cc> (the tiles do not depend on the card yet): ``(name, kernel, signature, constexprs,
-    options)`` with ``options`` the compile options (num_warps, num_stages)."""
+    sm_<cc>: ``(name, kernel, signature, constexprs, options)``; [] when the dispatcher refuses
+    (dtype, D) on that card."""
+    if not _fits(dtype, D, cc):
+        return []
     column, gn_on, teacher = PRESET_FLAGS[preset]
     flags = (column, top_k > 0, gn_on, teacher)
     launches = []
     if column:
-        launches.append(("colshift", _config("colshift", dtype, D)))
+        launches.append(("colshift", _config("colshift", dtype, D, cc)))
     if top_k:
-        launches.append(("topk", _config("topk", dtype, D, K_PAD=k_pad(top_k))))
+        launches.append(("topk", _config("topk", dtype, D, cc, K_PAD=k_pad(top_k))))
     if PRESET_TEACHER_K[preset]:
-        launches.append(("topk_teacher", _config("topk", dtype, D, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
-    launches += [("logneg", _config("logneg", dtype, D, flags=flags)),
-                 ("positive", _config("positive", dtype, D, COLUMN=column)),
-                 ("backward", _config("backward", dtype, D, flags=flags))]
+        launches.append(("topk_teacher", _config("topk", dtype, D, cc, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
+    launches += [("logneg", _config("logneg", dtype, D, cc, flags=flags)),
+                 ("positive", _config("positive", dtype, D, cc, COLUMN=column)),
+                 ("backward", _config("backward", dtype, D, cc, flags=flags))]
     if top_k:
-        launches.append(("scatter", _config("scatter", dtype, D, COLUMN=column, GN_ON=gn_on)))
-    options = dict(num_warps=4, num_stages=3)  # Triton's defaults
-    return [(name, kernel, sig, ce, options) for name, (kernel, sig, ce) in launches]
+        launches.append(("scatter", _config("scatter", dtype, D, cc, COLUMN=column, GN_ON=gn_on)))
+    return [(name, *config) for name, config in launches]
