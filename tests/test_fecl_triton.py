@@ -484,8 +484,8 @@ def test_no_host_values_copied_per_call(monkeypatch):
 def test_launch_uses_the_tensors_device():
     """Launches happen under torch.cuda.device(z.device) (Triton launches on the current GPU);
     CPU tensors (the interpreter) need no guard."""
-    from dycon_kernels.triton.fecl import _device_guard
+    from dycon_kernels.backends import device_guard
 
-    guard = _device_guard(torch.device("cuda", 1))
+    guard = device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert not isinstance(_device_guard(torch.device("cpu")), torch.cuda.device)
+    assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)

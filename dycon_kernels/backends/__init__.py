@@ -16,6 +16,7 @@ UnCL
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -103,6 +104,18 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     if not implements(backend, op):
         raise ValueError(f"backend {backend!r} has no {op} kernels in this build")
     return backend
+
+
+# Shared memory per block (opt-in) of sm_80 (A100), sm_86/sm_89 (RTX 3090/4090, A6000, L40) and
+# sm_90 (H100/H200): the cards every Triton launch configuration is checked to fit (tests and
+# benchmarks/kernel_report.py); on a GPU the dispatchers read the device's own value.
+SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU, whichever is current (Triton launches on the current one, and
+    another GPU's pointers there are an illegal address)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def poison_outputs() -> bool:

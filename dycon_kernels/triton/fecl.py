@@ -38,12 +38,13 @@ float32 ``torch.topk``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from dycon_kernels.backends import SMEM_LIMITS, device_guard
 
 # tl.dot precision for float32 embeddings: "tf32x3" (three TF32 tensor-core products, close to
 # float32 accuracy), "ieee" (float32 FMAs: slow to compile and to run) or "tf32" (one product,
@@ -489,9 +490,6 @@ def dot_precision(dtype) -> str:
 
 
 MAX_D = 1024
-# Shared memory per block (opt-in) of the cards the kernels are checked for (tests and
-# benchmarks/kernel_report.py); on a GPU the real value comes from the device properties.
-SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # Tile shapes (BLOCK_M, BLOCK_N), largest first, and pipeline depths tried for each.
 TILE_CHOICES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
 STAGE_CHOICES = (3, 2, 1)
@@ -560,11 +558,6 @@ def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), dict(num_warps=warps, num_stages=stages)
 
 
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU, whichever is current (Triton launches on the current one)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def k_pad(k: int) -> int:
     """Register slots of a top-k buffer: k rounded up to a power of two."""
     return triton.next_power_of_2(max(int(k), 1))
@@ -623,7 +616,7 @@ def fecl_forward(z, y, zt, yt, u, cfg, *, blocks=None):
     threshold teacher, the index tensors) are empty tensors. ``blocks=(BLOCK_M, BLOCK_N)``
     overrides the tile sizes (tests)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "forward")
-    with _device_guard(s.device):
+    with device_guard(s.device):
         return _forward(s, u)
 
 
@@ -670,7 +663,7 @@ def fecl_backward(grad_loss, grad_cross, z, y, zt, yt, u, log_neg, r, n_pos, col
     """dz (z's dtype) from the upstream (B, N) gradients of ``loss`` and ``cross`` and the saved
     statistics; ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "backward")
-    with _device_guard(s.device):
+    with device_guard(s.device):
         return _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx)
 
 

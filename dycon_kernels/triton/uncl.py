@@ -15,21 +15,17 @@ Launch hygiene: every launch runs under the tensors' device guard; ``beta`` is a
 argument typed float64 (so float64 inputs get it unrounded; float32 programs round it once);
 offsets that combine the batch or channel index with a stride are 64-bit.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from dycon_kernels.backends import new_output, triton_interpreted
+from dycon_kernels.backends import SMEM_LIMITS, device_guard, new_output, triton_interpreted
 
 EPS = tl.constexpr(1e-6)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# Shared memory per block (opt-in) of sm_80 (A100), sm_86/sm_89 (RTX 3090/4090, A6000, L40) and
-# sm_90 (H100/H200), for fit_configs(). (k-fecl's FeCL dispatcher has the same table: keep one.)
-SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # Size arguments whose products must be 64-bit (tests/triton_aot.py checks the compiled TTIR).
 SIZE_ARGS = ("C", "V", "stride_b", "stride_c")
 # Every voxel offset within a volume is int32 (program_id * BLOCK_V + lane): refuse larger volumes.
@@ -284,11 +280,6 @@ def _launch_args(s, t):
     return (triton.cdiv(V, block_v), B), block_c, block_v
 
 
-def _device_guard(device):
-    """Launch on the tensors' GPU, not the current one (which would be an illegal address)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _like(x, dtype):
     """A kernel output with x's shape and strides (x's layout, so the kernels share offsets)."""
     span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
@@ -300,7 +291,7 @@ def uncl_forward(s, t, beta, weight, reduce):
     grid, block_c, block_v = _launch_args(s, t)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     out = new_output(grid[0] * grid[1] if reduce else (B, V), acc, s.device)
-    with _device_guard(s.device):
+    with device_guard(s.device):
         uncl_forward_kernel[grid](s, t, weight, out, C, V, s.stride(0), s.stride(1), float(beta),
                                   HAS_WEIGHT=weight is not None, REDUCE=reduce, ACC=compute_dtype(s.dtype),
                                   BLOCK_C=block_c, BLOCK_V=block_v)
@@ -313,7 +304,7 @@ def uncl_backward(grad, s, t, beta, weight, need_t_grad):
     grad = grad.contiguous()
     ds = _like(s, s.dtype)
     dt = _like(t, t.dtype) if need_t_grad else None
-    with _device_guard(s.device):
+    with device_guard(s.device):
         uncl_backward_kernel[grid](
             grad, s, t, weight, ds, dt, C, V, s.stride(0), s.stride(1), float(beta), GRAD_IS_MAP=grad.dim() > 0,
             HAS_WEIGHT=weight is not None, NEED_T_GRAD=need_t_grad, ACC=compute_dtype(s.dtype),
