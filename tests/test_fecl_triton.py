@@ -331,26 +331,14 @@ def test_launch_configs_cover_launches(monkeypatch):
     import inspect
 
     from dycon_kernels.triton import fecl
-
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((self.kernel, args, kwargs))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
+    from triton_aot import record_launches
 
     names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
              "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
     loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD", "FAST_LOG")  # FAST_LOG: True on the GPU only
     configs = [(fn, sig, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]
-    for name in names:
-        monkeypatch.setattr(fecl, name, Recorder(getattr(fecl, name)))
+    launches = record_launches(monkeypatch, fecl, names)
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
              torch.int64: "i64"}
     cases = [(config(top_k=3, column_shift=True, teacher="threshold"), torch.float32),

@@ -359,22 +359,10 @@ def test_triton_launch_configs_cover_launches(monkeypatch):
     import inspect
 
     from dycon_kernels.triton import uncl as tuncl
-
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((self.kernel, args, kwargs))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
+    from triton_aot import record_launches
 
     configs = tuncl.launch_configs(full=True)  # before the kernels are wrapped
-    for name in ["uncl_forward_kernel", "uncl_backward_kernel"]:
-        monkeypatch.setattr(tuncl, name, Recorder(getattr(tuncl, name)))
+    launches = record_launches(monkeypatch, tuncl, ["uncl_forward_kernel", "uncl_backward_kernel"])
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
     for dtype, C in ((torch.float32, 2), (torch.float32, 5), (torch.bfloat16, 2), (torch.float64, 2)):
         s, t = random_logits((2, C, 3, 4, 5), dtype, 98), random_logits((2, C, 3, 4, 5), dtype, 99)

@@ -35,6 +35,26 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def record_launches(monkeypatch, module, names) -> list:
+    """Wrap the kernels ``names`` of ``module`` so that each launch still runs and is recorded as
+    ``(kernel, args, kwargs)`` in the returned list (to compare with the module's launch_configs)."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    return launches
+
+
 def _describe(kernel, signature, constexprs) -> str:
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
     ptrs = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
