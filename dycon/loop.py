@@ -358,6 +358,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
             if val_dice > best_dice:
                 best_dice, best_step = val_dice, step
                 checkpoint("best.pt")
+            bar.set_postfix(loss=f"{last_stats['total']:.3f}", best=f"{best_dice:.3f}")   # not one log step late
             log.info("step %d: loss %.4f  val Dice %.4f  (best %.4f at step %d)%s", step, last_stats["total"],
                      val_dice, best_dice, best_step, quality)
             checkpoint("latest.pt")
