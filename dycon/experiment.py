@@ -73,7 +73,7 @@ import torch
 import yaml
 from scipy import stats
 
-from dycon import config as C, train as train_cli
+from dycon import cli, config as C, train as train_cli
 from dycon.evaluate import report_dir
 from dycon.loop import pick_device
 
@@ -455,9 +455,11 @@ def overrides_of(items: list[str]) -> dict:
     return dict(C.parse_override(text) for text in items)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dycon.experiment", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m dycon.experiment"
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help="grid YAML file (config, set, variants, seeds, draws, ...)")
     p.add_argument("--config", help="trainer config, name or path (default: the grid's, else demo)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="add one variant per method: {train.method: METHOD}")
@@ -466,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", metavar="NAME", help="run (and report) only these variants")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every cell, e.g. train.max_iterations=200 (repeatable)")
-    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds of every variant (default: the grid's)")
     p.add_argument("--draws", nargs="+", type=yaml.safe_load, help="labelled-subset draws (values of --draw_key)")
     p.add_argument("--draw_key", help="config key the draw sets (default data.label_seed)")
     p.add_argument("--reference", help="variant every other is compared with (default: the first)")
@@ -528,4 +530,4 @@ def main(argv=None, **defaults) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, PROG)

@@ -8,22 +8,25 @@ the end of training; ``python -m dycon.plot --curves RUN_DIR`` (re)draws it.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from dycon import cli
 from dycon.viz import runs_figure, save_figure, write_curves   # matplotlib, no torch
 
 
-def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dycon.plot", description=__doc__.split("\n")[0])
+PROG = "python -m dycon.plot"
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(PROG, description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each holding metrics.csv)")
     p.add_argument("-o", "--output", default="compare.png", help="figure to write (default: compare.png)")
     p.add_argument("--curves", action="store_true", help="instead, write each run's own RUN_DIR/curves.png")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> list[Path]:
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.curves:
         written = [write_curves(run) for run in args.runs]
     else:
@@ -34,4 +37,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, PROG)

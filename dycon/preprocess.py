@@ -30,7 +30,6 @@ evaluation and prediction apply the same plan. Preprocessed arrays are cached un
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from dycon import cli
 from dycon.data import (Case, Volume, channel_names, dataset_meta, label_values, list_cases, record_splits,
                         split_ids, training_cases)
 from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
@@ -366,8 +366,11 @@ def apply_auto(cfg: dict, plan: Optional[dict]) -> None:
 
 # ------------------------------------------------------------------------------ command line
 
-def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dycon.preprocess", description=__doc__.split("\n")[0])
+PROG = "python -m dycon.preprocess"
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(PROG, description=__doc__.split("\n")[0])
     p.add_argument("--root_path", required=True, help="NIfTI data set folder (nnU-Net or MSD)")
     p.add_argument("--fold", type=int, help="cross-validation fold (splits_final.json or a fixed 5-fold split)")
     p.add_argument("--labelnum", default="100%",
@@ -376,7 +379,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target_spacing", nargs="+", default=["median"], help="'median', 'off' or three spacings")
     p.add_argument("--cache_dir", help="default: ROOT/dycon_preprocessed")
     p.add_argument("--output", help="folder for fingerprint.json and preprocessing.json (default: the cache)")
-    return p.parse_args(argv)
+    return p
 
 
 def _target(values: list[str]):
@@ -387,7 +390,7 @@ def _target(values: list[str]):
 
 def main(argv=None) -> Path:
     """Compute the plan and cache every training, unlabelled and validation case."""
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data_cfg = {"layout": "nifti", "root": args.root_path, "fold": args.fold, "cache_dir": args.cache_dir,
                 "target_spacing": _target(args.target_spacing), "labelnum": args.labelnum}
@@ -404,4 +407,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, PROG)

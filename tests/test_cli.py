@@ -5,9 +5,10 @@ import sys
 import pytest
 import yaml
 
-from dycon import cli, evaluate, predict, train
+from dycon import cli, evaluate, experiment, plot, predict, preprocess, train
 
-COMMANDS = {"evaluate": evaluate, "predict": predict, "train": train}
+COMMANDS = {"evaluate": evaluate, "predict": predict, "train": train, "experiment": experiment, "plot": plot,
+            "preprocess": preprocess}
 
 
 def parser():
@@ -107,6 +108,13 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, monkeypat
         cli.run(broken, "python -m dycon.x", [])
     with pytest.raises(FileNotFoundError):
         cli.run(evaluate.main, evaluate.PROG, ["--checkpoint", str(tmp_path / "none.pt"), "--debug"])
+
+
+def test_experiment_plot_and_preprocess_bad_inputs_are_one_line(tmp_path, capsys):
+    assert "does not exist" in run_command("preprocess", ["--root-path", str(tmp_path / "none")], capsys)
+    assert "metrics" in run_command("plot", [str(tmp_path)], capsys)
+    assert "unknown config key" in run_command(
+        "experiment", ["--methods", "dycon", "--set", "loss.nope=1", "--output", str(tmp_path / "g")], capsys)
 
 
 @pytest.mark.parametrize("name,flags", [("evaluate", []), ("predict", ["--input", ".", "--output", "o"])])
