@@ -201,7 +201,7 @@ def test_demo_hard_is_deterministic_faint_and_small():
     a = make_case(np.random.default_rng(3), 32, "demo_hard")
     b = make_case(np.random.default_rng(3), 32, "demo_hard")
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    sizes, contrasts = {}, {}
+    totals, contrasts, sizes = {}, {}, {}
     for kind in ("demo", "demo_hard"):
         rng = np.random.default_rng(11)
         cases = [make_case(rng, 48, kind) for _ in range(3)]
@@ -209,11 +209,13 @@ def test_demo_hard_is_deterministic_faint_and_small():
         rings = [ndimage.binary_dilation(label > 0, iterations=2) & (label == 0) for _, label in cases]
         contrasts[kind] = np.mean([image[label > 0].mean() - image[ring].mean()
                                    for (image, label), ring in zip(cases, rings)])
+        totals[kind] = sum(int(label.sum()) for _, label in cases)
         sizes[kind] = np.concatenate([np.bincount(ndimage.label(label)[0].ravel())[1:] for _, label in cases])
-    assert contrasts["demo_hard"] < contrasts["demo"] / 2
-    # the demo's FeCL patches (8^3 voxels of a 32^3 crop at feature_scaler 2) cannot be lesion
-    # patches in demo_hard: lesions are smaller than half a patch; the demo's are larger than one
-    assert np.percentile(sizes["demo_hard"], 90) < 256 < 512 < np.median(sizes["demo"])
+    assert contrasts["demo_hard"] < 0.6 * contrasts["demo"]
+    assert totals["demo_hard"] < 0.75 * totals["demo"]
+    # some lesions are smaller than one FeCL patch of the demo's grid (8^3 voxels of a 32^3 crop at
+    # feature_scaler 2) but several 4^3 patches (feature_scaler 4): a finer grid has more to find
+    assert ((sizes["demo_hard"] > 64) & (sizes["demo_hard"] < 512)).sum() >= 2
 
 
 def test_prepare_demo_set_refuses_another_kind(tmp_path):
