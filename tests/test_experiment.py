@@ -225,6 +225,17 @@ def test_prepare_demo_set_refuses_another_kind(tmp_path):
         prepare_demo_set(tmp_path, "demo")
 
 
+def test_prepare_demo_set_regenerates_an_older_version_of_its_kind(tmp_path, monkeypatch):
+    from dycon import demo
+    ensure_demo_data(tmp_path, size=32, splits={"train": 1, "val": 1, "test": 1}, kind="demo_hard")
+    before = (tmp_path / "data" / "case_000.h5").read_bytes()
+    monkeypatch.setattr(demo, "VERSION", demo.VERSION + 1)        # the generator changed since
+    monkeypatch.setattr(demo, "DEFAULT_SPLITS", {"train": 1, "val": 1, "test": 1})
+    assert prepare_demo_set(tmp_path, "demo_hard") == tmp_path
+    assert (tmp_path / "demo_version.txt").read_text().split()[:3] == ["demo_hard", str(demo.VERSION), "48"]
+    assert (tmp_path / "data" / "case_000.h5").read_bytes() != before
+
+
 def test_demo_hard_config_prepares_its_own_set(tmp_path):
     from dycon import config as C
 
