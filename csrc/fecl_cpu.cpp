@@ -58,11 +58,54 @@ template <typename A> A dot(const A* a, const A* b, int64_t D) {
   return s;
 }
 
-// The per-row loops below are branch-free (masks and selects, fecl_math.h's formulas) under
-// `omp simd`, so that the float32 build evaluates several pairs per instruction. What stops
-// GCC 12 from vectorising them, and is avoided: a branch on a loop-invariant value (so the focal
-// exponents come as IntExp where they are the presets' 0 or 2, see with_exponent), `j != i` on
-// 64-bit indices (the diagonal is left out by splitting the range), int64 labels (label_codes).
+// The keys of one volume ordered by label (stable): the ignored keys first, then one block per
+// label, so that a row of similarities against the keys in this order splits into contiguous
+// blocks (the anchor's positives, its negatives). The row loops run over whole blocks instead of
+// testing every key's label, and no work goes to the pairs that a label test would discard.
+struct KeyOrder {
+  at::Tensor perm;            // (N) int64: position -> key
+  std::vector<int64_t> pos;   // key -> position
+  std::vector<int64_t> start; // label code c owns positions [start[c], start[c + 1]); before start[0]: ignored
+  int64_t valid_begin() const { return start[0]; }
+};
+
+KeyOrder key_order(const label_t* yb, int64_t N) {
+  label_t n_codes = 0;
+  for (int64_t j = 0; j < N; ++j) n_codes = std::max<label_t>(n_codes, yb[j] + 1);
+  std::vector<int64_t> next(n_codes + 2, 0);  // counting sort, slot 0: the ignored keys
+  for (int64_t j = 0; j < N; ++j) ++next[yb[j] + 2];
+  for (label_t c = 0; c <= n_codes; ++c) next[c + 1] += next[c];
+  KeyOrder ko;
+  ko.start.assign(next.begin() + 1, next.end());
+  ko.perm = at::empty({N}, at::kLong);
+  int64_t* perm = ko.perm.data_ptr<int64_t>();
+  ko.pos.resize(N);
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t p = next[yb[j] + 1]++;
+    perm[p] = j;
+    ko.pos[j] = p;
+  }
+  return ko;
+}
+
+// v[j] of the keys in KeyOrder's order.
+template <typename A> std::vector<A> in_key_order(const A* v, const KeyOrder& ko) {
+  const int64_t* perm = ko.perm.data_ptr<int64_t>();
+  std::vector<A> out(ko.pos.size());
+  for (size_t p = 0; p < out.size(); ++p) out[p] = v[perm[p]];
+  return out;
+}
+
+// fn(j0, j1) for the two parts of [lo, hi) around position `skip` (the anchor's own key).
+template <typename F> void around(int64_t lo, int64_t hi, int64_t skip, const F& fn) {
+  fn(lo, std::min(skip, hi));
+  fn(std::max(skip + 1, lo), hi);
+}
+
+// The loops over a block are branch-free (selects, fecl_math.h's formulas) under `omp simd`, so
+// that the float32 build evaluates several pairs per instruction. A branch on a loop-invariant
+// value stops GCC 12's vectoriser, so the focal exponents come as IntExp where they are the
+// presets' 0 or 2 (with_exponent).
 
 // Calls fn(g) with g as IntExp<0> or IntExp<2> when it is that integer, else as the runtime value.
 template <typename A, typename F> void with_exponent(A g, const F& fn) {
@@ -71,25 +114,39 @@ template <typename A, typename F> void with_exponent(A g, const F& fn) {
   else fn(g);
 }
 
-// log Neg_i over all of Q(i) (top_k = 0): the max of x = l - c over the negatives with w > 0,
-// then log of sum w exp(x - max); -inf without a negative. (j = i has label lab: no j != i test.)
-template <typename A, typename E>
-A dense_log_neg(const A* row, const label_t* yb, const A* cb, int64_t N, label_t lab, A inv_tau, E gn) {
-  A m = neg_inf<A>();
+// max(m, row[p]) over positions j0 <= p < j1.
+template <typename A> A row_max(A m, const A* row, int64_t j0, int64_t j1) {
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < N; ++j) {
-    const bool neg = (yb[j] >= 0) & (yb[j] != lab) & (neg_weight(row[j], gn) > A(0));
-    const A x = row[j] * inv_tau - cb[j];
-    m = (neg & (x > m)) ? x : m;
+  for (int64_t p = j0; p < j1; ++p) m = row[p] > m ? row[p] : m;
+  return m;
+}
+
+// Negatives at positions j0 <= p < j1 (c: their offsets): max(m, x) of x = l - c over those with
+// w > 0, and s += w exp(x - m_final).
+template <typename A, typename E>
+A neg_max(A m, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, E gn) {
+#pragma omp simd reduction(max : m)
+  for (int64_t p = j0; p < j1; ++p) {
+    const A x = row[p] * inv_tau - c[p];
+    m = ((neg_weight(row[p], gn) > A(0)) & (x > m)) ? x : m;
   }
-  if (m == neg_inf<A>()) return m;
-  A s = 0;
+  return m;
+}
+
+template <typename A, typename E>
+A neg_sum(A s, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, A m, E gn) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < N; ++j) {
-    const bool neg = (yb[j] >= 0) & (yb[j] != lab);
-    const A e = neg_weight(row[j], gn) * vexp(row[j] * inv_tau - cb[j] - m);
-    s += neg ? e : A(0);
-  }
+  for (int64_t p = j0; p < j1; ++p) s += neg_weight(row[p], gn) * vexp(row[p] * inv_tau - c[p] - m);
+  return s;
+}
+
+// log Neg_i over all of Q(i) (top_k = 0), the negatives at positions [v0, lo) and [hi, N): the max
+// of x over those with w > 0, then log of the sum of w exp(x - max); -inf without a negative.
+template <typename A, typename E>
+A dense_log_neg(const A* row, const A* c, int64_t v0, int64_t lo, int64_t hi, int64_t N, A inv_tau, E gn) {
+  const A m = neg_max(neg_max(neg_inf<A>(), row, c, v0, lo, inv_tau, gn), row, c, hi, N, inv_tau, gn);
+  if (m == neg_inf<A>()) return m;
+  const A s = neg_sum(neg_sum(A(0), row, c, v0, lo, inv_tau, m, gn), row, c, hi, N, inv_tau, m, gn);
   return m + flog(s);  // s >= the max term's w > 0 (flog, not vlog: w may be tiny)
 }
 
@@ -98,38 +155,19 @@ template <typename A> struct PosSums {
   A f = 0, fs = 0, n = 0;
 };
 
-// The same over keys j0 <= j < j1 with label lab.
+// Adds the positives at positions j0 <= p < j1.
 template <typename A, typename E>
-void add_positive_sums(PosSums<A>& ps, const A* row, const label_t* yb, const A* cb, int64_t j0, int64_t j1,
-                       label_t lab, A inv_tau, A ln, E gp) {
-  A f = 0, fs = 0, n = 0;
-#pragma omp simd reduction(+ : f, fs, n)
-  for (int64_t j = j0; j < j1; ++j) {
-    const bool pos = yb[j] == lab;
-    const PosTerm<A> pt = pos_term(row[j] * inv_tau - cb[j] - ln, gp);
-    f += pos ? pt.f : A(0);
-    fs += pos ? pt.fs : A(0);
-    n += pos ? A(1) : A(0);
+void add_positive_sums(PosSums<A>& ps, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, A ln, E gp) {
+  A f = 0, fs = 0;
+#pragma omp simd reduction(+ : f, fs)
+  for (int64_t p = j0; p < j1; ++p) {
+    const PosTerm<A> pt = pos_term(row[p] * inv_tau - c[p] - ln, gp);
+    f += pt.f;
+    fs += pt.fs;
   }
   ps.f += f;
   ps.fs += fs;
-  ps.n += n;
-}
-
-template <typename A, typename E>
-PosSums<A> positive_sums(const A* row, const label_t* yb, const A* cb, int64_t N, int64_t i, label_t lab,
-                         A inv_tau, A ln, E gp) {
-  PosSums<A> ps;
-  add_positive_sums(ps, row, yb, cb, 0, i, lab, inv_tau, ln, gp);
-  add_positive_sums(ps, row, yb, cb, i + 1, N, lab, inv_tau, ln, gp);
-  return ps;
-}
-
-// max(m, row[j]) over the valid keys j0 <= j < j1.
-template <typename A> A valid_max(A m, const A* row, const label_t* yb, int64_t j0, int64_t j1) {
-#pragma omp simd reduction(max : m)
-  for (int64_t j = j0; j < j1; ++j) m = ((yb[j] >= 0) & (row[j] > m)) ? row[j] : m;
-  return m;
+  ps.n += A(std::max<int64_t>(j1 - j0, 0));
 }
 
 // Threshold teacher term of anchor i: the sum of -log(1 - c + eps) over the teacher keys with
@@ -180,30 +218,38 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
     const label_t* yb = yp + b * N;
     const label_t* ytb = teacher ? ytp + b * Nt : nullptr;
     const A* cb = cs ? cs + b * N : no_shift.data();
+    // Similarity rows are against the keys in label order: row[p] = <z_i, z_perm[p]>.
+    const KeyOrder ko = key_order(yb, N);
+    const at::Tensor zk = zb.index_select(0, ko.perm);
+    const int64_t* perm = ko.perm.data_ptr<int64_t>();
+    const int64_t v0 = ko.valid_begin();
 
     // Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), a row max by symmetry.
     if (cs) {
       for (int64_t i0 = 0; i0 < N; i0 += TI) {
         const int64_t rows = std::min(TI, N - i0);
         at::Tensor Lv = L.narrow(0, 0, rows);
-        at::mm_out(Lv, zb.narrow(0, i0, rows), zb.t());
+        at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
         const A* Lp = L.data_ptr<A>();
         at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t i = i0 + r;
             const A* row = Lp + r * N;
             // max(0, max cos) over valid j != i, / tau afterwards: the same number, tau > 0.
-            cs[b * N + i] = valid_max(valid_max(A(0), row, yb, 0, i), row, yb, i + 1, N) / tau;
+            A m = 0;
+            around(v0, N, ko.pos[i], [&](int64_t j0, int64_t j1) { m = row_max(m, row, j0, j1); });
+            cs[b * N + i] = m / tau;
           }
         });
       }
     }
+    const std::vector<A> ck = in_key_order(cb, ko);  // the keys' offsets c in key order
 
     // Pass 2: everything else, one BLAS product (two with a teacher) per tile.
     for (int64_t i0 = 0; i0 < N; i0 += TI) {
       const int64_t rows = std::min(TI, N - i0);
       at::Tensor Lv = L.narrow(0, 0, rows);
-      at::mm_out(Lv, zb.narrow(0, i0, rows), zb.t());
+      at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
       if (teacher) {
         at::Tensor Ltv = Lt.narrow(0, 0, rows);
         at::mm_out(Ltv, zb.narrow(0, i0, rows), ztc[b].t());
@@ -228,20 +274,22 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
             continue;
           }
           const A* row = Lp + r * N;
-          // Negatives: H(i) = Q(i) or its top_k largest l_iq; then the teacher keys (valid, other label).
+          const int64_t lo = ko.start[lab], hi = ko.start[lab + 1];  // the positives' block
+          // Negatives [v0, lo) and [hi, N): H(i) = Q(i) or its top_k largest l_iq; then the
+          // teacher keys (valid, other label).
           Lse<A> lse;
           if (K > 0) {
             lse.init();
             int64_t n = 0;
-            for (int64_t j = 0; j < N; ++j)
-              if (j != i && yb[j] >= 0 && yb[j] != lab) heap_push(heap_val.data(), hidx, n, K, row[j], j);
+            for (const auto& [j0, j1] : {std::pair{v0, lo}, std::pair{hi, N}})
+              for (int64_t p = j0; p < j1; ++p) heap_push(heap_val.data(), hidx, n, K, row[p], perm[p]);
             for (int64_t s = 0; s < n; ++s) {  // the heap holds cosines: same order as l
               const A cos = heap_val[s];
               lse.add(cos * inv_tau - cb[hidx[s]], neg_weight(cos, gn));
             }
             for (int64_t s = n; s < K; ++s) hidx[s] = -1;
           } else {
-            with_exponent(gn, [&](auto e) { lse.init_log(dense_log_neg(row, yb, cb, N, lab, inv_tau, e)); });
+            with_exponent(gn, [&](auto e) { lse.init_log(dense_log_neg(row, ck.data(), v0, lo, hi, N, inv_tau, e)); });
           }
           if (topk_teacher) {
             const A* trow = Ltp + r * Nt;
@@ -255,7 +303,11 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
           }
           const A ln = lse.result();
           PosSums<A> ps;
-          with_exponent(gp, [&](auto e) { ps = positive_sums(row, yb, cb, N, i, lab, inv_tau, ln, e); });
+          with_exponent(gp, [&](auto e) {
+            around(lo, hi, ko.pos[i], [&](int64_t j0, int64_t j1) {
+              add_positive_sums(ps, row, ck.data(), j0, j1, inv_tau, ln, e);
+            });
+          });
           log_neg[gi] = ln;
           rr[gi] = ps.fs;
           npos[gi] = ps.n;
@@ -266,41 +318,36 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
   }
 }
 
-// Per-anchor statistics of one volume that the backward reads for both ends of a pair.
-template <typename A> struct AnchorStats {
-  const A* a;    // a_i
-  const A* aR;   // a_i R_i
-  const A* ln;   // log_neg_i
-  const A* c;    // c_i (zeros without the column shift)
+// Per-key statistics of one volume, in KeyOrder's order, that the backward reads for the key
+// end of a pair (the anchor end reads the same numbers in the original order).
+template <typename A> struct KeyStats {
+  std::vector<A> a, aR, ln, c;  // a_j, a_j R_j, log_neg_j, c_j (zeros without the column shift)
 };
 
-// Row i of G = g_ij + g_ji over the similarity row `row` (overwritten): positives both ways and,
-// with kDenseNeg (top_k = 0), negatives both ways; 0 elsewhere (the diagonal set after the loop).
-template <bool kDenseNeg, typename A, typename EP, typename EN>
-void pair_grad_loop(A* row, const label_t* yb, const AnchorStats<A>& st, int64_t N, int64_t i, label_t lab,
-                   A tau, A inv_tau, EP gp, EN gn) {
-  const A a_i = st.a[i], aR_i = st.aR[i], ln_i = st.ln[i], c_i = st.c[i];
+// One anchor's statistics.
+template <typename A> struct AnchorStat {
+  A a, aR, ln, c;
+};
+
+// G over a block of positives [j0, j1): g_ij + g_ji of the positive term.
+template <typename A, typename E>
+void pos_grad_block(A* row, const KeyStats<A>& k, const AnchorStat<A>& s, int64_t j0, int64_t j1, A inv_tau, E gp) {
 #pragma omp simd
-  for (int64_t j = 0; j < N; ++j) {
-    const bool valid = yb[j] >= 0, same = yb[j] == lab;
-    const A cos = row[j], l = cos * inv_tau;
-    const A pos = pos_grad(a_i, l, st.c[j], ln_i, gp) + pos_grad(st.a[j], l, c_i, st.ln[j], gp);
-    A g = same ? pos : A(0);
-    if constexpr (kDenseNeg) {
-      const A neg = neg_grad(aR_i, l, cos, st.c[j], ln_i, tau, gn) + neg_grad(st.aR[j], l, cos, c_i, st.ln[j], tau, gn);
-      g = (valid & !same) ? neg : g;
-    }
-    row[j] = g;
+  for (int64_t p = j0; p < j1; ++p) {
+    const A l = row[p] * inv_tau;
+    row[p] = pos_grad(s.a, l, k.c[p], s.ln, gp) + pos_grad(k.a[p], l, s.c, k.ln[p], gp);
   }
-  row[i] = A(0);
 }
 
-template <bool kDenseNeg, typename A>
-void pair_grad_row(A* row, const label_t* yb, const AnchorStats<A>& st, int64_t N, int64_t i, label_t lab,
-                   A tau, A inv_tau, A gp, A gn) {
-  with_exponent(gp, [&](auto ep) {
-    with_exponent(gn, [&](auto en) { pair_grad_loop<kDenseNeg>(row, yb, st, N, i, lab, tau, inv_tau, ep, en); });
-  });
+// G over a block of negatives [j0, j1) (top_k = 0): g_iq + g_qi of the negative term.
+template <typename A, typename E>
+void neg_grad_block(A* row, const KeyStats<A>& k, const AnchorStat<A>& s, int64_t j0, int64_t j1, A tau, A inv_tau,
+                    E gn) {
+#pragma omp simd
+  for (int64_t p = j0; p < j1; ++p) {
+    const A cos = row[p], l = cos * inv_tau;
+    row[p] = neg_grad(s.aR, l, cos, k.c[p], s.ln, tau, gn) + neg_grad(k.aR[p], l, cos, s.c, k.ln[p], tau, gn);
+  }
 }
 
 template <typename A>
@@ -402,13 +449,19 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
     const at::Tensor zb = zc[b];
     const label_t* yb = yp + b * N;
     const label_t* ytb = ytp ? ytp + b * Nt : nullptr;
-    const AnchorStats<A> st{ap + b * N, arp + b * N, lnp + b * N, cs ? cs + b * N : no_shift.data()};
-    const A* arb = st.aR;
-    const A* lnb = st.ln;
+    const A* ab = ap + b * N;
+    const A* arb = arp + b * N;
+    const A* lnb = lnp + b * N;
+    const A* cb = cs ? cs + b * N : no_shift.data();
+    // G's columns are the keys in label order (as in the forward); dz_tile = G z_k / tau.
+    const KeyOrder ko = key_order(yb, N);
+    const at::Tensor zk = zb.index_select(0, ko.perm);
+    const int64_t v0 = ko.valid_begin();
+    const KeyStats<A> ks{in_key_order(ab, ko), in_key_order(arb, ko), in_key_order(lnb, ko), in_key_order(cb, ko)};
     for (int64_t i0 = 0; i0 < N; i0 += TI) {
       const int64_t rows = std::min(TI, N - i0);
       at::Tensor Gv = G.narrow(0, 0, rows);
-      at::mm_out(Gv, zb.narrow(0, i0, rows), zb.t());
+      at::mm_out(Gv, zb.narrow(0, i0, rows), zk.t());
       A* Gp = G.data_ptr<A>();
       // G_ij = g_ij + g_ji over the similarity buffer.
       at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
@@ -420,19 +473,31 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
             std::fill(row, row + N, A(0));
             continue;
           }
-          if (K > 0) pair_grad_row<false>(row, yb, st, N, i, lab, tau, inv_tau, gp, gn);
-          else pair_grad_row<true>(row, yb, st, N, i, lab, tau, inv_tau, gp, gn);
-          if (K > 0) {
+          const AnchorStat<A> st{ab[i], arb[i], lnb[i], cb[i]};
+          const int64_t lo = ko.start[lab], hi = ko.start[lab + 1], pi = ko.pos[i];
+          std::fill(row, row + v0, A(0));  // ignored keys
+          with_exponent(gp, [&](auto e) {
+            around(lo, hi, pi, [&](int64_t j0, int64_t j1) { pos_grad_block(row, ks, st, j0, j1, inv_tau, e); });
+          });
+          row[pi] = A(0);
+          if (K == 0) {
+            with_exponent(gn, [&](auto e) {
+              neg_grad_block(row, ks, st, v0, lo, tau, inv_tau, e);
+              neg_grad_block(row, ks, st, hi, N, tau, inv_tau, e);
+            });
+          } else {  // the stored top-k pairs, both ways
+            std::fill(row + v0, row + lo, A(0));
+            std::fill(row + hi, row + N, A(0));
             for (int64_t t = 0; t < K; ++t) {
               const int64_t q = tki[gi * K + t];
-              if (q >= 0) row[q] += gkp[gi * K + t];
+              if (q >= 0) row[ko.pos[q]] += gkp[gi * K + t];
             }
-            for (int64_t p = rptr[gi]; p < rptr[gi + 1]; ++p) row[ranc[p]] += rg[p];
+            for (int64_t p = rptr[gi]; p < rptr[gi + 1]; ++p) row[ko.pos[ranc[p]]] += rg[p];
           }
         }
       });
       at::Tensor dzv = dzt.narrow(0, 0, rows);
-      at::mm_out(dzv, Gv, zb);
+      at::mm_out(dzv, Gv, zk);
       dzv.div_(a.tau);
       // Threshold teacher: d cross_i / d c_ik = 1 / (1 - c_ik + eps), no temperature.
       if (thr_teacher) {
