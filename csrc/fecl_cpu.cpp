@@ -3,6 +3,10 @@
 // (never N x N), and the rows of a tile are processed in parallel (at::parallel_for). The
 // per-pair math is fecl_math.h, the same functions the CUDA kernels call.
 //
+// The keys of a volume are taken in label order (KeyOrder), so that each similarity row splits
+// into contiguous blocks: a row's positives and negatives are whole ranges, processed by
+// branch-free loops that GCC vectorises (docs/fecl_kernels.md, "The C++ CPU kernels").
+//
 // Forward:  [column shift] one pass of row maxima -> col_shift;
 //           one pass per tile: top-k heap / log-sum-exp over negatives, teacher terms, positives.
 // Backward: per tile, the symmetric coefficient matrix G_ij = g_ij + g_ji is written over the
