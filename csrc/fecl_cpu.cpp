@@ -3,6 +3,10 @@
 // (never N x N), and the rows of a tile are processed in parallel (at::parallel_for). The
 // per-pair math is fecl_math.h, the same functions the CUDA kernels call.
 //
+// The keys of a volume are taken in label order (KeyOrder), so that each similarity row splits
+// into contiguous blocks: a row's positives and negatives are whole ranges, processed by
+// branch-free loops that GCC vectorises (docs/fecl_kernels.md, "The C++ CPU kernels").
+//
 // Forward:  [column shift] one pass of row maxima -> col_shift;
 //           one pass per tile: top-k heap / log-sum-exp over negatives, teacher terms, positives.
 // Backward: per tile, the symmetric coefficient matrix G_ij = g_ij + g_ji is written over the
@@ -33,16 +37,164 @@ int64_t tile_rows(int64_t N, int64_t Nt) {
   return std::max<int64_t>(1, std::min<int64_t>(t, N));
 }
 
+// The labels y and yt as int32 codes with the same equalities, every label < 0 as -1: the row
+// loops then compare 32-bit lanes next to their float32 data (GCC does not vectorise the loops
+// with int64 label lanes).
+using label_t = int32_t;
+struct LabelCodes {
+  at::Tensor y, yt;  // (B * N), (B * Nt) int32; yt undefined without a teacher
+};
+
+LabelCodes label_codes(const FeclArgs& a) {
+  const bool teacher = a.teacher != kTeacherNone;
+  const at::Tensor all = teacher ? at::cat({a.y.reshape(-1), a.yt.reshape(-1)}) : a.y.reshape(-1);
+  const at::Tensor inverse = std::get<1>(at::_unique2(all, /*sorted=*/true, /*return_inverse=*/true));
+  const at::Tensor codes = inverse.masked_fill(all < 0, -1).to(at::kInt);
+  LabelCodes c;
+  c.y = codes.narrow(0, 0, a.B * a.N).contiguous();
+  if (teacher) c.yt = codes.narrow(0, a.B * a.N, a.B * a.Nt).contiguous();
+  return c;
+}
+
 template <typename A> A dot(const A* a, const A* b, int64_t D) {
   A s = 0;
   for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
   return s;
 }
 
+// The keys of one volume ordered by label (stable): the ignored keys first, then one block per
+// label, so that a row of similarities against the keys in this order splits into contiguous
+// blocks (the anchor's positives, its negatives). The row loops run over whole blocks instead of
+// testing every key's label, and no work goes to the pairs that a label test would discard.
+struct KeyOrder {
+  at::Tensor perm;            // (N) int64: position -> key
+  std::vector<int64_t> pos;   // key -> position
+  std::vector<int64_t> start; // label code c owns positions [start[c], start[c + 1]); before start[0]: ignored
+  int64_t valid_begin() const { return start[0]; }
+};
+
+KeyOrder key_order(const label_t* yb, int64_t N) {
+  label_t n_codes = 0;
+  for (int64_t j = 0; j < N; ++j) n_codes = std::max<label_t>(n_codes, yb[j] + 1);
+  std::vector<int64_t> next(n_codes + 2, 0);  // counting sort, slot 0: the ignored keys
+  for (int64_t j = 0; j < N; ++j) ++next[yb[j] + 2];
+  for (label_t c = 0; c <= n_codes; ++c) next[c + 1] += next[c];
+  KeyOrder ko;
+  ko.start.assign(next.begin() + 1, next.end());
+  ko.perm = at::empty({N}, at::kLong);
+  int64_t* perm = ko.perm.data_ptr<int64_t>();
+  ko.pos.resize(N);
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t p = next[yb[j] + 1]++;
+    perm[p] = j;
+    ko.pos[j] = p;
+  }
+  return ko;
+}
+
+// v[j] of the keys in KeyOrder's order.
+template <typename A> std::vector<A> in_key_order(const A* v, const KeyOrder& ko) {
+  const int64_t* perm = ko.perm.data_ptr<int64_t>();
+  std::vector<A> out(ko.pos.size());
+  for (size_t p = 0; p < out.size(); ++p) out[p] = v[perm[p]];
+  return out;
+}
+
+// fn(j0, j1) for the two parts of [lo, hi) around position `skip` (the anchor's own key).
+template <typename F> void around(int64_t lo, int64_t hi, int64_t skip, const F& fn) {
+  fn(lo, std::min(skip, hi));
+  fn(std::max(skip + 1, lo), hi);
+}
+
+// The loops over a block are branch-free (selects, fecl_math.h's formulas) under `omp simd`, so
+// that the float32 build evaluates several pairs per instruction. A branch on a loop-invariant
+// value stops GCC 12's vectoriser, so the focal exponents come as IntExp where they are the
+// presets' 0 or 2 (with_exponent).
+
+// Calls fn(g) with g as IntExp<0> or IntExp<2> when it is that integer, else as the runtime value.
+template <typename A, typename F> void with_exponent(A g, const F& fn) {
+  if (g == A(0)) fn(IntExp<0>{});
+  else if (g == A(2)) fn(IntExp<2>{});
+  else fn(g);
+}
+
+// max(m, row[p]) over positions j0 <= p < j1.
+template <typename A> A row_max(A m, const A* row, int64_t j0, int64_t j1) {
+#pragma omp simd reduction(max : m)
+  for (int64_t p = j0; p < j1; ++p) m = row[p] > m ? row[p] : m;
+  return m;
+}
+
+// Negatives at positions j0 <= p < j1 (c: their offsets): max(m, x) of x = l - c over those with
+// w > 0, and s += w exp(x - m_final).
+template <typename A, typename E>
+A neg_max(A m, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, E gn) {
+#pragma omp simd reduction(max : m)
+  for (int64_t p = j0; p < j1; ++p) {
+    const A x = row[p] * inv_tau - c[p];
+    m = ((neg_weight(row[p], gn) > A(0)) & (x > m)) ? x : m;
+  }
+  return m;
+}
+
+template <typename A, typename E>
+A neg_sum(A s, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, A m, E gn) {
+#pragma omp simd reduction(+ : s)
+  for (int64_t p = j0; p < j1; ++p) s += neg_weight(row[p], gn) * vexp(row[p] * inv_tau - c[p] - m);
+  return s;
+}
+
+// log Neg_i over all of Q(i) (top_k = 0), the negatives at positions [v0, lo) and [hi, N): the max
+// of x over those with w > 0, then log of the sum of w exp(x - max); -inf without a negative.
+template <typename A, typename E>
+A dense_log_neg(const A* row, const A* c, int64_t v0, int64_t lo, int64_t hi, int64_t N, A inv_tau, E gn) {
+  const A m = neg_max(neg_max(neg_inf<A>(), row, c, v0, lo, inv_tau, gn), row, c, hi, N, inv_tau, gn);
+  if (m == neg_inf<A>()) return m;
+  const A s = neg_sum(neg_sum(A(0), row, c, v0, lo, inv_tau, m, gn), row, c, hi, N, inv_tau, m, gn);
+  return m + flog(s);  // s >= the max term's w > 0 (flog, not vlog: w may be tiny)
+}
+
+// Anchor i's positives: sums of f(S_ij) and of f'(S_ij) S_ij (1 - S_ij), and their number.
+template <typename A> struct PosSums {
+  A f = 0, fs = 0, n = 0;
+};
+
+// Adds the positives at positions j0 <= p < j1.
+template <typename A, typename E>
+void add_positive_sums(PosSums<A>& ps, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, A ln, E gp) {
+  A f = 0, fs = 0;
+#pragma omp simd reduction(+ : f, fs)
+  for (int64_t p = j0; p < j1; ++p) {
+    const PosTerm<A> pt = pos_term(row[p] * inv_tau - c[p] - ln, gp);
+    f += pt.f;
+    fs += pt.fs;
+  }
+  ps.f += f;
+  ps.fs += fs;
+  ps.n += A(std::max<int64_t>(j1 - j0, 0));
+}
+
+// Threshold teacher term of anchor i: the sum of -log(1 - c + eps) over the teacher keys with
+// another label and c > thr, and their number.
+template <typename A>
+void threshold_sums(const A* trow, const label_t* ytb, int64_t Nt, label_t lab, A thr, A& cross, A& count) {
+  A cr = 0, cnt = 0;
+#pragma omp simd reduction(+ : cr, cnt)
+  for (int64_t k = 0; k < Nt; ++k) {
+    const bool in = (ytb[k] >= 0) & (ytb[k] != lab) & (trow[k] > thr);
+    const A term = cross_term(trow[k]);
+    cr += in ? term : A(0);
+    cnt += in ? A(1) : A(0);
+  }
+  cross = cr;
+  count = cnt;
+}
+
 template <typename A>
 void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc, FeclOutputs& o) {
   const int64_t B = a.B, N = a.N, Nt = a.Nt, K = a.top_k, TK = a.teacher_top_k;
   const A tau = A(a.tau), gp = A(a.gamma_pos), gn = A(a.gamma_neg), thr = A(a.teacher_threshold);
+  const A inv_tau = A(1) / tau;
   const bool topk_teacher = a.teacher == kTeacherTopk, thr_teacher = a.teacher == kTeacherThreshold;
   const bool teacher = a.teacher != kTeacherNone;
   const int64_t TI = tile_rows(N, teacher ? Nt : 0);
@@ -50,8 +202,9 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
   at::Tensor L = at::empty({TI, N}, opts);
   at::Tensor Lt = teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
 
-  const int64_t* yp = a.y.data_ptr<int64_t>();
-  const int64_t* ytp = teacher ? a.yt.data_ptr<int64_t>() : nullptr;
+  const LabelCodes codes = label_codes(a);
+  const label_t* yp = codes.y.data_ptr<label_t>();
+  const label_t* ytp = teacher ? codes.yt.data_ptr<label_t>() : nullptr;
   const A* up = a.u.defined() ? a.u.data_ptr<A>() : nullptr;
   A* loss = o.loss.data_ptr<A>();
   A* log_neg = o.log_neg.data_ptr<A>();
@@ -62,38 +215,45 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
   A* ccount = thr_teacher ? o.cross_count.data_ptr<A>() : nullptr;
   int64_t* tki = K > 0 ? o.topk_idx.data_ptr<int64_t>() : nullptr;
   int64_t* tti = topk_teacher ? o.teacher_idx.data_ptr<int64_t>() : nullptr;
+  const std::vector<A> no_shift(cs ? 0 : N, A(0));  // c = 0 without the column shift
 
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor zb = zc[b];
-    const int64_t* yb = yp + b * N;
-    const int64_t* ytb = teacher ? ytp + b * Nt : nullptr;
-    const A* csb = cs ? cs + b * N : nullptr;
+    const label_t* yb = yp + b * N;
+    const label_t* ytb = teacher ? ytp + b * Nt : nullptr;
+    const A* cb = cs ? cs + b * N : no_shift.data();
+    // Similarity rows are against the keys in label order: row[p] = <z_i, z_perm[p]>.
+    const KeyOrder ko = key_order(yb, N);
+    const at::Tensor zk = zb.index_select(0, ko.perm);
+    const int64_t* perm = ko.perm.data_ptr<int64_t>();
+    const int64_t v0 = ko.valid_begin();
 
     // Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), a row max by symmetry.
     if (cs) {
       for (int64_t i0 = 0; i0 < N; i0 += TI) {
         const int64_t rows = std::min(TI, N - i0);
         at::Tensor Lv = L.narrow(0, 0, rows);
-        at::mm_out(Lv, zb.narrow(0, i0, rows), zb.t());
+        at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
         const A* Lp = L.data_ptr<A>();
         at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t i = i0 + r;
             const A* row = Lp + r * N;
+            // max(0, max cos) over valid j != i, / tau afterwards: the same number, tau > 0.
             A m = 0;
-            for (int64_t j = 0; j < N; ++j)
-              if (j != i && yb[j] >= 0) m = dmax(m, row[j] / tau);
-            cs[b * N + i] = m;
+            around(v0, N, ko.pos[i], [&](int64_t j0, int64_t j1) { m = row_max(m, row, j0, j1); });
+            cs[b * N + i] = m / tau;
           }
         });
       }
     }
+    const std::vector<A> ck = in_key_order(cb, ko);  // the keys' offsets c in key order
 
     // Pass 2: everything else, one BLAS product (two with a teacher) per tile.
     for (int64_t i0 = 0; i0 < N; i0 += TI) {
       const int64_t rows = std::min(TI, N - i0);
       at::Tensor Lv = L.narrow(0, 0, rows);
-      at::mm_out(Lv, zb.narrow(0, i0, rows), zb.t());
+      at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
       if (teacher) {
         at::Tensor Ltv = Lt.narrow(0, 0, rows);
         at::mm_out(Ltv, zb.narrow(0, i0, rows), ztc[b].t());
@@ -104,7 +264,7 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
         std::vector<A> heap_val(std::max<int64_t>({K, TK, 1}));
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = i0 + r, gi = b * N + i;
-          const int64_t lab = yb[i];
+          const label_t lab = yb[i];
           int64_t* hidx = tki ? tki + gi * K : nullptr;
           int64_t* tidx = tti ? tti + gi * TK : nullptr;
           if (lab < 0) {  // ignored patch: neither anchor nor key
@@ -118,66 +278,79 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
             continue;
           }
           const A* row = Lp + r * N;
+          const int64_t lo = ko.start[lab], hi = ko.start[lab + 1];  // the positives' block
+          // Negatives [v0, lo) and [hi, N): H(i) = Q(i) or its top_k largest l_iq; then the
+          // teacher keys (valid, other label).
           Lse<A> lse;
-          lse.init();
-          // Negatives: H(i) = Q(i) or its top_k largest l_iq.
           if (K > 0) {
+            lse.init();
             int64_t n = 0;
-            for (int64_t j = 0; j < N; ++j)
-              if (j != i && yb[j] >= 0 && yb[j] != lab) heap_push(heap_val.data(), hidx, n, K, row[j], j);
+            for (const auto& [j0, j1] : {std::pair{v0, lo}, std::pair{hi, N}})
+              for (int64_t p = j0; p < j1; ++p) heap_push(heap_val.data(), hidx, n, K, row[p], perm[p]);
             for (int64_t s = 0; s < n; ++s) {  // the heap holds cosines: same order as l
-              const int64_t q = hidx[s];
               const A cos = heap_val[s];
-              lse.add(cos / tau - (csb ? csb[q] : A(0)), neg_weight(cos, gn));
+              lse.add(cos * inv_tau - cb[hidx[s]], neg_weight(cos, gn));
             }
             for (int64_t s = n; s < K; ++s) hidx[s] = -1;
           } else {
-            for (int64_t j = 0; j < N; ++j) {
-              if (j == i || yb[j] < 0 || yb[j] == lab) continue;
-              lse.add(row[j] / tau - (csb ? csb[j] : A(0)), neg_weight(row[j], gn));
-            }
+            with_exponent(gn, [&](auto e) { lse.init_log(dense_log_neg(row, ck.data(), v0, lo, hi, N, inv_tau, e)); });
           }
-          // Teacher keys (valid, other label).
-          if (teacher) {
+          if (topk_teacher) {
             const A* trow = Ltp + r * Nt;
-            if (topk_teacher) {
-              int64_t n = 0;
-              for (int64_t k = 0; k < Nt; ++k)
-                if (ytb[k] >= 0 && ytb[k] != lab) heap_push(heap_val.data(), tidx, n, TK, trow[k], k);
-              for (int64_t s = 0; s < n; ++s) lse.add(heap_val[s] / tau, A(1));
-              for (int64_t s = n; s < TK; ++s) tidx[s] = -1;
-            } else {
-              A cr = 0, cnt = 0;
-              for (int64_t k = 0; k < Nt; ++k) {
-                if (ytb[k] < 0 || ytb[k] == lab) continue;
-                const A c = trow[k];
-                if (c > thr) {
-                  cr += cross_term(c);
-                  cnt += 1;
-                }
-              }
-              cross[gi] = cr;
-              ccount[gi] = cnt;
-            }
+            int64_t n = 0;
+            for (int64_t k = 0; k < Nt; ++k)
+              if (ytb[k] >= 0 && ytb[k] != lab) heap_push(heap_val.data(), tidx, n, TK, trow[k], k);
+            for (int64_t s = 0; s < n; ++s) lse.add(heap_val[s] * inv_tau, A(1));
+            for (int64_t s = n; s < TK; ++s) tidx[s] = -1;
+          } else if (thr_teacher) {
+            threshold_sums(Ltp + r * Nt, ytb, Nt, lab, thr, cross[gi], ccount[gi]);
           }
           const A ln = lse.result();
-          // Positives.
-          A sum_f = 0, sum_r = 0;
-          int64_t np = 0;
-          for (int64_t j = 0; j < N; ++j) {
-            if (j == i || yb[j] != lab) continue;
-            const PosTerm<A> pt = pos_term(row[j] / tau - (csb ? csb[j] : A(0)) - ln, gp);
-            sum_f += pt.f;
-            sum_r += pt.fs;
-            ++np;
-          }
+          PosSums<A> ps;
+          with_exponent(gp, [&](auto e) {
+            around(lo, hi, ko.pos[i], [&](int64_t j0, int64_t j1) {
+              add_positive_sums(ps, row, ck.data(), j0, j1, inv_tau, ln, e);
+            });
+          });
           log_neg[gi] = ln;
-          rr[gi] = sum_r;
-          npos[gi] = A(np);
-          loss[gi] = np > 0 ? -(up ? up[gi] : A(1)) * sum_f / A(np) : A(0);
+          rr[gi] = ps.fs;
+          npos[gi] = ps.n;
+          loss[gi] = ps.n > A(0) ? -(up ? up[gi] : A(1)) * ps.f / ps.n : A(0);
         }
       });
     }
+  }
+}
+
+// Per-key statistics of one volume, in KeyOrder's order, that the backward reads for the key
+// end of a pair (the anchor end reads the same numbers in the original order).
+template <typename A> struct KeyStats {
+  std::vector<A> a, aR, ln, c;  // a_j, a_j R_j, log_neg_j, c_j (zeros without the column shift)
+};
+
+// One anchor's statistics.
+template <typename A> struct AnchorStat {
+  A a, aR, ln, c;
+};
+
+// G over a block of positives [j0, j1): g_ij + g_ji of the positive term.
+template <typename A, typename E>
+void pos_grad_block(A* row, const KeyStats<A>& k, const AnchorStat<A>& s, int64_t j0, int64_t j1, A inv_tau, E gp) {
+#pragma omp simd
+  for (int64_t p = j0; p < j1; ++p) {
+    const A l = row[p] * inv_tau;
+    row[p] = pos_grad(s.a, l, k.c[p], s.ln, gp) + pos_grad(k.a[p], l, s.c, k.ln[p], gp);
+  }
+}
+
+// G over a block of negatives [j0, j1) (top_k = 0): g_iq + g_qi of the negative term.
+template <typename A, typename E>
+void neg_grad_block(A* row, const KeyStats<A>& k, const AnchorStat<A>& s, int64_t j0, int64_t j1, A tau, A inv_tau,
+                    E gn) {
+#pragma omp simd
+  for (int64_t p = j0; p < j1; ++p) {
+    const A cos = row[p], l = cos * inv_tau;
+    row[p] = neg_grad(s.aR, l, cos, k.c[p], s.ln, tau, gn) + neg_grad(k.aR[p], l, cos, s.c, k.ln[p], tau, gn);
   }
 }
 
@@ -189,10 +362,12 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
   const bool topk_teacher = a.teacher == kTeacherTopk;
   const bool thr_teacher = a.teacher == kTeacherThreshold && s.grad_cross.defined();
   const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0);
+  const A inv_tau = A(1) / tau;
   auto opts = zc.options();
 
-  const int64_t* yp = a.y.data_ptr<int64_t>();
-  const int64_t* ytp = a.teacher != kTeacherNone ? a.yt.data_ptr<int64_t>() : nullptr;
+  const LabelCodes codes = label_codes(a);
+  const label_t* yp = codes.y.data_ptr<label_t>();
+  const label_t* ytp = a.teacher != kTeacherNone ? codes.yt.data_ptr<label_t>() : nullptr;
   const A* up = a.u.defined() ? a.u.data_ptr<A>() : nullptr;
   const A* gl = s.grad_loss.data_ptr<A>();
   const A* gc = thr_teacher ? s.grad_cross.data_ptr<A>() : nullptr;
@@ -233,7 +408,7 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
           A v = 0;
           if (q >= 0 && arp[g] != A(0)) {
             const A cos = dot(zp + g * D, zp + (b * N + q) * D, D);
-            v = neg_grad(arp[g], cos, cs ? cs[b * N + q] : A(0), lnp[g], tau, gn);
+            v = neg_grad(arp[g], cos * inv_tau, cos, cs ? cs[b * N + q] : A(0), lnp[g], tau, gn);
           }
           gkw[g * K + t] = v;
         }
@@ -272,56 +447,61 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
   at::Tensor G = at::empty({TI, N}, opts);
   at::Tensor Gt = thr_teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
   at::Tensor dzt = at::empty({TI, D}, opts);
+  const std::vector<A> no_shift(cs ? 0 : N, A(0));  // c = 0 without the column shift
 
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor zb = zc[b];
-    const int64_t* yb = yp + b * N;
-    const int64_t* ytb = ytp ? ytp + b * Nt : nullptr;
-    const A* csb = cs ? cs + b * N : nullptr;
+    const label_t* yb = yp + b * N;
+    const label_t* ytb = ytp ? ytp + b * Nt : nullptr;
     const A* ab = ap + b * N;
     const A* arb = arp + b * N;
     const A* lnb = lnp + b * N;
+    const A* cb = cs ? cs + b * N : no_shift.data();
+    // G's columns are the keys in label order (as in the forward); dz_tile = G z_k / tau.
+    const KeyOrder ko = key_order(yb, N);
+    const at::Tensor zk = zb.index_select(0, ko.perm);
+    const int64_t v0 = ko.valid_begin();
+    const KeyStats<A> ks{in_key_order(ab, ko), in_key_order(arb, ko), in_key_order(lnb, ko), in_key_order(cb, ko)};
     for (int64_t i0 = 0; i0 < N; i0 += TI) {
       const int64_t rows = std::min(TI, N - i0);
       at::Tensor Gv = G.narrow(0, 0, rows);
-      at::mm_out(Gv, zb.narrow(0, i0, rows), zb.t());
+      at::mm_out(Gv, zb.narrow(0, i0, rows), zk.t());
       A* Gp = G.data_ptr<A>();
       // G_ij = g_ij + g_ji over the similarity buffer.
       at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = i0 + r, gi = b * N + i;
-          const int64_t lab = yb[i];
+          const label_t lab = yb[i];
           A* row = Gp + r * N;
           if (lab < 0) {
             std::fill(row, row + N, A(0));
             continue;
           }
-          const A a_i = ab[i], aR_i = arb[i], ln_i = lnb[i], c_i = csb ? csb[i] : A(0);
-          for (int64_t j = 0; j < N; ++j) {
-            const int64_t yj = yb[j];
-            A g = 0;
-            if (j != i && yj >= 0) {
-              const A cos = row[j], l = cos / tau;
-              const A c_j = csb ? csb[j] : A(0);
-              if (yj == lab) {
-                g = pos_grad(a_i, l, c_j, ln_i, gp) + pos_grad(ab[j], l, c_i, lnb[j], gp);
-              } else if (K == 0) {
-                g = neg_grad(aR_i, cos, c_j, ln_i, tau, gn) + neg_grad(arb[j], cos, c_i, lnb[j], tau, gn);
-              }
-            }
-            row[j] = g;
-          }
-          if (K > 0) {
+          const AnchorStat<A> st{ab[i], arb[i], lnb[i], cb[i]};
+          const int64_t lo = ko.start[lab], hi = ko.start[lab + 1], pi = ko.pos[i];
+          std::fill(row, row + v0, A(0));  // ignored keys
+          with_exponent(gp, [&](auto e) {
+            around(lo, hi, pi, [&](int64_t j0, int64_t j1) { pos_grad_block(row, ks, st, j0, j1, inv_tau, e); });
+          });
+          row[pi] = A(0);
+          if (K == 0) {
+            with_exponent(gn, [&](auto e) {
+              neg_grad_block(row, ks, st, v0, lo, tau, inv_tau, e);
+              neg_grad_block(row, ks, st, hi, N, tau, inv_tau, e);
+            });
+          } else {  // the stored top-k pairs, both ways
+            std::fill(row + v0, row + lo, A(0));
+            std::fill(row + hi, row + N, A(0));
             for (int64_t t = 0; t < K; ++t) {
               const int64_t q = tki[gi * K + t];
-              if (q >= 0) row[q] += gkp[gi * K + t];
+              if (q >= 0) row[ko.pos[q]] += gkp[gi * K + t];
             }
-            for (int64_t p = rptr[gi]; p < rptr[gi + 1]; ++p) row[ranc[p]] += rg[p];
+            for (int64_t p = rptr[gi]; p < rptr[gi + 1]; ++p) row[ko.pos[ranc[p]]] += rg[p];
           }
         }
       });
       at::Tensor dzv = dzt.narrow(0, 0, rows);
-      at::mm_out(dzv, Gv, zb);
+      at::mm_out(dzv, Gv, zk);
       dzv.div_(a.tau);
       // Threshold teacher: d cross_i / d c_ik = 1 / (1 - c_ik + eps), no temperature.
       if (thr_teacher) {
@@ -331,7 +511,7 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
         at::parallel_for(0, rows, row_grain(Nt), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t gi = b * N + i0 + r;
-            const int64_t lab = yb[i0 + r];
+            const label_t lab = yb[i0 + r];
             const A g = gc[gi];
             A* row = Gtp + r * Nt;
             for (int64_t k = 0; k < Nt; ++k) {
@@ -355,7 +535,8 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
               const int64_t k = tti[gi * TK + t];
               if (k < 0) continue;
               const A* zk = ztp + (b * Nt + k) * D;
-              const A g = neg_grad(arb[i0 + r], dot(zi, zk, D), A(0), lnb[i0 + r], tau, A(0)) / tau;
+              const A cos = dot(zi, zk, D);
+              const A g = neg_grad(arb[i0 + r], cos * inv_tau, cos, A(0), lnb[i0 + r], tau, A(0)) * inv_tau;
               for (int64_t d = 0; d < D; ++d) out[d] += g * zk[d];
             }
           }

@@ -101,8 +101,7 @@ __global__ void __launch_bounds__(kThreads) fecl_colshift_kernel(const T* __rest
   const bool active = i < c.N;
   const T* zb = z + b * c.N * c.D;
   const int64_t* yb = y + b * c.N;
-  const A tau = A(c.tau);
-  A m = 0;
+  A m = 0;  // max(0, max cos); / tau at the end: the same number, tau > 0
   A acc[KT];
   for (int64_t j0 = 0; j0 < c.N; j0 += KT) {
     tile_dots<T, A>(zb, j0, c.N, active ? zb + i * c.D : nullptr, c.D, sK, acc);
@@ -110,11 +109,11 @@ __global__ void __launch_bounds__(kThreads) fecl_colshift_kernel(const T* __rest
 #pragma unroll
       for (int t = 0; t < KT; ++t) {
         const int64_t j = j0 + t;
-        if (j < c.N && j != i && yb[j] >= 0) m = dmax(m, acc[t] / tau);
+        if (j < c.N && j != i && yb[j] >= 0) m = dmax(m, acc[t]);
       }
     }
   }
-  if (active) cs[b * c.N + i] = m;
+  if (active) cs[b * c.N + i] = m / A(c.tau);
 }
 
 template <typename T, typename A>
@@ -134,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) fecl_forward_kernel(
   const int64_t lab = active ? yb[i] : -1;
   const bool work = lab >= 0;
   const T* anchor = work ? zb + i * D : nullptr;
-  const A tau = A(c.tau), gp = A(c.gp), gn = A(c.gn), thr = A(c.thr);
+  const A tau = A(c.tau), gp = A(c.gp), gn = A(c.gn), thr = A(c.thr), inv_tau = A(1) / tau;
   A acc[KT];
 
   Lse<A> lse;
@@ -151,13 +150,13 @@ __global__ void __launch_bounds__(kThreads) fecl_forward_kernel(
         const int64_t j = j0 + t;
         if (j >= N || j == i || yb[j] < 0 || yb[j] == lab) continue;
         if (K > 0) heap_push(hval, hidx, nh, K, acc[t], j);
-        else lse.add(acc[t] / tau - (csb ? csb[j] : A(0)), neg_weight(acc[t], gn));
+        else lse.add(acc[t] * inv_tau - (csb ? csb[j] : A(0)), neg_weight(acc[t], gn));
       }
     }
   }
   if (work && K > 0) {
     for (int64_t s = 0; s < nh; ++s)
-      lse.add(hval[s] / tau - (csb ? csb[hidx[s]] : A(0)), neg_weight(hval[s], gn));
+      lse.add(hval[s] * inv_tau - (csb ? csb[hidx[s]] : A(0)), neg_weight(hval[s], gn));
     for (int64_t s = nh; s < K; ++s) hidx[s] = -1;
   }
 
@@ -186,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) fecl_forward_kernel(
       }
     }
     if (work && c.teacher == kTeacherTopk) {
-      for (int64_t s = 0; s < nt; ++s) lse.add(tval[s] / tau, A(1));
+      for (int64_t s = 0; s < nt; ++s) lse.add(tval[s] * inv_tau, A(1));
       for (int64_t s = nt; s < TK; ++s) tidx[s] = -1;
     }
   }
@@ -201,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) fecl_forward_kernel(
       for (int t = 0; t < KT; ++t) {
         const int64_t j = j0 + t;
         if (j >= N || j == i || yb[j] != lab) continue;
-        const PosTerm<A> pt = pos_term(acc[t] / tau - (csb ? csb[j] : A(0)) - ln, gp);
+        const PosTerm<A> pt = pos_term(acc[t] * inv_tau - (csb ? csb[j] : A(0)) - ln, gp);
         sum_f += pt.f;
         sum_r += pt.fs;
         np += A(1);
@@ -276,9 +275,9 @@ __global__ void __launch_bounds__(kThreads) fecl_backward_kernel(
       const int64_t j = j0 + t;
       A g = 0;
       if (work && j < N && j != i && yb[j] >= 0) {
-        const A cos = acc[t], l = cos / tau, c_j = csb ? csb[j] : A(0);
+        const A cos = acc[t], l = cos * inv_tau, c_j = csb ? csb[j] : A(0);
         if (yb[j] == lab) g = pos_grad(a_i, l, c_j, ln_i, gp) + pos_grad(ab[j], l, c_i, lnb[j], gp);
-        else if (K == 0) g = neg_grad(aR_i, cos, c_j, ln_i, tau, gn) + neg_grad(arb[j], cos, c_i, lnb[j], tau, gn);
+        else if (K == 0) g = neg_grad(aR_i, l, cos, c_j, ln_i, tau, gn) + neg_grad(arb[j], l, cos, c_i, lnb[j], tau, gn);
       }
       G[t] = g;
     }
@@ -307,7 +306,8 @@ __global__ void __launch_bounds__(kThreads) fecl_backward_kernel(
       const int64_t k = tti[gi * TK + s];
       if (k < 0) continue;
       const T* zk = ztb + k * D;
-      const A g = neg_grad(aR_i, gdot<T, A>(anchor, zk, D), A(0), ln_i, tau, A(0)) * inv_tau;
+      const A cos = gdot<T, A>(anchor, zk, D);
+      const A g = neg_grad(aR_i, cos * inv_tau, cos, A(0), ln_i, tau, A(0)) * inv_tau;
       for (int64_t d = 0; d < D; ++d) out[d] += g * static_cast<A>(zk[d]);
     }
   }
@@ -326,8 +326,9 @@ __global__ void fecl_topk_scatter_kernel(const T* __restrict__ z, const int64_t*
   const int64_t gq = b * c.N + q;
   const T* zi = z + gi * c.D;
   const T* zq = z + gq * c.D;
-  const A tau = A(c.tau);
-  const A g = neg_grad(arp[gi], gdot<T, A>(zi, zq, c.D), cs ? cs[gq] : A(0), lnp[gi], tau, A(c.gn)) / tau;
+  const A tau = A(c.tau), inv_tau = A(1) / tau;
+  const A cos = gdot<T, A>(zi, zq, c.D);
+  const A g = neg_grad(arp[gi], cos * inv_tau, cos, cs ? cs[gq] : A(0), lnp[gi], tau, A(c.gn)) * inv_tau;
   if (g == A(0)) return;
   for (int64_t d = 0; d < c.D; ++d) {
     atomicAdd(dz + gi * c.D + d, g * static_cast<A>(zq[d]));

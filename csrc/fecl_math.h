@@ -10,6 +10,7 @@
 #include <math.h>
 
 #include "common.h"
+#include "fast_math.h"
 
 namespace dycon {
 
@@ -20,10 +21,6 @@ DYCON_HD float fexp(float x) { return expf(x); }
 DYCON_HD double fexp(double x) { return exp(x); }
 DYCON_HD float flog(float x) { return logf(x); }
 DYCON_HD double flog(double x) { return log(x); }
-DYCON_HD float flog1p(float x) { return log1pf(x); }
-DYCON_HD double flog1p(double x) { return log1p(x); }
-DYCON_HD float fpow_(float x, float g) { return powf(x, g); }
-DYCON_HD double fpow_(double x, double g) { return pow(x, g); }
 
 template <typename A> DYCON_HD A neg_inf() { return A(-INFINITY); }
 
@@ -33,23 +30,40 @@ template <typename A> DYCON_HD A fpow(A base, A g) {
   if (g == A(1)) return base;
   if (g == A(2)) return base * base;
   if (g == A(3)) return base * base * base;
-  return fpow_(base, g);
+  return vpow(base, g);
 }
+
+// A focal exponent fixed at compile time (the CPU kernels pass the presets' 0 and 2 this way):
+// base^N as N - 1 multiplications and no branch on the exponent, which inside a row loop would
+// stop GCC's vectoriser. The formulas below take an exponent E that is either this or an A;
+// A(g) is its value.
+template <int N> struct IntExp {
+  template <typename A> DYCON_HD constexpr explicit operator A() const { return A(N); }
+};
+template <typename A, int N> DYCON_HD A fpow(A base, IntExp<N>) {
+  if constexpr (N < 0) return A(1) / fpow(base, IntExp<-N>{});
+  else if constexpr (N == 0) return A(1);
+  else return base * fpow(base, IntExp<N - 1>{});
+}
+template <typename A> DYCON_HD A minus_one(A g) { return g - A(1); }
+template <int N> DYCON_HD IntExp<N - 1> minus_one(IntExp<N>) { return {}; }
 
 // ---- negatives: w_iq = ((1 + cos_iq) / 2)^gn, cos = tau l; w = 0 where the base is <= 0 --------
 
-template <typename A> DYCON_HD A neg_weight(A cos, A gn) {
-  if (gn == A(0)) return A(1);
-  const A base = (A(1) + cos) * A(0.5);
+template <typename A> DYCON_HD A neg_base(A cos) { return (A(1) + cos) * A(0.5); }
+
+template <typename A, typename E> DYCON_HD A neg_weight(A cos, E gn) {
+  if (A(gn) == A(0)) return A(1);
+  const A base = neg_base(cos);
   return base > A(0) ? fpow(base, gn) : A(0);
 }
 
-// d(w e)/dl / e = w + gn tau/2 base^(gn-1)   (1 for gn = 0; 0 where w = 0).
-template <typename A> DYCON_HD A neg_bracket(A cos, A tau, A gn) {
-  if (gn == A(0)) return A(1);
-  const A base = (A(1) + cos) * A(0.5);
-  if (!(base > A(0))) return A(0);
-  return fpow(base, gn) + gn * tau * A(0.5) * fpow(base, gn - A(1));
+// d(w e)/dl / e = w + gn tau/2 base^(gn-1) = base^(gn-1) (base + gn tau/2): one power, none for
+// the presets' gn = 2 (1 for gn = 0; 0 where w = 0).
+template <typename A, typename E> DYCON_HD A neg_bracket(A cos, A tau, E gn) {
+  if (A(gn) == A(0)) return A(1);
+  const A base = neg_base(cos);
+  return base > A(0) ? fpow(base, minus_one(gn)) * (base + A(gn) * tau * A(0.5)) : A(0);
 }
 
 // ---- log of the negative sum: online log-sum-exp of log(w) + x ---------------------------------
@@ -60,6 +74,10 @@ template <typename A> struct Lse {
   DYCON_HD void init() {
     m = neg_inf<A>();
     s = A(0);
+  }
+  DYCON_HD void init_log(A log_sum) {  // start from a sum known by its log (-inf: empty)
+    m = log_sum;
+    s = A(1);
   }
   DYCON_HD void add(A x, A w) {
     if (!(w > A(0)) || x == neg_inf<A>()) return;
@@ -80,26 +98,20 @@ template <typename A> struct PosTerm {
   A fs;  // f'(S) S (1 - S) = (1 - S)^(gp+1) - gp (1 - S)^gp S log S
 };
 
-// S = sigmoid(x), 1 - S = sigmoid(-x), log S = -softplus(-x), from one exp and one log1p.
-template <typename A> DYCON_HD PosTerm<A> pos_term(A x, A gp) {
-  const A t = fexp(x < A(0) ? x : -x);  // exp(-|x|) in [0, 1]
-  const A inv = A(1) / (A(1) + t);
-  const A lp = flog1p(t);
-  A s, oms, logs;
-  if (x >= A(0)) {
-    s = inv;
-    oms = t * inv;
-    logs = -lp;
-  } else {
-    s = t * inv;
-    oms = inv;
-    logs = x - lp;
-  }
+// S = sigmoid(x) from one exp, one reciprocal and one log, branch-free (so the CPU loops over a
+// row vectorise) and finite for any x: with a = exp(-|x|) in [0, 1] and u = 1 + a, S and 1 - S
+// are 1/u and a/u (which is which: the sign of x), log S = -softplus(-x) = min(x, 0) - log1p(a).
+template <typename A, typename E> DYCON_HD PosTerm<A> pos_term(A x, E gp) {
+  const A a = vexp(x < A(0) ? x : -x);
+  const A u = A(1) + a;
+  const A inv_u = vrcp(u);
+  const A a_u = a * inv_u;
+  const bool nonneg = x >= A(0);
+  const A s = nonneg ? inv_u : a_u;
+  const A oms = nonneg ? a_u : inv_u;
+  const A logs = dmin(x, A(0)) - vlog1p(a, u, inv_u);
   const A og = fpow(oms, gp);
-  PosTerm<A> p;
-  p.f = og * logs;
-  p.fs = og * oms - gp * og * s * logs;
-  return p;
+  return {og * logs, og * (oms - A(gp) * s * logs)};
 }
 
 // ---- per-anchor gradient coefficients ----------------------------------------------------------
@@ -110,20 +122,21 @@ template <typename A> DYCON_HD A anchor_coef(bool valid, A grad_loss, A u, A n_p
 }
 
 // dL/dl_ij for a positive pair j in P(i), as seen from anchor i: -a_i f'(S_ij) S_ij (1 - S_ij).
-template <typename A> DYCON_HD A pos_grad(A a, A l, A c, A log_neg, A gp) {
-  if (a == A(0)) return A(0);
-  return -a * pos_term(l - c - log_neg, gp).fs;
+// Selects instead of early returns, here and below: the CPU evaluates whole rows branch-free.
+template <typename A, typename E> DYCON_HD A pos_grad(A a, A l, A c, A log_neg, E gp) {
+  const A fs = pos_term(l - c - log_neg, gp).fs;
+  return a == A(0) ? A(0) : -a * fs;
 }
 
-// dL/dl_iq for a negative pair q in H(i) (aR = a_i R_i, cos = <z_i, z_q>, l = cos / tau):
-//   a_i R_i exp(l - c_q - log_neg_i) (w + gn tau/2 base^(gn-1)).
-// The teacher pairs use the same formula with c = 0 and gn = 0.
-template <typename A> DYCON_HD A neg_grad(A aR, A cos, A c, A log_neg, A tau, A gn) {
-  if (aR == A(0)) return A(0);
-  const A l = cos / tau;
-  const A br = neg_bracket(cos, tau, gn);
-  if (br == A(0)) return A(0);
-  return aR * fexp(l - c - log_neg) * br;
+// dL/dl_iq for a negative pair q in H(i) (aR = a_i R_i, cos = <z_i, z_q>, l = cos / tau, which
+// the caller has as cos * (1 / tau)):  a_i R_i exp(l - c_q - log_neg_i) (w + gn tau/2 base^(gn-1)).
+// The teacher pairs use the same formula with c = 0 and gn = 0. The exp's argument is capped
+// (e^80 in float, e^700 in double; it is <= 0 for every pair that counts unless w is tiny), so
+// that aR = 0 or w = 0 gives 0, never inf * 0, without a select (the CPU vectorises this).
+template <typename A> DYCON_HD A neg_exp_cap() { return sizeof(A) == 4 ? A(80) : A(700); }
+
+template <typename A, typename E> DYCON_HD A neg_grad(A aR, A l, A cos, A c, A log_neg, A tau, E gn) {
+  return aR * vexp(dmin(l - c - log_neg, neg_exp_cap<A>())) * neg_bracket(cos, tau, gn);
 }
 
 // ---- threshold teacher term: c = <z_i, zt_k> (cosine), pairs with c > threshold ---------------
@@ -132,7 +145,7 @@ template <typename A> DYCON_HD A neg_grad(A aR, A cos, A c, A log_neg, A tau, A 
 // Its derivative in c is 1 / (1 - c + eps) where 1 - c > 0 and 0 where the clamp is active,
 // the boundary 1 - c = 0 included (as torch's clamp_min in reference.fecl).
 template <typename A> DYCON_HD A cross_term(A c) {
-  return -flog(dmax(A(1) - c, A(0)) + A(kFeclCrossEps));
+  return -vlog(dmax(A(1) - c, A(0)) + A(kFeclCrossEps));  // the argument is >= 1e-18: normal
 }
 template <typename A> DYCON_HD A cross_grad(A c) {
   return A(1) - c > A(0) ? A(1) / (A(1) - c + A(kFeclCrossEps)) : A(0);

@@ -13,7 +13,9 @@ namespace dycon {
 
 constexpr double kUnclEps = 1e-6;  // inside log(p + eps), as in the released code
 
-// W and share_s = exp(beta Hs) W, evaluated around max(beta Hs, beta Ht): no overflow for large beta.
+// W and share_s = exp(beta Hs) W, evaluated around m = max(beta Hs, beta Ht) (no overflow for large
+// beta) from two exps and one reciprocal: with a = exp(-|beta Hs - beta Ht|), W = exp(-m) / (1 + a)
+// and share_s is 1 / (1 + a) or a / (1 + a).
 template <typename A> struct UnclWeight {
   A W;
   A share_s;  // the teacher's share is 1 - share_s
@@ -21,8 +23,9 @@ template <typename A> struct UnclWeight {
 
 template <typename A> DYCON_HD UnclWeight<A> uncl_weight(A h_s, A h_t, A beta) {
   const A bs = beta * h_s, bt = beta * h_t, m = dmax(bs, bt);
-  const A es = vexp(bs - m), et = vexp(bt - m);
-  return {vexp(-m) / (es + et), es / (es + et)};
+  const A a = vexp(dmin(bs, bt) - m);
+  const A r = vrcp(A(1) + a);
+  return {vexp(-m) * r, bs >= bt ? r : a * r};
 }
 
 template <typename A> DYCON_HD A uncl_loss(A d, UnclWeight<A> w, A h_s, A h_t, A beta) {
