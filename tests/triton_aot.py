@@ -62,13 +62,24 @@ def _describe(kernel, signature, constexprs) -> str:
     return f"{name}[{ptrs}]({flags})"
 
 
-def compile_one(kernel, signature, constexprs, cc: int, options=None):
-    """triton.compile one configuration for cuda sm_<cc> (Triton's cache reused); returns the
-    compiled kernel (``.metadata.shared``: bytes of shared memory per block)."""
+def launch_attrs(kernel, signature, divisible=()) -> dict:
+    """The specialisation a launch gives Triton (JITFunction.run): every pointer 16-byte aligned
+    (torch's allocations are) and each integer argument that is a multiple of 16, here those named
+    in ``divisible``, marked as such (``tt.divisibility`` 16). It lets Triton vectorise the loads of
+    rows of D elements and copy tiles asynchronously; without it every element is a scalar load."""
+    names = kernel.arg_names
+    return {(names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+            if ty.startswith("*") or name in divisible}
+
+
+def compile_one(kernel, signature, constexprs, cc: int, options=None, attrs=None):
+    """triton.compile one configuration for cuda sm_<cc> (Triton's cache reused), unspecialised
+    or with ``attrs`` (launch_attrs); returns the compiled kernel (``.metadata.shared``: bytes of
+    shared memory per block)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
