@@ -277,15 +277,18 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT)."""
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     offs_k = tl.arange(0, K_PAD)
-    # Unsorted running top-k: slots past K hold +inf so that they are never the minimum.
-    vals = tl.where(offs_k[None, :] < K, NEG_INF, float("inf")) + tl.zeros([BLOCK_M, K_PAD], ACC)
+    # Unsorted running top-k: slots past K hold +inf so that they are never the minimum; so do all
+    # slots of an ignored anchor, which then takes no key (its row stays -1). Validity is thus
+    # per row and per column, not tested per pair.
+    open_slot = (offs_k[None, :] < K) & (yi[:, None] >= 0)
+    vals = tl.where(open_slot, NEG_INF, float("inf")) + tl.zeros([BLOCK_M, K_PAD], ACC)
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yk = tl.load(KY + b * NK + offs_n, mask=offs_n < NK, other=-1)
         s = _sim(zi, _load_rows(KEYS, b * NK * D, offs_n, NK, offs_d, D, DOT_IN), DOT_PREC)
-        cand = (yi[:, None] >= 0) & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :])
-        s = tl.where(cand, s, NEG_INF)
+        key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
+        s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K).
         n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
@@ -378,20 +381,27 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
     scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)  # l log2(e) = dot scale
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     log2_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0) * log2e
-    f_sum = tl.zeros([BLOCK_M], ACC)
-    r_sum = tl.zeros([BLOCK_M], ACC)
-    n_pos = tl.zeros([BLOCK_M], ACC)
+    # Element-wise sums over the key tiles, reduced along the rows once after the loop (a row sum
+    # per tile crossed the 32 lanes of a warp: ~6 shuffles per pair).
+    f_sum = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    r_sum = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    n_pos = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
         l2 = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * scale
         if COLUMN:
             l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
-        pos = (yi[:, None] >= 0) & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+        # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop.
+        pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
         f, r = _pos_terms(l2 - log2_neg[:, None], GAMMA_POS, FAST_LOG)
-        f_sum += tl.sum(tl.where(pos, f, 0.0), axis=1)
-        r_sum += tl.sum(tl.where(pos, r, 0.0), axis=1)
-        n_pos += tl.sum(pos.to(ACC), axis=1)
+        f_sum += tl.where(pos, f, 0.0)
+        r_sum += tl.where(pos, r, 0.0)
+        n_pos += pos.to(ACC)
+    vi = yi >= 0
+    f_sum = tl.where(vi, tl.sum(f_sum, axis=1), 0.0)
+    r_sum = tl.where(vi, tl.sum(r_sum, axis=1), 0.0)
+    n_pos = tl.where(vi, tl.sum(n_pos, axis=1), 0.0)
     u = tl.load(U + b * N + offs_m, mask=row_ok, other=0.0).to(ACC)
     loss = tl.where(n_pos > 0, -u * (f_sum * _scalar(LN2, ACC)) / tl.maximum(n_pos, 1.0), 0.0)
     tl.store(LOSS + b * N + offs_m, loss, mask=row_ok)
@@ -415,6 +425,21 @@ def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, 
         t = l - tl.load(CS + base_row + q, mask=ok, other=0.0)
     g = a_r * tl.exp(t - ln_safe) * _neg_bracket(l, TAU, GAMMA_NEG)
     return tl.where(ok, g, 0.0), zq
+
+
+@triton.jit
+def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + g @ zj for coefficients g in ACC and keys zj in DOT_IN. bfloat16 keys: g as the sum
+    of two bfloat16 parts (16 significant bits, more than the 11 of TF32) in two native dots,
+    whose products are exact in float32, so the key tile is used as loaded (no float32 copy of it
+    in registers and shared memory); otherwise zj in ACC (float16's range is too narrow for g)."""
+    if DOT_IN == tl.bfloat16:
+        g_hi = g.to(tl.bfloat16)
+        acc = tl.dot(g_hi, zj, acc)
+        acc = tl.dot((g - g_hi.to(ACC)).to(tl.bfloat16), zj, acc)
+    else:
+        acc += tl.dot(g, zj.to(ACC), input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -466,7 +491,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
             e_ji = tl.exp2(l2 - c2_i[:, None] - (ln_safe_j * log2e)[None, :])
             g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(dot * inv_tau, TAU, GAMMA_NEG)
             g += tl.where(neg, g_neg, 0.0)
-        acc += tl.dot(g, zj.to(ACC), input_precision=DOT_PREC)
+        acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
     if USE_TOPK:
         # Row side of the sparse pairs (i, q in H(i)); the key side is fecl_topk_scatter_kernel.
         for slot in range(0, K):
@@ -493,7 +518,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
             # d cross / d c = 1 / (1 - c + eps), 0 where the clamp max(1 - c, 0) is active.
             hit = hit & (1.0 - c > 0.0)
             coef = tl.where(hit, gc[:, None] / (tl.where(hit, 1.0 - c, 1.0) + 1e-18), 0.0)
-            acc += tl.dot(coef, zk.to(ACC), input_precision=DOT_PREC)
+            acc = _dot_coef(coef, zk, acc, ACC, DOT_IN, DOT_PREC)
     mask = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], acc.to(DZ.dtype.element_ty),
              mask=mask)
