@@ -26,15 +26,19 @@ Backward:
 - ``fecl_backward_kernel``: row-parallel; recomputes the similarity tiles and applies
   ``g_ij + g_ji`` (``g_ji`` from anchor ``j``'s saved statistics, the matrix being symmetric),
   for positives and (without top_k) dense negatives, then the gathered top-k / teacher rows and
-  the threshold-teacher term of its own anchors. No atomics.
+  the threshold-teacher term of its own anchors. No atomics. Each program evaluates both
+  directions of its pairs, so every unordered pair is evaluated twice over the grid (once from
+  each block); the two directions share one reciprocal (``_pos_grads``).
 - ``fecl_topk_scatter_kernel`` (top_k only): the transposed part of the sparse top-k pairs,
   ``dz_q += g_iq z_i / tau``, with ``tl.atomic_add`` into a float32/float64 buffer.
 
-Numerics: embeddings are cast to the compute type right after loading (float32, float64 for
-float64 inputs; the interpreter mishandles bfloat16 arithmetic). Float16/bfloat16 embeddings are
-exact in TF32, so their dots use TF32 tensor cores at no loss; float32 embeddings use
-"tf32x3" (``FP32_DOT_PRECISION``), close to float32 accuracy, so that the top-k sets match a dense
-float32 ``torch.topk``.
+Numerics: element-wise work is in the compute type (float32, float64 for float64 inputs). The
+similarity dots take float16/bfloat16 embeddings as they are (products exact in float32, as the
+TF32 products of their float32 copies were; the interpreter, whose bfloat16 dot is wrong, runs
+bfloat16 in float32), float32 embeddings with "tf32x3" (``FP32_DOT_PRECISION``), close to float32
+accuracy, so that the top-k sets match a dense float32 ``torch.topk``. The backward's
+``g @ z_j`` splits g into two bfloat16 parts for bfloat16 keys (``_dot_coef``) and uses TF32 for the
+others. The positive terms are computed in base 2 (``_sigmoid_parts``).
 """
 from __future__ import annotations
 
@@ -381,11 +385,9 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
     scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)  # l log2(e) = dot scale
     b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     log2_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0) * log2e
-    # Element-wise sums over the key tiles, reduced along the rows once after the loop (a row sum
-    # per tile crossed the 32 lanes of a warp: ~6 shuffles per pair).
-    f_sum = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    r_sum = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    n_pos = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    f_sum = tl.zeros([BLOCK_M], ACC)
+    r_sum = tl.zeros([BLOCK_M], ACC)
+    n_pos = tl.zeros([BLOCK_M], tl.int32)  # an integer count: fewer instructions than a float sum
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
@@ -395,13 +397,13 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
         # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop.
         pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
         f, r = _pos_terms(l2 - log2_neg[:, None], GAMMA_POS, FAST_LOG)
-        f_sum += tl.where(pos, f, 0.0)
-        r_sum += tl.where(pos, r, 0.0)
-        n_pos += pos.to(ACC)
+        f_sum += tl.sum(tl.where(pos, f, 0.0), axis=1)
+        r_sum += tl.sum(tl.where(pos, r, 0.0), axis=1)
+        n_pos += tl.sum(pos.to(tl.int32), axis=1)
     vi = yi >= 0
-    f_sum = tl.where(vi, tl.sum(f_sum, axis=1), 0.0)
-    r_sum = tl.where(vi, tl.sum(r_sum, axis=1), 0.0)
-    n_pos = tl.where(vi, tl.sum(n_pos, axis=1), 0.0)
+    f_sum = tl.where(vi, f_sum, 0.0)
+    r_sum = tl.where(vi, r_sum, 0.0)
+    n_pos = tl.where(vi, n_pos.to(ACC), 0.0)
     u = tl.load(U + b * N + offs_m, mask=row_ok, other=0.0).to(ACC)
     loss = tl.where(n_pos > 0, -u * (f_sum * _scalar(LN2, ACC)) / tl.maximum(n_pos, 1.0), 0.0)
     tl.store(LOSS + b * N + offs_m, loss, mask=row_ok)
