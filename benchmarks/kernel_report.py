@@ -323,11 +323,11 @@ def main(argv=None) -> int:
     rows += totals(rows)
     if not args.no_cuda:
         rows += cuda_rows(args.cc)
+    compiled = ("compiled without a launch's specialisation (--unspecialized)." if args.unspecialized else
+                "compiled as launched: 16-byte-aligned pointers, FeCL's N, D, top_k multiples of 16.")
     lines = [f"# Kernel report ({'quick' if args.quick else 'full grid'}), {time.strftime('%Y-%m-%d')}",
              "", "Counted as described in docs/kernel_report.md; per-unit figures are thread-instructions per "
-             "similarity pair (FeCL) or voxel (UnCL) in the main loop; "
-             + ("compiled without a launch's specialisation (--unspecialized)." if args.unspecialized else
-                "compiled as launched: 16-byte-aligned pointers, FeCL's N, D, top_k multiples of 16."), ""] + table(rows, COLUMNS)
+             "similarity pair (FeCL) or voxel (UnCL) in the main loop; " + compiled, ""] + table(rows, COLUMNS)
     print("\n".join(lines))
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

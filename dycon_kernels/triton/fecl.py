@@ -257,7 +257,8 @@ def _pos_grads(x2_ij, x2_ji, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
+def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr,
+                         DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 1: c_i = max(0, max_{valid j != i} l_ij) for valid i (0 for invalid i)."""
     inv_tau = _scalar(1.0 / TAU, ACC)
@@ -820,13 +821,13 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
                 dict(TAU=0.6, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles), options)
     if kernel == "topk":
         return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
-                                       K="i32"), dict(ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles),
-                options)
+                                       K="i32"),
+                dict(ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
     if kernel == "positive":
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", LOSS=st, R=st, NPOS=st,
                                            N="i32", D="i32"),
-                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec,
-                     **tiles),
+                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_IN=dot_in,
+                     DOT_PREC=prec, **tiles),
                 options)
     if kernel == "scatter":
         return (fecl_topk_scatter_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, TOPK="*i64", DZ=st,
