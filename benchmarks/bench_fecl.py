@@ -89,7 +89,7 @@ ISSUE_PER_EXP = 8  # 128 thread-instructions per SM per clock against the 16 exp
 
 def kernel_report_instr(path: str, device: torch.device) -> dict:
     """{(dtype, D, preset, k): thread-instructions per pair, fwd+bwd} of this card's target from
-    benchmarks/kernel_report.py's CSV (its 'TOTAL fwd+bwd' rows); {} when the file is missing."""
+    benchmarks/kernel_report.py's CSV (its 'TOTAL tile loops' rows); {} when the file is missing."""
     import csv
 
     major, minor = torch.cuda.get_device_capability(device)
@@ -99,7 +99,7 @@ def kernel_report_instr(path: str, device: torch.device) -> dict:
     out = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("op") == "fecl" and row.get("target") == target and row.get("kernel") == "TOTAL fwd+bwd":
+            if row.get("op") == "fecl" and row.get("target") == target and row.get("kernel") == "TOTAL tile loops":
                 dt, D, preset, k = row["case"].split("/")
                 out[(dt, int(D), preset, "none" if k == "0" else int(k))] = float(row["instr_per_unit"])
     return out

@@ -89,6 +89,13 @@ def uncl_cases(quick: bool):
 
 OPS = {"fecl": (fecl_cases, fecl_entries), "uncl": (uncl_cases, uncl_entries)}
 
+# The integer arguments that are multiples of 16 in a launch of each op's cases, so that the
+# report compiles what such a launch compiles (tests/triton_aot.launch_attrs; --unspecialized: as
+# before issue 10's item 4, no specialisation). FeCL: the grid's D are multiples of 16, top_k and
+# teacher_top_k 32, and N, NT are taken as multiples of 16 (the trainer's patch grids: 24^3 = 13 824
+# patches of a 96^3 crop). UnCL: no sizes are assumed (pointers only).
+DIVISIBLE = {"fecl": ("N", "NT", "NK", "D", "K", "TK"), "uncl": ()}
+
 
 # ----------------------------------------------------------------------------------------------
 # Reading the machine code
@@ -167,13 +174,14 @@ def units_per_iteration(op: str, constexprs: dict, tensor_ops: int) -> int:
 
 def _analyse(job):
     """Compile one launch for one target and measure it; returns a report row."""
-    from tests.triton_aot import compile_one, ptxas_resources
+    from tests.triton_aot import compile_one, launch_attrs, ptxas_resources
 
-    op, case, index, cc = job
+    op, case, index, cc, specialize = job
     name, kernel, sig, ce, options = OPS[op][1](case, cc)[index]
     row = dict(op=op, case="/".join(map(str, case)), kernel=name, target=f"sm_{cc}")
+    attrs = launch_attrs(kernel, sig, DIVISIBLE[op]) if specialize else None
     try:
-        compiled = compile_one(kernel, sig, ce, cc, options or None)
+        compiled = compile_one(kernel, sig, ce, cc, options or None, attrs)
     except Exception as exc:  # noqa: BLE001  (a row saying why, e.g. OutOfResources)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         return row
@@ -280,7 +288,7 @@ def totals(rows):
     return list(out.values())
 
 
-def run(quick: bool, jobs: int, ccs, ops=("fecl", "uncl")):
+def run(quick: bool, jobs: int, ccs, ops=("fecl", "uncl"), specialize=True):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for the GPU")
     work = []
@@ -288,7 +296,7 @@ def run(quick: bool, jobs: int, ccs, ops=("fecl", "uncl")):
         cases_fn, entries_fn = OPS[op]
         for case in cases_fn(quick):
             for cc in ccs:
-                work += [(op, case, i, cc) for i in range(len(entries_fn(case, cc)))]
+                work += [(op, case, i, cc, specialize) for i in range(len(entries_fn(case, cc)))]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             return list(pool.map(_analyse, work, chunksize=2))
@@ -306,15 +314,20 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="*", default=["fecl", "uncl"], choices=sorted(OPS),
                         help="Triton ops to compile (none: only the CUDA kernels)")
     parser.add_argument("--name", default="kernel_report", help="output name under benchmarks/results/")
+    parser.add_argument("--unspecialized", action="store_true",
+                        help="compile without a launch's specialisation (aligned pointers, sizes that are multiples "
+                             "of 16), as the report did before")
     args = parser.parse_args(argv)
     start = time.time()
-    rows = run(args.quick, args.jobs, args.cc, args.ops)
+    rows = run(args.quick, args.jobs, args.cc, args.ops, not args.unspecialized)
     rows += totals(rows)
     if not args.no_cuda:
         rows += cuda_rows(args.cc)
+    compiled = ("compiled without a launch's specialisation (--unspecialized)." if args.unspecialized else
+                "compiled as launched: 16-byte-aligned pointers, FeCL's N, D, top_k multiples of 16.")
     lines = [f"# Kernel report ({'quick' if args.quick else 'full grid'}), {time.strftime('%Y-%m-%d')}",
              "", "Counted as described in docs/kernel_report.md; per-unit figures are thread-instructions per "
-             "similarity pair (FeCL) or voxel (UnCL) in the main loop.", ""] + table(rows, COLUMNS)
+             "similarity pair (FeCL) or voxel (UnCL) in the main loop; " + compiled, ""] + table(rows, COLUMNS)
     print("\n".join(lines))
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

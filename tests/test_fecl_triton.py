@@ -335,7 +335,8 @@ def test_launch_configs_cover_launches(monkeypatch):
 
     names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
              "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
-    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD", "FAST_LOG")  # FAST_LOG: True on the GPU only
+    # FAST_LOG and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch).
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD", "FAST_LOG", "DOT_IN")
     configs = [(fn, sig, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]
     launches = record_launches(monkeypatch, fecl, names)

@@ -26,15 +26,19 @@ Backward:
 - ``fecl_backward_kernel``: row-parallel; recomputes the similarity tiles and applies
   ``g_ij + g_ji`` (``g_ji`` from anchor ``j``'s saved statistics, the matrix being symmetric),
   for positives and (without top_k) dense negatives, then the gathered top-k / teacher rows and
-  the threshold-teacher term of its own anchors. No atomics.
+  the threshold-teacher term of its own anchors. No atomics. Each program evaluates both
+  directions of its pairs, so every unordered pair is evaluated twice over the grid (once from
+  each block); the two directions share one reciprocal (``_pos_grads``).
 - ``fecl_topk_scatter_kernel`` (top_k only): the transposed part of the sparse top-k pairs,
   ``dz_q += g_iq z_i / tau``, with ``tl.atomic_add`` into a float32/float64 buffer.
 
-Numerics: embeddings are cast to the compute type right after loading (float32, float64 for
-float64 inputs; the interpreter mishandles bfloat16 arithmetic). Float16/bfloat16 embeddings are
-exact in TF32, so their dots use TF32 tensor cores at no loss; float32 embeddings use
-"tf32x3" (``FP32_DOT_PRECISION``), close to float32 accuracy, so that the top-k sets match a dense
-float32 ``torch.topk``.
+Numerics: element-wise work is in the compute type (float32, float64 for float64 inputs). The
+similarity dots take float16/bfloat16 embeddings as they are (products exact in float32, as the
+TF32 products of their float32 copies were; the interpreter, whose bfloat16 dot is wrong, runs
+bfloat16 in float32), float32 embeddings with "tf32x3" (``FP32_DOT_PRECISION``), close to float32
+accuracy, so that the top-k sets match a dense float32 ``torch.topk``. The backward's
+``g @ z_j`` splits g into two bfloat16 parts for bfloat16 keys (``_dot_coef``) and uses TF32 for the
+others. The positive terms are computed in base 2 (``_sigmoid_parts``).
 """
 from __future__ import annotations
 
@@ -70,15 +74,15 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
-def _anchor_block(Y, Z, N, D, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's volume b and anchor block: offsets, row mask, labels (-1 past N) and
-    embeddings (BLOCK_M, BLOCK_D) in ACC."""
+    embeddings (BLOCK_M, BLOCK_D) in DOT_IN (the dtype of the similarity dots' operands)."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
+    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, DOT_IN)
     return b, offs_m, offs_d, row_ok, yi, zi
 
 
@@ -104,9 +108,9 @@ def _scalar(value: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _pow_log(x, log_x, P: tl.constexpr):
+def _pow_log2(x, log2_x, P: tl.constexpr):
     """x ** P for x >= 0 (0 ** 0 = 1) with the exponent known at compile time: the presets' small
-    integers as multiplications, anything else as exp(P log x) from the given ``log_x``."""
+    integers as multiplications, anything else as 2^(P log2 x) from the given ``log2_x``."""
     if P == 0.0:
         y = tl.full(x.shape, 1.0, x.dtype)
     elif P == 1.0:
@@ -116,7 +120,7 @@ def _pow_log(x, log_x, P: tl.constexpr):
     elif P == 3.0:
         y = x * x * x
     else:
-        y = tl.exp(P * log_x)
+        y = tl.exp2(P * log2_x)
     return y
 
 
@@ -124,9 +128,9 @@ def _pow_log(x, log_x, P: tl.constexpr):
 def _pow(x, P: tl.constexpr):
     """x ** P for x > 0 (the log is only evaluated for non-integer exponents)."""
     if P == 0.0 or P == 1.0 or P == 2.0 or P == 3.0:
-        y = _pow_log(x, x, P)
+        y = _pow_log2(x, x, P)
     else:
-        y = _pow_log(x, tl.log(x), P)
+        y = _pow_log2(x, tl.log2(x), P)
     return y
 
 
@@ -168,39 +172,84 @@ def _lse_update(m, s, t, w):
 
 
 @triton.jit
-def _log(x, FAST_LOG: tl.constexpr):
-    """Natural log; with FAST_LOG (GPU, float32) the hardware lg2.approx (one MUFU op, absolute
-    error ~1e-7 on [0.5, 2]) instead of libdevice's logf (~20 instructions). The interpreter has no
-    inline PTX, so CPU runs take tl.log."""
+def _log2(x, FAST_LOG: tl.constexpr):
+    """log2; with FAST_LOG (GPU, float32) the hardware lg2.approx (one MUFU op, absolute error
+    ~1e-7 on [0.5, 2]) instead of libdevice's (~20 instructions). The interpreter has no inline
+    PTX, so CPU runs take tl.log2."""
     if FAST_LOG and x.dtype == tl.float32:
         y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1) * 0.6931471805599453
+                                      pack=1)
     else:
-        y = tl.log(x)
+        y = tl.log2(x)
     return y
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# The positive terms work in base 2: x2 = x log2(e), with log2(e)/tau folded into the scale of the
+# similarity tile and log2(e) into the per-anchor statistics, so that exp and log are the
+# hardware's exp2/lg2 without a multiplication per element; ln 2 is folded into the constants.
+
 @triton.jit
-def _pos_terms(x, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
-    """For S = sigmoid(x): f = (1 - S)^gp log S and f'(S) S (1 - S) = (1-S)^gp ((1-S) - gp S log S),
-    from one exp, one log and one reciprocal, finite for any x (x = +inf: S = 1). With
-    a = exp(-|x|) and u = 1 + a: S and 1 - S are 1/u and a/u (which is which: the sign of x),
-    log S = -softplus(-x) = -(max(-x, 0) + log1p(a)); log1p(a) is log(u) corrected by
-    (a - (u - 1)) / u, the part of a lost in rounding u (exact to first order, so tiny a keep
-    their relative accuracy)."""
-    a = tl.exp(-tl.abs(x))                     # in (0, 1]
+def _sigmoid_parts(x2, a, inv_u, FAST_LOG: tl.constexpr):
+    """S = sigmoid(x) for x = x2 ln 2, from a = 2^-|x2| and inv_u = 1 / (1 + a): S and 1 - S (1/u
+    and a/u, which is which: the sign of x), log2 S = -(max(-x2, 0) + log2(1 + a)) and
+    log2(1 + a). log2(1 + a) is log2(u) corrected by (a - (u - 1)) / u / ln 2, the part of a lost
+    in rounding u (exact to first order, so tiny a keep their relative accuracy); finite for any
+    x (x = +inf: S = 1)."""
     u = 1.0 + a
-    inv_u = 1.0 / u
-    log1p_a = _log(u, FAST_LOG) + (a - (u - 1.0)) * inv_u  # u in [1, 2]
-    log_s = -(tl.maximum(-x, 0.0) + log1p_a)
+    log1p_a = _log2(u, FAST_LOG) + (a - (u - 1.0)) * inv_u * _scalar(LOG2E, a.dtype)
+    log2_s = -(tl.maximum(-x2, 0.0) + log1p_a)
     a_u = a * inv_u
-    s = tl.where(x >= 0, inv_u, a_u)
-    one_ms = tl.where(x >= 0, a_u, inv_u)
+    s = tl.where(x2 >= 0, inv_u, a_u)
+    one_ms = tl.where(x2 >= 0, a_u, inv_u)
+    return s, one_ms, log2_s, log1p_a
+
+
+@triton.jit
+def _focal(x2, one_ms, log1p_a, GAMMA_POS: tl.constexpr):
+    """(1 - S)^gp; non-integer exponents from log2(1 - S) = -(max(x2, 0) + log2(1 + a))."""
     if GAMMA_POS == 0.0 or GAMMA_POS == 1.0 or GAMMA_POS == 2.0 or GAMMA_POS == 3.0:
-        pw = _pow_log(one_ms, one_ms, GAMMA_POS)
+        pw = _pow_log2(one_ms, one_ms, GAMMA_POS)
     else:
-        pw = _pow_log(one_ms, -(tl.maximum(x, 0.0) + log1p_a), GAMMA_POS)  # log(1 - S) = -softplus(x)
-    return pw * log_s, pw * (one_ms - _scalar(GAMMA_POS, x.dtype) * s * log_s)
+        pw = _pow_log2(one_ms, -(tl.maximum(x2, 0.0) + log1p_a), GAMMA_POS)
+    return pw
+
+
+@triton.jit
+def _pos_coef(x2, s, one_ms, log2_s, log1p_a, GAMMA_POS: tl.constexpr):
+    """(1 - S)^gp and f'(S) S (1 - S) = (1 - S)^gp ((1 - S) - gp S log S)."""
+    pw = _focal(x2, one_ms, log1p_a, GAMMA_POS)
+    return pw, pw * (one_ms - _scalar(GAMMA_POS * LN2, x2.dtype) * s * log2_s)
+
+
+@triton.jit
+def _pos_terms(x2, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
+    """For S = sigmoid(x), x = x2 ln 2: f / ln 2 = (1 - S)^gp log2 S (the caller multiplies the
+    sum by ln 2) and f'(S) S (1 - S), from one exp2, one log2 and one reciprocal."""
+    a = tl.exp2(-tl.abs(x2))  # in (0, 1]
+    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2, a, 1.0 / (1.0 + a), FAST_LOG)
+    pw, d = _pos_coef(x2, s, one_ms, log2_s, log1p_a, GAMMA_POS)
+    return pw * log2_s, d
+
+
+@triton.jit
+def _pos_grads(x2_ij, x2_ji, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
+    """f'(S) S (1 - S) for the two directions of a pair (anchor i with key j and anchor j with key
+    i), from two exp2, two log2 and one reciprocal: 1/u_ij = u_ji / (u_ij u_ji) (both u in [1, 2],
+    so the product cannot overflow)."""
+    a_ij = tl.exp2(-tl.abs(x2_ij))
+    a_ji = tl.exp2(-tl.abs(x2_ji))
+    u_ij = 1.0 + a_ij
+    u_ji = 1.0 + a_ji
+    inv = 1.0 / (u_ij * u_ji)
+    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2_ij, a_ij, u_ji * inv, FAST_LOG)
+    _, d_ij = _pos_coef(x2_ij, s, one_ms, log2_s, log1p_a, GAMMA_POS)
+    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2_ji, a_ji, u_ij * inv, FAST_LOG)
+    _, d_ji = _pos_coef(x2_ji, s, one_ms, log2_s, log1p_a, GAMMA_POS)
+    return d_ij, d_ji
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,39 +257,43 @@ def _pos_terms(x, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr,
+                         DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 1: c_i = max(0, max_{valid j != i} l_ij) for valid i (0 for invalid i)."""
     inv_tau = _scalar(1.0 / TAU, ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     c = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-        l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, ACC), DOT_PREC) * inv_tau
+        l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * inv_tau
         pair = (yi[:, None] >= 0) & (yj[None, :] >= 0) & (offs_m[:, None] != offs_n[None, :])
         c = tl.maximum(c, tl.max(tl.where(pair, l, 0.0), axis=1))
     tl.store(CS + b * N + offs_m, c, mask=offs_m < N)
 
 
 @triton.jit
-def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                      K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT)."""
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     offs_k = tl.arange(0, K_PAD)
-    # Unsorted running top-k: slots past K hold +inf so that they are never the minimum.
-    vals = tl.where(offs_k[None, :] < K, NEG_INF, float("inf")) + tl.zeros([BLOCK_M, K_PAD], ACC)
+    # Unsorted running top-k: slots past K hold +inf so that they are never the minimum; so do all
+    # slots of an ignored anchor, which then takes no key (its row stays -1). Validity is thus
+    # per row and per column, not tested per pair.
+    open_slot = (offs_k[None, :] < K) & (yi[:, None] >= 0)
+    vals = tl.where(open_slot, NEG_INF, float("inf")) + tl.zeros([BLOCK_M, K_PAD], ACC)
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yk = tl.load(KY + b * NK + offs_n, mask=offs_n < NK, other=-1)
-        s = _sim(zi, _load_rows(KEYS, b * NK * D, offs_n, NK, offs_d, D, ACC), DOT_PREC)
-        cand = (yi[:, None] >= 0) & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :])
-        s = tl.where(cand, s, NEG_INF)
+        s = _sim(zi, _load_rows(KEYS, b * NK * D, offs_n, NK, offs_d, D, DOT_IN), DOT_PREC)
+        key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
+        s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K).
         n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
@@ -269,12 +322,12 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_PR
 def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRESHOLD: tl.float64, N, NT, D, K, TK,
                        COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr,
                        TEACHER: tl.constexpr,
-                       ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 3: log Neg_i = log(sum_{q in H(i)} w_iq exp(l_iq - c_q) + sum_{k in T(i)} exp(l^t_ik))
     (-inf without negatives); with TEACHER == 2, cross_i and cross_count_i."""
     inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     vi = yi >= 0
     m = tl.full([BLOCK_M], NEG_INF, ACC)
     s = tl.zeros([BLOCK_M], ACC)
@@ -283,7 +336,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for slot in range(0, K):
             q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
             ok = row_ok & (q >= 0)
-            l = tl.sum(zi * _gather_rows(Z, b * N * D, q, ok, offs_d, D, ACC), axis=1) * inv_tau
+            l = tl.sum(zi.to(ACC) * _gather_rows(Z, b * N * D, q, ok, offs_d, D, ACC), axis=1) * inv_tau
             t = l
             if COLUMN:
                 t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
@@ -293,7 +346,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-            l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, ACC), DOT_PREC) * inv_tau
+            l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * inv_tau
             t = l
             if COLUMN:
                 t = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
@@ -304,7 +357,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for slot in range(0, TK):
             k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
             ok = row_ok & (k >= 0)
-            lt = tl.sum(zi * _gather_rows(ZT, b * NT * D, k, ok, offs_d, D, ACC), axis=1) * inv_tau
+            lt = tl.sum(zi.to(ACC) * _gather_rows(ZT, b * NT * D, k, ok, offs_d, D, ACC), axis=1) * inv_tau
             m, s = _lse_update(m, s, tl.where(ok, lt, NEG_INF)[:, None], tl.full([BLOCK_M, 1], 1.0, ACC))
     tl.store(LOGNEG + b * N + offs_m, tl.where(s > 0, m + tl.log(s), NEG_INF), mask=row_ok)
     if TEACHER == 2:
@@ -313,7 +366,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            c = _sim(zi, _load_rows(ZT, b * NT * D, offs_k, NT, offs_d, D, ACC), DOT_PREC)
+            c = _sim(zi, _load_rows(ZT, b * NT * D, offs_k, NT, offs_d, D, DOT_IN), DOT_PREC)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # -log(max(1 - c, 0) + eps): rounding can give c > 1.
             cross += tl.sum(tl.where(hit, -tl.log(tl.maximum(1.0 - c, 0.0) + 1e-18), 0.0), axis=1)
@@ -325,29 +378,35 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
 @triton.jit
 def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.constexpr,
                          TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr,
-                         ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
-    L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S),  n_pos_i = |P(i)|."""
-    inv_tau = _scalar(1.0 / TAU, ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
-    log_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0)
+    L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S),  n_pos_i = |P(i)|.
+    In base 2 (see _sigmoid_parts): x2 = x log2(e)."""
+    scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)  # l log2(e) = dot scale
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
+    log2_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0) * log2e
     f_sum = tl.zeros([BLOCK_M], ACC)
     r_sum = tl.zeros([BLOCK_M], ACC)
-    n_pos = tl.zeros([BLOCK_M], ACC)
+    n_pos = tl.zeros([BLOCK_M], tl.int32)  # an integer count: fewer instructions than a float sum
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-        l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, ACC), DOT_PREC) * inv_tau
+        l2 = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * scale
         if COLUMN:
-            l = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        pos = (yi[:, None] >= 0) & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
-        f, r = _pos_terms(l - log_neg[:, None], GAMMA_POS, FAST_LOG)
+            l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
+        # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop.
+        pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+        f, r = _pos_terms(l2 - log2_neg[:, None], GAMMA_POS, FAST_LOG)
         f_sum += tl.sum(tl.where(pos, f, 0.0), axis=1)
         r_sum += tl.sum(tl.where(pos, r, 0.0), axis=1)
-        n_pos += tl.sum(pos.to(ACC), axis=1)
+        n_pos += tl.sum(pos.to(tl.int32), axis=1)
+    vi = yi >= 0
+    f_sum = tl.where(vi, f_sum, 0.0)
+    r_sum = tl.where(vi, r_sum, 0.0)
+    n_pos = tl.where(vi, n_pos.to(ACC), 0.0)
     u = tl.load(U + b * N + offs_m, mask=row_ok, other=0.0).to(ACC)
-    loss = tl.where(n_pos > 0, -u * f_sum / tl.maximum(n_pos, 1.0), 0.0)
+    loss = tl.where(n_pos > 0, -u * (f_sum * _scalar(LN2, ACC)) / tl.maximum(n_pos, 1.0), 0.0)
     tl.store(LOSS + b * N + offs_m, loss, mask=row_ok)
     tl.store(R + b * N + offs_m, r_sum, mask=row_ok)
     tl.store(NPOS + b * N + offs_m, n_pos, mask=row_ok)
@@ -363,7 +422,7 @@ def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, 
     """For the stored pair (i, q) of each row: g_iq = a_i R_i exp(l_iq - c_q - log_neg_i) *
     bracket(l_iq) (0 where not ok), and the gathered key rows z_q."""
     zq = _gather_rows(Z, base_z, q, ok, offs_d, D, ACC)
-    l = tl.sum(zi * zq, axis=1) * inv_tau
+    l = tl.sum(zi.to(ACC) * zq, axis=1) * inv_tau
     t = l
     if COLUMN:
         t = l - tl.load(CS + base_row + q, mask=ok, other=0.0)
@@ -372,16 +431,33 @@ def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, 
 
 
 @triton.jit
+def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + g @ zj for coefficients g in ACC and keys zj in DOT_IN. bfloat16 keys: g as the sum
+    of two bfloat16 parts (16 significant bits, more than the 11 of TF32) in two native dots,
+    whose products are exact in float32, so the key tile is used as loaded (no float32 copy of it
+    in registers and shared memory); otherwise zj in ACC (float16's range is too narrow for g)."""
+    if DOT_IN == tl.bfloat16:
+        g_hi = g.to(tl.bfloat16)
+        acc = tl.dot(g_hi, zj, acc)
+        acc = tl.dot((g - g_hi.to(ACC)).to(tl.bfloat16), zj, acc)
+    else:
+        acc += tl.dot(g, zj.to(ACC), input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THRESHOLD: tl.float64, N, NT, D, K,
                          TK, COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
                          GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr,
                          FAST_LOG: tl.constexpr,
-                         ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dz_i = (1/tau) sum_j (g_ij + g_ji) z_j + teacher terms, row-parallel, no atomics.
     A = grad_loss * u / n_pos (0 without positives); g_ji uses anchor j's statistics."""
     inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, ACC, BLOCK_M, BLOCK_D)
+    # The tile loop works in base 2 (see _sigmoid_parts): l log2(e) = dot scale.
+    scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)
+    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
     vi = yi >= 0
     ln_i = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=NEG_INF)
     a_i = tl.load(A + b * N + offs_m, mask=row_ok, other=0.0)
@@ -390,32 +466,35 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
     c_i = tl.zeros([BLOCK_M], ACC)
     if COLUMN:
         c_i = tl.load(CS + b * N + offs_m, mask=row_ok, other=0.0)
+    ln2_i, c2_i = ln_i * log2e, c_i * log2e
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         yj = tl.load(Y + b * N + offs_n, mask=col_ok, other=-1)
-        zj = _load_rows(Z, b * N * D, offs_n, N, offs_d, D, ACC)
-        l = _sim(zi, zj, DOT_PREC) * inv_tau
+        zj = _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN)
+        dot = _sim(zi, zj, DOT_PREC)
+        l2 = dot * scale
         ln_j = tl.load(LOGNEG + b * N + offs_n, mask=col_ok, other=NEG_INF)
         a_j = tl.load(A + b * N + offs_n, mask=col_ok, other=0.0)
         c_j = tl.zeros([BLOCK_N], ACC)
         if COLUMN:
             c_j = tl.load(CS + b * N + offs_n, mask=col_ok, other=0.0)
+        ln2_j, c2_j = ln_j * log2e, c_j * log2e
         # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i).
         pos = vi[:, None] & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
-        f_ij, d_ij = _pos_terms(l - c_j[None, :] - ln_i[:, None], GAMMA_POS, FAST_LOG)
-        f_ji, d_ji = _pos_terms(l - c_i[:, None] - ln_j[None, :], GAMMA_POS, FAST_LOG)
+        d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
+                                GAMMA_POS, FAST_LOG)
         g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
         if not USE_TOPK:
             neg = vi[:, None] & (yj[None, :] >= 0) & (yi[:, None] != yj[None, :])
             ar_j = a_j * tl.load(R + b * N + offs_n, mask=col_ok, other=0.0)
             ln_safe_j = tl.where(ln_j == NEG_INF, float("inf"), ln_j)
-            e_ij = tl.exp(l - c_j[None, :] - ln_safe_i[:, None])
-            e_ji = tl.exp(l - c_i[:, None] - ln_safe_j[None, :])
-            g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(l, TAU, GAMMA_NEG)
+            e_ij = tl.exp2(l2 - c2_j[None, :] - (ln_safe_i * log2e)[:, None])
+            e_ji = tl.exp2(l2 - c2_i[:, None] - (ln_safe_j * log2e)[None, :])
+            g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(dot * inv_tau, TAU, GAMMA_NEG)
             g += tl.where(neg, g_neg, 0.0)
-        acc += tl.dot(g, zj, input_precision=DOT_PREC)
+        acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
     if USE_TOPK:
         # Row side of the sparse pairs (i, q in H(i)); the key side is fecl_topk_scatter_kernel.
         for slot in range(0, K):
@@ -428,7 +507,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
             k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
             ok = row_ok & (k >= 0)
             zk = _gather_rows(ZT, b * NT * D, k, ok, offs_d, D, ACC)
-            lt = tl.sum(zi * zk, axis=1) * inv_tau
+            lt = tl.sum(zi.to(ACC) * zk, axis=1) * inv_tau
             acc += tl.where(ok, ar_i * tl.exp(lt - ln_safe_i), 0.0)[:, None] * zk
     acc = acc * inv_tau
     if TEACHER == 2:
@@ -436,13 +515,13 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_d, D, ACC)
+            zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_d, D, DOT_IN)
             c = _sim(zi, zk, DOT_PREC)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # d cross / d c = 1 / (1 - c + eps), 0 where the clamp max(1 - c, 0) is active.
             hit = hit & (1.0 - c > 0.0)
             coef = tl.where(hit, gc[:, None] / (tl.where(hit, 1.0 - c, 1.0) + 1e-18), 0.0)
-            acc += tl.dot(coef, zk, input_precision=DOT_PREC)
+            acc = _dot_coef(coef, zk, acc, ACC, DOT_IN, DOT_PREC)
     mask = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], acc.to(DZ.dtype.element_ty),
              mask=mask)
@@ -478,6 +557,16 @@ def fecl_topk_scatter_kernel(Z, CS, LOGNEG, R, A, TOPK, DZ, N, D, K, COLUMN: tl.
 def compute_dtype(dtype):
     """float64 embeddings are computed in float64, everything else in float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_operand_dtype(dtype, on_gpu: bool = True):
+    """The dtype of the similarity dots' operands (DOT_IN): float16/bfloat16 embeddings stay in
+    their own dtype on the GPU (native tensor-core products, exact in float32 like the TF32 ones of
+    their float32 copies, with half the registers and shared memory and no conversion per key
+    tile); under the interpreter bfloat16 is computed in float32 (its bfloat16 dot is wrong)."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and on_gpu):
+        return tl.float16 if dtype == torch.float16 else tl.bfloat16
+    return compute_dtype(dtype)
 
 
 def dot_precision(dtype) -> str:
@@ -600,7 +689,8 @@ class _Launch:
         self.fast_log = self.device.type == "cuda"  # see _log; the interpreter has no inline PTX
         self.tiles, self.options = _tiles(self.device, z.dtype, self.D, kind, blocks)
         self.grid = (triton.cdiv(self.N, self.tiles["BLOCK_M"]), self.B)
-        self.consts = dict(ACC=compute_dtype(z.dtype), DOT_PREC=dot_precision(z.dtype))
+        self.consts = dict(ACC=compute_dtype(z.dtype), DOT_IN=dot_operand_dtype(z.dtype, self.fast_log),
+                           DOT_PREC=dot_precision(z.dtype))
         self.dummy_f = torch.empty(1, device=self.device, dtype=self.stat)  # pointers never read
         self.dummy_i = torch.empty(1, device=self.device, dtype=torch.int64)
 
@@ -723,19 +813,21 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
     kind = "backward" if kernel in ("backward", "scatter") else "forward"
     bm, bn, bd, warps, stages = launch_config(SMEM_LIMITS[cc], tdt, D, kind)
     options = dict(num_warps=warps, num_stages=stages)
-    acc, prec = compute_dtype(tdt), dot_precision(tdt)
+    acc, prec, dot_in = compute_dtype(tdt), dot_precision(tdt), dot_operand_dtype(tdt)
     tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     gamma_neg = 2.0 if flags.get("GN_ON") or (flags.get("flags") and flags["flags"][2]) else 0.0
     if kernel == "colshift":
         return (fecl_colshift_kernel, dict(Z=zp, Y="*i64", CS=st, N="i32", D="i32"),
-                dict(TAU=0.6, ACC=acc, DOT_PREC=prec, **tiles), options)
+                dict(TAU=0.6, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles), options)
     if kernel == "topk":
         return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
-                                       K="i32"), dict(ACC=acc, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
+                                       K="i32"),
+                dict(ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
     if kernel == "positive":
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", LOSS=st, R=st, NPOS=st,
                                            N="i32", D="i32"),
-                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_PREC=prec, **tiles),
+                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_IN=dot_in,
+                     DOT_PREC=prec, **tiles),
                 options)
     if kernel == "scatter":
         return (fecl_topk_scatter_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, TOPK="*i64", DZ=st,
@@ -743,7 +835,7 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
                 dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_NEG=gamma_neg, ACC=acc, BLOCK_M=bm, BLOCK_D=bd), options)
     column, use_topk, _, teacher = flags["flags"]
     consts = dict(COLUMN=column, USE_TOPK=use_topk, TAU=0.6, GAMMA_NEG=gamma_neg, TEACHER=teacher, ACC=acc,
-                  DOT_PREC=prec, **tiles)
+                  DOT_IN=dot_in, DOT_PREC=prec, **tiles)
     if kernel == "logneg":
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
                                          LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
