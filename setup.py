@@ -6,9 +6,18 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures (default below).
 
 Compiled objects are kept in ``build/`` (not in the temporary folder pip gives each build), so
 a second ``pip install -e .`` with unchanged sources recompiles nothing: ninja compares them.
+
+The extension's file name carries the torch build (``_C.torch2_14_1_cu130.cpython-312-...so``,
+dycon_kernels/_build.py) and a ``.build.json`` next to it records what it was built with, so that
+environments sharing one checkout keep their own builds and the loader can say which torch a
+build that no longer loads was made for.
 """
+import datetime
 import glob
+import importlib.util
+import json
 import os
+import platform
 import shutil
 import sys
 
@@ -16,6 +25,17 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_names():
+    """dycon_kernels/_build.py by path: importing the package needs the extension being built."""
+    spec = importlib.util.spec_from_file_location("_dycon_build", os.path.join(ROOT, "dycon_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD_NAMES = _load_build_names()
 # Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper; +PTX lets newer GPUs JIT-compile the sm_90 code.
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
@@ -97,13 +117,56 @@ def extensions():
 
 
 class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
-    """torch's BuildExtension with a persistent object folder, one per Python version."""
+    """torch's BuildExtension with a persistent object folder per Python and torch, a file name
+    per torch build, and a build record next to the extension."""
 
     def finalize_options(self):
         super().finalize_options()
+        import torch
+
         # pip hands every (editable) build a fresh temporary build_temp, so ninja would
         # recompile everything; in build/ its log and depfiles survive between installs.
-        self.build_temp = os.path.join(ROOT, "build", f"temp-py{sys.version_info[0]}{sys.version_info[1]}")
+        self.build_temp = os.path.join(ROOT, "build", f"temp-py{sys.version_info[0]}{sys.version_info[1]}-"
+                                                      f"{BUILD_NAMES.torch_tag(torch.__version__)}")
+        self._built = {}
+
+    def get_ext_filename(self, ext_name):
+        import torch
+
+        folder, name = os.path.split(super().get_ext_filename(ext_name))
+        if name.startswith(BUILD_NAMES.STEM + "."):
+            name = f"{BUILD_NAMES.STEM}.{BUILD_NAMES.torch_tag(torch.__version__)}{name[len(BUILD_NAMES.STEM):]}"
+        return os.path.join(folder, name)
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        BUILD_NAMES.record_path(path).write_text(json.dumps(self._record(ext), indent=1) + "\n")
+        self._built[ext.name] = path
+
+    def copy_extensions_to_source(self):
+        """In place (editable installs): the record goes next to the copied extension too."""
+        super().copy_extensions_to_source()
+        for name, built in self._built.items():
+            shutil.copyfile(BUILD_NAMES.record_path(built), BUILD_NAMES.record_path(self.get_ext_fullpath(name)))
+
+    def _record(self, ext) -> dict:
+        import torch
+
+        with_cuda = ("DYCON_WITH_CUDA", "1") in ext.define_macros
+        return {
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cuda_kernels": with_cuda,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+            "cuda_home": os.environ.get("CUDA_HOME") if with_cuda else None,
+            "compile_args": ext.extra_compile_args,
+            "python": platform.python_version(),
+            "python_executable": sys.executable,
+            "environment": sys.prefix,
+            "platform": platform.platform(),
+            "built_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
 
 setup(
@@ -121,6 +184,7 @@ setup(
         "monai": ["monai"],          # --hd monai
         "sitk": ["SimpleITK"],       # .nrrd / .mha images
     },
+    entry_points={"console_scripts": ["dycon-env = dycon_kernels.__main__:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

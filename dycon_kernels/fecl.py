@@ -207,6 +207,13 @@ def _reduce(loss, cross, cross_count, n_pos, y, teacher_weight, reduction):
     return total if cross_share is None else total + cross_share.sum()
 
 
+def _dense_size(z: Tensor, zt: Optional[Tensor], p) -> tuple[int, str]:
+    """(bytes, description) of the dense reference's buffers, for 'auto' to refuse what cannot fit."""
+    (B, N, D), Nt = z.shape, (zt.shape[1] if zt is not None and p["teacher"] not in (None, "none") else 0)
+    return (backends.fecl_reference_bytes(B, N, Nt, z.dtype),
+            f"B={B}, N={N}, Nt={Nt}, D={D} ({str(z.dtype).replace('torch.', '')})")
+
+
 def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor] = None,
          teacher_labels: Optional[Tensor] = None, *, anchor_weight: Optional[Tensor] = None,
          preset: str = "dycon", backend: str = "auto", check_inputs: bool = True, **params) -> Tensor:
@@ -233,7 +240,7 @@ def fecl(embeddings: Tensor, labels: Tensor, teacher_embeddings: Optional[Tensor
     check_values = check_inputs and not torch.compiler.is_compiling()
     _check_inputs(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight, p, check_values)
     p["teacher_threshold"] = _threshold_tensor(p)
-    name = backends.resolve(backend, embeddings.device, "fecl")
+    name = backends.resolve(backend, embeddings.device, "fecl", dense=_dense_size(embeddings, teacher_embeddings, p))
     if name == "reference":
         return reference.fecl(embeddings, labels, teacher_embeddings, teacher_labels, anchor_weight=anchor_weight, **p)
 

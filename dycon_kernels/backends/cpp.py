@@ -1,7 +1,10 @@
 """The C++ extension backends ('cpu' and 'cuda'): the dispatcher picks the kernel by device."""
 import torch
 
-import dycon_kernels._C  # noqa: F401  (registers torch.ops.dycon_C)
+from dycon_kernels.backends import extension_state
+
+if extension_state().module is None:  # loading it registers torch.ops.dycon_C
+    raise ImportError(extension_state().explanation)
 
 _ops = torch.ops.dycon_C
 
