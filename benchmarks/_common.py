@@ -303,11 +303,8 @@ def available_memory(device: torch.device, mem_cap: Optional[float]) -> float:
         return float(torch.cuda.mem_get_info(device)[0])
     if mem_cap:
         return mem_cap
-    try:
-        import psutil
-        return float(psutil.virtual_memory().available)
-    except ImportError:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    from dycon_kernels.backends import free_memory
+    return float(free_memory(device) or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 # --------------------------------------------------------------------------- GPU rates
@@ -379,6 +376,7 @@ def _git_commit() -> str:
 
 def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] = ()) -> list[str]:
     import dycon_kernels
+    from dycon_kernels import backends
     try:
         import triton
         triton_version = triton.__version__
@@ -396,6 +394,8 @@ def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] =
     lines += [f"python {platform.python_version()}, torch {torch.__version__} "
               f"(CUDA {torch.version.cuda}), triton {triton_version}, "
               f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
+              # the trainer logs the same lines at its start (dycon.loop.log_kernels)
+              *backends.report_lines(backends.report(device)),
               f"dtypes: {dtypes}",
               "time: median over repeats after warm-up, ms ("
               + ("CUDA events after synchronize" if device.type == "cuda" else "perf_counter") + "); "

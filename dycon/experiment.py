@@ -82,7 +82,7 @@ log = logging.getLogger("dycon.experiment")
 SEED_KEY = "train.seed"
 METRICS = ("dice", "hd95")                     # compared and plotted
 RESULT_COLUMNS = ["variant", "seed", "draw", "dice", "jaccard", "hd95", "asd", "iterations", "best_val_dice",
-                  "wall_s"]   # wall_s: of the call that completed the cell (after an interruption: its last part)
+                  "wall_s", "kernels"]   # wall_s: of the call that completed the cell (after an interruption: its last part)
 DONE = "cell.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # variant names are directory names
 
@@ -219,8 +219,15 @@ def read_run(run_dir: Path) -> dict:
         metrics = list(csv.DictReader(f))
     trained = [r for r in metrics if r["total"]]
     val = [float(r["val_dice"]) for r in metrics if r["val_dice"]]
-    return {"cases": rows, "definition": summary["definition"],
+    # what the kernels ran on, as dycon.loop.log_kernels recorded it in the run's config.yaml
+    kernels = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("kernels", {})
+    return {"cases": rows, "definition": summary["definition"], "kernels": kernels_text(kernels),
             "iterations": int(trained[-1]["step"]) if trained else 0, "best_val_dice": max(val, default=math.nan)}
+
+
+def kernels_text(kernels: dict) -> str:
+    """'uncl=cpu fecl=cpu' from a run's recorded kernels ('?' for runs without the record)."""
+    return " ".join(f"{op}={v['backend']}" for op, v in kernels.get("ops", {}).items()) or "?"
 
 
 def check_done(cell: Cell, cfg: dict, run_dir: Path) -> dict | None:
@@ -377,8 +384,17 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
     if agg["pairs"]:
         lines += ["", *_pair_table(agg["pairs"])]
     definition = records[0]["definition"] if records else ""
-    lines += ["", f"Dice as a percentage. {definition}", "", f"Command: `{command}`", ""]
+    lines += ["", f"Dice as a percentage. {definition}", "", _kernels_line(records), "", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def _kernels_line(records: list[dict]) -> str:
+    """Which backend each op ran on, per run (the CSV's ``kernels`` column), grouped."""
+    runs = {}
+    for r in records:
+        runs.setdefault(r.get("kernels", "?"), []).append(f"{r['cell']['variant']} seed {r['cell']['seed']}")
+    groups = [f"`{k}` ({'all runs' if len(runs) == 1 else ', '.join(v)})" for k, v in runs.items()]
+    return "Kernels (backend per op, as each run's trainer resolved it): " + "; ".join(groups) + "."
 
 
 def _pair_table(pairs: list[dict]) -> list[str]:
@@ -445,7 +461,8 @@ def result_row(record: dict) -> dict:
     scores = {m: _nanmean(case_scores(record, m).values()) for m in ("dice", "jaccard", "hd95", "asd")}
     return {**{k: record["cell"][k] for k in ("variant", "seed", "draw")},
             **{m: round(v, 4) for m, v in scores.items()}, "iterations": record["iterations"],
-            "best_val_dice": round(record["best_val_dice"], 4), "wall_s": record["wall_s"]}
+            "best_val_dice": round(record["best_val_dice"], 4), "wall_s": record["wall_s"],
+            "kernels": record.get("kernels", "?")}
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -35,6 +36,7 @@ from dycon.metrics import dice
 from dycon.networks import build_model
 from dycon.objectives import UAMT
 from dycon.schedules import beta_at, learning_rate
+from dycon_kernels import backends
 from dycon_kernels.presets import teacher_threshold_ramp
 
 log = logging.getLogger("dycon.train")
@@ -107,6 +109,18 @@ def setup_logging(run_dir: Path, ctx: distributed.Context) -> None:
     file_handler = logging.FileHandler(run_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_handler)
+
+
+def log_kernels(cfg: dict, run_dir: Path, device: torch.device, ctx: distributed.Context) -> None:
+    """Say per op which backend the kernels use and why (an explicit one that cannot run fails
+    here, not at the first step), and record it as ``kernels`` in the run's config.yaml."""
+    info = backends.report(device, cfg["train"]["kernel_backend"])
+    for line in backends.report_lines(info):
+        log.info("%s", line)
+    config = run_dir / "config.yaml"
+    if ctx.is_main and config.is_file():   # written by the command line (dycon.train)
+        saved = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**saved, "kernels": info}, sort_keys=False))
 
 
 def set_determinism(deterministic: bool) -> None:
@@ -281,6 +295,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
              len(val_cases), len(sampler), device, ctx.world_size,
              sum(p.numel() for p in framework.student.parameters()) / 1e6, t["amp"], t["compile"],
              t["deterministic"])
+    log_kernels(cfg, run_dir, device, ctx)
     if cfg["data"]["label_seed"] is not None:
         log.info("labelled cases (label_seed %s): %s", cfg["data"]["label_seed"],
                  " ".join(train_cases[i].id for i in labeled))

@@ -130,7 +130,10 @@ def main(argv=None) -> dict:
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a run directory?)")
-        cfg = merge_config(DEFAULTS, yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+        saved = yaml.safe_load(cfg_path.read_text())
+        if isinstance(saved, dict):   # 'kernels': what the last session ran (dycon.loop.log_kernels)
+            saved.pop("kernels", None)
+        cfg = merge_config(DEFAULTS, saved, str(cfg_path))
     else:
         cfg = load_config(args.config)
     apply_flags(cfg, args)

@@ -82,6 +82,9 @@ def test_grid_resumes_after_interruption(tmp_path, grid_file, caplog, monkeypatc
     assert (pair["a"], pair["b"], pair["paired_runs"]) == ("mean_teacher", "supervised", 2)
     rows = (out / "summary.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("variant,seed,draw,dice")
+    assert all(row.endswith(",uncl=cpu fecl=cpu") for row in rows[1:])   # the kernels each cell ran on
+    assert "Kernels (backend per op, as each run's trainer resolved it): `uncl=cpu fecl=cpu` (all runs)" \
+        in (out / "summary.md").read_text()
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mean_teacher − supervised" in (out / "summary.md").read_text()
 

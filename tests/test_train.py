@@ -66,6 +66,7 @@ def test_each_framework_method_and_preset_trains(tmp_path, data_root, framework,
             assert 0 <= float(row["val_patch_recall"]) <= 1
     log_text = (tmp_path / "train.log").read_text()
     assert ("label leakage" in log_text) == (method == "dycon" and preset == "official")
+    assert "kernels on cpu: fecl -> cpu (" in log_text and "kernels on cpu: uncl -> cpu (" in log_text
     assert ("validation pseudo-label patches: precision" in log_text) == (method == "dycon" and preset == "dycon")
     assert (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
 
@@ -128,6 +129,7 @@ def test_cli_runs_tests_and_resumes(tmp_path, data_root):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["labelnum"] == "50%" and saved["train"]["seed"] == 3
     assert saved["loss"]["fecl_warmup"] == 1 and saved["loss"]["patch_purity"] == 0.5
+    assert saved["kernels"]["ops"]["fecl"]["backend"] == "cpu" and saved["kernels"]["extension"] == "loaded"
     assert 0 <= result["test"]["classes"]["1"]["dice"]["mean"] <= 1
     assert (run / "eval_test_student" / "cases.csv").exists()   # the report dycon.evaluate --run writes
     with pytest.raises(FileExistsError, match="--resume"):

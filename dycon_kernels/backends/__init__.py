@@ -292,9 +292,9 @@ def resolve(backend: str, device: torch.device, op: str, dense=None) -> str:
     return choose(backend, device, op, dense)[0]
 
 
-def report(device: torch.device) -> dict:
-    """What ``backend='auto'`` runs on ``device``, per op, and why; with the extension's build
-    (for train.log, config.yaml, the experiment report and the benchmarks' header)."""
+def report(device: torch.device, backend: str = "auto") -> dict:
+    """What ``backend`` (default 'auto') runs on ``device``, per op, and why; with the extension's
+    build (for train.log, config.yaml, the experiment report and the benchmarks' header)."""
     state = extension_state()
     try:
         import triton
@@ -303,11 +303,11 @@ def report(device: torch.device) -> dict:
         triton_version = None
     ops = {}
     for op in ("uncl", "fecl"):
-        name, why = choose("auto", device, op)
+        name, why = choose(backend, device, op)
         ops[op] = {"backend": name, "why": why}
     return {"device": device.type, "ops": ops, "extension": state.status,
             "extension_torch": state.record.get("torch"), "extension_cuda_archs": state.record.get("cuda_arch_list"),
-            "torch": torch.__version__, "triton": triton_version}
+            "torch": str(torch.__version__), "triton": triton_version}
 
 
 def report_lines(info: dict) -> list[str]:
