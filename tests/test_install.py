@@ -20,6 +20,7 @@ import venv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,8 @@ def test_fresh_venv_pip_install_runs_every_command(tmp_path):
     _run([py, "-m", "pip", "install", "-e", ".", "--no-build-isolation"], repo, env, 1200)
     where = _run([py, "-c", "import dycon, torch; print(dycon.__file__)"], tmp_path, env, 120)
     assert str(repo / "dycon") in where
+    # the environment report (console script): the editable build loads, with its build record
+    assert f"built with torch {torch.__version__}" in _run([str(env_dir / "bin" / "dycon-env")], repo, env, 120)
 
     _run([py, "-c", "from dycon.demo import ensure_demo_data; "
                     "ensure_demo_data('data/tiny', size=32, splits={'train': 4, 'val': 1, 'test': 1})"], repo, env, 300)

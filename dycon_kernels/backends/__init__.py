@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -63,9 +64,10 @@ class ExtensionState:
 
     @property
     def explanation(self) -> str:
-        """One paragraph for a warning or an error: what happened and the command that fixes it."""
+        """One paragraph for a warning or an error: what happened and the command that fixes it
+        ('' once loaded)."""
         if self.status == "loaded":
-            return f"dycon_kernels._C loaded from {self.path} (built with torch {self.record.get('torch', '?')})"
+            return ""
         if self.status == "absent":
             return ("the compiled kernels (dycon_kernels._C) are not built in this installation, so the fused "
                     f"C++/CUDA backends are absent; build them with: {rebuild_command()}")
