@@ -18,6 +18,8 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper; +PTX lets newer GPUs JIT-compile the sm_90 code.
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# dycon-<cmd> runs python -m dycon.<cmd> (nnU-Net users type nnUNetv2_train; ours is dycon-train)
+CONSOLE_SCRIPTS = ("train", "predict", "evaluate", "preprocess", "experiment", "plot")
 
 
 def _flag(name):
@@ -117,10 +119,14 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy", "h5py", "nibabel", "pyyaml", "tqdm", "tensorboard",
                       "matplotlib"],
     extras_require={
-        "dev": ["pytest", "hypothesis", "psutil"],
+        # the tests, and the libraries they check ours against (the MONAI and medpy metrics,
+        # nnU-Net's folds and preprocessing): CI installs them so those checks run
+        "dev": ["pytest", "hypothesis", "psutil", "monai", "medpy", "nnunetv2"],
+        "nnunet": ["nnunetv2"],      # DyCON inside nnU-Net (docs/nnunet.md)
         "monai": ["monai"],          # --hd monai
         "sitk": ["SimpleITK"],       # .nrrd / .mha images
     },
+    entry_points={"console_scripts": [f"dycon-{cmd}=dycon.{cmd}:console_main" for cmd in CONSOLE_SCRIPTS]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

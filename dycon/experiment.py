@@ -529,5 +529,10 @@ def main(argv=None, **defaults) -> dict:
     return agg
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-experiment command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()

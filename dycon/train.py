@@ -164,5 +164,10 @@ def main(argv=None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-train command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()
