@@ -28,7 +28,7 @@ for arg in "$@"; do
         --dev) DEV=1 ;;
         --cpu) [ "$TORCH_BUILD" = cuda ] && { echo "$usage: --cpu and --cuda exclude each other" >&2; exit 2; }; TORCH_BUILD=cpu ;;
         --cuda) [ "$TORCH_BUILD" = cpu ] && { echo "$usage: --cpu and --cuda exclude each other" >&2; exit 2; }; TORCH_BUILD=cuda ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "$usage (unknown argument: $arg)" >&2; exit 2 ;;
     esac
 done
