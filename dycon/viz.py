@@ -508,7 +508,19 @@ def _plot_series(ax, series, label: str, ylabel: str, log_scale: bool = False) -
     ax.set_ylabel(ylabel)
     if log_scale and np.all(values > 0):
         ax.set_yscale("log")
+    elif len(values) and np.all(values == values[0]):
+        _constant_axis(ax, float(values[0]))
     ax.grid(alpha=0.3)
+
+
+def _constant_axis(ax, value: float) -> None:
+    """A constant series (a fixed learning rate or beta) as a line in the middle of a plain
+    axis, with its value written: matplotlib's own limits for a flat line are +-0.05 around it
+    with an offset label, ticks that read as noise."""
+    pad = abs(value) / 2 or 1.0
+    ax.set_ylim(value - pad, value + pad)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+    ax.text(0.5, 0.6, f"constant: {value:g}", ha="center", transform=ax.transAxes)
 
 
 def curves_figure(metrics: dict, title: str = "") -> Figure:
