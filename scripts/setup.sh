@@ -13,6 +13,7 @@
 #   --cpu      force the CPU-only torch (from $TORCH_CPU_INDEX, default PyTorch's CPU wheel index).
 #   --cuda     force pip's default torch (the CUDA build) without a driver; the CUDA kernels are
 #              compiled when nvcc is found.
+#   --dry-run  say which torch would be installed and why, and stop.
 # TORCH_SPEC picks the torch (e.g. TORCH_SPEC=torch==2.13.0+cpu), TORCHVISION_SPEC the torchvision.
 # A second run recompiles nothing when the sources are unchanged: the build keeps its objects in
 # build/ and ninja skips what is up to date. The build prints a line per compiled source.
@@ -20,15 +21,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-usage="usage: bash scripts/setup.sh [--dev] [--cpu | --cuda]"
+usage="usage: bash scripts/setup.sh [--dev] [--cpu | --cuda] [--dry-run]"
 DEV=0
+DRY_RUN=0
 TORCH_BUILD=auto
 for arg in "$@"; do
     case "$arg" in
         --dev) DEV=1 ;;
+        --dry-run) DRY_RUN=1 ;;
         --cpu) [ "$TORCH_BUILD" = cuda ] && { echo "$usage: --cpu and --cuda exclude each other" >&2; exit 2; }; TORCH_BUILD=cpu ;;
         --cuda) [ "$TORCH_BUILD" = cpu ] && { echo "$usage: --cpu and --cuda exclude each other" >&2; exit 2; }; TORCH_BUILD=cuda ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "$usage (unknown argument: $arg)" >&2; exit 2 ;;
     esac
 done
@@ -49,6 +52,11 @@ if [ "$TORCH_BUILD" = auto ]; then
     fi
 else
     why="--$TORCH_BUILD"
+fi
+
+if [ "$DRY_RUN" = 1 ]; then
+    echo "torch: $([ "$TORCH_BUILD" = cpu ] && echo "CPU build" || echo "pip's default build") ($why)"
+    exit 0
 fi
 
 [ -x .venv/bin/python ] || { step "virtual environment .venv"; "$PYTHON" -m venv .venv; }
@@ -81,13 +89,14 @@ python -m pip install -q -r requirements-build.txt -c build/torch-pin.txt
 
 EXTRA=""
 [ "$DEV" = 1 ] && EXTRA="[dev]"
-if python -W ignore -c "import sys, torch; sys.exit(torch.version.cuda is None)" && { command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; } \
-    && [ "${DYCON_SKIP_CUDA:-0}" = 0 ]; then
-    echo "   The CUDA kernels will be compiled too (torch is a CUDA build and nvcc is here): each of the 2"
-    echo "   sources for every GPU architecture of TORCH_CUDA_ARCH_LIST (4 by default) takes a minute or two"
-    echo "   on 2 cores, with no output in between."
-fi
 step "dycon$EXTRA: dependencies and kernels (a line per compiled source; nothing to compile when up to date)"
+# Say before a long silence that it is coming (compilers print nothing while they work).
+echo "   A first build compiles the C++ kernels: 3 sources, up to a minute or two each on 2 cores."
+if python -W ignore -c "import sys, torch; sys.exit(torch.version.cuda is None)" && [ "${DYCON_SKIP_CUDA:-0}" = 0 ] \
+    && { command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
+    echo "   Then the CUDA kernels (torch is a CUDA build and nvcc is here): 2 sources, each for every GPU"
+    echo "   architecture of TORCH_CUDA_ARCH_LIST (4 by default): a minute or two each, several in all."
+fi
 # -v shows the compiler's lines; of those we print ninja's "[i/n] source" (the full log stays in build/).
 set +e
 python -m pip install -v -e ".$EXTRA" --no-build-isolation -c build/torch-pin.txt 2>&1 | tee build/pip-install.log \
