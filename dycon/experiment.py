@@ -461,7 +461,8 @@ PROG = "python -m dycon.experiment"
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help="grid YAML file (config, set, variants, seeds, draws, ...)")
-    p.add_argument("--config", help="trainer config, name or path (default: the grid's, else demo)")
+    p.add_argument("--config", help=f"trainer config: a YAML file, or one of {', '.join(train_cli.config_names())} "
+                                    "(default: the grid's, else demo)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="add one variant per method: {train.method: METHOD}")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="add a variant: a name and its dotted overrides (repeatable)")

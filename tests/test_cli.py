@@ -69,8 +69,9 @@ def test_other_usage_errors_are_one_line_too(capsys):
     assert len(err.splitlines()) == 1 and "invalid choice: 'nope'" in err and "did you mean" not in err, err
 
 
-def test_config_help_lists_the_shipped_configs():
-    text = " ".join(train.build_parser().format_help().split())
+@pytest.mark.parametrize("name", ["train", "experiment"])
+def test_config_help_lists_the_shipped_configs(name):
+    text = " ".join(COMMANDS[name].build_parser().format_help().split())
     assert "brats19, demo, demo_hard, isles22, la, nifti, pancreas" in text
 
 
