@@ -508,8 +508,6 @@ def _plot_series(ax, series, label: str, ylabel: str, log_scale: bool = False) -
     ax.set_ylabel(ylabel)
     if log_scale and np.all(values > 0):
         ax.set_yscale("log")
-    elif len(values) and np.all(values == values[0]):
-        _constant_axis(ax, float(values[0]))
     ax.grid(alpha=0.3)
 
 
@@ -537,6 +535,9 @@ def curves_figure(metrics: dict, title: str = "") -> Figure:
                           (lr, "lr", "learning rate")):
         if key in metrics:
             _plot_series(ax, metrics[key], key, name)
+            values = metrics[key][1]
+            if np.all(values == values[0]):
+                _constant_axis(ax, float(values[0]))
         else:
             ax.text(0.5, 0.5, f"no {name} in this run", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
