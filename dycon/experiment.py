@@ -69,13 +69,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from scipy import stats
 
 from dycon import cli, config as C, train as train_cli
-from dycon.evaluate import report_dir
-from dycon.loop import pick_device
 
 log = logging.getLogger("dycon.experiment")
 
@@ -208,6 +205,8 @@ def run_cell(cell: Cell, cfg: dict, run_dir: Path, launcher: str | None) -> dict
 
 def read_run(run_dir: Path) -> dict:
     """A finished trainer run's per-case test scores and its training figures."""
+    from dycon.evaluate import report_dir   # torch: not before the flags are parsed
+
     report = report_dir(run_dir, "test", "student")
     if not (report / "cases.csv").is_file():
         raise FileNotFoundError(f"{run_dir}: the trainer ended without {report / 'cases.csv'} "
@@ -353,6 +352,10 @@ def _ci(interval, scale: float, digits: int) -> str:
 
 
 def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], command: str) -> str:
+    import torch
+
+    from dycon.loop import pick_device
+
     device = pick_device(records[0]["config"]["train"]["device"]) if records else "?"
     lines = [
         f"# Experiment grid — config `{grid.config}`",

@@ -1,5 +1,6 @@
 """Command lines: one flag style, every flag explained, expected errors as one line with status 2."""
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,16 @@ def test_each_console_script_entry_answers_help(name, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         sys.exit(COMMANDS[name].console_main())
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+@pytest.mark.parametrize("name", ["train", "experiment", "plot"])
+def test_help_does_not_import_torch(name):
+    """--help and usage errors come before torch is imported (seconds on a busy machine)."""
+    code = (f"import sys\nfrom dycon import {name}\nsys.argv = ['dycon-{name}', '--help']\n"
+            f"try:\n    {name}.console_main()\nexcept SystemExit:\n    print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-500:] + proc.stderr[-2000:]
 
 
 def run_command(name, argv, capsys):
