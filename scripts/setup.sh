@@ -68,12 +68,17 @@ python -m pip install -q --upgrade pip
 # and a torchvision resolved later would replace torch with the release it was built for.
 torch_pkgs=("${TORCH_SPEC:-torch}")
 [ "$DEV" = 1 ] && torch_pkgs+=("${TORCHVISION_SPEC:-torchvision}")
-if [ "$TORCH_BUILD" = cpu ]; then
+installed=$(python -m pip list --format=freeze 2>/dev/null | grep -E '^torch==' || true)
+if [ -n "$installed" ] && [ "$DEV" = 0 ] && [ "$why" != "--$TORCH_BUILD" ] && [ -z "${TORCH_SPEC:-}" ]; then
+    # Without a flag, a second run (or the demo's set-up after the tests') keeps the torch it
+    # finds rather than switching builds under the compiled kernels.
+    step "torch ${installed#torch==}, already in .venv: kept (remove .venv or set TORCH_SPEC to change it)"
+elif [ "$TORCH_BUILD" = cpu ]; then
     step "torch, CPU build ($why)"
     python -m pip install -q --retries 1 "${torch_pkgs[@]}" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
     # pip may still take a CUDA build from another index or link folder set in its own config.
     python -W ignore -c "import sys, torch; sys.exit(torch.version.cuda and
-        f'--cpu: pip installed torch {torch.__version__}, a CUDA build (an index or link folder of the pip '
+        f'CPU path: pip installed torch {torch.__version__}, a CUDA build (an index or link folder of the pip '
         'configuration has it); name a CPU wheel with TORCH_SPEC, e.g. TORCH_SPEC=torch==2.13.0+cpu')"
 else
     step "torch, pip's default build ($why)"
