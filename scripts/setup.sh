@@ -4,7 +4,8 @@
 #
 #   (no flag)  which torch depends on the machine: where no NVIDIA driver is found, the CPU-only
 #              build (small, no CUDA kernels compiled: nothing could run them); where one is, pip's
-#              default torch (on Linux x86_64 a CUDA build of several GB).
+#              default torch (on Linux x86_64 a CUDA build of several GB). A torch already in
+#              .venv is kept.
 #   --dev      the test environment, what CI runs: the [dev] extra too (pytest, hypothesis, psutil,
 #              and nnunetv2, monai, medpy that the cross-checks compare with). torch is installed
 #              with the torchvision nnunetv2 needs, both pinned for the rest of the install so that
@@ -31,7 +32,7 @@ for arg in "$@"; do
         --dry-run) DRY_RUN=1 ;;
         --cpu) [ "$TORCH_BUILD" = cuda ] && { echo "$usage: --cpu and --cuda exclude each other" >&2; exit 2; }; TORCH_BUILD=cpu ;;
         --cuda) [ "$TORCH_BUILD" = cpu ] && { echo "$usage: --cpu and --cuda exclude each other" >&2; exit 2; }; TORCH_BUILD=cuda ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "$usage (unknown argument: $arg)" >&2; exit 2 ;;
     esac
 done
