@@ -38,6 +38,8 @@ def _load_build_names():
 BUILD_NAMES = _load_build_names()
 # Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper; +PTX lets newer GPUs JIT-compile the sm_90 code.
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# dycon-<cmd> runs python -m dycon.<cmd> (nnU-Net users type nnUNetv2_train; ours is dycon-train)
+CONSOLE_SCRIPTS = ("train", "predict", "evaluate", "preprocess", "experiment", "plot")
 
 
 def _flag(name):
@@ -180,11 +182,15 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy", "h5py", "nibabel", "pyyaml", "tqdm", "tensorboard",
                       "matplotlib"],
     extras_require={
-        "dev": ["pytest", "hypothesis", "psutil"],
+        # the tests, and the libraries they check ours against (the MONAI and medpy metrics,
+        # nnU-Net's folds and preprocessing): CI installs them so those checks run
+        "dev": ["pytest", "hypothesis", "psutil", "monai", "medpy", "nnunetv2"],
+        "nnunet": ["nnunetv2"],      # DyCON inside nnU-Net (docs/nnunet.md)
         "monai": ["monai"],          # --hd monai
         "sitk": ["SimpleITK"],       # .nrrd / .mha images
     },
-    entry_points={"console_scripts": ["dycon-env = dycon_kernels.__main__:main"]},
+    entry_points={"console_scripts": [f"dycon-{cmd}=dycon.{cmd}:console_main" for cmd in CONSOLE_SCRIPTS]
+                  + ["dycon-env=dycon_kernels.__main__:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

@@ -4,6 +4,8 @@
   underscores (``--labeled_bs``, the SSL4MIS spelling); abbreviations are refused, so a typo is
   an error rather than a guess.
 - Every flag has a help text (checked when the parser is built).
+- A usage error is one line, ``<prog>: error: <message>`` (exit status 2), not argparse's usage
+  block; a misspelled flag names the closest one (``--labelnm``: did you mean --labelnum?).
 - ``run(main, prog)``: an error the project raises on purpose for bad input (a missing file, a
   bad data file or config: a ``ValueError``/``OSError`` raised in dycon's own code, or a
   ``UsageError``) prints one line, ``<prog>: error: <message>``, and exits with status 2, as
@@ -16,6 +18,7 @@ before importing the heavy modules.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import traceback
@@ -71,6 +74,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(normalize_flags(args), namespace)
+
+    def error(self, message: str):
+        """One line instead of argparse's usage block, with the closest flag to each unknown one."""
+        hints = [f"{word}: did you mean {match}?" for word, match in self._closest_flags(message)]
+        text = "; ".join([message, *hints])
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (--help lists the flags)\n")
+
+    def _closest_flags(self, message: str) -> list[tuple[str, str]]:
+        """(unknown flag, closest known flag) for each flag of an 'unrecognized arguments' message."""
+        if not message.startswith("unrecognized arguments: "):
+            return []
+        known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        pairs = []
+        for word in message.split(": ", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            match = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("--") else []
+            if match:
+                pairs.append((flag, match[0]))
+        return pairs
 
 
 def normalize_flags(argv: Sequence[str]) -> list[str]:

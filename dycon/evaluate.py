@@ -295,5 +295,10 @@ def main(argv=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-evaluate command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()

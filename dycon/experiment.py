@@ -69,13 +69,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from scipy import stats
 
 from dycon import cli, config as C, train as train_cli
-from dycon.evaluate import report_dir
-from dycon.loop import pick_device
 
 log = logging.getLogger("dycon.experiment")
 
@@ -208,6 +205,8 @@ def run_cell(cell: Cell, cfg: dict, run_dir: Path, launcher: str | None) -> dict
 
 def read_run(run_dir: Path) -> dict:
     """A finished trainer run's per-case test scores and its training figures."""
+    from dycon.evaluate import report_dir   # torch: not before the flags are parsed
+
     report = report_dir(run_dir, "test", "student")
     if not (report / "cases.csv").is_file():
         raise FileNotFoundError(f"{run_dir}: the trainer ended without {report / 'cases.csv'} "
@@ -360,6 +359,10 @@ def _ci(interval, scale: float, digits: int) -> str:
 
 
 def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], command: str) -> str:
+    import torch
+
+    from dycon.loop import pick_device
+
     device = pick_device(records[0]["config"]["train"]["device"]) if records else "?"
     lines = [
         f"# Experiment grid — config `{grid.config}`",
@@ -478,7 +481,8 @@ PROG = "python -m dycon.experiment"
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help="grid YAML file (config, set, variants, seeds, draws, ...)")
-    p.add_argument("--config", help="trainer config, name or path (default: the grid's, else demo)")
+    p.add_argument("--config", help=f"trainer config: a YAML file, or one of {', '.join(train_cli.config_names())} "
+                                    "(default: the grid's, else demo)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="add one variant per method: {train.method: METHOD}")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="add a variant: a name and its dotted overrides (repeatable)")
@@ -546,5 +550,10 @@ def main(argv=None, **defaults) -> dict:
     return agg
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-experiment command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()

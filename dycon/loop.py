@@ -222,22 +222,25 @@ def patch_label_quality(model, cases, cfg: dict, device, ctx: distributed.Contex
 
 # ----------------------------------------------------------------------------------- the run
 
-def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(cfg: dict, run_dir: Path, resume: bool = False, stop_after: int | None = None,
+          threads_note: str | None = None) -> dict:
     """Run (or continue) training; returns ``{"step", "best_dice", "skipped", "seconds"}``.
 
     ``stop_after`` ends this call after that many optimiser steps in total, saving
     ``latest.pt`` so that ``resume=True`` continues the same run (e.g. on a time-limited queue).
     Under ``torchrun`` every process calls this; only the main one writes to ``run_dir``.
+    ``threads_note`` is the log line that says how many torch threads the run takes and why.
     """
     t = cfg["train"]
     ctx = distributed.init(pick_device(t["device"]).type)
     try:
-        return _train(cfg, run_dir, resume, stop_after, ctx, pick_device(t["device"], ctx))
+        return _train(cfg, run_dir, resume, stop_after, ctx, pick_device(t["device"], ctx), threads_note)
     finally:
         distributed.shutdown(ctx)
 
 
-def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Context, device) -> dict:
+def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Context, device,
+           threads_note: str | None = None) -> dict:
     t = cfg["train"]
     distributed.check_divisible(ctx, t["batch_size"], t["labeled_bs"])
     check_amp_device(t, device)
@@ -246,7 +249,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
     set_determinism(t["deterministic"])
     if t["threads"]:
         torch.set_num_threads(t["threads"])
-    log.info("torch threads: %d%s", torch.get_num_threads(), "" if t["threads"] else " (torch's setting)")
+    # once, with the reason dycon.train chose the count for (cli.choose_threads)
+    log.info("%s", threads_note or f"torch threads: {torch.get_num_threads()}"
+             + ("" if t["threads"] else " (torch's setting)"))
     torch.manual_seed(t["seed"])   # the initial weights; the same on every process
 
     # with the unlabelled pool; splits.json and the preprocessing plan recorded in the run

@@ -203,5 +203,10 @@ def main(argv=None) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-predict command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -406,5 +406,10 @@ def main(argv=None) -> Path:
     return folder
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-preprocess command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -36,8 +36,8 @@ from pathlib import Path
 import yaml
 
 from dycon import cli
-from dycon.config import DEFAULTS, FRAMEWORKS, METHODS, PRESETS, apply_flags, check_config, load_config, \
-    merge_config, prepare_demo_data
+from dycon.config import CONFIG_DIR, DEFAULTS, FRAMEWORKS, METHODS, PRESETS, apply_flags, check_config, \
+    load_config, merge_config, prepare_demo_data
 
 PROG = "python -m dycon.train"
 # flag -> (type, help) of the SSL4MIS-style numeric flags (config key: config.FLAG_KEYS)
@@ -60,9 +60,15 @@ NUMBER_FLAGS = {
 }
 
 
+def config_names() -> list[str]:
+    """The configs that ship in dycon/configs, by the name --config takes."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="demo", help="YAML file or name in dycon/configs (default: demo)")
+    p.add_argument("--config", default="demo",
+                   help=f"a YAML file, or one of {', '.join(config_names())} (dycon/configs; default: demo)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
     p.add_argument("--output", metavar="RUN_DIR", help="run directory (default runs/<config>-<method>-<time>)")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the test-set evaluation")
@@ -115,12 +121,45 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_data(cfg: dict, test: bool) -> None:
-    """List the cases of every split the run will read, so that a bad root or list fails here."""
-    from dycon.data import list_cases
+    """List the cases of every split the run will read and draw the labelled ones, so that a bad
+    root, list or ``--labelnum`` fails here."""
+    from dycon.data import list_cases, training_cases
 
     for split in ("train", "val" if cfg["val"]["every"] else None, "test" if test else None):
         if split and not list_cases(cfg["data"], split):
             raise cli.UsageError(f"data root {cfg['data']['root']}: the {split} list is empty")
+    training_cases(cfg["data"])
+
+
+def check_device(name: str) -> None:
+    """A device torch does not know, or ``--device cuda[:N]`` where it sees no such GPU, fails
+    here, in one line, rather than in the loop after the run directory is made."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        index = torch.device(name).index or 0
+    except RuntimeError as err:
+        raise cli.UsageError(f"--device {name}: not a device name ({err})") from None
+    count = torch.cuda.device_count()
+    if torch.device(name).type != "cuda" or index < count:
+        return
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    seen = "no CUDA GPU is visible" if count == 0 else f"only {count} CUDA GPU(s) are visible"
+    raise cli.UsageError(f"--device {name}: {seen} (torch {torch.__version__}, {build}); "
+                         "use --device cpu, or auto for the GPU where there is one")
+
+
+def picture_lines(run_dir: Path) -> list[str]:
+    """Where the run's pictures are, for the last lines of the console."""
+    snapshots = run_dir / "eval_test_student" / "snapshots"
+    lines = [f"curves: {run_dir / 'curves.png'}"] if (run_dir / "curves.png").is_file() else []
+    if snapshots.is_dir():
+        lines.append(f"test overlays: {snapshots}")
+    if (run_dir / "tensorboard").is_dir():
+        lines.append(f"uncertainty images: tensorboard --logdir {run_dir / 'tensorboard'}  (IMAGES)")
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -137,14 +176,14 @@ def main(argv=None) -> dict:
     else:
         cfg = load_config(args.config)
     apply_flags(cfg, args)
+    check_device(cfg["train"]["device"])
     prepare_demo_data(cfg, generate=args.generate_demo)
     if cfg["data"]["layout"] == "nifti":   # the preprocessing plan, and the config's 'auto' values from it
         from dycon.preprocess import configure
         configure(cfg)
     check_config(cfg)
     check_data(cfg, args.test)
-    cfg["train"]["threads"], why = cli.choose_threads(cfg["train"]["threads"])
-    print(why, flush=True)
+    cfg["train"]["threads"], threads_note = cli.choose_threads(cfg["train"]["threads"])
     is_main = int(os.environ.get("RANK", "0")) == 0   # under torchrun, only rank 0 writes
     if not (args.resume or args.output) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("several processes need the run directory named: give --output RUN_DIR "
@@ -160,12 +199,19 @@ def main(argv=None) -> dict:
 
     from dycon.loop import log, test_run, train   # torch: only once the arguments are good
 
-    result = train(cfg, run_dir, resume=bool(args.resume))
+    result = train(cfg, run_dir, resume=bool(args.resume), threads_note=threads_note)
     if args.test and is_main:
         result["test"] = test_run(cfg, run_dir)
     log.info("run directory: %s", run_dir)
+    for line in picture_lines(run_dir):
+        log.info("  %s", line)
     return result
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The dycon-train command (setup.py's console scripts)."""
     cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+    console_main()

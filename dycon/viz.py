@@ -511,6 +511,16 @@ def _plot_series(ax, series, label: str, ylabel: str, log_scale: bool = False) -
     ax.grid(alpha=0.3)
 
 
+def _constant_axis(ax, value: float) -> None:
+    """A constant series (a fixed learning rate or beta) as a line in the middle of a plain
+    axis, with its value written: matplotlib's own limits for a flat line are +-0.05 around it
+    with an offset label, ticks that read as noise."""
+    pad = abs(value) / 2 or 1.0
+    ax.set_ylim(value - pad, value + pad)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+    ax.text(0.5, 0.6, f"constant: {value:g}", ha="center", transform=ax.transAxes)
+
+
 def curves_figure(metrics: dict, title: str = "") -> Figure:
     """One run's curves: each loss term, beta, learning rate and validation Dice over steps."""
     fig = Figure(figsize=(10, 7), dpi=DPI, layout="constrained")
@@ -525,6 +535,9 @@ def curves_figure(metrics: dict, title: str = "") -> Figure:
                           (lr, "lr", "learning rate")):
         if key in metrics:
             _plot_series(ax, metrics[key], key, name)
+            values = metrics[key][1]
+            if np.all(values == values[0]):
+                _constant_axis(ax, float(values[0]))
         else:
             ax.text(0.5, 0.5, f"no {name} in this run", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)

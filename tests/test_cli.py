@@ -1,12 +1,27 @@
 """Command lines: one flag style, every flag explained, expected errors as one line with status 2."""
+import ast
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from dycon import cli, evaluate, experiment, plot, predict, preprocess, train
+from dycon.demo import ensure_demo_data
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_py_constant(name):
+    """A top-level constant of setup.py, read without running it (it would build the extension)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name)
+
+
+CONSOLE_SCRIPTS = setup_py_constant("CONSOLE_SCRIPTS")
 COMMANDS = {"evaluate": evaluate, "predict": predict, "train": train, "experiment": experiment, "plot": plot,
             "preprocess": preprocess}
 
@@ -38,6 +53,29 @@ def test_abbreviations_and_unknown_flags_are_errors(capsys):
         assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("typo", ["--labelnm", "--label_num", "--labelnum_=4"])
+def test_a_misspelled_flag_is_one_line_naming_the_closest(typo, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.build_parser().parse_args([typo, "4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("python -m dycon.train: error: unrecognized arguments") and \
+        "did you mean --labelnum?" in err, err
+
+
+def test_other_usage_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--method", "nope"])
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "invalid choice: 'nope'" in err and "did you mean" not in err, err
+
+
+@pytest.mark.parametrize("name", ["train", "experiment"])
+def test_config_help_lists_the_shipped_configs(name):
+    text = " ".join(COMMANDS[name].build_parser().format_help().split())
+    assert "brats19, demo, demo_hard, isles22, la, nifti, pancreas" in text
+
+
 def test_a_flag_without_help_is_refused():
     with pytest.raises(ValueError, match="--batch needs a help text"):
         parser().add_argument("--batch", type=int)
@@ -51,6 +89,30 @@ def test_every_flag_of_every_command_has_help(name):
     assert isinstance(p, cli.ArgumentParser) and not p.allow_abbrev
     for action in p._actions:
         assert action.help, f"{name}: {action.option_strings} has no help"
+
+
+def test_every_command_has_a_console_script():
+    assert sorted(CONSOLE_SCRIPTS) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_each_console_script_entry_answers_help(name, monkeypatch, capsys):
+    """What pip's dycon-<name> script runs: sys.exit(dycon.<name>.console_main()), with --help;
+    tests/test_install.py runs the installed scripts themselves."""
+    monkeypatch.setattr(sys, "argv", [f"dycon-{name}", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        sys.exit(COMMANDS[name].console_main())
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+@pytest.mark.parametrize("name", ["train", "experiment", "plot"])
+def test_help_does_not_import_torch(name):
+    """--help and usage errors come before torch is imported (seconds on a busy machine)."""
+    code = (f"import sys\nfrom dycon import {name}\nsys.argv = ['dycon-{name}', '--help']\n"
+            f"try:\n    {name}.console_main()\nexcept SystemExit:\n    print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-500:] + proc.stderr[-2000:]
 
 
 def run_command(name, argv, capsys):
@@ -101,6 +163,26 @@ def test_train_bad_inputs_are_one_line_and_make_no_run_directory(tmp_path, capsy
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("device,gpus,message", [("cuda", 0, "--device cuda: no CUDA GPU is visible (torch "),
+                                                 ("cuda:2", 2, "--device cuda:2: only 2 CUDA GPU(s) are visible"),
+                                                 ("gpu", 0, "--device gpu: not a device name")])
+def test_a_device_torch_cannot_use_fails_before_the_run_directory(device, gpus, message, tmp_path, monkeypatch,
+                                                                  capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    run = tmp_path / "run"
+    assert message in run_command("train", ["--device", device, "--output", str(run)], capsys)
+    assert not run.exists()
+
+
+def test_labelnum_beyond_the_training_cases_fails_before_the_run_directory(tmp_path, capsys):
+    root = ensure_demo_data(tmp_path / "demo", size=32, splits={"train": 3, "val": 1, "test": 1})
+    run = tmp_path / "run"
+    err = run_command("train", ["--root_path", str(root), "--labelnum", "200", "--output", str(run)], capsys)
+    assert "between 1 and the 3 training cases, got 200" in err and not run.exists()
+
+
 def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, monkeypatch):
     def broken(argv):
         raise ValueError("raised outside dycon's own code")   # this file is not the project's code
@@ -146,9 +228,10 @@ def test_train_records_its_thread_count_and_generates_the_demo_only_when_asked(t
     from dycon import loop
 
     seen = {}
-    monkeypatch.setattr(loop, "train", lambda cfg, run_dir, resume: seen.setdefault("threads", cfg["train"]["threads"]))
+    monkeypatch.setattr(loop, "train", lambda cfg, run_dir, resume, threads_note:
+                        seen.update(threads=cfg["train"]["threads"], note=threads_note))
     root, run = tmp_path / "demo", tmp_path / "run"
     train.main(["--root_path", str(root), "--generate-demo", "--threads", "2", "--no-test", "--output", str(run)])
     assert (root / "demo_version.txt").is_file()
-    assert seen["threads"] == 2
+    assert seen == {"threads": 2, "note": "torch threads: 2 (--threads / train.threads)"}
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["threads"] == 2

@@ -1,7 +1,8 @@
 """A new user's install: a fresh virtual environment, `pip install -e . --no-build-isolation` of a
 clean copy of the repository, and every kind of command the README shows runs in it (a two-
 iteration training with its test report, an evaluation, a prediction, the smallest case of each
-benchmark: UnCL, FeCL, the method comparison, the kernel report). It fails when a module that a
+benchmark: UnCL, FeCL, the method comparison, the kernel report), and the dycon-* console scripts
+answer --help. It fails when a module that a
 default path imports is missing from setup.py.
 
 torch and the packages it requires are linked from this test's own environment instead of
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from test_cli import CONSOLE_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -107,12 +110,15 @@ def test_fresh_venv_pip_install_runs_every_command(tmp_path):
     _run([py, "-c", "from dycon.demo import ensure_demo_data; "
                     "ensure_demo_data('data/tiny', size=32, splits={'train': 4, 'val': 1, 'test': 1})"], repo, env, 300)
     (repo / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    _run([py, "-m", "dycon.train", "--config", "tiny.yaml", "--output", "runs/tiny"], repo, env, 600)
+    bin_ = env_dir / "bin"
+    for command in CONSOLE_SCRIPTS:   # the console scripts pip made, each answering --help
+        assert "usage: " in _run([str(bin_ / f"dycon-{command}"), "--help"], repo, env, 120)
+    _run([str(bin_ / "dycon-train"), "--config", "tiny.yaml", "--output", "runs/tiny"], repo, env, 600)
     assert (repo / "runs/tiny/best.pt").exists() or (repo / "runs/tiny/latest.pt").exists()
-    _run([py, "-m", "dycon.evaluate", "--run", "runs/tiny", "--output", "report"], repo, env, 300)
+    _run([py, "-m", "dycon.evaluate", "--run", "runs/tiny", "--output", "report"], repo, env, 300)   # -m too
     assert (repo / "report/summary.json").exists()
     case = next((repo / "data/tiny").rglob("*.h5"))
-    _run([py, "-m", "dycon.predict", "--run", "runs/tiny", "--input", str(case), "--output", "pred"], repo, env, 300)
+    _run([str(bin_ / "dycon-predict"), "--run", "runs/tiny", "--input", str(case), "--output", "pred"], repo, env, 300)
     assert list((repo / "pred").glob("*.nii.gz"))
 
     bench = ["--quick", "--device", "cpu", "--backends", "cpu", "--threads", "1", "--out", "bench"]

@@ -261,6 +261,20 @@ def test_curves_png_and_plot_cli(tmp_path):
     assert [line.get_label() for line in fig.axes[1].lines] == ["run_a", "run_b"]
 
 
+def test_a_constant_series_gets_a_plain_axis_and_its_value():
+    steps = np.arange(1, 21)
+    fig = viz.curves_figure({"lr": (steps, np.full(20, 0.01)), "beta": (steps, 5 - steps / 10),
+                             "total": (steps, 1 / steps), "fecl": (steps, np.zeros(20))})   # a zero loss term
+    losses, _, beta, lr = fig.axes
+    assert lr.get_ylim() == pytest.approx((0.005, 0.015))
+    assert [t.get_text() for t in lr.texts] == ["constant: 0.01"]
+    fig.canvas.draw()
+    assert lr.yaxis.get_offset_text().get_text() == ""   # no "+1e-2"-style offset above the ticks
+    assert not losses.texts and not beta.texts and beta.get_ylim()[0] < 3.0 and beta.get_ylim()[1] > 4.9   # varying: untouched
+    flat_zero = viz.curves_figure({"lr": (steps, np.zeros(20))}).axes[3]
+    assert flat_zero.get_ylim() == (-1.0, 1.0)
+
+
 def test_plot_does_not_import_torch(tmp_path):
     import os
     import subprocess
