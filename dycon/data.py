@@ -36,6 +36,7 @@ fold ``k`` of a 5-fold cross-validation instead.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -148,8 +149,9 @@ def split_ids(data_cfg: dict) -> dict:
     (None: the data set defines no such split). Where they come from, first match wins:
 
     - test: ``test.txt`` / ``test.list``; NIfTI: ``imagesTs/`` or the MSD ``test`` list.
-    - train and val with ``fold: k``: fold ``k`` of ``splits_final.json`` in the root (nnU-Net's
-      format), else of a fixed 5-fold split of the training ids (seed 12345).
+    - train and val with ``fold: k``: fold ``k`` of ``splits_final.json`` in the root or in
+      ``$nnUNet_preprocessed/<data set>/`` (nnU-Net's file), else of nnU-Net's own 5-fold split of
+      the sorted labelled training ids (``crossval_folds``): fold k here is fold k there.
     - train and val with ``holdout_val: k``: the last ``k`` ids of the training list are val.
     - val: ``val.txt`` / ``val.list``.
     - train: ``train.txt`` / ``train.list``; NIfTI: every case of ``imagesTr/`` (or the MSD
@@ -215,24 +217,67 @@ def _all_training_ids(layout: str, root: Path, ids: dict) -> list[str]:
     return [i for i in _nifti_folder_ids(root, "train") if i not in held_out]
 
 
-def _fold_split(layout: str, root: Path, pool: list[str], fold: int, n_folds: int = 5) -> tuple[list[str], list[str]]:
-    """(train, val) ids of cross-validation fold ``fold``; the generated folds validate on
-    labelled cases only (images without a label file stay in every fold's training split)."""
-    path = root / "splits_final.json"
-    if path.is_file():
+def _fold_split(layout: str, root: Path, pool: list[str], fold: int) -> tuple[list[str], list[str]]:
+    """(train, val) ids of cross-validation fold ``fold``: nnU-Net's ``splits_final.json`` where
+    there is one (``splits_file``), else nnU-Net's 5-fold split of the sorted labelled training ids
+    (``crossval_folds``); images without a label file stay in every fold's training split."""
+    path = splits_file(root)
+    if path is not None:
         folds = _read_json(path)
         if not isinstance(folds, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in folds):
             raise ValueError(f"{path}: expected nnU-Net's format, a list of {{'train': [...], 'val': [...]}} per fold")
         source = str(path)
-    else:   # a fixed split, so that every run of fold k sees the same cases
-        labelled = [i for i in pool if layout != "nifti" or _nifti_label_path(root, i, "train") is not None]
-        order = [labelled[i] for i in np.random.default_rng(12345).permutation(len(labelled))]
-        folds = [{"train": [i for i in pool if i not in set(val)], "val": list(val)}
-                 for val in np.array_split(np.array(order, dtype=object), min(n_folds, len(labelled)))]
-        source = f"a {len(folds)}-fold split of the {len(labelled)} labelled training cases (no {path})"
+    else:
+        labelled = sorted(i for i in pool if layout != "nifti" or _nifti_label_path(root, i, "train") is not None)
+        folds = [{"train": [i for i in pool if i not in set(val)], "val": val} for val in
+                 (f["val"] for f in crossval_folds(labelled))]
+        source = (f"nnU-Net's {len(folds)}-fold split of the {len(labelled)} labelled training cases "
+                  f"(no splits_final.json in {root} or {_preprocessed_folder(root)})")
     if not 0 <= fold < len(folds):
         raise ValueError(f"data.fold={fold} but {source} has folds 0 .. {len(folds) - 1}")
     return [str(i) for i in folds[fold]["train"]], [str(i) for i in folds[fold]["val"]]
+
+
+CROSSVAL_SEED, CROSSVAL_FOLDS = 12345, 5   # nnU-Net's (nnUNetTrainer.do_split)
+
+
+def crossval_folds(ids: list[str], seed: int = CROSSVAL_SEED, n_folds: int = CROSSVAL_FOLDS) -> list[dict]:
+    """nnU-Net's cross-validation split, ``[{'train': [...], 'val': [...]}, ...]``: what
+    ``nnunetv2.utilities.crossval_split.generate_crossval_split`` returns for the same ids, i.e.
+    sklearn's ``KFold(n_folds, shuffle=True, random_state=seed)``, written out here so that
+    neither is needed (tests/test_data_folders.py checks it against both). Fewer ids than folds
+    give one fold per id. nnU-Net passes the ids sorted."""
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"a cross-validation split needs at least 2 labelled training cases, got {n}")
+    order = np.arange(n)
+    np.random.RandomState(seed).shuffle(order)   # KFold(shuffle=True): check_random_state(seed).shuffle
+    k = min(n_folds, n)
+    sizes = np.full(k, n // k)
+    sizes[: n % k] += 1                          # KFold: the first n % k folds take one more id
+    folds, start = [], 0
+    for size in sizes:
+        val = set(order[start:start + size].tolist())
+        folds.append({"train": [ids[i] for i in range(n) if i not in val],
+                      "val": [ids[i] for i in range(n) if i in val]})
+        start += size
+    return folds
+
+
+def _preprocessed_folder(root: Path) -> Optional[Path]:
+    """``$nnUNet_preprocessed/<data set folder name>``, where nnU-Net writes ``splits_final.json``."""
+    base = os.environ.get("nnUNet_preprocessed")
+    return Path(base) / Path(root).resolve().name if base else None
+
+
+def splits_file(root: Path) -> Optional[Path]:
+    """The ``splits_final.json`` that folds come from: in the data set folder, else in
+    ``$nnUNet_preprocessed/<data set name>/`` where nnU-Net writes it (None: neither)."""
+    preprocessed = _preprocessed_folder(root)
+    for folder in (Path(root), preprocessed):
+        if folder is not None and (folder / "splits_final.json").is_file():
+            return folder / "splits_final.json"
+    return None
 
 
 def _holdout_split(pool: list[str], holdout: int) -> tuple[list[str], list[str]]:

@@ -372,7 +372,7 @@ PROG = "python -m dycon.preprocess"
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(PROG, description=__doc__.split("\n")[0])
     p.add_argument("--root_path", required=True, help="NIfTI data set folder (nnU-Net or MSD)")
-    p.add_argument("--fold", type=int, help="cross-validation fold (splits_final.json or a fixed 5-fold split)")
+    p.add_argument("--fold", type=int, help="cross-validation fold (splits_final.json, else nnU-Net's 5-fold split)")
     p.add_argument("--labelnum", default="100%",
                    help="labelled cases, a count or a share such as 20%% (default: all with a label file); "
                         "the training run's --labelnum and --fold give its plan, so that it finds this cache")
