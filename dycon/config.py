@@ -71,7 +71,7 @@ DEFAULTS = {
     # the released validation keeps every component (test.largest_component is for the test set)
     "val": {"every": 200, "stride_xy": 64, "stride_z": 64, "largest_component": False},
     "test": {"stride_xy": 16, "stride_z": 4, "largest_component": True, "hd_definition": "medpy",
-             "units": "voxel"},
+             "units": "voxel", "empty_both": "zero"},   # empty_both: dycon.metrics.EMPTY_BOTH
 }
 
 # SSL4MIS-style flags -> (section, key)
