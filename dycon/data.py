@@ -82,6 +82,19 @@ class Volume:
     spacing: Optional[tuple] = None
     header: Any = None
     path: str = ""
+    ignore_label: Optional[int] = None     # label value of unannotated voxels: neither trained nor scored
+
+
+def scored_voxels(volume) -> Optional[np.ndarray]:
+    """The voxels that metrics count: all but those of the volume's ignore label (None: all)."""
+    ignore = getattr(volume, "ignore_label", None)
+    return None if ignore is None else volume.label != ignore
+
+
+def training_label(label: np.ndarray, ignore: Optional[int]) -> torch.Tensor:
+    """``label`` as the int64 tensor the losses take: -1 (not trained on) where it is ``ignore``."""
+    out = torch.from_numpy(np.ascontiguousarray(label)).long()
+    return out if ignore is None else out.masked_fill_(out == ignore, -1)
 
 
 @dataclass
@@ -98,6 +111,7 @@ class Case:
     channels_last: bool = False                          # MSD: one 4-D file, channels on its last axis
     channel_count: Optional[int] = None                  # channels dataset.json names (None: any)
     label_values: Optional[tuple] = None                 # label values dataset.json allows (None: any)
+    ignore_label: Optional[int] = None                   # dataset.json's "ignore" label (nnU-Net v2)
 
     @property
     def image_files(self) -> list:
@@ -381,8 +395,10 @@ def _check_image(array: np.ndarray, where: str) -> np.ndarray:
     return image
 
 
-def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = None) -> np.ndarray:
-    """``array`` as uint8: whole numbers in 0..255 (and below ``num_classes`` when given)."""
+def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = None,
+                 ignore: Optional[int] = None) -> np.ndarray:
+    """``array`` as uint8: whole numbers in 0..255 (and below ``num_classes`` when given, the
+    ``ignore`` label apart)."""
     _check_numeric(array, "label", where)
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
@@ -394,6 +410,8 @@ def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = Non
         raise DataError(f"{where}: label has negative values (min {low}); labels must be 0, 1, ...")
     if high > 255:
         raise DataError(f"{where}: label values go up to {high}; at most 255 classes are supported (uint8)")
+    if ignore is not None and num_classes is not None:
+        high = max((v for v in np.unique(array).tolist() if v != ignore), default=0)
     if num_classes is not None and high >= num_classes:
         raise DataError(f"{where}: label values go up to {int(high)} but num_classes is {num_classes} "
                         f"(labels must be 0 .. {num_classes - 1}; check model.num_classes)")
@@ -468,12 +486,38 @@ def label_values(meta: dict) -> Optional[tuple]:
     labels = meta.get("labels")
     if not labels:
         return None
-    if all(str(k).isdigit() for k in labels):   # MSD: {"0": "background", "1": "tumour"}
+    if _is_msd_labels(labels):
         return tuple(sorted(int(k) for k in labels))
     values = set()
     for v in labels.values():
         values.update(v if isinstance(v, list) else [v])
     return tuple(sorted(int(v) for v in values))
+
+
+def _is_msd_labels(labels: dict) -> bool:
+    return all(str(k).isdigit() for k in labels)   # MSD: {"0": "background", "1": "tumour"}
+
+
+def ignore_label(meta: dict) -> Optional[int]:
+    """The value of nnU-Net v2's ``ignore`` label (unannotated voxels: no loss and no metric sees
+    them), None without one. nnU-Net requires it to be the highest label value; so does this."""
+    labels = meta.get("labels") or {}
+    if _is_msd_labels(labels) or "ignore" not in labels:
+        return None
+    value = labels["ignore"]
+    if isinstance(value, list) or not str(value).isdigit():
+        raise DataError(f"dataset.json: the 'ignore' label must be one integer value, got {value!r}")
+    if int(value) != max(label_values(meta)):
+        raise DataError(f"dataset.json: the 'ignore' label ({value}) must be the highest label value, as nnU-Net "
+                        f"requires (labels: {labels})")
+    return int(value)
+
+
+def class_count(meta: dict) -> Optional[int]:
+    """The classes a network predicts: the labels of ``dataset.json``, its ``ignore`` label apart
+    (None: no ``labels``)."""
+    values, ignore = label_values(meta), ignore_label(meta)
+    return None if values is None else max(v for v in values if v != ignore) + 1
 
 
 def _is_msd(meta: dict) -> bool:
@@ -561,7 +605,8 @@ def _nifti_case(root: Path, case_id: str, split: str) -> Case:
     if label is None and split in ("train", "val"):   # val cases need a label; 'train' lists labelled ones
         label = root / FOLDERS[split][1] / f"{case_id}{ending}"
     return Case(case_id, paths[0], "nifti", channel_paths=paths, label_path=label,
-                channels_last=_is_msd(meta), channel_count=len(names), label_values=allowed)
+                channels_last=_is_msd(meta), channel_count=len(names), label_values=allowed,
+                ignore_label=ignore_label(meta))
 
 
 def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
@@ -589,11 +634,11 @@ def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
         label, affine, _ = _read_image(case.label_path, case)
         _check_same_grid(first[0], first[3], first[1], case.label_path, label.shape, affine, case, "label")
         where = _where(case, case.label_path)
-        label = _check_label(label, where, num_classes)
+        label = _check_label(label, where, num_classes, case.ignore_label)
         _check_label_values(label, case.label_values, where)
     path, affine, header, _ = first
     return Volume(np.stack(channels), label, affine=affine, spacing=voxel_spacing(affine, header),
-                  header=header, path=str(case.path))
+                  header=header, path=str(case.path), ignore_label=case.ignore_label)
 
 
 def voxel_spacing(affine: np.ndarray, header=None) -> tuple:
@@ -710,21 +755,21 @@ class PatchDataset(Dataset):
             return self._volumes[index]
         vol = self.cases[index].load(self.num_classes)
         if self.cache:
-            self._volumes[index] = (vol.image, vol.label)
-        return vol.image, vol.label
+            self._volumes[index] = (vol.image, vol.label, vol.ignore_label)
+        return vol.image, vol.label, vol.ignore_label
 
     def __getitem__(self, item):
         index, seed = item
         rng = np.random.default_rng(seed)
-        image, label = self._volume(index)
+        image, label, ignore = self._volume(index)
         unlabelled = label is None   # a case of the unlabelled pool
         if unlabelled:
             label = np.zeros(image.shape[1:], np.uint8)   # cropped and turned along with the image
         image, label = random_crop(image, label, self.patch, rng)
         if self.augment:
             image, label = rot_flip(image, label, rng)
-        label = torch.from_numpy(np.ascontiguousarray(label)).long()
-        # -1: no label; the losses read labels of the labelled slots only
+        label = training_label(label, ignore)
+        # -1: no label (the whole patch of an unlabelled case, the ignore label's voxels of a labelled one)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": label.fill_(-1) if unlabelled else label}
 

@@ -30,7 +30,7 @@ import torch
 
 from dycon import cli
 from dycon.checkpoint import load_checkpoint
-from dycon.data import list_cases
+from dycon.data import list_cases, scored_voxels
 from dycon.preprocess import predict_labels
 from dycon.metrics import (EMPTY_BOTH, HD_DEFINITIONS, METRICS, NNUNET_METRICS, case_metrics, empty_policy,
                            nnunet_case_metrics)
@@ -110,8 +110,7 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict, on_case=None) 
         spacing = _case_spacing(case, volume, cfg["units"])
         pred = predict_labels(model, volume, dict(cfg, device=device), case.id)   # on the label's own grid
         case_rows = []
-        ignore = getattr(volume, "ignore_label", None)
-        scored = None if ignore is None else volume.label != ignore
+        scored = scored_voxels(volume)
         for c in range(1, cfg["num_classes"]):
             row = {"case": case.id, "class": c,
                    **case_metrics(pred == c, volume.label == c, spacing, cfg["hd_definition"], cfg["empty_both"], scored),

@@ -42,7 +42,7 @@ import torch
 from scipy import ndimage
 
 from dycon import cli
-from dycon.data import (Case, Volume, channel_names, dataset_meta, label_values, list_cases, record_splits,
+from dycon.data import (Case, Volume, channel_names, class_count, dataset_meta, list_cases, record_splits,
                         split_ids, training_cases)
 from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
 
@@ -155,12 +155,11 @@ def make_plan(fp: dict, meta: dict, target_spacing="median") -> dict:
     if target is not None and (len(target) != 3 or min(target) <= 0):
         raise ValueError(f"target_spacing must be 'median', null or three positive numbers, got {target_spacing!r}")
     median_shape = resampled_shape(fp["median_shape"], fp["median_spacing"], target)
-    values = label_values(meta)
     return {"version": PLAN_VERSION, "orientation": "RAS",
             "target_spacing": None if target is None else [float(t) for t in target],
             "normalization": [_scheme(n, s) for n, s in zip(names, fp["foreground_intensity"])],
             "channel_names": names, "in_channels": len(names),
-            "num_classes": None if values is None else max(values) + 1,
+            "num_classes": class_count(meta),
             "patch_size": suggest_patch_size(median_shape)}
 
 
@@ -259,9 +258,10 @@ class PreprocessedCase:
             with np.load(self.cache) as f:
                 if str(f["signature"]) == signature:
                     label = f["label"] if f["labelled"] else None
-                    if label is not None and num_classes is not None and label.max() >= num_classes:
+                    ignore = self.case.ignore_label
+                    if label is not None and num_classes is not None and label[label != ignore].max(initial=0) >= num_classes:
                         return self._fresh(num_classes, signature)   # raises the loader's error
-                    return Volume(f["image"], label, path=str(self.path))
+                    return Volume(f["image"], label, path=str(self.path), ignore_label=ignore)
         return self._fresh(num_classes, signature)
 
     def _fresh(self, num_classes, signature: str) -> Volume:
@@ -273,7 +273,7 @@ class PreprocessedCase:
             np.savez(tmp, image=image, label=label if label is not None else np.zeros(0, np.uint8),
                      labelled=label is not None, signature=signature)
             tmp.replace(self.cache)
-        return Volume(image, label, path=str(self.path))
+        return Volume(image, label, path=str(self.path), ignore_label=self.case.ignore_label)
 
 
 # ------------------------------------------------------------------------ the run's plan
