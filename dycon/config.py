@@ -27,7 +27,7 @@ DEFAULTS = {
              "label_seed": None,      # None: the first labelnum cases are labelled (as released)
              "demo_set": "demo",      # layout demo: which synthetic set (dycon/demo.py KINDS)
              # NIfTI data sets (dycon.preprocess): cross-validation fold, resampling, cache, the plan
-             "fold": None, "target_spacing": "median", "cache_dir": None, "preprocessing": None},
+             "fold": None, "target_spacing": "nnunet", "cache_dir": None, "preprocessing": None},
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
               "feature_scaler": 2, "embed_dim": 256,
               "dropout": None,            # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
