@@ -32,8 +32,8 @@ from dycon import cli
 from dycon.checkpoint import load_checkpoint
 from dycon.data import list_cases, scored_voxels
 from dycon.preprocess import predict_labels
-from dycon.metrics import (EMPTY_BOTH, HD_DEFINITIONS, METRICS, NNUNET_METRICS, case_metrics, empty_policy,
-                           nnunet_case_metrics)
+from dycon.metrics import (EMPTY_BOTH, HD_DEFINITIONS, METRICS, NNUNET_METRICS, case_metrics, check_hd_available,
+                           empty_policy, nnunet_case_metrics)
 from dycon.networks import build_model
 from dycon.viz import DEFAULT_SNAPSHOTS, Snapshots
 
@@ -59,6 +59,7 @@ def _complete_cfg(eval_cfg: dict) -> dict:
     cfg = {**DEFAULTS, **eval_cfg}
     if cfg["hd_definition"] not in HD_DEFINITIONS:
         raise ValueError(f"eval_cfg['hd_definition'] must be one of {HD_DEFINITIONS}, got {cfg['hd_definition']!r}")
+    check_hd_available(cfg["hd_definition"])
     if cfg["units"] not in UNITS:
         raise ValueError(f"eval_cfg['units'] must be one of {UNITS}, got {cfg['units']!r}")
     if cfg["empty_both"] not in EMPTY_BOTH:

@@ -26,6 +26,7 @@ per-case entry (TP, FP, FN, TN, Dice, IoU) for its ``summary.json`` layout.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Sequence
 
@@ -117,13 +118,23 @@ def _check_definition(definition: str) -> None:
         raise ValueError(f"hd_definition must be one of {HD_DEFINITIONS}, got {definition!r}")
 
 
+MONAI_MISSING = ("hd_definition='monai' (--hd monai) computes HD95 and ASD with MONAI, which is not installed: "
+                 "pip install monai (or dycon[monai]), or use --hd medpy")
+
+
+def check_hd_available(definition: str) -> None:
+    """Fail before any work when ``definition`` needs a library that is not installed."""
+    _check_definition(definition)
+    if definition == "monai" and importlib.util.find_spec("monai") is None:
+        raise ImportError(MONAI_MISSING)
+
+
 def _monai_distances(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, float]:
     """(HD95, ASD) computed by MONAI itself, for ``definition='monai'``."""
     try:
         from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
     except ImportError as err:
-        raise ImportError("hd_definition='monai' (--hd monai) computes HD95 and ASD with MONAI, which is not "
-                          "installed: pip install monai (or dycon[monai]), or use --hd medpy") from err
+        raise ImportError(MONAI_MISSING) from err
     import torch
     y_pred, y = (torch.from_numpy(np.ascontiguousarray(m))[None, None] for m in (pred, gt))
     kwargs = dict(include_background=True, spacing=None if spacing is None else list(spacing))

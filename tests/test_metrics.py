@@ -387,3 +387,11 @@ def test_nifti_config_keeps_every_lesion_and_scores_as_nnunet():
     from dycon.config import load_config
     test = load_config("nifti")["test"]
     assert test["largest_component"] is False and test["empty_both"] == "nan"
+
+
+def test_hd_monai_without_monai_fails_before_any_case(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "monai" else find_spec(name, *a))
+    case = SimpleNamespace(id="never", load=lambda num_classes=None: pytest.fail("a case was loaded"))
+    with pytest.raises(ImportError, match="pip install monai"):
+        evaluate_cases(Threshold(), [case], {**EVAL_CFG, "hd_definition": "monai"})
