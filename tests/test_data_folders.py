@@ -182,6 +182,12 @@ def test_generated_folds_are_nnunets(n):
         assert ours == [{"train": [str(i) for i in f["train"]], "val": [str(i) for i in f["val"]]} for f in theirs]
 
 
+def test_folds_without_sklearn_or_nnunetv2():
+    """The folds nnunetv2 2.8.1's generate_crossval_split gives ids a .. g (recorded from it), so
+    that the split is pinned where neither library is installed."""
+    assert [f["val"] for f in crossval_folds(list("abcdefg"))] == [["d", "g"], ["a", "e"], ["b"], ["f"], ["c"]]
+
+
 def test_fold_of_a_folder_is_nnunets_fold_over_its_labelled_cases(tmp_path):
     cfg = nnunet_folder(tmp_path, labelled=tuple("gfedcba"))   # listed unsorted: nnU-Net sorts
     expected = crossval_folds(list("abcdefg"))
