@@ -29,9 +29,6 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(autouse=True)
-def _small_fingerprints(monkeypatch):
-    """nnU-Net draws 10^8 foreground intensities per fingerprint (seconds and 400 MB a channel);
-    the tests' volumes have a few hundred foreground voxels, so 10^5 draws describe them as well."""
-    from dycon import preprocess
-    monkeypatch.setattr(preprocess, "FOREGROUND_SAMPLES", 1e5)
+# nnU-Net draws 10^8 foreground intensities per fingerprint (seconds and 400 MB a channel); the
+# tests' volumes have a few hundred foreground voxels, so 10^5 draws describe them as well.
+os.environ["DYCON_FOREGROUND_SAMPLES"] = "1e5"

@@ -158,7 +158,7 @@ def test_normalisation_statistics_come_from_labelled_training_cases_only(tmp_pat
     cases, labelled, unlabelled = training_cases(cfg, labelnum=1)
     assert [cases[i].id for i in labelled] == ["a"] and [cases[i].id for i in unlabelled] == ["b", "u"]
     plan = prepare(cfg, [cases[i] for i in labelled], tmp_path)
-    # nnU-Net's draws: FOREGROUND_SAMPLES (10^5 in the tests) with replacement, RandomState(1234)
+    # nnU-Net's draws, with replacement, RandomState(1234); 10^5 in the tests (conftest.py)
     foreground = np.random.RandomState(1234).choice(ct["a"][0][label > 0].astype(np.float32), 10 ** 5)
     scheme = plan["normalization"][0]
     assert scheme["scheme"] == "ct"
