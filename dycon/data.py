@@ -20,7 +20,9 @@ Layouts (``data_cfg["layout"]``):
 | nifti | nnU-Net v2: ``imagesTr/<case>_0000<file_ending>`` (+ _0001 ...), ``labelsTr/<case><file_ending>``, ``imagesTs/``, ``labelsTs/``, ``dataset.json``; MSD: ``dataset.json`` ``training``/``test`` lists of 4-D images | ``<root>/<split>.txt``, ``splits_final.json`` with ``fold``, else imagesTr (train) / imagesTs (test) |
 
 NIfTI training images without a label file, and the images of ``imagesUnlabelled/``, form the
-unlabelled pool (split ``"unlabelled"``). ``.nii`` / ``.nii.gz`` are read with nibabel,
+unlabelled pool (split ``"unlabelled"``). A ``dataset.json`` ``ignore`` label (nnU-Net v2: the
+highest value, unannotated voxels) is no class (``class_count``); its voxels become -1 in training
+patches (``training_label``: no loss) and are left out of every metric (``scored_voxels``). ``.nii`` / ``.nii.gz`` are read with nibabel,
 ``.nrrd`` / ``.mha`` / ``.mhd`` with SimpleITK (optional extra ``dycon[sitk]``). How the splits
 are found, and the check that training never shares a case with val or test: ``split_ids``.
 
