@@ -100,12 +100,16 @@ def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     return pred[box], gt[box]
 
 
-def surface_distances(a, b, spacing: Sequence[float] | None = None) -> np.ndarray:
-    """``d(a -> b)``: distance from every surface voxel of ``a`` to the nearest one of ``b``."""
-    a, b = _as_bool_pair(a, b)
+def _check_not_empty(a: np.ndarray, b: np.ndarray) -> None:
     for name, mask in (("first", a), ("second", b)):
         if not mask.any():
             raise ValueError(f"surface distances need non-empty masks; the {name} mask is empty")
+
+
+def surface_distances(a, b, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """``d(a -> b)``: distance from every surface voxel of ``a`` to the nearest one of ``b``."""
+    a, b = _as_bool_pair(a, b)
+    _check_not_empty(a, b)
     spacing = _check_spacing(spacing, a.ndim)
     a, b = _crop_to_union(a, b)
     # the transform measures distance to the nearest zero, hence the inverted surface of b
@@ -148,8 +152,8 @@ def hd95(pred, gt, spacing: Sequence[float] | None = None, definition: str = "me
     _check_definition(definition)
     pred, gt = _as_bool_pair(pred, gt)
     if definition == "monai":
-        surface_distances(pred, gt, spacing)   # the same checks of empty masks and spacing
-        return _monai_distances(pred, gt, spacing)[0]
+        _check_not_empty(pred, gt)
+        return _monai_distances(pred, gt, _check_spacing(spacing, pred.ndim))[0]
     return float(np.percentile(np.concatenate([surface_distances(pred, gt, spacing),
                                                surface_distances(gt, pred, spacing)]), 95))
 
