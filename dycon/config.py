@@ -27,7 +27,7 @@ DEFAULTS = {
              "label_seed": None,      # None: the first labelnum cases are labelled (as released)
              "demo_set": "demo",      # layout demo: which synthetic set (dycon/demo.py KINDS)
              # NIfTI data sets (dycon.preprocess): cross-validation fold, resampling, cache, the plan
-             "fold": None, "target_spacing": "median", "cache_dir": None, "preprocessing": None},
+             "fold": None, "target_spacing": "nnunet", "cache_dir": None, "preprocessing": None},
     "model": {"arch": "unet3d", "in_channels": 1, "num_classes": 2, "base_filters": 16,
               "feature_scaler": 2, "embed_dim": 256,
               "dropout": None,            # None: the architecture's default (0.3 U-Net, 0.5 V-Net)
@@ -71,7 +71,7 @@ DEFAULTS = {
     # the released validation keeps every component (test.largest_component is for the test set)
     "val": {"every": 200, "stride_xy": 64, "stride_z": 64, "largest_component": False},
     "test": {"stride_xy": 16, "stride_z": 4, "largest_component": True, "hd_definition": "medpy",
-             "units": "voxel"},
+             "units": "voxel", "empty_both": "zero"},   # empty_both: dycon.metrics.EMPTY_BOTH
 }
 
 # SSL4MIS-style flags -> (section, key)

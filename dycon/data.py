@@ -20,7 +20,9 @@ Layouts (``data_cfg["layout"]``):
 | nifti | nnU-Net v2: ``imagesTr/<case>_0000<file_ending>`` (+ _0001 ...), ``labelsTr/<case><file_ending>``, ``imagesTs/``, ``labelsTs/``, ``dataset.json``; MSD: ``dataset.json`` ``training``/``test`` lists of 4-D images | ``<root>/<split>.txt``, ``splits_final.json`` with ``fold``, else imagesTr (train) / imagesTs (test) |
 
 NIfTI training images without a label file, and the images of ``imagesUnlabelled/``, form the
-unlabelled pool (split ``"unlabelled"``). ``.nii`` / ``.nii.gz`` are read with nibabel,
+unlabelled pool (split ``"unlabelled"``). A ``dataset.json`` ``ignore`` label (nnU-Net v2: the
+highest value, unannotated voxels) is no class (``class_count``); its voxels become -1 in training
+patches (``training_label``: no loss) and are left out of every metric (``scored_voxels``). ``.nii`` / ``.nii.gz`` are read with nibabel,
 ``.nrrd`` / ``.mha`` / ``.mhd`` with SimpleITK (optional extra ``dycon[sitk]``). How the splits
 are found, and the check that training never shares a case with val or test: ``split_ids``.
 
@@ -36,6 +38,7 @@ fold ``k`` of a 5-fold cross-validation instead.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -81,6 +84,19 @@ class Volume:
     spacing: Optional[tuple] = None
     header: Any = None
     path: str = ""
+    ignore_label: Optional[int] = None     # label value of unannotated voxels: neither trained nor scored
+
+
+def scored_voxels(volume) -> Optional[np.ndarray]:
+    """The voxels that metrics count: all but those of the volume's ignore label (None: all)."""
+    ignore = getattr(volume, "ignore_label", None)
+    return None if ignore is None else volume.label != ignore
+
+
+def training_label(label: np.ndarray, ignore: Optional[int]) -> torch.Tensor:
+    """``label`` as the int64 tensor the losses take: -1 (not trained on) where it is ``ignore``."""
+    out = torch.from_numpy(np.ascontiguousarray(label)).long()
+    return out if ignore is None else out.masked_fill_(out == ignore, -1)
 
 
 @dataclass
@@ -97,6 +113,7 @@ class Case:
     channels_last: bool = False                          # MSD: one 4-D file, channels on its last axis
     channel_count: Optional[int] = None                  # channels dataset.json names (None: any)
     label_values: Optional[tuple] = None                 # label values dataset.json allows (None: any)
+    ignore_label: Optional[int] = None                   # dataset.json's "ignore" label (nnU-Net v2)
 
     @property
     def image_files(self) -> list:
@@ -148,8 +165,9 @@ def split_ids(data_cfg: dict) -> dict:
     (None: the data set defines no such split). Where they come from, first match wins:
 
     - test: ``test.txt`` / ``test.list``; NIfTI: ``imagesTs/`` or the MSD ``test`` list.
-    - train and val with ``fold: k``: fold ``k`` of ``splits_final.json`` in the root (nnU-Net's
-      format), else of a fixed 5-fold split of the training ids (seed 12345).
+    - train and val with ``fold: k``: fold ``k`` of ``splits_final.json`` in the root or in
+      ``$nnUNet_preprocessed/<data set>/`` (nnU-Net's file), else of nnU-Net's own 5-fold split of
+      the sorted labelled training ids (``crossval_folds``): fold k here is fold k there.
     - train and val with ``holdout_val: k``: the last ``k`` ids of the training list are val.
     - val: ``val.txt`` / ``val.list``.
     - train: ``train.txt`` / ``train.list``; NIfTI: every case of ``imagesTr/`` (or the MSD
@@ -215,24 +233,67 @@ def _all_training_ids(layout: str, root: Path, ids: dict) -> list[str]:
     return [i for i in _nifti_folder_ids(root, "train") if i not in held_out]
 
 
-def _fold_split(layout: str, root: Path, pool: list[str], fold: int, n_folds: int = 5) -> tuple[list[str], list[str]]:
-    """(train, val) ids of cross-validation fold ``fold``; the generated folds validate on
-    labelled cases only (images without a label file stay in every fold's training split)."""
-    path = root / "splits_final.json"
-    if path.is_file():
+def _fold_split(layout: str, root: Path, pool: list[str], fold: int) -> tuple[list[str], list[str]]:
+    """(train, val) ids of cross-validation fold ``fold``: nnU-Net's ``splits_final.json`` where
+    there is one (``splits_file``), else nnU-Net's 5-fold split of the sorted labelled training ids
+    (``crossval_folds``); images without a label file stay in every fold's training split."""
+    path = splits_file(root)
+    if path is not None:
         folds = _read_json(path)
         if not isinstance(folds, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in folds):
             raise ValueError(f"{path}: expected nnU-Net's format, a list of {{'train': [...], 'val': [...]}} per fold")
         source = str(path)
-    else:   # a fixed split, so that every run of fold k sees the same cases
-        labelled = [i for i in pool if layout != "nifti" or _nifti_label_path(root, i, "train") is not None]
-        order = [labelled[i] for i in np.random.default_rng(12345).permutation(len(labelled))]
-        folds = [{"train": [i for i in pool if i not in set(val)], "val": list(val)}
-                 for val in np.array_split(np.array(order, dtype=object), min(n_folds, len(labelled)))]
-        source = f"a {len(folds)}-fold split of the {len(labelled)} labelled training cases (no {path})"
+    else:
+        labelled = sorted(i for i in pool if layout != "nifti" or _nifti_label_path(root, i, "train") is not None)
+        folds = [{"train": [i for i in pool if i not in set(val)], "val": val} for val in
+                 (f["val"] for f in crossval_folds(labelled))]
+        source = (f"nnU-Net's {len(folds)}-fold split of the {len(labelled)} labelled training cases "
+                  f"(no splits_final.json in {root} or {_preprocessed_folder(root)})")
     if not 0 <= fold < len(folds):
         raise ValueError(f"data.fold={fold} but {source} has folds 0 .. {len(folds) - 1}")
     return [str(i) for i in folds[fold]["train"]], [str(i) for i in folds[fold]["val"]]
+
+
+CROSSVAL_SEED, CROSSVAL_FOLDS = 12345, 5   # nnU-Net's (nnUNetTrainer.do_split)
+
+
+def crossval_folds(ids: list[str], seed: int = CROSSVAL_SEED, n_folds: int = CROSSVAL_FOLDS) -> list[dict]:
+    """nnU-Net's cross-validation split, ``[{'train': [...], 'val': [...]}, ...]``: what
+    ``nnunetv2.utilities.crossval_split.generate_crossval_split`` returns for the same ids, i.e.
+    sklearn's ``KFold(n_folds, shuffle=True, random_state=seed)``, written out here so that
+    neither is needed (tests/test_data_folders.py checks it against both). Fewer ids than folds
+    give one fold per id. nnU-Net passes the ids sorted."""
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"a cross-validation split needs at least 2 labelled training cases, got {n}")
+    order = np.arange(n)
+    np.random.RandomState(seed).shuffle(order)   # KFold(shuffle=True): check_random_state(seed).shuffle
+    k = min(n_folds, n)
+    sizes = np.full(k, n // k)
+    sizes[: n % k] += 1                          # KFold: the first n % k folds take one more id
+    folds, start = [], 0
+    for size in sizes:
+        val = set(order[start:start + size].tolist())
+        folds.append({"train": [ids[i] for i in range(n) if i not in val],
+                      "val": [ids[i] for i in range(n) if i in val]})
+        start += size
+    return folds
+
+
+def _preprocessed_folder(root: Path) -> Optional[Path]:
+    """``$nnUNet_preprocessed/<data set folder name>``, where nnU-Net writes ``splits_final.json``."""
+    base = os.environ.get("nnUNet_preprocessed")
+    return Path(base) / Path(root).resolve().name if base else None
+
+
+def splits_file(root: Path) -> Optional[Path]:
+    """The ``splits_final.json`` that folds come from: in the data set folder, else in
+    ``$nnUNet_preprocessed/<data set name>/`` where nnU-Net writes it (None: neither)."""
+    preprocessed = _preprocessed_folder(root)
+    for folder in (Path(root), preprocessed):
+        if folder is not None and (folder / "splits_final.json").is_file():
+            return folder / "splits_final.json"
+    return None
 
 
 def _holdout_split(pool: list[str], holdout: int) -> tuple[list[str], list[str]]:
@@ -336,8 +397,10 @@ def _check_image(array: np.ndarray, where: str) -> np.ndarray:
     return image
 
 
-def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = None) -> np.ndarray:
-    """``array`` as uint8: whole numbers in 0..255 (and below ``num_classes`` when given)."""
+def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = None,
+                 ignore: Optional[int] = None) -> np.ndarray:
+    """``array`` as uint8: whole numbers in 0..255 (and below ``num_classes`` when given, the
+    ``ignore`` label apart)."""
     _check_numeric(array, "label", where)
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
@@ -349,6 +412,8 @@ def _check_label(array: np.ndarray, where: str, num_classes: Optional[int] = Non
         raise DataError(f"{where}: label has negative values (min {low}); labels must be 0, 1, ...")
     if high > 255:
         raise DataError(f"{where}: label values go up to {high}; at most 255 classes are supported (uint8)")
+    if ignore is not None and num_classes is not None:
+        high = max((v for v in np.unique(array).tolist() if v != ignore), default=0)
     if num_classes is not None and high >= num_classes:
         raise DataError(f"{where}: label values go up to {int(high)} but num_classes is {num_classes} "
                         f"(labels must be 0 .. {num_classes - 1}; check model.num_classes)")
@@ -423,12 +488,38 @@ def label_values(meta: dict) -> Optional[tuple]:
     labels = meta.get("labels")
     if not labels:
         return None
-    if all(str(k).isdigit() for k in labels):   # MSD: {"0": "background", "1": "tumour"}
+    if _is_msd_labels(labels):
         return tuple(sorted(int(k) for k in labels))
     values = set()
     for v in labels.values():
         values.update(v if isinstance(v, list) else [v])
     return tuple(sorted(int(v) for v in values))
+
+
+def _is_msd_labels(labels: dict) -> bool:
+    return all(str(k).isdigit() for k in labels)   # MSD: {"0": "background", "1": "tumour"}
+
+
+def ignore_label(meta: dict) -> Optional[int]:
+    """The value of nnU-Net v2's ``ignore`` label (unannotated voxels: no loss and no metric sees
+    them), None without one. nnU-Net requires it to be the highest label value; so does this."""
+    labels = meta.get("labels") or {}
+    if _is_msd_labels(labels) or "ignore" not in labels:
+        return None
+    value = labels["ignore"]
+    if isinstance(value, list) or not str(value).isdigit():
+        raise DataError(f"dataset.json: the 'ignore' label must be one integer value, got {value!r}")
+    if int(value) != max(label_values(meta)):
+        raise DataError(f"dataset.json: the 'ignore' label ({value}) must be the highest label value, as nnU-Net "
+                        f"requires (labels: {labels})")
+    return int(value)
+
+
+def class_count(meta: dict) -> Optional[int]:
+    """The classes a network predicts: the labels of ``dataset.json``, its ``ignore`` label apart
+    (None: no ``labels``)."""
+    values, ignore = label_values(meta), ignore_label(meta)
+    return None if values is None else max(v for v in values if v != ignore) + 1
 
 
 def _is_msd(meta: dict) -> bool:
@@ -516,7 +607,8 @@ def _nifti_case(root: Path, case_id: str, split: str) -> Case:
     if label is None and split in ("train", "val"):   # val cases need a label; 'train' lists labelled ones
         label = root / FOLDERS[split][1] / f"{case_id}{ending}"
     return Case(case_id, paths[0], "nifti", channel_paths=paths, label_path=label,
-                channels_last=_is_msd(meta), channel_count=len(names), label_values=allowed)
+                channels_last=_is_msd(meta), channel_count=len(names), label_values=allowed,
+                ignore_label=ignore_label(meta))
 
 
 def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
@@ -544,11 +636,11 @@ def _load_nifti(case: Case, num_classes: Optional[int] = None) -> Volume:
         label, affine, _ = _read_image(case.label_path, case)
         _check_same_grid(first[0], first[3], first[1], case.label_path, label.shape, affine, case, "label")
         where = _where(case, case.label_path)
-        label = _check_label(label, where, num_classes)
+        label = _check_label(label, where, num_classes, case.ignore_label)
         _check_label_values(label, case.label_values, where)
     path, affine, header, _ = first
     return Volume(np.stack(channels), label, affine=affine, spacing=voxel_spacing(affine, header),
-                  header=header, path=str(case.path))
+                  header=header, path=str(case.path), ignore_label=case.ignore_label)
 
 
 def voxel_spacing(affine: np.ndarray, header=None) -> tuple:
@@ -665,21 +757,21 @@ class PatchDataset(Dataset):
             return self._volumes[index]
         vol = self.cases[index].load(self.num_classes)
         if self.cache:
-            self._volumes[index] = (vol.image, vol.label)
-        return vol.image, vol.label
+            self._volumes[index] = (vol.image, vol.label, vol.ignore_label)
+        return vol.image, vol.label, vol.ignore_label
 
     def __getitem__(self, item):
         index, seed = item
         rng = np.random.default_rng(seed)
-        image, label = self._volume(index)
+        image, label, ignore = self._volume(index)
         unlabelled = label is None   # a case of the unlabelled pool
         if unlabelled:
             label = np.zeros(image.shape[1:], np.uint8)   # cropped and turned along with the image
         image, label = random_crop(image, label, self.patch, rng)
         if self.augment:
             image, label = rot_flip(image, label, rng)
-        label = torch.from_numpy(np.ascontiguousarray(label)).long()
-        # -1: no label; the losses read labels of the labelled slots only
+        label = training_label(label, ignore)
+        # -1: no label (the whole patch of an unlabelled case, the ignore label's voxels of a labelled one)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)),
                 "label": label.fill_(-1) if unlabelled else label}
 

@@ -2,15 +2,19 @@
 
     python -m dycon.evaluate --run RUN_DIR | --checkpoint PATH [--split test] [--weights student|teacher]
         [--root_path DATA] [--stride_xy 16 --stride_z 4] [--no-largest-component]
-        [--hd monai] [--units mm] [--output DIR] [--device cpu] [--snapshots N]
+        [--hd monai] [--units mm] [--empty-both nan] [--output DIR] [--device cpu] [--snapshots N]
 
-Strides, post-processing, HD95 definition and units default to the run's ``test`` config,
-else to the released test script's (16, 4, largest component, medpy, voxels).
+Strides, post-processing, HD95 definition, units and the score of an empty prediction on an
+empty ground truth default to the run's ``test`` config, else to the released test script's
+(16, 4, largest component, medpy, voxels, 0).
 
 Writes ``cases.csv`` (one row per case and foreground class), ``summary.json`` and
 ``summary.txt`` (mean and std, with the metric definitions and units) to the output folder, and
 overlay pictures of the first N cases plus a best/worst montage to its ``snapshots/`` (``dycon.viz``).
-Metric definitions: ``dycon.metrics``.
+``summary.json`` also holds nnU-Net's own layout, ``metric_per_case`` / ``mean`` /
+``foreground_mean`` (Dice, IoU, TP, FP, FN, TN, n_pred, n_ref as nnU-Net computes them: NaN for a
+label in neither mask, left out of the means), so that it reads like an nnU-Net ``summary.json``.
+Voxels of a ``dataset.json`` ``ignore`` label are scored by neither. Metric definitions: ``dycon.metrics``.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ import torch
 
 from dycon import cli
 from dycon.checkpoint import load_checkpoint
-from dycon.data import list_cases
+from dycon.data import list_cases, scored_voxels
 from dycon.preprocess import predict_labels
-from dycon.metrics import EMPTY_POLICY, HD_DEFINITIONS, METRICS, case_metrics
+from dycon.metrics import (EMPTY_BOTH, HD_DEFINITIONS, METRICS, NNUNET_METRICS, case_metrics, check_hd_available,
+                           empty_policy, nnunet_case_metrics)
 from dycon.networks import build_model
 from dycon.viz import DEFAULT_SNAPSHOTS, Snapshots
 
@@ -38,9 +43,10 @@ PROG = "python -m dycon.evaluate"
 UNITS = ("voxel", "mm")
 REQUIRED_KEYS = ("patch_size", "stride_xy", "stride_z", "num_classes")
 # the released test script's settings, used when neither a flag nor the run's ``test`` config sets one
-RELEASED_TEST = dict(stride_xy=16, stride_z=4, largest_component=True, hd_definition="medpy", units="voxel")
+RELEASED_TEST = dict(stride_xy=16, stride_z=4, largest_component=True, hd_definition="medpy", units="voxel",
+                     empty_both="zero")
 # optional eval_cfg keys (device None: the model's)
-DEFAULTS = dict({k: RELEASED_TEST[k] for k in ("largest_component", "hd_definition", "units")},
+DEFAULTS = dict({k: RELEASED_TEST[k] for k in ("largest_component", "hd_definition", "units", "empty_both")},
                 device=None, batch_size=1, preprocessing=None)   # the run's plan (dycon.preprocess)
 
 
@@ -53,18 +59,21 @@ def _complete_cfg(eval_cfg: dict) -> dict:
     cfg = {**DEFAULTS, **eval_cfg}
     if cfg["hd_definition"] not in HD_DEFINITIONS:
         raise ValueError(f"eval_cfg['hd_definition'] must be one of {HD_DEFINITIONS}, got {cfg['hd_definition']!r}")
+    check_hd_available(cfg["hd_definition"])
     if cfg["units"] not in UNITS:
         raise ValueError(f"eval_cfg['units'] must be one of {UNITS}, got {cfg['units']!r}")
+    if cfg["empty_both"] not in EMPTY_BOTH:
+        raise ValueError(f"eval_cfg['empty_both'] must be one of {EMPTY_BOTH}, got {cfg['empty_both']!r}")
     return cfg
 
 
-def metric_definition(hd_definition: str, units: str) -> str:
-    """One line saying which HD95 / ASD definition and units a report uses."""
+def metric_definition(hd_definition: str, units: str, empty_both: str = "zero") -> str:
+    """One line saying which HD95 / ASD definition, units and empty-mask policy a report uses."""
     hd = ("95th percentile of the surface distances of both directions pooled (medpy)"
-          if hd_definition == "medpy" else "max of the two directed 95th percentiles (MONAI)")
+          if hd_definition == "medpy" else "max of the two directed 95th percentiles (computed by MONAI)")
     unit = "voxels" if units == "voxel" else "mm (voxel spacing of each case)"
     return (f"HD95 = {hd}; ASD = mean distance from the prediction's surface to the ground truth's; "
-            f"distances in {unit}. Empty masks: {EMPTY_POLICY}.")
+            f"distances in {unit}. Empty masks: {empty_policy(empty_both)}.")
 
 
 def _case_spacing(case, volume, units: str):
@@ -81,9 +90,11 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict, on_case=None) 
 
     ``eval_cfg``: ``patch_size``, ``stride_xy``, ``stride_z``, ``num_classes`` (required);
     ``largest_component`` (True), ``hd_definition`` ('medpy' | 'monai'), ``units``
-    ('voxel' | 'mm'), ``device`` (default: the model's), ``batch_size`` (1).
+    ('voxel' | 'mm'), ``empty_both`` ('zero' | 'nan'), ``device`` (default: the model's), ``batch_size`` (1).
     Each row: ``case``, ``class`` (foreground label), ``dice``, ``jaccard``, ``hd95``, ``asd``,
-    ``empty`` (see ``dycon.metrics.case_metrics``). ``on_case(case, volume, pred, case_rows)``, if
+    ``empty`` (see ``dycon.metrics.case_metrics``) and ``nnunet`` (nnU-Net's entry,
+    ``dycon.metrics.nnunet_case_metrics``). Voxels of the case's ignore label are not scored.
+    ``on_case(case, volume, pred, case_rows)``, if
     given, is called after each case (e.g. ``dycon.viz.Snapshots``).
     """
     cfg = _complete_cfg(eval_cfg)
@@ -100,9 +111,12 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict, on_case=None) 
         spacing = _case_spacing(case, volume, cfg["units"])
         pred = predict_labels(model, volume, dict(cfg, device=device), case.id)   # on the label's own grid
         case_rows = []
+        scored = scored_voxels(volume)
         for c in range(1, cfg["num_classes"]):
             row = {"case": case.id, "class": c,
-                   **case_metrics(pred == c, volume.label == c, spacing, cfg["hd_definition"])}
+                   **case_metrics(pred == c, volume.label == c, spacing, cfg["hd_definition"], cfg["empty_both"], scored),
+                   "nnunet": nnunet_case_metrics(pred == c, volume.label == c, scored),
+                   "reference_file": str(getattr(case, "label_path", None) or volume.path)}
             log.info("%s class %d: Dice %.4f  Jaccard %.4f  HD95 %.2f  ASD %.2f%s", case.id, c, row["dice"],
                      row["jaccard"], row["hd95"], row["asd"], f"  (empty {row['empty']})" if row["empty"] else "")
             case_rows.append(row)
@@ -120,10 +134,12 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def summarize(rows: list[dict], eval_cfg: dict) -> dict:
-    """Mean and (population) std of each metric per foreground class, with the settings used.
+    """Mean and (population) std of each metric per foreground class, with the settings used,
+    and (for rows with an ``nnunet`` entry) nnU-Net's ``metric_per_case`` / ``mean`` /
+    ``foreground_mean``.
 
-    NaN values (HD95 / ASD of cases with an empty ground truth) are left out; ``n`` says how
-    many values each mean covers.
+    NaN values (HD95 / ASD of cases with an empty ground truth; all four for two empty masks
+    under ``empty_both='nan'``) are left out; ``n`` says how many values each mean covers.
     """
     cfg = _complete_cfg(eval_cfg)
     classes = sorted({r["class"] for r in rows})
@@ -139,13 +155,39 @@ def summarize(rows: list[dict], eval_cfg: dict) -> dict:
         "n_cases": len({r["case"] for r in rows}),
         "hd_definition": cfg["hd_definition"],
         "units": cfg["units"],
-        "definition": metric_definition(cfg["hd_definition"], cfg["units"]),
+        "empty_both": cfg["empty_both"],
+        "definition": metric_definition(cfg["hd_definition"], cfg["units"], cfg["empty_both"]),
         "largest_component": bool(cfg["largest_component"]),
         "patch_size": list(cfg["patch_size"]),
         "stride_xy": cfg["stride_xy"],
         "stride_z": cfg["stride_z"],
         "classes": per_class,
+        **nnunet_summary(rows),
     }
+
+
+def nnunet_summary(rows: list[dict]) -> dict:
+    """nnU-Net's ``summary.json`` layout (``compute_metrics_on_folder``): one ``metric_per_case``
+    entry per case, the NaN-ignoring ``mean`` per label, and ``foreground_mean``, the mean of
+    those over the labels. Empty when the rows carry no ``nnunet`` entry."""
+    rows = [r for r in rows if "nnunet" in r]
+    if not rows:
+        return {}
+    per_case = {}
+    for r in rows:
+        entry = per_case.setdefault(r["case"], {"reference_file": r.get("reference_file"),
+                                                "prediction_file": None, "metrics": {}})
+        entry["metrics"][str(r["class"])] = r["nnunet"]
+    labels = sorted({str(r["class"]) for r in rows}, key=int)
+    mean = {label: {m: _nanmean([e["metrics"][label][m] for e in per_case.values() if label in e["metrics"]])
+                    for m in NNUNET_METRICS} for label in labels}
+    return {"metric_per_case": list(per_case.values()), "mean": mean,
+            "foreground_mean": {m: float(np.mean([mean[label][m] for label in labels])) for m in NNUNET_METRICS}}
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def format_table(summary: dict) -> str:
@@ -185,7 +227,7 @@ def write_report(rows: list[dict], summary: dict, output_dir: str | Path) -> Pat
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cases.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "class", *METRICS, "empty"])
+        writer = csv.DictWriter(f, fieldnames=["case", "class", *METRICS, "empty"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -261,6 +303,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--hd", dest="hd_definition", choices=HD_DEFINITIONS,
                    help="HD95 definition (default: the run's test config, else medpy)")
     p.add_argument("--units", choices=UNITS, help="distance units (default: the run's test config, else voxel)")
+    p.add_argument("--empty-both", dest="empty_both", choices=EMPTY_BOTH,
+                   help="score of an empty prediction on an empty ground truth: zero (the released test scripts) "
+                        "or nan (nnU-Net: left out of the means) (default: the run's test config, else zero)")
     p.add_argument("--output", help="report folder (default: RUN/eval_<split>_<weights>, or "
                                     "eval_<checkpoint name>_<split>_<weights> beside the checkpoint)")
     p.add_argument("--snapshots", type=int, default=DEFAULT_SNAPSHOTS, metavar="N",

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dycon import distributed, frameworks, preprocess, viz
 from dycon.checkpoint import load_checkpoint, save_checkpoint
 from dycon.config import check_amp_device
-from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
+from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases, scored_voxels, training_label
 from dycon.inference import segment, sliding_window_inference
 from dycon.losses import dice_loss, patch_labels_dycon
 from dycon.metrics import dice
@@ -189,7 +189,9 @@ def validate(model, cases, cfg: dict, device, ctx: distributed.Context) -> float
         pred = segment(model, volume.image, cfg["train"]["patch_size"], cfg["val"]["stride_xy"],
                        cfg["val"]["stride_z"], cfg["model"]["num_classes"],
                        cfg["val"]["largest_component"], device)
-        scores += [dice(pred == c, volume.label == c) for c in range(1, cfg["model"]["num_classes"])]
+        scored = scored_voxels(volume)
+        scored = True if scored is None else scored
+        scores += [dice((pred == c) & scored, volume.label == c) for c in range(1, cfg["model"]["num_classes"])]
     total, count = distributed.sum_values([float(np.sum(scores)), float(len(scores))], ctx)
     return total / count
 
@@ -210,7 +212,7 @@ def patch_label_quality(model, cases, cfg: dict, device, ctx: distributed.Contex
         if 0 in grid:
             continue
         cut = tuple(slice(0, g * block) for g in grid)
-        label = torch.from_numpy(volume.label[cut].astype(np.int64)).to(device)[None]
+        label = training_label(volume.label[cut], getattr(volume, "ignore_label", None)).to(device)[None]
         pseudo = patch_labels_dycon(label, probs[(slice(None),) + cut][None], 0, grid, cfg["loss"])
         truth = patch_labels_dycon(label, torch.ones(1, num_classes, *label.shape[1:], device=device), 1, grid,
                                    cfg["loss"])

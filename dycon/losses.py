@@ -20,10 +20,11 @@ def count(n, like: torch.Tensor) -> torch.Tensor:
 
 
 def dice_sums(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per foreground class: sum(p y), sum(y^2), sum(p^2) over the batch, shape ``(C-1, 3)``."""
-    rows = []
+    """Per foreground class: sum(p y), sum(y^2), sum(p^2) over the batch, shape ``(C-1, 3)``;
+    voxels labelled -1 (an ``ignore`` label) are left out, as nnU-Net masks them."""
+    rows, scored = [], (labels >= 0).float()
     for c in range(1, num_classes):
-        p, y = probs[:, c], (labels == c).float()
+        p, y = probs[:, c] * scored, (labels == c).float()
         rows.append(torch.stack([(p * y).sum(), (y * y).sum(), (p * p).sum()]))
     return torch.stack(rows)
 
@@ -35,15 +36,17 @@ def dice_loss(sums: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed voxel cross-entropy. Written with gather rather than F.cross_entropy, whose CUDA
-    kernel has no deterministic mode."""
-    return -logits.log_softmax(1).gather(1, labels[:, None]).sum()
+    """Summed voxel cross-entropy over the voxels not labelled -1. Written with gather rather
+    than F.cross_entropy, whose CUDA kernel has no deterministic mode."""
+    scored = labels >= 0
+    return -(logits.log_softmax(1).gather(1, labels.clamp_min(0)[:, None])[:, 0] * scored).sum()
 
 
 def supervised_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """CE and Dice sums of labelled volumes: ``{"ce": (sum, voxels), "dice": (C-1) * 3 sums}``."""
+    """CE and Dice sums of labelled volumes: ``{"ce": (sum, voxels), "dice": (C-1) * 3 sums}``;
+    voxels labelled -1 (an ``ignore`` label) count in neither."""
     logits = logits.float()
-    return {"ce": torch.stack([cross_entropy_sum(logits, labels), count(labels.numel(), logits)]),
+    return {"ce": torch.stack([cross_entropy_sum(logits, labels), (labels >= 0).sum().float()]),
             "dice": dice_sums(logits.softmax(1), labels, logits.shape[1]).flatten()}
 
 
@@ -61,11 +64,12 @@ def patch_labels_dycon(labels: torch.Tensor, teacher_probs: torch.Tensor, labele
                        loss_cfg: dict) -> torch.Tensor:
     """Patch labels without leakage: ground truth for the labelled volumes, the teacher's argmax
     for the others; majority class per patch, -1 where the majority or the teacher's confidence
-    is too weak. Returns ``(B, N)``."""
+    is too weak. Voxels labelled -1 (an ``ignore`` label) vote for no class. Returns ``(B, N)``."""
     num_classes = teacher_probs.shape[1]
     voxel = torch.cat([labels[:labeled_bs], teacher_probs[labeled_bs:].argmax(1)])
     block = [s // g for s, g in zip(labels.shape[1:], grid)]
-    share = F.avg_pool3d(F.one_hot(voxel, num_classes).permute(0, 4, 1, 2, 3).float(), block)
+    votes = F.one_hot(voxel.clamp_min(0), num_classes) * (voxel >= 0)[..., None]
+    share = F.avg_pool3d(votes.permute(0, 4, 1, 2, 3).float(), block)
     purity, patch = share.max(1)
     confidence = F.avg_pool3d(teacher_probs.max(1).values[:, None].float(), block)[:, 0]
     labelled = torch.arange(len(patch), device=patch.device)[:, None, None, None] < labeled_bs

@@ -1,27 +1,34 @@
-"""Preprocessing of NIfTI data sets as nnU-Net does it, recorded in the run and inverted for output.
+"""Preprocessing of NIfTI data sets as nnU-Net v2 does it, recorded in the run and inverted for output.
 
-    python -m dycon.preprocess --root_path DATA [--fold K] [--labelnum N|P%] [--target_spacing median|off|X Y Z]
+    python -m dycon.preprocess --root_path DATA [--fold K] [--labelnum N|P%] [--target_spacing nnunet|median|off|X Y Z]
 
-A *fingerprint* is computed once from the labelled training cases (those trained with labels):
-their spacings and shapes (in RAS axis order) and, per channel, statistics of the intensities
-under the foreground label (mean, std, 0.5 / 99.5 percentiles, from at most 10,000 voxels per
-case, as nnU-Net samples them). The *plan* made from it says what training, evaluation and
-prediction do to every image, in this order:
+A *fingerprint* is computed once from the labelled training cases (those trained with labels),
+as nnU-Net's ``DatasetFingerprintExtractor``: their spacings and shapes (in RAS axis order), the
+shapes after cropping to the non-zero region (``nonzero_box``) and the median share of the image
+that crop keeps, and per channel statistics of foreground intensities (mean, std, 0.5 / 99.5
+percentiles of 10^8 / cases voxels a case, drawn with replacement, ``foreground_samples``). The
+*plan* made from it says what training, evaluation and prediction do to every image, in this order:
 
 1. reorient to RAS (``nibabel.orientations``: axes permuted and flipped, no interpolation; an
    oblique affine goes to its closest RAS axes, as nnU-Net and nibabel's ``as_closest_canonical``);
-2. normalise each channel by the scheme its ``channel_names`` entry picks: ``CT`` clips to the
-   fingerprint's 0.5 / 99.5 foreground percentiles and subtracts / divides by the foreground mean
-   / std; ``noNorm`` leaves it; anything else (MRI) is z-scored over the case's non-zero region
-   (voxels outside it are 0). The teacher's input noise (sigma 0.1) is then in units of the
-   intensity spread, whatever the scanner's units;
-3. resample to the target spacing (default: the median spacing; cubic for images, nearest for
-   labels, ``scipy.ndimage.zoom``; on a grid more than 3 times coarser along one axis, that axis
-   is resampled apart with nearest neighbours, as nnU-Net's "separate z").
+2. normalise each channel by the scheme its ``channel_names`` entry picks (``normalize``):
+   ``CT`` clips to the fingerprint's 0.5 / 99.5 foreground percentiles and subtracts / divides by
+   the foreground mean / std; ``noNorm`` leaves it; anything else (MRI) is z-scored, inside the
+   non-zero region only (the rest 0) when cropping to it keeps less than 3/4 of the median
+   image, else over the whole crop box, as nnU-Net's planner decides. The teacher's input noise
+   (sigma 0.1) is then in units of the intensity spread, whatever the scanner's units;
+3. resample to the target spacing (default ``nnunet``: the median spacing, but the 10th
+   percentile for an axis much coarser than the others, ``target_spacing``), with nnU-Net's
+   resampling (``resample``): cubic for images, each label linearly then the largest for labels,
+   and on a grid more than 3 times coarser along one axis that axis apart with nearest neighbours.
 
-Predictions are mapped back: class probabilities are resampled (linear) to the RAS grid and
-reoriented to the input's own axis order, so that the label map has the input's shape and
-affine. The h5 layouts are stored preprocessed already and get no plan.
+Where nnunetv2 is installed, its own functions do the resampling, the foreground sampling and
+the target spacing; elsewhere ours, which tests/test_nnunet_preprocessing.py checks to give the
+same numbers. What still differs from nnU-Net: docs/nnunet_conventions.md.
+
+Predictions are mapped back: class probabilities are resampled (linear, as nnU-Net exports them)
+to the RAS grid and reoriented to the input's own axis order, so that the label map has the
+input's shape and affine. The h5 layouts are stored preprocessed already and get no plan.
 
 The fingerprint and plan are written to the run folder (``fingerprint.json``,
 ``preprocessing.json``) and kept in the run's config (``data.preprocessing``), so that
@@ -35,6 +42,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -42,14 +50,14 @@ import torch
 from scipy import ndimage
 
 from dycon import cli
-from dycon.data import (Case, Volume, channel_names, dataset_meta, label_values, list_cases, record_splits,
+from dycon.data import (Case, Volume, channel_names, class_count, dataset_meta, list_cases, record_splits,
                         split_ids, training_cases)
 from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
 
 log = logging.getLogger("dycon.preprocess")
 
-PLAN_VERSION = 1
-FOREGROUND_SAMPLES = 10_000        # per case, as nnU-Net's fingerprint
+PLAN_VERSION = 2                   # 2: nnU-Net's resampling, target spacing and z-score region (issue 22)
+FOREGROUND_SAMPLES = 10e7          # nnU-Net's foreground intensities of a fingerprint, shared out over the cases
 PATCH_BUDGET = 112 * 112 * 80      # voxels of a patch chosen to fit: the released LA patch
 PATCH_MAX = 128                    # largest patch side chosen to fit
 PATCH_MIN = 32                     # smallest: the bottleneck keeps 2 voxels a side (instance norm needs > 1)
@@ -87,88 +95,235 @@ def ras_spacing(volume: Volume, ornt: np.ndarray) -> list[float]:
     return spacing
 
 
-def _resample(array: np.ndarray, shape, order: int, spacing) -> np.ndarray:
-    """Each channel of ``array`` (C, X, Y, Z) resampled to the spatial ``shape``. On an anisotropic
-    grid (``spacing`` ratio above ``ANISOTROPY``) the coarse axis is resampled on its own with
-    nearest neighbours, as nnU-Net does: interpolating across thick slices invents structure."""
-    if tuple(array.shape[1:]) == tuple(shape):
-        return array
-    factors = [n / o for n, o in zip(shape, array.shape[1:])]
-    coarse = int(np.argmax(spacing)) if max(spacing) > ANISOTROPY * min(spacing) else None
-    passes = [(factors, order)] if coarse is None or order == 0 else \
-        [([1.0 if a == coarse else f for a, f in enumerate(factors)], order),
-         ([f if a == coarse else 1.0 for a, f in enumerate(factors)], 0)]
-    for step, step_order in passes:
-        array = np.stack([ndimage.zoom(c, step, order=step_order, mode="nearest") for c in array])
-    assert array.shape[1:] == tuple(shape), (array.shape, shape)   # zoom rounds shape * factor: exact here
-    return array
-
-
 def resampled_shape(shape, spacing, target_spacing) -> list[int]:
+    """nnU-Net's ``compute_new_shape``: ``round(spacing / target * n)`` per axis."""
     if target_spacing is None:
         return list(shape)
-    return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing)]
+    return [max(1, int(round(s / t * n))) for n, s, t in zip(shape, spacing, target_spacing)]
+
+
+# ---------------------------------------------------------------------- nnU-Net's resampling
+# nnU-Net's default plans: images cubic, labels linear per label then argmax, probabilities
+# linear; on an anisotropic grid the coarse axis is resampled apart with nearest neighbours.
+# Where nnunetv2 is installed its own function runs; elsewhere ours, which tests/
+# test_nnunet_preprocessing.py checks to be equal to it.
+
+def _nnunet_resampling():
+    try:
+        from nnunetv2.preprocessing.resampling import default_resampling
+    except ImportError:
+        return None
+    return default_resampling
+
+
+def resample(array: np.ndarray, shape, spacing, new_spacing, is_seg: bool, order: int) -> np.ndarray:
+    """``array`` (C, X, Y, Z) to the spatial ``shape`` as nnU-Net's ``resample_data_or_seg_to_shape``
+    (``order_z=0``, ``force_separate_z=None``) does it; the output keeps the input's dtype."""
+    nnunet = _nnunet_resampling()
+    if nnunet is not None:
+        return nnunet.resample_data_or_seg_to_shape(array, shape, spacing, new_spacing, is_seg=is_seg, order=order,
+                                                    order_z=0, force_separate_z=None)
+    return resample_like_nnunet(array, shape, spacing, new_spacing, is_seg, order)
+
+
+def separate_z_axis(spacing, new_spacing) -> Optional[int]:
+    """nnU-Net's ``determine_do_sep_z_and_axis`` (``force_separate_z=None``): the axis resampled
+    apart, the one coarsest axis of the first grid (old, else new) more than ``ANISOTROPY`` times
+    coarser than its finest; None when neither grid is that anisotropic or two axes tie."""
+    for grid in (np.asarray(spacing, float), np.asarray(new_spacing, float)):
+        if grid.max() / grid.min() > ANISOTROPY:
+            coarse = np.where(grid.max() / grid == 1)[0]
+            return int(coarse[0]) if len(coarse) == 1 else None
+    return None
+
+
+def resample_like_nnunet(array: np.ndarray, shape, spacing, new_spacing, is_seg: bool, order: int) -> np.ndarray:
+    """nnU-Net's resampling written with scipy alone (skimage's ``resize`` is ``ndimage.zoom`` in
+    grid mode, clipped to the input's range)."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(array.shape[1:]) == shape:
+        return array
+    axis = separate_z_axis(spacing, new_spacing)
+    resize = _resize_segmentation if is_seg else _resize
+    out = np.zeros((array.shape[0], *shape), dtype=array.dtype)
+    for c, channel in enumerate(array.astype(float)):
+        if axis is None:
+            out[c] = resize(channel, shape, order)
+            continue
+        in_plane = [n for a, n in enumerate(shape) if a != axis]
+        slices = [resize(np.take(channel, i, axis), in_plane, order) for i in range(channel.shape[axis])]
+        stacked = np.stack(slices, axis)
+        # the coarse axis: nearest neighbour at nnU-Net's sample points (align_corners=False)
+        coords = np.mgrid[tuple(slice(0, n) for n in shape)].astype(float)
+        for a in range(3):
+            coords[a] = stacked.shape[a] / shape[a] * (coords[a] + 0.5) - 0.5
+        out[c] = ndimage.map_coordinates(stacked, coords, order=0, mode="nearest")
+    return out
+
+
+def _resize(x: np.ndarray, shape, order: int) -> np.ndarray:
+    """skimage ``resize(x, shape, order, mode='edge', anti_aliasing=False)`` (clip=True)."""
+    factors = [1 / (o / n) for o, n in zip(x.shape, shape)]   # as skimage computes them
+    out = ndimage.zoom(x, factors, order=order, mode="nearest", grid_mode=True)
+    return np.clip(out, x.min(), x.max(), out=out)
+
+
+def _resize_segmentation(seg: np.ndarray, shape, order: int) -> np.ndarray:
+    """batchgenerators' ``resize_segmentation``: each label's indicator resized, then the label
+    with the largest value; a tie goes to the nearest-neighbour label where it is among the tied
+    ones, else to the lowest tied label."""
+    if order == 0:
+        return _resize(seg, shape, 0)
+    labels = np.unique(seg)
+    if len(labels) == 1:
+        return np.full(shape, labels[0], dtype=seg.dtype)
+    scores = np.stack([_resize((seg == c).astype(float), shape, order) for c in labels])
+    best, winner = scores.max(0), scores.argmax(0)
+    nearest = np.searchsorted(labels, _resize(seg, shape, 0))
+    nearest_score = np.take_along_axis(scores, nearest[None], 0)[0]
+    winner = np.where((nearest_score == best) & (nearest_score > 0), nearest, winner)
+    return labels[winner].astype(seg.dtype)
 
 
 # ------------------------------------------------------------------------------ fingerprint
 
+def nonzero_box(image: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """nnU-Net's ``crop_to_nonzero``: the non-zero voxels of any channel with holes filled, and
+    their bounding box (slices; the whole image when it is all zero)."""
+    mask = ndimage.binary_fill_holes((image != 0).any(0))
+    box = ndimage.find_objects(mask.astype(np.uint8))
+    return mask, box[0] if box else tuple(slice(0, n) for n in mask.shape)
+
+
+def foreground_samples(label: np.ndarray, image: np.ndarray, count: int) -> list[np.ndarray]:
+    """Per channel, ``count`` intensities drawn with replacement from the voxels with label > 0, as
+    nnU-Net's ``DatasetFingerprintExtractor.collect_foreground_intensities`` draws them (its own
+    function where nnunetv2 is installed)."""
+    try:
+        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import \
+            DatasetFingerprintExtractor
+    except ImportError:
+        return _foreground_samples_like_nnunet(label, image, count)
+    samples, _ = DatasetFingerprintExtractor.collect_foreground_intensities(label[None], image, num_samples=count)
+    return [np.asarray(s, dtype=image.dtype) for s in samples]
+
+
+def _foreground_samples_like_nnunet(label: np.ndarray, image: np.ndarray, count: int) -> list[np.ndarray]:
+    rs, mask = np.random.RandomState(1234), label > 0   # one generator for all channels, as nnU-Net's
+    return [rs.choice(channel[mask], count, replace=True) if mask.any() else np.empty(0, channel.dtype)
+            for channel in image]
+
+
+def foreground_sample_count() -> float:
+    """``FOREGROUND_SAMPLES``, or ``$DYCON_FOREGROUND_SAMPLES`` where set (less memory: 4 bytes a
+    draw and channel; the statistics then differ from nnU-Net's by sampling noise)."""
+    value = os.environ.get("DYCON_FOREGROUND_SAMPLES")
+    try:
+        return FOREGROUND_SAMPLES if value is None else float(value)
+    except ValueError:
+        raise ValueError(f"DYCON_FOREGROUND_SAMPLES must be a number, got {value!r}") from None
+
+
 def fingerprint(cases: list[Case]) -> dict:
-    """Spacings, shapes (RAS order) and per-channel foreground intensity statistics of ``cases``
-    (labelled training cases: a case without a label is an error)."""
+    """nnU-Net's data set fingerprint of ``cases`` (labelled training cases: a case without a
+    label is an error): spacings and shapes (RAS axis order), shapes after cropping to the
+    non-zero region and the median share of the image that crop keeps, and per channel the
+    statistics of ``foreground_sample_count()`` foreground intensities, shared out over the cases."""
     if not cases:
         raise ValueError("the fingerprint needs at least one labelled training case")
-    spacings, shapes, samples = [], [], None
+    spacings, shapes, cropped, samples = [], [], [], []
     for case in cases:
         volume = case.load()
         if volume.label is None:
             raise ValueError(f"case {case.id!r}: the fingerprint is computed from labelled cases only")
         ornt = _orientation(volume, case.id)
+        image, label = _reorient(volume.image, ornt), _reorient(volume.label[None], ornt)[0]
         spacings.append(ras_spacing(volume, ornt))
-        shapes.append(list(_reorient(volume.label[None], ornt).shape[1:]))
-        values = volume.image[:, volume.label > 0]
-        if values.shape[1] > FOREGROUND_SAMPLES:
-            keep = np.random.default_rng(1234).choice(values.shape[1], FOREGROUND_SAMPLES, replace=False)
-            values = values[:, np.sort(keep)]
-        samples = values if samples is None else np.concatenate([samples, values], 1)
-    if samples.shape[1] == 0:
+        shapes.append(list(label.shape))
+        _, box = nonzero_box(image)
+        cropped.append([s.stop - s.start for s in box])
+        samples.append(foreground_samples(label, image, int(foreground_sample_count() // len(cases))))
+    per_channel = [np.concatenate([case[c] for case in samples]) for c in range(len(samples[0]))]
+    if per_channel[0].size == 0:
         raise ValueError(f"no foreground voxel (label > 0) in the {len(cases)} labelled cases")
-    return {"cases": [c.id for c in cases], "spacings": spacings, "shapes": shapes,
+    return {"cases": [c.id for c in cases], "spacings": spacings, "shapes": shapes, "shapes_after_crop": cropped,
+            "median_relative_size_after_cropping": float(np.median([np.prod(c) / np.prod(s)
+                                                                    for c, s in zip(cropped, shapes)])),
             "median_spacing": np.median(spacings, 0).tolist(), "median_shape": np.median(shapes, 0).tolist(),
-            "foreground_intensity": [_stats(s) for s in samples]}
+            "foreground_intensity": [_stats(s) for s in per_channel]}
 
 
 def _stats(values: np.ndarray) -> dict:
-    values = values.astype(np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
-            "max": float(values.max()), "median": float(np.median(values)),
-            "percentile_00_5": float(np.percentile(values, 0.5)),
-            "percentile_99_5": float(np.percentile(values, 99.5))}
+    """nnU-Net's intensity statistics of a channel's samples (computed in their own dtype, as there)."""
+    low, median, high = np.percentile(values, (0.5, 50.0, 99.5))
+    return {"mean": float(np.mean(values)), "median": float(median), "std": float(np.std(values)),
+            "min": float(np.min(values)), "max": float(np.max(values)),
+            "percentile_99_5": float(high), "percentile_00_5": float(low)}
 
 
-def make_plan(fp: dict, meta: dict, target_spacing="median") -> dict:
+def target_spacing(fp: dict) -> list[float]:
+    """nnU-Net's full-resolution target spacing (``ExperimentPlanner.determine_fullres_target_spacing``,
+    its own where nnunetv2 is installed): the median spacing, except that an axis both more than
+    ``ANISOTROPY`` times coarser than the others and with that many times fewer voxels takes the
+    10th percentile of its spacings (but not finer than the other axes)."""
+    try:
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    except ImportError:
+        return _target_spacing_like_nnunet(fp)
+    planner = SimpleNamespace(overwrite_target_spacing=None, anisotropy_threshold=ANISOTROPY,
+                              dataset_fingerprint={k: fp[k] for k in ("spacings", "shapes_after_crop")})
+    return [float(t) for t in ExperimentPlanner.determine_fullres_target_spacing(planner)]
+
+
+def _target_spacing_like_nnunet(fp: dict) -> list[float]:
+    spacings = np.vstack(fp["spacings"])
+    target, size = np.percentile(spacings, 50, 0), np.percentile(np.vstack(fp["shapes_after_crop"]), 50, 0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    other_spacing, other_size = max(target[a] for a in others), min(size[a] for a in others)
+    if target[worst] > ANISOTROPY * other_spacing and size[worst] * ANISOTROPY < other_size:
+        coarse = np.percentile(spacings[:, worst], 10)
+        target[worst] = max(other_spacing, coarse) + 1e-5 if coarse < other_spacing else coarse
+    return [float(t) for t in target]
+
+
+TARGET_SPACINGS = ("nnunet", "median")
+
+
+def make_plan(fp: dict, meta: dict, target="nnunet") -> dict:
     """The plan (see the module doc) from a fingerprint and the data set's ``dataset.json``.
-    ``target_spacing``: ``"median"``, None (no resampling) or three spacings in RAS order."""
+    ``target``: ``"nnunet"`` (``target_spacing``), ``"median"``, None (no resampling) or three
+    spacings in RAS order. Z-scored channels are standardised inside the non-zero region only
+    when cropping to it keeps less than 3/4 of the median image, as nnU-Net decides it."""
     names = channel_names(meta)
     if len(names) != len(fp["foreground_intensity"]):
         raise ValueError(f"dataset.json names {len(names)} channels, the images have {len(fp['foreground_intensity'])}")
-    target = fp["median_spacing"] if target_spacing == "median" else target_spacing
-    if target is not None and (len(target) != 3 or min(target) <= 0):
-        raise ValueError(f"target_spacing must be 'median', null or three positive numbers, got {target_spacing!r}")
-    median_shape = resampled_shape(fp["median_shape"], fp["median_spacing"], target)
-    values = label_values(meta)
+    spacing = _resolve_target(fp, target)
+    median_shape = resampled_shape(fp["median_shape"], fp["median_spacing"], spacing)
+    use_mask = fp.get("median_relative_size_after_cropping", 1.0) < 3 / 4
     return {"version": PLAN_VERSION, "orientation": "RAS",
-            "target_spacing": None if target is None else [float(t) for t in target],
-            "normalization": [_scheme(n, s) for n, s in zip(names, fp["foreground_intensity"])],
-            "channel_names": names, "in_channels": len(names),
-            "num_classes": None if values is None else max(values) + 1,
+            "target_spacing": None if spacing is None else [float(t) for t in spacing],
+            "normalization": [_scheme(n, s, use_mask) for n, s in zip(names, fp["foreground_intensity"])],
+            "channel_names": names, "in_channels": len(names), "num_classes": class_count(meta),
             "patch_size": suggest_patch_size(median_shape)}
 
 
-def _scheme(name: str, stats: dict) -> dict:
+def _resolve_target(fp: dict, target) -> Optional[list]:
+    if target is None:
+        return None
+    if target in TARGET_SPACINGS:
+        return target_spacing(fp) if target == "nnunet" else fp["median_spacing"]
+    if isinstance(target, str) or len(target) != 3 or min(target) <= 0:
+        raise ValueError(f"target_spacing must be one of {TARGET_SPACINGS}, null or three positive numbers, "
+                         f"got {target!r}")
+    return list(target)
+
+
+def _scheme(name: str, stats: dict, use_mask: bool) -> dict:
     if name.lower() == "ct":
         return {"scheme": "ct", "lower": stats["percentile_00_5"], "upper": stats["percentile_99_5"],
                 "mean": stats["mean"], "std": stats["std"]}
-    return {"scheme": "none" if name.lower() == "nonorm" else "zscore"}
+    return {"scheme": "none"} if name.lower() == "nonorm" else {"scheme": "zscore", "use_mask": use_mask}
 
 
 def suggest_patch_size(median_shape) -> list[int]:
@@ -187,21 +342,33 @@ def plan_key(plan: dict) -> str:
 
 # ----------------------------------------------------------------------------- applying a plan
 
-def normalize(image: np.ndarray, schemes: list[dict]) -> np.ndarray:
-    """Each channel of ``image`` (C, X, Y, Z) normalised by its scheme (see the module doc)."""
+def normalize(image: np.ndarray, schemes: list[dict], label: Optional[np.ndarray] = None) -> np.ndarray:
+    """Each channel of ``image`` (C, X, Y, Z) normalised by its scheme as nnU-Net's normalisation
+    classes do it, in float32: ``ct`` clipped and standardised by the fingerprint's statistics;
+    ``zscore`` standardised by the mean and std of the non-zero region (``use_mask``: there only,
+    the rest left 0) or of the box cropping to it (else, applied to the whole image); ``none`` as
+    it is. ``label`` (training) adds its labelled voxels to the region, as nnU-Net's ``seg >= 0``."""
     if len(schemes) != image.shape[0]:
         raise ValueError(f"the plan normalises {len(schemes)} channel(s), the image has {image.shape[0]}")
-    nonzero = (image != 0).any(0)
-    region = nonzero if nonzero.any() else np.ones_like(nonzero)
-    out = np.empty_like(image, dtype=np.float32)
-    for c, scheme in enumerate(schemes):
-        x = image[c].astype(np.float64)
+    mask, box = nonzero_box(image)
+    if label is not None:
+        inside = np.zeros_like(mask)
+        inside[box] = True
+        mask = mask | ((label != 0) & inside)
+    out = np.array(image, dtype=np.float32)
+    for x, scheme in zip(out, schemes):
         if scheme["scheme"] == "ct":
-            x = (np.clip(x, scheme["lower"], scheme["upper"]) - scheme["mean"]) / max(scheme["std"], 1e-8)
+            np.clip(x, scheme["lower"], scheme["upper"], out=x)
+            x -= scheme["mean"]
+            x /= max(scheme["std"], 1e-8)
+        elif scheme["scheme"] == "zscore" and scheme.get("use_mask", True):
+            values = x[mask]
+            x[mask] = (values - values.mean()) / max(values.std(), 1e-8)
         elif scheme["scheme"] == "zscore":
-            values = x[region]
-            x = np.where(region, (x - values.mean()) / max(values.std(), 1e-8), 0.0)
-        out[c] = x
+            region = x[box]
+            mean, std = region.mean(), region.std()
+            x -= mean
+            x /= max(std, 1e-8)
     return out
 
 
@@ -209,19 +376,23 @@ def apply_plan(volume: Volume, plan: dict, case_id: str = "") -> tuple[np.ndarra
     """(image, label or None, geometry) preprocessed by ``plan``; ``geometry`` is what
     ``to_input_grid`` needs to map a result back."""
     ornt = _orientation(volume, case_id)
-    image = normalize(_reorient(volume.image, ornt), plan["normalization"])
+    label = None if volume.label is None else _reorient(volume.label[None], ornt)
+    image = normalize(_reorient(volume.image, ornt), plan["normalization"], None if label is None else label[0])
     spacing = ras_spacing(volume, ornt)
-    shape = resampled_shape(image.shape[1:], spacing, plan["target_spacing"])
-    label = None
-    if volume.label is not None:
-        label = _resample(_reorient(volume.label[None], ornt), shape, 0, spacing)[0]
-    geometry = {"ornt": ornt.tolist(), "ras_shape": list(image.shape[1:]), "ras_spacing": spacing}
-    return _resample(image, shape, 3, spacing).astype(np.float32), label, geometry
+    target = plan["target_spacing"] or spacing
+    shape = resampled_shape(image.shape[1:], spacing, target)
+    if label is not None:   # nnU-Net's label resampling: each label linearly, then the largest
+        label = resample(label, shape, spacing, target, is_seg=True, order=1)[0]
+    geometry = {"ornt": ornt.tolist(), "ras_shape": list(image.shape[1:]), "ras_spacing": spacing,
+                "target_spacing": list(target)}
+    return resample(image, shape, spacing, target, is_seg=False, order=3).astype(np.float32), label, geometry
 
 
 def to_input_grid(probs: np.ndarray, geometry: dict) -> np.ndarray:
     """Class probabilities (K, ...) on the preprocessed grid, back on the input's grid."""
-    probs = _resample(probs, geometry["ras_shape"], 1, geometry["ras_spacing"])
+    # nnU-Net's export: probabilities resampled linearly from the plan's spacing to the case's
+    target = geometry.get("target_spacing", geometry["ras_spacing"])
+    probs = resample(probs, geometry["ras_shape"], target, geometry["ras_spacing"], is_seg=False, order=1)
     return _undo_orientation(probs, np.asarray(geometry["ornt"]))
 
 
@@ -259,9 +430,10 @@ class PreprocessedCase:
             with np.load(self.cache) as f:
                 if str(f["signature"]) == signature:
                     label = f["label"] if f["labelled"] else None
-                    if label is not None and num_classes is not None and label.max() >= num_classes:
+                    ignore = self.case.ignore_label
+                    if label is not None and num_classes is not None and label[label != ignore].max(initial=0) >= num_classes:
                         return self._fresh(num_classes, signature)   # raises the loader's error
-                    return Volume(f["image"], label, path=str(self.path))
+                    return Volume(f["image"], label, path=str(self.path), ignore_label=ignore)
         return self._fresh(num_classes, signature)
 
     def _fresh(self, num_classes, signature: str) -> Volume:
@@ -273,7 +445,7 @@ class PreprocessedCase:
             np.savez(tmp, image=image, label=label if label is not None else np.zeros(0, np.uint8),
                      labelled=label is not None, signature=signature)
             tmp.replace(self.cache)
-        return Volume(image, label, path=str(self.path))
+        return Volume(image, label, path=str(self.path), ignore_label=self.case.ignore_label)
 
 
 # ------------------------------------------------------------------------ the run's plan
@@ -287,7 +459,7 @@ def prepare(data_cfg: dict, labelled: list[Case], run_dir: Optional[Path] = None
         return None
     if data_cfg.get("preprocessing") is None:
         fp = fingerprint(labelled)
-        plan = make_plan(fp, dataset_meta(Path(data_cfg["root"])), data_cfg.get("target_spacing", "median"))
+        plan = make_plan(fp, dataset_meta(Path(data_cfg["root"])), data_cfg.get("target_spacing", "nnunet"))
         data_cfg["preprocessing"] = dict(plan, fingerprint=fp)
     if run_dir is not None:
         write_record(run_dir, data_cfg["preprocessing"])
@@ -372,19 +544,20 @@ PROG = "python -m dycon.preprocess"
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(PROG, description=__doc__.split("\n")[0])
     p.add_argument("--root_path", required=True, help="NIfTI data set folder (nnU-Net or MSD)")
-    p.add_argument("--fold", type=int, help="cross-validation fold (splits_final.json or a fixed 5-fold split)")
+    p.add_argument("--fold", type=int, help="cross-validation fold (splits_final.json, else nnU-Net's 5-fold split)")
     p.add_argument("--labelnum", default="100%",
                    help="labelled cases, a count or a share such as 20%% (default: all with a label file); "
                         "the training run's --labelnum and --fold give its plan, so that it finds this cache")
-    p.add_argument("--target_spacing", nargs="+", default=["median"], help="'median', 'off' or three spacings")
+    p.add_argument("--target_spacing", nargs="+", default=["nnunet"],
+                   help="'nnunet' (nnU-Net's rule), 'median', 'off' or three spacings")
     p.add_argument("--cache_dir", help="default: ROOT/dycon_preprocessed")
     p.add_argument("--output", help="folder for fingerprint.json and preprocessing.json (default: the cache)")
     return p
 
 
 def _target(values: list[str]):
-    if values in (["median"], ["off"]):
-        return "median" if values == ["median"] else None
+    if len(values) == 1 and values[0] in TARGET_SPACINGS + ("off",):
+        return None if values[0] == "off" else values[0]
     return [float(v) for v in values]
 
 

@@ -27,3 +27,8 @@ def pytest_report_header(config):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+# nnU-Net draws 10^8 foreground intensities per fingerprint (seconds and 400 MB a channel); the
+# tests' volumes have a few hundred foreground voxels, so 10^5 draws describe them as well.
+os.environ["DYCON_FOREGROUND_SAMPLES"] = "1e5"

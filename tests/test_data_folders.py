@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dycon import predict
-from dycon.data import DataError, PatchDataset, list_cases, record_splits, split_ids, training_cases
+from dycon.data import (DataError, PatchDataset, crossval_folds, list_cases, record_splits, split_ids,
+                        training_cases)
 
 nib = pytest.importorskip("nibabel")
 
@@ -164,6 +165,51 @@ def test_folds_from_splits_final_and_generated(tmp_path):
     assert (ids1["train"], ids1["val"], ids1["unlabelled"]) == (["d", "e", "f"], ["a"], ["u1"])
     with pytest.raises(ValueError, match=r"data.fold=2 but .*splits_final.json has folds 0 .. 1"):
         split_ids({**cfg, "fold": 2})
+
+
+@pytest.mark.parametrize("n", [2, 7, 13, 24])
+def test_generated_folds_are_nnunets(n):
+    """Fold k here is fold k of nnU-Net for the same ids: its own split function (sklearn's
+    KFold(5, shuffle=True, random_state=12345)) over the sorted ids."""
+    ids = sorted(f"case_{i:03d}" for i in np.random.default_rng(n).permutation(100)[:n])
+    ours = crossval_folds(ids)
+    model_selection = pytest.importorskip("sklearn.model_selection", reason="sklearn is not installed")
+    kfold = model_selection.KFold(min(5, n), shuffle=True, random_state=12345)
+    assert ours == [{"train": [ids[i] for i in tr], "val": [ids[i] for i in va]} for tr, va in kfold.split(ids)]
+    if n >= 5:   # nnU-Net's KFold needs as many ids as folds
+        crossval = pytest.importorskip("nnunetv2.utilities.crossval_split", reason="nnunetv2 is not installed")
+        theirs = crossval.generate_crossval_split(ids, seed=12345, n_splits=5)
+        assert ours == [{"train": [str(i) for i in f["train"]], "val": [str(i) for i in f["val"]]} for f in theirs]
+
+
+def test_folds_without_sklearn_or_nnunetv2():
+    """The folds nnunetv2 2.8.1's generate_crossval_split gives ids a .. g (recorded from it), so
+    that the split is pinned where neither library is installed."""
+    assert [f["val"] for f in crossval_folds(list("abcdefg"))] == [["d", "g"], ["a", "e"], ["b"], ["f"], ["c"]]
+
+
+def test_fold_of_a_folder_is_nnunets_fold_over_its_labelled_cases(tmp_path):
+    cfg = nnunet_folder(tmp_path, labelled=tuple("gfedcba"))   # listed unsorted: nnU-Net sorts
+    expected = crossval_folds(list("abcdefg"))
+    for k in range(5):
+        got = split_ids({**cfg, "fold": k})
+        assert (got["train"], got["val"]) == (expected[k]["train"], expected[k]["val"])
+
+
+def test_splits_final_from_nnunet_preprocessed(tmp_path, monkeypatch):
+    """nnU-Net writes splits_final.json to $nnUNet_preprocessed/<data set>/, not the raw folder."""
+    cfg = nnunet_folder(tmp_path / "Dataset042_Toy", labelled=tuple("abcdef"))
+    preprocessed = tmp_path / "preprocessed"
+    (preprocessed / "Dataset042_Toy").mkdir(parents=True)
+    folds = [{"train": ["a", "b", "c", "d"], "val": ["e", "f"]}]
+    (preprocessed / "Dataset042_Toy" / "splits_final.json").write_text(json.dumps(folds))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    assert split_ids({**cfg, "fold": 0})["val"] == crossval_folds(list("abcdef"))[0]["val"]
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    got = split_ids({**cfg, "fold": 0})
+    assert (got["train"], got["val"]) == (["a", "b", "c", "d"], ["e", "f"])
+    with pytest.raises(ValueError, match=r"data.fold=1 but .*preprocessed/Dataset042_Toy/splits_final.json"):
+        split_ids({**cfg, "fold": 1})
 
 
 def _write_la(path, seed):

@@ -1,5 +1,6 @@
 """Metrics against values derived by hand (in the comments), and the evaluation summary."""
 import csv
+import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -7,9 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from dycon.evaluate import evaluate_cases, format_table, summarize, write_report
-from dycon.metrics import asd, case_metrics, dice, hd95, jaccard, surface_distances
+from dycon.metrics import asd, case_metrics, dice, hd95, jaccard, nnunet_case_metrics, surface_distances
+
+NEEDS_MONAI = pytest.mark.skipif(importlib.util.find_spec("monai") is None,
+                                 reason="MONAI is not installed (pip install monai; CI installs it with [dev])")
 
 
 def cube(shape, start, size):
@@ -51,7 +56,6 @@ def test_cube_shifted_by_two_voxels():
     assert m["jaccard"] == pytest.approx(2 / 3)
     assert m["hd95"] == pytest.approx(2.0)
     assert m["asd"] == pytest.approx(42 / 61)
-    assert case_metrics(PRED_CUBE, GT_CUBE, hd_definition="monai")["hd95"] == pytest.approx(2.0)
     assert surface_distances(PRED_CUBE, GT_CUBE).size == 488
     assert surface_distances(PRED_CUBE, GT_CUBE).max() == pytest.approx(2.0)
 
@@ -87,6 +91,7 @@ def test_planes_k_apart_spacing_along_the_shift(axis):
     assert m["dice"] == 0.0 and m["jaccard"] == 0.0
 
 
+@NEEDS_MONAI
 def test_medpy_and_monai_hd95_differ_as_defined():
     # Ground truth: a 10x10 plane at x = 2. Prediction: that plane plus a 3x3 patch at x = 5.
     # d(pred -> gt): 100 zeros and 9 threes; d(gt -> pred): 100 zeros.
@@ -141,7 +146,8 @@ def test_random_shapes_match_brute_force(seed):
     m = case_metrics(a, b, spacing=spacing)
     assert m["asd"] == pytest.approx(d_ab.mean())
     assert m["hd95"] == pytest.approx(np.percentile(np.concatenate([d_ab, d_ba]), 95))
-    assert hd95(a, b, spacing, "monai") == pytest.approx(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+    if importlib.util.find_spec("monai") is not None:
+        assert hd95(a, b, spacing, "monai") == pytest.approx(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
 
 
 def test_empty_masks_policy():
@@ -170,17 +176,113 @@ def test_bad_inputs():
         case_metrics(PRED_CUBE, GT_CUBE, hd_definition="max")
 
 
-def test_monai_agrees_when_installed():
-    monai_metrics = pytest.importorskip("monai.metrics")
-    pred, gt = PRED_CUBE[None, None].astype(np.float32), GT_CUBE[None, None].astype(np.float32)
-    pred = torch.from_numpy(np.concatenate([1 - pred, pred], 1))
-    gt = torch.from_numpy(np.concatenate([1 - gt, gt], 1))
-    spacing = (2.0, 1.0, 1.0)
-    expected_hd = monai_metrics.compute_hausdorff_distance(pred, gt, percentile=95, spacing=spacing)
-    expected_asd = monai_metrics.compute_average_surface_distance(pred, gt, spacing=spacing)
-    m = case_metrics(PRED_CUBE, GT_CUBE, spacing=spacing, hd_definition="monai")
-    assert m["hd95"] == pytest.approx(float(expected_hd.squeeze()))
-    assert m["asd"] == pytest.approx(float(expected_asd.squeeze()))
+# ---- against the libraries the numbers are compared with: medpy and MONAI, random masks ----------
+
+def random_mask(seed: int, shape, density: float) -> np.ndarray:
+    """Smooth random blobs (touching the border at times); density 0 gives an empty mask."""
+    from scipy import ndimage
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 1.0)
+    return noise > np.quantile(noise, 1 - density) if density > 0 else np.zeros(shape, bool)
+
+
+MASKS = dict(seed=st.integers(0, 2 ** 16), shape=st.tuples(*[st.integers(4, 12)] * 3),
+             densities=st.tuples(st.sampled_from([0.0, 0.05, 0.2, 0.5]), st.sampled_from([0.0, 0.05, 0.2, 0.5])),
+             spacing=st.tuples(*[st.sampled_from([0.4, 0.8, 1.0, 2.5, 5.0])] * 3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(**MASKS)
+def test_medpy_agrees_on_random_masks(seed, shape, densities, spacing):
+    binary = pytest.importorskip("medpy.metric.binary", reason="medpy is not installed (CI installs it with [dev])")
+    pred, gt = random_mask(seed, shape, densities[0]), random_mask(seed + 1, shape, densities[1])
+    m = case_metrics(pred, gt, spacing)
+    if not pred.any() or not gt.any():
+        return   # medpy raises or divides 0 by 0 there; the policy for them: test_empty_masks_against_the_libraries
+    assert m["dice"] == pytest.approx(binary.dc(pred, gt))
+    assert m["jaccard"] == pytest.approx(binary.jc(pred, gt))
+    assert m["hd95"] == pytest.approx(binary.hd95(pred, gt, voxelspacing=spacing))
+    assert m["asd"] == pytest.approx(binary.asd(pred, gt, voxelspacing=spacing))
+
+
+def monai_pair(pred, gt):
+    return (torch.from_numpy(m.astype(np.float32))[None, None] for m in (pred, gt))
+
+
+@NEEDS_MONAI
+@settings(max_examples=12, deadline=None)
+@given(**MASKS)
+def test_monai_agrees_on_random_masks(seed, shape, densities, spacing):
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_iou
+    pred, gt = random_mask(seed, shape, densities[0]), random_mask(seed + 1, shape, densities[1])
+    m = case_metrics(pred, gt, spacing, hd_definition="monai", empty_both="nan")
+    y_pred, y = monai_pair(pred, gt)
+    if pred.any() or gt.any():
+        assert m["dice"] == pytest.approx(compute_dice(y_pred, y, include_background=True, ignore_empty=False).item())
+        assert m["jaccard"] == pytest.approx(compute_iou(y_pred, y, include_background=True, ignore_empty=False).item())
+    if not pred.any() or not gt.any():
+        return
+    # --hd monai is MONAI's own HD95; our surfaces and distances give the same value and ASD
+    d_pg, d_gp = surface_distances(pred, gt, spacing), surface_distances(gt, pred, spacing)
+    assert m["hd95"] == pytest.approx(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)), rel=1e-5)
+    assert m["asd"] == pytest.approx(d_pg.mean(), rel=1e-5)
+    assert case_metrics(pred, gt, spacing)["asd"] == pytest.approx(
+        compute_average_surface_distance(y_pred, y, include_background=True, spacing=list(spacing)).item(), rel=1e-5)
+
+
+def test_empty_masks_against_the_libraries():
+    """Two empty masks: 0 under 'zero' (the released test scripts test ``pred.sum() > 0`` first),
+    NaN under 'nan' (nnU-Net's compute_metrics, MONAI's compute_dice with ignore_empty, medpy 0.5's
+    dc, which divides 0 by 0)."""
+    empty = np.zeros(SHAPE, bool)
+    assert case_metrics(empty, empty) == dict(dice=0.0, jaccard=0.0, hd95=0.0, asd=0.0, empty="both")
+    assert all(math.isnan(v) for k, v in case_metrics(empty, empty, empty_both="nan").items() if k != "empty")
+    assert math.isnan(nnunet_case_metrics(empty, empty)["Dice"])
+    if importlib.util.find_spec("medpy") is not None:
+        from medpy.metric.binary import dc
+        with np.errstate(invalid="ignore"):
+            assert math.isnan(dc(empty, empty))
+    if importlib.util.find_spec("monai") is not None:
+        from monai.metrics import compute_dice
+        assert math.isnan(compute_dice(*monai_pair(empty, empty), include_background=True, ignore_empty=True).item())
+    with pytest.raises(ValueError, match="empty_both must be one of"):
+        case_metrics(empty, empty, empty_both="one")
+
+
+class ArrayReader:
+    """nnU-Net's image reader interface over arrays in memory (read_seg(name) -> (array, properties))."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def read_seg(self, name):
+        return self.arrays[name][None], {}
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), shape=st.tuples(*[st.integers(3, 9)] * 3), with_ignore=st.booleans())
+def test_nnunet_entry_equals_nnunets_compute_metrics(seed, shape, with_ignore):
+    evaluation = pytest.importorskip("nnunetv2.evaluation.evaluate_predictions", reason="nnunetv2 is not installed")
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 4 if with_ignore else 3, shape).astype(np.uint8)   # label 3: ignore
+    pred = rng.integers(0, 3, shape).astype(np.uint8)
+    pred[..., 0] = 0                                                       # some slices empty in both
+    theirs = evaluation.compute_metrics("gt", "pred", ArrayReader({"gt": gt, "pred": pred}), [1, 2],
+                                        ignore_label=3 if with_ignore else None)["metrics"]
+    scored = gt != 3 if with_ignore else None
+    for label in (1, 2):
+        ours = nnunet_case_metrics(pred == label, gt == label, scored)
+        assert ours.keys() == theirs[label].keys()
+        for key, value in theirs[label].items():
+            assert (math.isnan(value) and math.isnan(ours[key])) or ours[key] == pytest.approx(value), key
+
+
+def test_ignored_voxels_are_not_scored():
+    gt = cube(SHAPE, (4, 4, 4), 6)
+    ignored = cube(SHAPE, (0, 0, 0), 3)
+    pred = gt | ignored                           # predicted foreground only where nothing is annotated
+    assert case_metrics(pred, gt)["dice"] < 1.0
+    assert case_metrics(pred, gt, scored=~ignored) == dict(dice=1.0, jaccard=1.0, hd95=0.0, asd=0.0, empty="")
+    assert nnunet_case_metrics(pred, gt, ~ignored)["FP"] == 0
 
 
 # ---- evaluation of cases -----------------------------------------------------------------------
@@ -214,8 +316,12 @@ def test_evaluate_cases_rows_and_summary(tmp_path):
     rows, summary = evaluate_cases(Threshold(), cases, EVAL_CFG)
     assert [r["case"] for r in rows] == ["shifted", "missed"]
     assert rows[0]["dice"] == pytest.approx(0.8) and rows[0]["asd"] == pytest.approx(42 / 61)
-    assert rows[1] == dict(case="missed", **{"class": 1}, dice=0.0, jaccard=0.0, hd95=0.0, asd=0.0,
-                           empty="prediction")
+    assert {k: rows[1][k] for k in ("case", "class", "dice", "jaccard", "hd95", "asd", "empty")} == dict(
+        case="missed", **{"class": 1}, dice=0.0, jaccard=0.0, hd95=0.0, asd=0.0, empty="prediction")
+    # nnU-Net's layout beside ours: per-case counts, NaN-ignoring means, foreground mean
+    assert [e["metrics"]["1"]["Dice"] for e in summary["metric_per_case"]] == [pytest.approx(0.8), 0.0]
+    assert summary["metric_per_case"][1]["metrics"]["1"]["n_ref"] == GT_CUBE.sum()
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(0.4) == summary["foreground_mean"]["Dice"]
     stats = summary["classes"]["1"]
     assert stats["dice"] == {"mean": pytest.approx(0.4), "std": pytest.approx(0.4), "n": 2}
     assert stats["empty_prediction"] == 1 and summary["n_cases"] == 2
@@ -231,10 +337,13 @@ def test_evaluate_cases_rows_and_summary(tmp_path):
     out = write_report(rows, summary, tmp_path / "report")
     with open(out / "cases.csv") as f:
         assert list(csv.DictReader(f))[0]["case"] == "shifted"
-    assert json.loads((out / "summary.json").read_text())["units"] == "voxel"
+    written = json.loads((out / "summary.json").read_text())
+    assert written["units"] == "voxel" and written["empty_both"] == "zero"
+    assert {"metric_per_case", "mean", "foreground_mean"} <= set(written)
     assert "HD95" in (out / "summary.txt").read_text()
 
 
+@NEEDS_MONAI
 def test_evaluate_cases_in_mm_and_errors():
     case = fake_case("aniso", PRED_CUBE, GT_CUBE, spacing=(2.0, 1.0, 1.0))
     rows, summary = evaluate_cases(Threshold(), [case], {**EVAL_CFG, "units": "mm", "hd_definition": "monai"})
@@ -249,9 +358,40 @@ def test_evaluate_cases_in_mm_and_errors():
         evaluate_cases(Threshold(), [fake_case("bad", PRED_CUBE, GT_CUBE[:8])], EVAL_CFG)
 
 
+def test_empty_both_switch_in_the_summary():
+    """Two lesion-free cases predicted empty and one hit: 'zero' averages in the two zeros (as the
+    released scripts), 'nan' leaves them out (as nnU-Net, whose mean is the same either way)."""
+    empty = np.zeros(SHAPE)
+    cases = [fake_case("clean1", empty, empty), fake_case("clean2", empty, empty),
+             fake_case("hit", GT_CUBE, GT_CUBE)]
+    for policy, expected in (("zero", 1 / 3), ("nan", 1.0)):
+        _, summary = evaluate_cases(Threshold(), cases, {**EVAL_CFG, "empty_both": policy})
+        assert summary["classes"]["1"]["dice"]["mean"] == pytest.approx(expected)
+        assert summary["mean"]["1"]["Dice"] == 1.0          # nnU-Net's own mean ignores them always
+        assert summary["empty_both"] == policy and "empty prediction on an empty ground truth" in summary["definition"]
+    with pytest.raises(ValueError, match="empty_both"):
+        evaluate_cases(Threshold(), cases, {**EVAL_CFG, "empty_both": "skip"})
+
+
 def test_summary_leaves_out_undefined_distances():
     rows = [dict(case="a", **{"class": 1}, dice=0.5, jaccard=1 / 3, hd95=2.0, asd=1.0, empty=""),
             dict(case="b", **{"class": 1}, dice=0.0, jaccard=0.0, hd95=math.nan, asd=math.nan, empty="ground_truth")]
     stats = summarize(rows, EVAL_CFG)["classes"]["1"]
     assert stats["hd95"] == {"mean": 2.0, "std": 0.0, "n": 1}
     assert stats["dice"]["n"] == 2 and stats["empty_ground_truth"] == 1
+
+
+def test_nifti_config_keeps_every_lesion_and_scores_as_nnunet():
+    """Own data (often multi-focal lesions): no largest-component post-processing unless the
+    validation says so, and lesion-free cases scored as nnU-Net scores them."""
+    from dycon.config import load_config
+    test = load_config("nifti")["test"]
+    assert test["largest_component"] is False and test["empty_both"] == "nan"
+
+
+def test_hd_monai_without_monai_fails_before_any_case(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "monai" else find_spec(name, *a))
+    case = SimpleNamespace(id="never", load=lambda num_classes=None: pytest.fail("a case was loaded"))
+    with pytest.raises(ImportError, match="pip install monai"):
+        evaluate_cases(Threshold(), [case], {**EVAL_CFG, "hd_definition": "monai"})

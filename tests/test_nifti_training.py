@@ -55,7 +55,7 @@ def test_train_evaluate_predict_on_a_nifti_folder(tmp_path, monkeypatch):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["in_channels"] == 1 and cfg["model"]["num_classes"] == 2
     assert cfg["train"]["patch_size"] == [32, 32, 32] and cfg["val"]["stride_xy"] == 16
-    assert cfg["data"]["preprocessing"]["normalization"] == [{"scheme": "zscore"}]
+    assert cfg["data"]["preprocessing"]["normalization"] == [{"scheme": "zscore", "use_mask": False}]
     assert (run / "eval_test_student" / "summary.json").is_file()
     record = [(run / name).read_text() for name in ("fingerprint.json", "preprocessing.json")]
     # a resumed run keeps its plan: no new fingerprint of changed intensities

@@ -158,7 +158,8 @@ def test_normalisation_statistics_come_from_labelled_training_cases_only(tmp_pat
     cases, labelled, unlabelled = training_cases(cfg, labelnum=1)
     assert [cases[i].id for i in labelled] == ["a"] and [cases[i].id for i in unlabelled] == ["b", "u"]
     plan = prepare(cfg, [cases[i] for i in labelled], tmp_path)
-    foreground = ct["a"][0][label > 0].astype(np.float64)
+    # nnU-Net's draws, with replacement, RandomState(1234); 10^5 in the tests (conftest.py)
+    foreground = np.random.RandomState(1234).choice(ct["a"][0][label > 0].astype(np.float32), 10 ** 5)
     scheme = plan["normalization"][0]
     assert scheme["scheme"] == "ct"
     np.testing.assert_allclose([scheme["lower"], scheme["upper"], scheme["mean"], scheme["std"]],
@@ -195,7 +196,8 @@ def test_fingerprint_plan_and_patch_size(tmp_path):
     fp = fingerprint(list_cases(cfg, "train"))
     assert fp["spacings"] == [[1, 1, 2], [1, 1, 4]] and fp["median_spacing"] == [1, 1, 3]
     plan = make_plan(fp, json.loads((tmp_path / "dataset.json").read_text()))
-    assert (plan["in_channels"], plan["num_classes"], plan["normalization"]) == (1, 2, [{"scheme": "zscore"}])
+    assert (plan["in_channels"], plan["num_classes"]) == (1, 2)
+    assert plan["normalization"] == [{"scheme": "zscore", "use_mask": False}]   # no zero background to leave out
     assert suggest_patch_size([300, 300, 90]) == [96, 96, 96]   # 128, 128, 96 shrunk to the voxel budget
     assert suggest_patch_size([20, 40, 7]) == [32, 48, 32]
     image, label_pp, _ = apply_plan(list_cases(cfg, "train")[1].load(), plan)
