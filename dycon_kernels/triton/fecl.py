@@ -647,6 +647,11 @@ def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), dict(num_warps=warps, num_stages=stages)
 
 
+def launch_n(n: int) -> int:
+    """The N (and NT) the kernels are launched with for n patches (benchmarks/kernel_report.py)."""
+    return n
+
+
 def k_pad(k: int) -> int:
     """Register slots of a top-k buffer: k rounded up to a power of two."""
     return triton.next_power_of_2(max(int(k), 1))
