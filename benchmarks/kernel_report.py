@@ -52,7 +52,6 @@ FECL_TOPK = (0, 32)
 # multiple of 16), the trainer's 96^3 crop (24^3 = 13 824) and 192^3 (48^3 = 110 592).
 FECL_N = (1960, 13824, 110592)
 UNCL_CHANNELS = (2, 4)
-TENSOR_OPS = ("HMMA", "HGMMA", "WGMMA", "IMMA", "DMMA")
 
 # The Triton the figures are measured with: the version the project's torch 2.14.1 installs (its
 # CUDA wheels require triton~=3.8.0). Counts move between Triton versions (3.7.1 gave 210 where 3.8.0 gives
@@ -62,11 +61,6 @@ PINNED_TRITON = "3.8.0"
 # kernels) that tests/test_kernel_report.py checks on the pinned Triton: today's figures, so that
 # a change that makes the call slower fails CI until the budget is raised on purpose.
 BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=291, mufu_per_pair=8.6, spill=6120)}
-
-
-def _triton_bin(tool: str) -> str:
-    import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,13 +127,9 @@ def divisible(sizes: dict) -> list:
 # Reading the machine code: loops of the SASS control-flow graph, named by their Python `for`
 # ----------------------------------------------------------------------------------------------
 
-def _is_tensor(op: str) -> bool:
-    return op.split(".")[0] in TENSOR_OPS
-
-
 def _counts(instrs) -> dict:
     ops = [i.op for i in instrs if i.op != "NOP"]
-    return dict(instr=len(ops), mufu=sum(op.startswith("MUFU") for op in ops), tensor=sum(map(_is_tensor, ops)))
+    return dict(instr=len(ops), mufu=sum(op.startswith("MUFU") for op in ops))
 
 
 @functools.lru_cache(maxsize=None)
