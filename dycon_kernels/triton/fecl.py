@@ -771,7 +771,10 @@ def _forward(s, u):
         N, NT, D, s.top_k, s.teacher_k, COLUMN=s.column, USE_TOPK=s.top_k > 0, TAU=tau, GAMMA_NEG=gn,
         TEACHER=s.teacher, **s.consts, **s.tiles, **opts)
 
-    u = torch.ones(B, N, device=s.device, dtype=torch.float32) if u is None else s.rows(u.to(torch.float32), 0.0)
+    if u is None:
+        u = torch.ones(B, N, device=s.device, dtype=torch.float32)
+    else:
+        u = s.rows(u.to(torch.float32).contiguous(), 0.0)
     loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), s.stat_empty(B, N)
     fecl_positive_kernel[grid](z, y, cs, log_neg, u, loss, r, n_pos, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
                                FAST_LOG=s.fast_log, **s.consts, **s.tiles, **opts)
