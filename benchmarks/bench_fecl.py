@@ -88,8 +88,9 @@ ISSUE_PER_EXP = 8  # 128 thread-instructions per SM per clock against the 16 exp
 
 
 def kernel_report_instr(path: str, device: torch.device) -> dict:
-    """{(dtype, D, preset, k): thread-instructions per pair, fwd+bwd} of this card's target from
-    benchmarks/kernel_report.py's CSV (its 'TOTAL tile loops' rows); {} when the file is missing."""
+    """{(dtype, D, preset, k, N): thread-instructions per pair, the whole fwd+bwd call} of this
+    card's target from benchmarks/kernel_report.py's CSV (its 'WHOLE CALL' rows); {} when the file
+    is missing."""
     import csv
 
     major, minor = torch.cuda.get_device_capability(device)
@@ -99,9 +100,9 @@ def kernel_report_instr(path: str, device: torch.device) -> dict:
     out = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("op") == "fecl" and row.get("target") == target and row.get("kernel") == "TOTAL tile loops":
-                dt, D, preset, k = row["case"].split("/")
-                out[(dt, int(D), preset, "none" if k == "0" else int(k))] = float(row["instr_per_unit"])
+            if row.get("op") == "fecl" and row.get("target") == target and row.get("kernel") == "WHOLE CALL":
+                dt, D, preset, k, N = row["case"].split("/")
+                out[(dt, int(D), preset, "none" if k == "0" else int(k), int(N))] = float(row["instr_per_pair"])
     return out
 
 
@@ -197,7 +198,7 @@ def main(argv=None):
             row["est_tflops"] = (fwd + bwd) * 2 * row["D"] * pairs / seconds / 1e12
             row["est_pct_mma"] = 100 * row["est_tflops"] * 1e12 / mma
             row["est_pct_exp"] = 100 * (fwd + bwd) * pairs / seconds / exp
-            per_pair = instr.get((SHORT_DTYPE[row["dtype"]], row["D"], row["preset"], row["k"]))
+            per_pair = instr.get((SHORT_DTYPE[row["dtype"]], row["D"], row["preset"], row["k"], row["N"]))
             if per_pair and row["backend"] == "triton":
                 row["issue_bound_ms"] = per_pair * pairs / (ISSUE_PER_EXP * exp) * 1e3
                 row["pct_issue_bound"] = 100 * row["issue_bound_ms"] / row["full_ms"]

@@ -5,6 +5,7 @@ On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conft
 tensors; the sizes are small and the tile sizes explicit (16 x 16) so that the key loops run
 over several tiles with ragged ends.
 """
+import inspect
 import os
 import subprocess
 import sys
@@ -283,6 +284,30 @@ def test_other_shapes():
              noncontiguous=True)
 
 
+@pytest.mark.parametrize("cfg, N, Nt", [
+    (config(top_k=4, teacher="topk", teacher_top_k=4), 1960, 1960),              # 'dycon', the LA crop's N
+    (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 61, 29),     # 'official'
+    (config(top_k=5, teacher="topk", teacher_top_k=3), 49, 18),
+], ids=["dycon-1960", "official-odd", "topk-odd"])
+def test_every_n_is_launched_padded_to_16(monkeypatch, cfg, N, Nt):
+    """N and NT that are not multiples of 16 are launched padded (fecl.launch_n), so that every
+    call compiles the specialised kernels; the padded rows are ignored patches, so forward and
+    backward still equal the dense computation on the caller's N."""
+    from dycon_kernels.triton import fecl
+    from triton_aot import record_launches
+
+    names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
+             "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
+    launches = record_launches(monkeypatch, fecl, names)
+    # Large tiles: the interpreter's cost is per tile step.
+    run_case(cfg, B=1, N=N, D=16, Nt=Nt, n_classes=4, blocks=(256, 256) if N > 100 else (16, 16))
+    for kernel, args, _ in launches:
+        params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        sizes = {name: args[params.index(name)] for name in ("N", "NT", "NK") if name in params}
+        assert sizes and all(v % fecl.PAD_N == 0 for v in sizes.values()), (kernel, sizes)
+        assert sizes.get("N", fecl.launch_n(N)) == fecl.launch_n(N)
+
+
 def test_float64_needs_no_error():
     # float64 is computed in float64 (not rejected).
     run_case(config(), N=17, D=16, dtype=torch.float64)
@@ -328,8 +353,6 @@ def test_against_reference(cfg):
 def test_launch_configs_cover_launches(monkeypatch):
     """Every kernel launch of the entry points (signature and flags) is in launch_configs(), which
     the GPU-compile test compiles; tile sizes and K_PAD differ on the GPU and are not compared."""
-    import inspect
-
     from dycon_kernels.triton import fecl
     from triton_aot import record_launches
 

@@ -647,6 +647,26 @@ def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), dict(num_warps=warps, num_stages=stages)
 
 
+# Triton specialises an integer argument that is a multiple of 16 (tt.divisibility): with N such
+# a multiple the row masks are known uniform over 16 rows; any other N compiles other kernels than
+# the ones benchmarks/kernel_report.py measures (docs/fecl_kernels.md, "Every N is launched as a
+# multiple of 16"). So every call pads N and NT to this multiple.
+PAD_N = 16
+
+
+def launch_n(n: int) -> int:
+    """The N (and NT) the kernels are launched with for n patches: n rounded up to PAD_N. The
+    padded rows are ignored patches (label -1): no anchor, key, positive or negative."""
+    return -(-n // PAD_N) * PAD_N
+
+
+def _pad_rows(t, n: int, fill):
+    """``t`` (B, m, ...) followed by n - m rows of ``fill`` along dimension 1 (``t`` when m = n)."""
+    if t.shape[1] == n:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], n - t.shape[1], *t.shape[2:]), fill)], dim=1)
+
+
 def k_pad(k: int) -> int:
     """Register slots of a top-k buffer: k rounded up to a power of two."""
     return triton.next_power_of_2(max(int(k), 1))
@@ -664,10 +684,11 @@ class _Launch:
         teacher = cfg.teacher if cfg.teacher is not None else "none"
         if teacher not in TEACHER_CODES:
             raise ValueError(f"fecl (triton): unknown teacher mode {teacher!r}; choose one of {list(TEACHER_CODES)}")
-        self.B, self.N, self.D = z.shape
+        self.B, self.n, self.D = z.shape  # n: the caller's patches; N: as launched (launch_n)
+        self.N = launch_n(self.n)
         self.device = z.device
         self.stat = torch.float64 if z.dtype == torch.float64 else torch.float32
-        self.z, self.y = z.contiguous(), y.contiguous()
+        self.z, self.y = self.rows(z.contiguous(), 0.0), self.rows(y.contiguous(), -1)
         self.teacher = TEACHER_CODES[teacher]
         self.top_k = int(cfg.top_k or 0)
         self.teacher_k = int(cfg.teacher_top_k) if self.teacher == 1 else 0
@@ -676,8 +697,9 @@ class _Launch:
         if self.teacher != 0:
             if zt is None or yt is None:
                 raise ValueError("fecl (triton): a teacher mode needs zt and yt")
-            self.zt, self.yt = zt.to(z.dtype).contiguous(), yt.contiguous()
-            self.NT = zt.shape[1]
+            self.NT = launch_n(zt.shape[1])
+            self.zt = _pad_rows(zt.to(z.dtype).contiguous(), self.NT, 0.0)
+            self.yt = _pad_rows(yt.contiguous(), self.NT, -1)
         else:
             self.zt, self.yt, self.NT = self.z, self.y, self.N  # passed, never read
         self.column = bool(cfg.column_shift)
@@ -697,6 +719,14 @@ class _Launch:
     def stat_empty(self, *shape):
         return torch.empty(*shape, device=self.device, dtype=self.stat)
 
+    def rows(self, t, fill):
+        """A (B, n, ...) tensor padded to the launch's N rows with ``fill``."""
+        return _pad_rows(t, self.N, fill)
+
+    def unpad(self, t):
+        """A (B, N, ...) result without the padded rows; unused (0,) outputs as they are."""
+        return t[:, :self.n].contiguous() if t.dim() >= 2 and self.N != self.n else t
+
 
 def fecl_forward(z, y, zt, yt, u, cfg, *, blocks=None):
     """Forward statistics (docs/fecl_kernels.md): returns
@@ -707,7 +737,7 @@ def fecl_forward(z, y, zt, yt, u, cfg, *, blocks=None):
     overrides the tile sizes (tests)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "forward")
     with device_guard(s.device):
-        return _forward(s, u)
+        return tuple(map(s.unpad, _forward(s, u)))
 
 
 def _forward(s, u):
@@ -741,7 +771,10 @@ def _forward(s, u):
         N, NT, D, s.top_k, s.teacher_k, COLUMN=s.column, USE_TOPK=s.top_k > 0, TAU=tau, GAMMA_NEG=gn,
         TEACHER=s.teacher, **s.consts, **s.tiles, **opts)
 
-    u = torch.ones(B, N, device=s.device, dtype=torch.float32) if u is None else u.to(torch.float32).contiguous()
+    if u is None:
+        u = torch.ones(B, N, device=s.device, dtype=torch.float32)
+    else:
+        u = s.rows(u.to(torch.float32).contiguous(), 0.0)
     loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), s.stat_empty(B, N)
     fecl_positive_kernel[grid](z, y, cs, log_neg, u, loss, r, n_pos, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
                                FAST_LOG=s.fast_log, **s.consts, **s.tiles, **opts)
@@ -754,22 +787,24 @@ def fecl_backward(grad_loss, grad_cross, z, y, zt, yt, u, log_neg, r, n_pos, col
     statistics; ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "backward")
     with device_guard(s.device):
-        return _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx)
+        return s.unpad(_backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx))
 
 
 def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx):
     B, N, NT, D = s.B, s.N, s.NT, s.D
     z, y, zt, yt, grid = s.z, s.y, s.zt, s.yt, s.grid
-    # a_i = grad_loss_i u_i / n_pos_i, 0 without positives (invalid anchors have n_pos = 0).
-    n_pos = n_pos.to(s.stat)
+    # a_i = grad_loss_i u_i / n_pos_i, 0 without positives (invalid anchors have n_pos = 0). The
+    # padded rows (_Launch) get the statistics of an ignored patch: no positives, no negatives.
+    n_pos = s.rows(n_pos.to(s.stat), 0.0)
     grad = grad_loss.to(s.stat) if u is None else grad_loss.to(s.stat) * u.to(s.stat)
-    a = torch.where(n_pos > 0, grad / n_pos.clamp_min(1.0), torch.zeros((), device=s.device, dtype=s.stat))
+    a = torch.where(n_pos > 0, s.rows(grad, 0.0) / n_pos.clamp_min(1.0),
+                    torch.zeros((), device=s.device, dtype=s.stat))
     a = a.contiguous()
-    log_neg, r = log_neg.to(s.stat).contiguous(), r.to(s.stat).contiguous()
-    col_shift = col_shift.to(s.stat).contiguous() if s.column else s.dummy_f
-    grad_cross = grad_cross.to(s.stat).contiguous() if s.teacher == 2 else s.dummy_f
-    topk_idx = topk_idx.contiguous() if s.top_k else s.dummy_i
-    teacher_idx = teacher_idx.contiguous() if s.teacher_k else s.dummy_i
+    log_neg, r = s.rows(log_neg.to(s.stat), float("-inf")).contiguous(), s.rows(r.to(s.stat), 0.0).contiguous()
+    col_shift = s.rows(col_shift.to(s.stat), 0.0).contiguous() if s.column else s.dummy_f
+    grad_cross = s.rows(grad_cross.to(s.stat), 0.0).contiguous() if s.teacher == 2 else s.dummy_f
+    topk_idx = s.rows(topk_idx, -1).contiguous() if s.top_k else s.dummy_i
+    teacher_idx = s.rows(teacher_idx, -1).contiguous() if s.teacher_k else s.dummy_i
     flags = dict(COLUMN=s.column, TAU=s.scalars["TAU"], GAMMA_NEG=s.scalars["GAMMA_NEG"])
     # With top_k the key side of the sparse pairs is added with atomics: accumulate in ACC.
     dz = torch.empty(B, N, D, device=s.device, dtype=s.stat if s.top_k else z.dtype)

@@ -1,0 +1,107 @@
+"""benchmarks/kernel_report.py: the whole-call count of the FeCL kernels.
+
+The target case (bfloat16, D = 256, 'dycon', top_k 32, N = 13 824, sm_90) is compiled once in a
+subprocess without TRITON_INTERPRET (tests/triton_aot.py's cache is shared); the tests then check
+that the report's rows add up to its headline, that every loop of every compiled kernel is in a
+row (the SASS control-flow graph's back edges against the loops the report attributes to a
+Python `for`), the simulated insertion rounds against their closed form, and, on the pinned
+Triton, the call's budget.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEVICE
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import kernel_report  # noqa: E402
+
+TARGET = ("bf16", 256, "dycon", 32, 13824)
+
+_SCRIPT = """
+import json, sys
+import kernel_report as kr
+rows = kr.run(False, 1, [90], ["fecl"], ns=(13824,), cases=[tuple(json.loads(sys.argv[1]))])
+print(json.dumps(dict(rows=rows, cost=kr.call_cost(rows)), default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def report():
+    """The report's kernel rows (with their SASS analysis) and cost rows of the target case."""
+    if DEVICE.type == "cuda":
+        pytest.skip("compiled on CPU-only machines (the GPU runs the kernels themselves)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks")])
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(TARGET)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_report_compiles_every_launch_of_the_call(report):
+    names = [r["kernel"] for r in report["rows"]]
+    assert names == ["topk", "topk_teacher", "logneg", "positive", "backward", "scatter"]
+    assert all("error" not in r for r in report["rows"]), report["rows"]
+
+
+def test_rows_add_up_to_the_headline(report):
+    cost = report["cost"]
+    (call,) = [r for r in cost if r["level"] == "call"]
+    kernels = [r for r in cost if r["level"] == "kernel"]
+    assert {r["kernel"] for r in kernels} == {r["kernel"] for r in report["rows"]}
+    for key in ("instr_per_pair", "mufu_per_pair"):
+        assert sum(r[key] for r in kernels) == pytest.approx(call[key], rel=1e-12)
+        for k in kernels:
+            parts = [r[key] for r in cost if r["level"] == "loop" and r["kernel"] == k["kernel"]]
+            assert sum(parts) == pytest.approx(k[key], rel=1e-12), (k["kernel"], key)
+    assert call["spill"] == sum(r["spill"] for r in report["rows"])
+    assert call["triton"] == __import__("triton").__version__
+
+
+def test_no_loop_of_a_compiled_kernel_is_left_out(report):
+    """Every back edge of each kernel's control-flow graph belongs to a loop of the report with its
+    Python `for` and a finite trip count; every branch to an earlier address in code a converged
+    warp runs is such a back edge (those in the BRA.DIV fallbacks are not loops)."""
+    for row in report["rows"]:
+        code = row["code"]
+        attributed = sorted(tuple(e) for lp in code["loops"] for e in lp["back_edges"])
+        assert attributed == sorted(map(tuple, code["back_edges"])), row["kernel"]
+        assert all(lp["line"] and lp["range"].startswith("range(") for lp in code["loops"]), row["kernel"]
+        assert set(map(tuple, code["hot_retreating"])) <= set(map(tuple, code["back_edges"])), row["kernel"]
+    loops = [r for r in report["cost"] if r["level"] == "loop" and r["part"] != "outside loops"]
+    assert all(0 < r["trips"] < float("inf") for r in loops)
+    # The kernels' every `for`: the tile loops, the insertion rounds, the sort, every gather.
+    assert len(loops) == sum(len(r["code"]["loops"]) for r in report["rows"]) == 3 + 3 + 2 + 1 + 3 + 1
+
+
+def test_insertion_rounds_match_their_closed_form():
+    """With k = 1 a row needs a round on tile t (0-based) iff the tile holds the row's maximum so
+    far, probability 1/(t+1) for i.i.d. values; a block of bm rows needs one iff any row does:
+    1 - (t/(t+1))^bm. The first tile always fills min(bn, k) slots."""
+    bm, bn, tiles = 4, 8, 40
+    expected = sum(1 - (t / (t + 1)) ** bm for t in range(tiles)) / tiles
+    assert kernel_report.insertion_rounds(bm, bn, 1, bn * tiles, blocks=3000) == pytest.approx(expected, rel=0.02)
+    assert kernel_report.insertion_rounds(64, 64, 32, 64) == 32
+    assert kernel_report.insertion_rounds(64, 16, 32, 16) == 16
+
+
+def test_trip_counts_from_the_range_source():
+    sizes, ce = dict(N=100, K=7), dict(BLOCK_N=32, BLOCK_M=16)
+    assert kernel_report.trip_count("range(0, N, BLOCK_N)", sizes, ce) == 4
+    assert kernel_report.trip_count("range(0, K)", sizes, ce) == 7
+
+
+def test_budget_on_the_pinned_triton(report):
+    import triton
+
+    if triton.__version__ != kernel_report.PINNED_TRITON:
+        pytest.skip(f"the budget is measured with Triton {kernel_report.PINNED_TRITON}, this is {triton.__version__}")
+    assert kernel_report.BUDGET[TARGET + ("sm_90",)]
+    assert kernel_report.over_budget(report["cost"]) == []
