@@ -120,6 +120,7 @@ setup(
         "dev": ["pytest", "hypothesis", "psutil"],
         "monai": ["monai"],          # --hd monai
         "sitk": ["SimpleITK"],       # .nrrd / .mha images
+        "nnunet": ["nnunetv2"],      # dycon.nnunet: the nnU-Net v2 trainers (docs/nnunet.md)
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
