@@ -97,6 +97,9 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
                              "dataset.json defines regions or an ignore label")
         if self.uses_head and len(self.configuration_manager.patch_size) != 3:
             raise ValueError(f"{type(self).__name__} needs a 3D configuration, got {configuration!r}")
+        if self.uses_head and self.is_ddp:
+            # the head sits outside nnU-Net's DDP wrapper: its gradients would not be averaged
+            raise ValueError(f"{type(self).__name__} does not support multi-GPU (DDP) training yet; use one GPU")
 
     # ---------------------------------------------------------------------------- set-up
     def _do_i_compile(self):
@@ -155,8 +158,11 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
                                    "training as supervised nnU-Net")
             return None
         folder = preprocessed_folder(self.preprocessed_dataset_folder)
-        preprocess_unlabelled(cases, folder, self.plans_manager, self.configuration_manager, self.dataset_json,
-                              log=self.print_to_log_file)
+        if self.local_rank == 0:
+            preprocess_unlabelled(cases, folder, self.plans_manager, self.configuration_manager, self.dataset_json,
+                                  log=self.print_to_log_file)
+        if self.is_ddp:
+            torch.distributed.barrier()
         dataset = nnUNetDatasetBlosc2(folder, sorted(cases))   # what the preprocessor's run_case_save writes
         patch_size = self.configuration_manager.patch_size
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
