@@ -189,3 +189,14 @@ def test_checkpoint_restores_teacher_heads_step_and_optimiser(planned, monkeypat
     head_params = list(fresh.head.parameters())
     assert all(torch.equal(fresh.optimizer.state[p]["momentum_buffer"], trainer.optimizer.state[q]["momentum_buffer"])
                for p, q in zip(head_params, trainer.head.parameters()))
+
+
+def test_an_ignore_label_is_refused_with_a_reason(planned, monkeypatch, tmp_path):
+    from dycon.nnunet.trainers import nnUNetTrainerDyCON
+    root, _ = planned
+    _in_process(planned, monkeypatch, tmp_path)
+    plans = json.loads((root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((root / "preprocessed" / DATASET / "dataset.json").read_text())
+    dataset_json["labels"] = {"background": 0, "lesion": 1, "ignore": 2}
+    with pytest.raises(ValueError, match="needs a dataset of plain labels"):
+        nnUNetTrainerDyCON({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json, torch.device("cpu"))

@@ -97,6 +97,9 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
                              "dataset.json defines regions or an ignore label")
         if self.uses_head and len(self.configuration_manager.patch_size) != 3:
             raise ValueError(f"{type(self).__name__} needs a 3D configuration, got {configuration!r}")
+        if self.is_cascaded:
+            raise ValueError(f"{type(self).__name__} does not support cascaded configurations ({configuration!r}): "
+                             "unlabelled images have no previous-stage segmentation")
         if self.uses_head and self.is_ddp:
             # the head sits outside nnU-Net's DDP wrapper: its gradients would not be averaged
             raise ValueError(f"{type(self).__name__} does not support multi-GPU (DDP) training yet; use one GPU")
@@ -169,7 +172,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
             patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes, dummy_2d,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
             foreground_labels=self.label_manager.foreground_labels)
         loader = nnUNetDataLoader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=transforms)
