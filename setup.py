@@ -188,6 +188,7 @@ setup(
         "nnunet": ["nnunetv2"],      # DyCON inside nnU-Net (docs/nnunet.md)
         "monai": ["monai"],          # --hd monai
         "sitk": ["SimpleITK"],       # .nrrd / .mha images
+        "nnunet": ["nnunetv2"],      # dycon.nnunet: the nnU-Net v2 trainers (docs/nnunet.md)
     },
     entry_points={"console_scripts": [f"dycon-{cmd}=dycon.{cmd}:console_main" for cmd in CONSOLE_SCRIPTS]
                   + ["dycon-env=dycon_kernels.__main__:main"]},

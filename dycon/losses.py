@@ -92,5 +92,8 @@ def anchor_weights(student_logits: torch.Tensor, grid) -> torch.Tensor:
 
 
 def patch_grid(cfg: dict) -> list[int]:
-    """FeCL patch grid: the input divided by 16 / feature_scaler."""
+    """FeCL patch grid: the input divided by 16 / feature_scaler, or ``model.patch_grid`` where a
+    network of another depth sets it (dycon.nnunet: nnU-Net's plans)."""
+    if cfg["model"].get("patch_grid"):
+        return list(cfg["model"]["patch_grid"])
     return [int(p) * cfg["model"]["feature_scaler"] // 16 for p in cfg["train"]["patch_size"]]
