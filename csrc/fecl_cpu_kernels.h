@@ -100,6 +100,28 @@ void threshold_sums(const A* trow, const int32_t* ytb, int64_t Nt, int32_t lab, 
   count = cnt;
 }
 
+// The top-k of trow[k] over the keys with a label >= 0 other than lab into the heap (val, idx);
+// returns its size. Once the heap is full, a chunk of keys whose largest such value does not beat
+// the heap's minimum (most chunks, after the first few) costs one vectorised pass, not a
+// branch per key.
+template <typename A>
+int64_t push_other_labels(A* val, int64_t* idx, int64_t k, const A* trow, const int32_t* yt, int64_t Nt, int32_t lab) {
+  constexpr int64_t kChunk = 64;
+  int64_t n = 0;
+  for (int64_t k0 = 0; k0 < Nt; k0 += kChunk) {
+    const int64_t k1 = dmin(k0 + kChunk, Nt);
+    if (n == k) {
+      A m = neg_inf<A>();
+#pragma omp simd reduction(max : m)
+      for (int64_t j = k0; j < k1; ++j) m = ((yt[j] >= 0) & (yt[j] != lab) & (trow[j] > m)) ? trow[j] : m;
+      if (!(m > val[0])) continue;
+    }
+    for (int64_t j = k0; j < k1; ++j)
+      if (yt[j] >= 0 && yt[j] != lab) heap_push(val, idx, n, k, trow[j], j);
+  }
+  return n;
+}
+
 // ---- forward --------------------------------------------------------------------------------------
 
 // Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), a row max by symmetry.
@@ -152,9 +174,7 @@ template <typename A> void forward_rows(const FeclRowsFwd<A>& f, A* heap_val, in
     }
     if (f.topk_teacher) {
       const A* trow = f.Lt + r * Nt;
-      int64_t n = 0;
-      for (int64_t k = 0; k < Nt; ++k)
-        if (f.yt[k] >= 0 && f.yt[k] != lab) heap_push(heap_val, tidx, n, TK, trow[k], k);
+      const int64_t n = push_other_labels(heap_val, tidx, TK, trow, f.yt, Nt, lab);
       for (int64_t s = 0; s < n; ++s) lse.add(heap_val[s] * inv_tau, A(1));
       for (int64_t s = n; s < TK; ++s) tidx[s] = -1;
     } else if (f.thr_teacher) {
