@@ -6,7 +6,7 @@
 
 #include "cpu_isa.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)  // GCC: #pragma GCC target
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define DYCON_ISA_NS isa_avx2

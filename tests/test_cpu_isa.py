@@ -26,10 +26,12 @@ def test_report_names_the_cpu_and_the_variant(monkeypatch):
     r = cpu_isa.report()
     assert r["cpu"] and r["torch_cpu_capability"]
     assert VARIANTS[0] == "baseline"
-    # Unforced, the kernels use the best variant; it is the level /proc/cpuinfo lists.
+    # Unforced, the kernels use the best variant, never above the level /proc/cpuinfo lists (equal
+    # to it with a GCC build on x86, lower where the compiler built fewer variants).
     assert r["kernel_variant"] == VARIANTS[-1]
     if r["cpu_isa"] != "unknown":
-        assert r["cpu_isa"] == VARIANTS[-1]
+        levels = list(cpu_isa.LEVEL_FLAGS)
+        assert levels.index(VARIANTS[-1]) <= levels.index(r["cpu_isa"])
     assert r["kernel_variant"] in cpu_isa.summary()
 
 
