@@ -104,23 +104,9 @@ template <typename A, typename F> void at_tile(const UnclCpuArgs<A>& a, int64_t 
   fn(vol, v0, dmin(kT, a.V - v0));
 }
 
-// Asks for the logits of tile k (C rows of s and of t) while the tile before it is computed: the
-// hardware prefetcher does not keep up with 2C streams that each advance one tile at a time.
-template <typename A> void prefetch_tile(const UnclCpuArgs<A>& a, int64_t k) {
-  at_tile(a, k, [&](int64_t vol, int64_t v0, int64_t nv) {
-    const int64_t base = vol * a.C * a.V + v0;
-    for (int64_t c = 0; c < a.C; ++c)
-      for (int64_t v = 0; v < nv; v += int64_t(64 / sizeof(A))) {  // one call per 64-byte line
-        __builtin_prefetch(a.s + base + c * a.V + v);
-        __builtin_prefetch(a.t + base + c * a.V + v);
-      }
-  });
-}
-
 template <typename A> void uncl_forward_tiles(const UnclCpuArgs<A>& a, A* scratch, int64_t k0, int64_t k1) {
   const UnclTileBuf<A> b(scratch, a.C);
-  for (int64_t k = k0; k < k1; ++k) {
-    if (k + 1 < k1) prefetch_tile(a, k + 1);
+  for (int64_t k = k0; k < k1; ++k)
     at_tile(a, k, [&](int64_t vol, int64_t v0, int64_t nv) {
       const int64_t base = vol * a.C * a.V + v0, voxel = vol * a.V + v0;
       compute_tile(b, a.s + base, a.t + base, a.C, a.V, nv, a.beta);
@@ -141,13 +127,11 @@ template <typename A> void uncl_forward_tiles(const UnclCpuArgs<A>& a, A* scratc
       for (int64_t v = 0; v < nv; ++v) partial += l[v];
       a.out[k] = partial;
     });
-  }
 }
 
 template <typename A> void uncl_backward_tiles(const UnclCpuArgs<A>& a, A* scratch, int64_t k0, int64_t k1) {
   const UnclTileBuf<A> b(scratch, a.C);
-  for (int64_t k = k0; k < k1; ++k) {
-    if (k + 1 < k1) prefetch_tile(a, k + 1);
+  for (int64_t k = k0; k < k1; ++k)
     at_tile(a, k, [&](int64_t vol, int64_t v0, int64_t nv) {
       const int64_t base = vol * a.C * a.V + v0, voxel = vol * a.V + v0;
       compute_tile(b, a.s + base, a.t + base, a.C, a.V, nv, a.beta);
@@ -157,7 +141,6 @@ template <typename A> void uncl_backward_tiles(const UnclCpuArgs<A>& a, A* scrat
       side_grad(b, b.p, b.q, b.log_p, true, a.beta, a.C, a.V, nv, a.ds + base);
       if (a.dt) side_grad(b, b.q, b.p, b.log_q, false, a.beta, a.C, a.V, nv, a.dt + base);
     });
-  }
 }
 
 }  // namespace
