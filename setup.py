@@ -87,6 +87,9 @@ def _cuda_include_dirs():
 
 
 def extensions():
+    # csrc/cpu_isa_{baseline,avx2,avx512}.cpp set their own target with #pragma GCC target (the hot
+    # loops once per vector ISA, picked at run time: docs/engineering.md); no -march flag here, so
+    # the rest of the extension runs on any CPU of the architecture.
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     # No -std flag: torch's cpp_extension picks the standard its headers need (C++20 from 2.10).

@@ -351,15 +351,12 @@ def exp_rate(device: torch.device) -> tuple[float, str]:
 
 # --------------------------------------------------------------------------- header
 
-def _cpu_name() -> str:
+def _load_average() -> str:
+    """The 1/5/15-minute load averages: timings on a shared machine need them."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return "unknown"
 
 
 def _git_commit() -> str:
@@ -377,6 +374,7 @@ def _git_commit() -> str:
 def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] = ()) -> list[str]:
     import dycon_kernels
     from dycon_kernels import backends
+    from dycon_kernels.backends import cpu_isa
     try:
         import triton
         triton_version = triton.__version__
@@ -385,8 +383,9 @@ def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] =
     lines = [f"# {title}",
              f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
              f"dycon_kernels {dycon_kernels.__version__}, commit {_git_commit()}",
-             f"device: {device.type}; CPU: {_cpu_name()} ({os.cpu_count()} logical cores visible), "
-             f"torch threads: {torch.get_num_threads()}"]
+             f"device: {device.type}; {os.cpu_count()} logical cores visible, torch threads: "
+             f"{torch.get_num_threads()}; load average {_load_average()}",
+             cpu_isa.summary()]
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         lines.append(f"GPU: {p.name}, {p.total_memory / GiB:.1f} GiB, {p.multi_processor_count} SMs, "

@@ -38,6 +38,7 @@ SWEEPS = {  # (device, quick) -> N, D, k, presets
     ("cuda", True): dict(n=[512, 8192, 110592], d=[256], k=[None], presets=["official", "dycon"]),
 }
 CPU_TARGET = dict(B=2, N=4096, D=256, k=None, preset="official", memory=20.0, time=1.0)
+CPU_GEMM_EQUIV_TARGET = 4.0  # dycon preset fwd+bwd, in one N x N x D bmm's time (issue 24)
 REF_BYTES_PER_PAIR = 12 * 4  # the reference's (B, N, N) buffers, ~12 float32 matrices
 
 
@@ -104,6 +105,13 @@ def kernel_report_instr(path: str, device: torch.device) -> dict:
                 dt, D, preset, k, N = row["case"].split("/")
                 out[(dt, int(D), preset, "none" if k == "0" else int(k), int(N))] = float(row["instr_per_pair"])
     return out
+
+
+def bmm_ms(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, timing) -> float:
+    """One (B, N, D) x (B, D, N) torch.bmm, the unit of the CPU's GEMM-equivalents."""
+    z = torch.randn(B, N, D, generator=torch.Generator(device).manual_seed(0), device=device).to(dtype)
+    zt = z.transpose(1, 2)
+    return bc.median_ms(lambda: torch.bmm(z, zt), device, timing)
 
 
 def parse_list(text: str, cast):
@@ -202,10 +210,20 @@ def main(argv=None):
             if per_pair and row["backend"] == "triton":
                 row["issue_bound_ms"] = per_pair * pairs / (ISSUE_PER_EXP * exp) * 1e3
                 row["pct_issue_bound"] = 100 * row["issue_bound_ms"] / row["full_ms"]
+    gemm = {}
+    if device.type == "cpu":  # fwd+bwd in units of one N x N x D bmm, measured in this process
+        for row in rows:
+            if row["backend"] != "reference" and row["full_ms"]:
+                key = (row["B"], row["N"], row["D"])
+                if key not in gemm:
+                    gemm[key] = bmm_ms(*key, dtype, device, timing)
+                row["bmm_ms"] = gemm[key]
+                row["gemm_equiv"] = row["full_ms"] / gemm[key]
     columns = ["preset", "k", "D", "N", "backend", "status", "fwd_ms", "bwd_ms", "full_ms", "peak_mib",
                "speedup", "mem_saving"] + (["est_tflops", "est_pct_mma", "est_pct_exp"] if mma else []) \
-        + (["issue_bound_ms", "pct_issue_bound"] if instr else [])
-    out("full_ms = fwd+bwd; speedup = reference full_ms / full_ms; mem_saving = reference peak / peak")
+        + (["issue_bound_ms", "pct_issue_bound"] if instr else []) + (["bmm_ms", "gemm_equiv"] if gemm else [])
+    out("full_ms = fwd+bwd; speedup = reference full_ms / full_ms; mem_saving = reference peak / peak"
+        + ("; bmm_ms = one (B, N, D) x (B, D, N) torch.bmm, gemm_equiv = full_ms / bmm_ms" if gemm else ""))
     if mma:
         out("est_* = ESTIMATE from a pass count (2*D flops and 1 exp per pair per pass; fwd/bwd passes: "
             + ", ".join(f"{pr} k={k}: {'/'.join(map(str, passes(pr, k)))}" for pr in sweep["presets"]
@@ -232,6 +250,12 @@ def main(argv=None):
             got = {n: (r["status"] if r else "not run") for n, r in (("cpu", cpu), ("reference", ref))}
             out(f"cpu backend at B=2, N=4096, D=256, official: not measured in this run ({got}); "
                 "run with --check or without --quick")
+        dycon = bc.find_row(rows, backend="cpu", **dict(where, preset="dycon"))
+        if dycon and dycon.get("gemm_equiv"):
+            out(f"cpu backend at B=2, N=4096, D=256, dycon, fwd+bwd: {bc.fmt(dycon['gemm_equiv'])} GEMM-equivalents "
+                f"(target <= {CPU_GEMM_EQUIV_TARGET:.0f}): "
+                f"{'MET' if dycon['gemm_equiv'] <= CPU_GEMM_EQUIV_TARGET else 'NOT MET'} "
+                f"[{bc.fmt(dycon['full_ms'])} ms vs one bmm {bc.fmt(dycon['bmm_ms'])} ms]")
     else:
         fused = [r for r in rows if r["backend"] in ("triton", "cuda") and r["status"] == "ok"]
         for name in ("triton", "cuda"):

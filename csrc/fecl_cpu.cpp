@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "fecl_common.h"
 #include "fecl_math.h"
 
@@ -100,154 +101,76 @@ template <typename A> std::vector<A> in_key_order(const A* v, const KeyOrder& ko
   return out;
 }
 
-// fn(j0, j1) for the two parts of [lo, hi) around position `skip` (the anchor's own key).
-template <typename F> void around(int64_t lo, int64_t hi, int64_t skip, const F& fn) {
-  fn(lo, std::min(skip, hi));
-  fn(std::max(skip + 1, lo), hi);
+template <typename A> const FeclCpuKernels<A>& fecl_table();
+template <> const FeclCpuKernels<float>& fecl_table<float>() { return cpu_kernels().fecl_f32; }
+template <> const FeclCpuKernels<double>& fecl_table<double>() { return cpu_kernels().fecl_f64; }
+
+FeclKeyOrderView key_order_view(const KeyOrder& ko) {
+  return {ko.perm.data_ptr<int64_t>(), ko.pos.data(), ko.start.data(), ko.valid_begin()};
 }
 
-// The loops over a block are branch-free (selects, fecl_math.h's formulas) under `omp simd`, so
-// that the float32 build evaluates several pairs per instruction. A branch on a loop-invariant
-// value stops GCC 12's vectoriser, so the focal exponents come as IntExp where they are the
-// presets' 0 or 2 (with_exponent).
-
-// Calls fn(g) with g as IntExp<0> or IntExp<2> when it is that integer, else as the runtime value.
-template <typename A, typename F> void with_exponent(A g, const F& fn) {
-  if (g == A(0)) fn(IntExp<0>{});
-  else if (g == A(2)) fn(IntExp<2>{});
-  else fn(g);
-}
-
-// max(m, row[p]) over positions j0 <= p < j1.
-template <typename A> A row_max(A m, const A* row, int64_t j0, int64_t j1) {
-#pragma omp simd reduction(max : m)
-  for (int64_t p = j0; p < j1; ++p) m = row[p] > m ? row[p] : m;
-  return m;
-}
-
-// Negatives at positions j0 <= p < j1 (c: their offsets): max(m, x) of x = l - c over those with
-// w > 0, and s += w exp(x - m_final).
-template <typename A, typename E>
-A neg_max(A m, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, E gn) {
-#pragma omp simd reduction(max : m)
-  for (int64_t p = j0; p < j1; ++p) {
-    const A x = row[p] * inv_tau - c[p];
-    m = ((neg_weight(row[p], gn) > A(0)) & (x > m)) ? x : m;
-  }
-  return m;
-}
-
-template <typename A, typename E>
-A neg_sum(A s, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, A m, E gn) {
-#pragma omp simd reduction(+ : s)
-  for (int64_t p = j0; p < j1; ++p) s += neg_weight(row[p], gn) * vexp(row[p] * inv_tau - c[p] - m);
-  return s;
-}
-
-// log Neg_i over all of Q(i) (top_k = 0), the negatives at positions [v0, lo) and [hi, N): the max
-// of x over those with w > 0, then log of the sum of w exp(x - max); -inf without a negative.
-template <typename A, typename E>
-A dense_log_neg(const A* row, const A* c, int64_t v0, int64_t lo, int64_t hi, int64_t N, A inv_tau, E gn) {
-  const A m = neg_max(neg_max(neg_inf<A>(), row, c, v0, lo, inv_tau, gn), row, c, hi, N, inv_tau, gn);
-  if (m == neg_inf<A>()) return m;
-  const A s = neg_sum(neg_sum(A(0), row, c, v0, lo, inv_tau, m, gn), row, c, hi, N, inv_tau, m, gn);
-  return m + flog(s);  // s >= the max term's w > 0 (flog, not vlog: w may be tiny)
-}
-
-// Anchor i's positives: sums of f(S_ij) and of f'(S_ij) S_ij (1 - S_ij), and their number.
-template <typename A> struct PosSums {
-  A f = 0, fs = 0, n = 0;
-};
-
-// Adds the positives at positions j0 <= p < j1.
-template <typename A, typename E>
-void add_positive_sums(PosSums<A>& ps, const A* row, const A* c, int64_t j0, int64_t j1, A inv_tau, A ln, E gp) {
-  A f = 0, fs = 0;
-#pragma omp simd reduction(+ : f, fs)
-  for (int64_t p = j0; p < j1; ++p) {
-    const PosTerm<A> pt = pos_term(row[p] * inv_tau - c[p] - ln, gp);
-    f += pt.f;
-    fs += pt.fs;
-  }
-  ps.f += f;
-  ps.fs += fs;
-  ps.n += A(std::max<int64_t>(j1 - j0, 0));
-}
-
-// Threshold teacher term of anchor i: the sum of -log(1 - c + eps) over the teacher keys with
-// another label and c > thr, and their number.
-template <typename A>
-void threshold_sums(const A* trow, const label_t* ytb, int64_t Nt, label_t lab, A thr, A& cross, A& count) {
-  A cr = 0, cnt = 0;
-#pragma omp simd reduction(+ : cr, cnt)
-  for (int64_t k = 0; k < Nt; ++k) {
-    const bool in = (ytb[k] >= 0) & (ytb[k] != lab) & (trow[k] > thr);
-    const A term = cross_term(trow[k]);
-    cr += in ? term : A(0);
-    cnt += in ? A(1) : A(0);
-  }
-  cross = cr;
-  count = cnt;
+// rows(ctx, heap, r0, r1) over the rows of a tile in parallel; each task owns its heap buffer.
+template <typename A, typename Rows>
+void tile_rows_parallel(const FeclRowsFwd<A>& f, int64_t rows, int64_t width, int64_t heap, Rows fn) {
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t r0, int64_t r1) {
+    std::vector<A> heap_val(heap);
+    fn(f, heap_val.data(), r0, r1);
+  });
 }
 
 template <typename A>
 void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc, FeclOutputs& o) {
   const int64_t B = a.B, N = a.N, Nt = a.Nt, K = a.top_k, TK = a.teacher_top_k;
-  const A tau = A(a.tau), gp = A(a.gamma_pos), gn = A(a.gamma_neg), thr = A(a.teacher_threshold);
-  const A inv_tau = A(1) / tau;
-  const bool topk_teacher = a.teacher == kTeacherTopk, thr_teacher = a.teacher == kTeacherThreshold;
   const bool teacher = a.teacher != kTeacherNone;
   const int64_t TI = tile_rows(N, teacher ? Nt : 0);
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
   auto opts = zc.options();
   at::Tensor L = at::empty({TI, N}, opts);
   at::Tensor Lt = teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
 
   const LabelCodes codes = label_codes(a);
-  const label_t* yp = codes.y.data_ptr<label_t>();
-  const label_t* ytp = teacher ? codes.yt.data_ptr<label_t>() : nullptr;
-  const A* up = a.u.defined() ? a.u.data_ptr<A>() : nullptr;
-  A* loss = o.loss.data_ptr<A>();
-  A* log_neg = o.log_neg.data_ptr<A>();
-  A* rr = o.r.data_ptr<A>();
-  A* npos = o.n_pos.data_ptr<A>();
   A* cs = a.column_shift ? o.col_shift.data_ptr<A>() : nullptr;
-  A* cross = thr_teacher ? o.cross.data_ptr<A>() : nullptr;
-  A* ccount = thr_teacher ? o.cross_count.data_ptr<A>() : nullptr;
-  int64_t* tki = K > 0 ? o.topk_idx.data_ptr<int64_t>() : nullptr;
-  int64_t* tti = topk_teacher ? o.teacher_idx.data_ptr<int64_t>() : nullptr;
   const std::vector<A> no_shift(cs ? 0 : N, A(0));  // c = 0 without the column shift
+  FeclRowsFwd<A> f{};
+  f.N = N, f.Nt = Nt, f.K = K, f.TK = TK;
+  f.tau = A(a.tau), f.inv_tau = A(1) / f.tau, f.gp = A(a.gamma_pos), f.gn = A(a.gamma_neg);
+  f.thr = A(a.teacher_threshold);
+  f.topk_teacher = a.teacher == kTeacherTopk, f.thr_teacher = a.teacher == kTeacherThreshold;
+  const int64_t heap = std::max<int64_t>({K, TK, 1});
 
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor zb = zc[b];
-    const label_t* yb = yp + b * N;
-    const label_t* ytb = teacher ? ytp + b * Nt : nullptr;
-    const A* cb = cs ? cs + b * N : no_shift.data();
+    const int64_t off = b * N;
+    f.y = codes.y.data_ptr<label_t>() + off;
+    f.yt = teacher ? codes.yt.data_ptr<label_t>() + b * Nt : nullptr;
+    f.u = a.u.defined() ? a.u.data_ptr<A>() + off : nullptr;
+    f.loss = o.loss.data_ptr<A>() + off;
+    f.log_neg = o.log_neg.data_ptr<A>() + off;
+    f.r = o.r.data_ptr<A>() + off;
+    f.n_pos = o.n_pos.data_ptr<A>() + off;
+    f.col_shift = cs ? cs + off : nullptr;
+    f.cross = f.thr_teacher ? o.cross.data_ptr<A>() + off : nullptr;
+    f.cross_count = f.thr_teacher ? o.cross_count.data_ptr<A>() + off : nullptr;
+    f.topk_idx = K > 0 ? o.topk_idx.data_ptr<int64_t>() + off * K : nullptr;
+    f.teacher_idx = f.topk_teacher ? o.teacher_idx.data_ptr<int64_t>() + off * TK : nullptr;
+    f.c_anchor = cs ? cs + off : no_shift.data();
     // Similarity rows are against the keys in label order: row[p] = <z_i, z_perm[p]>.
-    const KeyOrder ko = key_order(yb, N);
+    const KeyOrder ko = key_order(f.y, N);
+    static_cast<FeclKeyOrderView&>(f) = key_order_view(ko);
     const at::Tensor zk = zb.index_select(0, ko.perm);
-    const int64_t* perm = ko.perm.data_ptr<int64_t>();
-    const int64_t v0 = ko.valid_begin();
 
-    // Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), a row max by symmetry.
+    // Pass 1 (shift = column): the key offsets c, a row max by symmetry.
     if (cs) {
       for (int64_t i0 = 0; i0 < N; i0 += TI) {
         const int64_t rows = std::min(TI, N - i0);
         at::Tensor Lv = L.narrow(0, 0, rows);
         at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
-        const A* Lp = L.data_ptr<A>();
-        at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t i = i0 + r;
-            const A* row = Lp + r * N;
-            // max(0, max cos) over valid j != i, / tau afterwards: the same number, tau > 0.
-            A m = 0;
-            around(v0, N, ko.pos[i], [&](int64_t j0, int64_t j1) { m = row_max(m, row, j0, j1); });
-            cs[b * N + i] = m / tau;
-          }
-        });
+        f.L = L.data_ptr<A>(), f.i0 = i0;
+        tile_rows_parallel(f, rows, N, 1, kern.colmax_rows);
       }
     }
-    const std::vector<A> ck = in_key_order(cb, ko);  // the keys' offsets c in key order
+    const std::vector<A> ck = in_key_order(f.c_anchor, ko);  // the keys' offsets c in key order
+    f.c_key = ck.data();
 
     // Pass 2: everything else, one BLAS product (two with a teacher) per tile.
     for (int64_t i0 = 0; i0 < N; i0 += TI) {
@@ -258,66 +181,8 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
         at::Tensor Ltv = Lt.narrow(0, 0, rows);
         at::mm_out(Ltv, zb.narrow(0, i0, rows), ztc[b].t());
       }
-      const A* Lp = L.data_ptr<A>();
-      const A* Ltp = teacher ? Lt.data_ptr<A>() : nullptr;
-      at::parallel_for(0, rows, row_grain(N + (teacher ? Nt : 0)), [&](int64_t r0, int64_t r1) {
-        std::vector<A> heap_val(std::max<int64_t>({K, TK, 1}));
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t i = i0 + r, gi = b * N + i;
-          const label_t lab = yb[i];
-          int64_t* hidx = tki ? tki + gi * K : nullptr;
-          int64_t* tidx = tti ? tti + gi * TK : nullptr;
-          if (lab < 0) {  // ignored patch: neither anchor nor key
-            loss[gi] = 0;
-            log_neg[gi] = neg_inf<A>();
-            rr[gi] = 0;
-            npos[gi] = 0;
-            if (cross) cross[gi] = ccount[gi] = 0;
-            for (int64_t s = 0; s < K; ++s) hidx[s] = -1;
-            for (int64_t s = 0; s < TK && tidx; ++s) tidx[s] = -1;
-            continue;
-          }
-          const A* row = Lp + r * N;
-          const int64_t lo = ko.start[lab], hi = ko.start[lab + 1];  // the positives' block
-          // Negatives [v0, lo) and [hi, N): H(i) = Q(i) or its top_k largest l_iq; then the
-          // teacher keys (valid, other label).
-          Lse<A> lse;
-          if (K > 0) {
-            lse.init();
-            int64_t n = 0;
-            for (const auto& [j0, j1] : {std::pair{v0, lo}, std::pair{hi, N}})
-              for (int64_t p = j0; p < j1; ++p) heap_push(heap_val.data(), hidx, n, K, row[p], perm[p]);
-            for (int64_t s = 0; s < n; ++s) {  // the heap holds cosines: same order as l
-              const A cos = heap_val[s];
-              lse.add(cos * inv_tau - cb[hidx[s]], neg_weight(cos, gn));
-            }
-            for (int64_t s = n; s < K; ++s) hidx[s] = -1;
-          } else {
-            with_exponent(gn, [&](auto e) { lse.init_log(dense_log_neg(row, ck.data(), v0, lo, hi, N, inv_tau, e)); });
-          }
-          if (topk_teacher) {
-            const A* trow = Ltp + r * Nt;
-            int64_t n = 0;
-            for (int64_t k = 0; k < Nt; ++k)
-              if (ytb[k] >= 0 && ytb[k] != lab) heap_push(heap_val.data(), tidx, n, TK, trow[k], k);
-            for (int64_t s = 0; s < n; ++s) lse.add(heap_val[s] * inv_tau, A(1));
-            for (int64_t s = n; s < TK; ++s) tidx[s] = -1;
-          } else if (thr_teacher) {
-            threshold_sums(Ltp + r * Nt, ytb, Nt, lab, thr, cross[gi], ccount[gi]);
-          }
-          const A ln = lse.result();
-          PosSums<A> ps;
-          with_exponent(gp, [&](auto e) {
-            around(lo, hi, ko.pos[i], [&](int64_t j0, int64_t j1) {
-              add_positive_sums(ps, row, ck.data(), j0, j1, inv_tau, ln, e);
-            });
-          });
-          log_neg[gi] = ln;
-          rr[gi] = ps.fs;
-          npos[gi] = ps.n;
-          loss[gi] = ps.n > A(0) ? -(up ? up[gi] : A(1)) * ps.f / ps.n : A(0);
-        }
-      });
+      f.L = L.data_ptr<A>(), f.Lt = teacher ? Lt.data_ptr<A>() : nullptr, f.i0 = i0;
+      tile_rows_parallel(f, rows, N + (teacher ? Nt : 0), heap, kern.forward_rows);
     }
   }
 }
@@ -327,32 +192,6 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
 template <typename A> struct KeyStats {
   std::vector<A> a, aR, ln, c;  // a_j, a_j R_j, log_neg_j, c_j (zeros without the column shift)
 };
-
-// One anchor's statistics.
-template <typename A> struct AnchorStat {
-  A a, aR, ln, c;
-};
-
-// G over a block of positives [j0, j1): g_ij + g_ji of the positive term.
-template <typename A, typename E>
-void pos_grad_block(A* row, const KeyStats<A>& k, const AnchorStat<A>& s, int64_t j0, int64_t j1, A inv_tau, E gp) {
-#pragma omp simd
-  for (int64_t p = j0; p < j1; ++p) {
-    const A l = row[p] * inv_tau;
-    row[p] = pos_grad(s.a, l, k.c[p], s.ln, gp) + pos_grad(k.a[p], l, s.c, k.ln[p], gp);
-  }
-}
-
-// G over a block of negatives [j0, j1) (top_k = 0): g_iq + g_qi of the negative term.
-template <typename A, typename E>
-void neg_grad_block(A* row, const KeyStats<A>& k, const AnchorStat<A>& s, int64_t j0, int64_t j1, A tau, A inv_tau,
-                    E gn) {
-#pragma omp simd
-  for (int64_t p = j0; p < j1; ++p) {
-    const A cos = row[p], l = cos * inv_tau;
-    row[p] = neg_grad(s.aR, l, cos, k.c[p], s.ln, tau, gn) + neg_grad(k.aR[p], l, cos, s.c, k.ln[p], tau, gn);
-  }
-}
 
 template <typename A>
 at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tensor& zc,
@@ -443,6 +282,12 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
     rg = rgw;
   }
 
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
+  FeclRowsBwd<A> g{};
+  g.N = N, g.Nt = Nt, g.K = K;
+  g.tau = tau, g.inv_tau = inv_tau, g.gp = gp, g.gn = gn, g.thr = thr;
+  g.rev_anchor = ranc, g.rev_g = rg;
+
   at::Tensor dz = at::empty_like(a.z);
   at::Tensor G = at::empty({TI, N}, opts);
   at::Tensor Gt = thr_teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
@@ -460,46 +305,21 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
     // G's columns are the keys in label order (as in the forward); dz_tile = G z_k / tau.
     const KeyOrder ko = key_order(yb, N);
     const at::Tensor zk = zb.index_select(0, ko.perm);
-    const int64_t v0 = ko.valid_begin();
     const KeyStats<A> ks{in_key_order(ab, ko), in_key_order(arb, ko), in_key_order(lnb, ko), in_key_order(cb, ko)};
+    g.y = yb, g.yt = ytb;
+    static_cast<FeclKeyOrderView&>(g) = key_order_view(ko);
+    g.key = {ks.a.data(), ks.aR.data(), ks.ln.data(), ks.c.data()};
+    g.anchor = {ab, arb, lnb, cb};
+    g.grad_cross = gc ? gc + b * N : nullptr;
+    g.topk_idx = tki ? tki + b * N * K : nullptr;
+    g.topk_g = gkp ? gkp + b * N * K : nullptr;
+    g.rev_ptr = rptr ? rptr + b * N : nullptr;
     for (int64_t i0 = 0; i0 < N; i0 += TI) {
       const int64_t rows = std::min(TI, N - i0);
       at::Tensor Gv = G.narrow(0, 0, rows);
       at::mm_out(Gv, zb.narrow(0, i0, rows), zk.t());
-      A* Gp = G.data_ptr<A>();
-      // G_ij = g_ij + g_ji over the similarity buffer.
-      at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t i = i0 + r, gi = b * N + i;
-          const label_t lab = yb[i];
-          A* row = Gp + r * N;
-          if (lab < 0) {
-            std::fill(row, row + N, A(0));
-            continue;
-          }
-          const AnchorStat<A> st{ab[i], arb[i], lnb[i], cb[i]};
-          const int64_t lo = ko.start[lab], hi = ko.start[lab + 1], pi = ko.pos[i];
-          std::fill(row, row + v0, A(0));  // ignored keys
-          with_exponent(gp, [&](auto e) {
-            around(lo, hi, pi, [&](int64_t j0, int64_t j1) { pos_grad_block(row, ks, st, j0, j1, inv_tau, e); });
-          });
-          row[pi] = A(0);
-          if (K == 0) {
-            with_exponent(gn, [&](auto e) {
-              neg_grad_block(row, ks, st, v0, lo, tau, inv_tau, e);
-              neg_grad_block(row, ks, st, hi, N, tau, inv_tau, e);
-            });
-          } else {  // the stored top-k pairs, both ways
-            std::fill(row + v0, row + lo, A(0));
-            std::fill(row + hi, row + N, A(0));
-            for (int64_t t = 0; t < K; ++t) {
-              const int64_t q = tki[gi * K + t];
-              if (q >= 0) row[ko.pos[q]] += gkp[gi * K + t];
-            }
-            for (int64_t p = rptr[gi]; p < rptr[gi + 1]; ++p) row[ko.pos[ranc[p]]] += rg[p];
-          }
-        }
-      });
+      g.G = G.data_ptr<A>(), g.i0 = i0;
+      at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) { kern.grad_rows(g, r0, r1); });
       at::Tensor dzv = dzt.narrow(0, 0, rows);
       at::mm_out(dzv, Gv, zk);
       dzv.div_(a.tau);
@@ -507,19 +327,8 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
       if (thr_teacher) {
         at::Tensor Gtv = Gt.narrow(0, 0, rows);
         at::mm_out(Gtv, zb.narrow(0, i0, rows), ztc[b].t());
-        A* Gtp = Gt.data_ptr<A>();
-        at::parallel_for(0, rows, row_grain(Nt), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t gi = b * N + i0 + r;
-            const label_t lab = yb[i0 + r];
-            const A g = gc[gi];
-            A* row = Gtp + r * Nt;
-            for (int64_t k = 0; k < Nt; ++k) {
-              const A c = row[k];
-              row[k] = (lab >= 0 && g != A(0) && ytb[k] >= 0 && ytb[k] != lab && c > thr) ? g * cross_grad(c) : A(0);
-            }
-          }
-        });
+        g.Gt = Gt.data_ptr<A>();
+        at::parallel_for(0, rows, row_grain(Nt), [&](int64_t r0, int64_t r1) { kern.teacher_grad_rows(g, r0, r1); });
         dzv.addmm_(Gtv, ztc[b]);
       }
       // Top-k teacher: g^t_ik = a_i R_i exp(l^t_ik - log_neg_i), teacher gets no gradient.

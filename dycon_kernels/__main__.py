@@ -14,17 +14,12 @@ import torch
 
 import dycon_kernels
 from dycon_kernels import backends
+from dycon_kernels.backends import cpu_isa
 
 
 def cpu_lines() -> list[str]:
-    """THE place for CPU facts (model; the kernels' ISA and variant belong here too)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return [f"CPU: {model}"]
+    """The CPU, its vector ISA and the variant of the C++ kernels that runs (DYCON_CPU_ISA)."""
+    return [cpu_isa.summary()]
 
 
 def extension_lines(state: backends.ExtensionState) -> list[str]:
