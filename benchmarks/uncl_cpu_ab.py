@@ -1,0 +1,54 @@
+"""UnCL on the CPU, cases interleaved in one process: the dense reference against the fused C++
+kernels at 1 and 2 threads and under each forced ISA variant (DYCON_CPU_ISA).
+
+On a shared machine, wall times move with the load; ratios of cases timed in turn within one
+process do not (much). bench_uncl.py times each case in a fresh process to measure its memory,
+which makes the reference slower than here. Usage: python benchmarks/uncl_cpu_ab.py [ROUNDS]
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import dycon_kernels
+from dycon_kernels.backends import cpu_isa
+
+CASES = [("reference", 1, ""), ("cpu", 1, ""), ("cpu", 2, ""), ("cpu", 1, "avx2"), ("cpu", 1, "baseline")]
+
+
+def step(student, teacher, backend):
+    student.grad = None
+    dycon_kernels.uncl(student, teacher, 2.0, backend=backend).backward()
+
+
+def main(rounds: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 2, 96, 96, 96, generator=g) * 2).requires_grad_()
+    teacher = torch.randn(2, 2, 96, 96, 96, generator=g) * 2
+    runnable = cpu_isa.runnable()
+    cases = [c for c in CASES if not c[2] or c[2] in runnable]
+    times = {c: [] for c in cases}
+    for warm_up in (True, False):
+        for _ in range(1 if warm_up else rounds):
+            for case in cases:
+                backend, threads, variant = case
+                torch.set_num_threads(threads)
+                os.environ[cpu_isa.ENV] = variant
+                start = time.perf_counter()
+                step(student, teacher, backend)
+                if not warm_up:
+                    times[case].append((time.perf_counter() - start) * 1e3)
+    os.environ.pop(cpu_isa.ENV)
+    print(cpu_isa.summary())
+    print(f"UnCL fwd+bwd, B=2, C=2, 96^3, float32, {rounds} interleaved rounds; load average {os.getloadavg()}")
+    reference = statistics.median(times[cases[0]])
+    for (backend, threads, variant), values in times.items():
+        median = statistics.median(values)
+        print(f"{backend:9s} threads={threads} variant={variant or 'auto':8s} median {median:7.1f} ms "
+              f"(min {min(values):7.1f})  reference/this {reference / median:5.2f}x")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
