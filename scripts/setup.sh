@@ -97,7 +97,8 @@ EXTRA=""
 [ "$DEV" = 1 ] && EXTRA="[dev]"
 step "dycon$EXTRA: dependencies and kernels (a line per compiled source; nothing to compile when up to date)"
 # Say before a long silence that it is coming (compilers print nothing while they work).
-echo "   A first build compiles the C++ kernels: 3 sources, up to a minute or two each on 2 cores."
+echo "   A first build compiles the C++ kernels: $(ls csrc/*.cpp | wc -l) sources (the hot loops once per vector ISA),"
+echo "   up to a minute or two each on 2 cores."
 if python -W ignore -c "import sys, torch; sys.exit(torch.version.cuda is None)" && [ "${DYCON_SKIP_CUDA:-0}" = 0 ] \
     && { command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
     echo "   Then the CUDA kernels (torch is a CUDA build and nvcc is here): 2 sources, each for every GPU"
