@@ -166,7 +166,8 @@ def load_grid(path: str | Path) -> Grid:
 
 def cell_configs(grid: Grid, selected: list[Cell]) -> dict[Cell, dict]:
     """Every selected cell's full trainer config, all built and checked before anything runs."""
-    base = C.load_config(grid.config)
+    # the grid's own overrides first: they may name the data set (e.g. data.demo_set)
+    base = C.apply_overrides(C.load_config(grid.config), grid.overrides)
     C.prepare_demo_data(base)            # once, here: not by every cell or process at once
     if base["data"]["root"] is not None:
         base["data"]["root"] = str(Path(base["data"]["root"]).resolve())
@@ -364,7 +365,7 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         + (f"; labelled-subset draws {grid.draws} (`{grid.draw_key}`)" if grid.draws != [None] else "")
         + f"; overrides of every run: `{grid.overrides}`.",
         "",
-        "Test-set Dice (%) and HD95 of each run's best-validation checkpoint; mean ± sample sd over runs "
+        f"Test-set Dice (%) and HD95 of each run's {_tested(records)} checkpoint; mean ± sample sd over runs "
         "(seeds x draws), each run scored by its mean over the test cases.",
         "",
         "| variant | overrides | runs | Dice % | HD95 | Dice % per run |",
@@ -379,6 +380,11 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
     definition = records[0]["definition"] if records else ""
     lines += ["", f"Dice as a percentage. {definition}", "", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def _tested(records: list[dict]) -> str:
+    kinds = {r["config"]["test"].get("checkpoint", "best") for r in records}
+    return " or ".join({"best": "best-validation", "last": "last"}[k] for k in sorted(kinds))
 
 
 def _pair_table(pairs: list[dict]) -> list[str]:
