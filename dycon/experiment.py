@@ -30,6 +30,13 @@ Grid file (YAML; every key optional, command-line flags override it):
       supervised: {train.method: supervised}
       dycon: {train.method: dycon}
 
+Several workers may share one output folder: ``--workers N`` starts N - 1 more processes of the
+same command, and a second shell running the same command is just as safe. A worker claims a cell
+by creating ``<cell>/cell.lock`` atomically (O_CREAT | O_EXCL) with its pid and host, re-checks
+``cell.json`` under the claim, and removes the lock when the cell ends (done or failed); a cell
+whose lock is held is skipped; a lock left by a process of this host that no longer runs is
+taken over with a notice (one taker at a time). The report covers every cell done, by any worker.
+
 Cells run one after the other: in this process by default, or each as a subprocess
 ``<launcher> -m dycon.train ...`` with ``--launcher`` (e.g. ``"torchrun --nproc_per_node 4"`` to
 train every cell on 4 GPUs; the data are prepared once by the runner, before any cell starts).
@@ -62,6 +69,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +92,7 @@ METRICS = ("dice", "hd95")                     # compared and plotted
 RESULT_COLUMNS = ["variant", "seed", "draw", "dice", "jaccard", "hd95", "asd", "iterations", "best_val_dice",
                   "wall_s"]   # wall_s: of the call that completed the cell (after an interruption: its last part)
 DONE = "cell.json"
+LOCK = "cell.lock"     # a cell being trained: "<pid> <host>", created atomically by its worker
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # variant names are directory names
 
 
@@ -237,20 +246,89 @@ def check_done(cell: Cell, cfg: dict, run_dir: Path) -> dict | None:
 
 
 def run_grid(grid: Grid, output: Path, launcher: str | None = None) -> list[dict]:
-    """Run every cell not done yet; returns the records of all cells of the grid."""
+    """Run every cell not done yet and not claimed by another worker; returns the records of the
+    cells done (by this process or found done)."""
     selected = cells(grid)
     configs = cell_configs(grid, selected)
     records = []
     for i, cell in enumerate(selected):
-        run_dir = output / cell.name
+        run_dir, where = output / cell.name, f"[{i + 1}/{len(selected)}] {cell.name}"
         record = check_done(cell, configs[cell], run_dir)
-        if record is not None:
-            log.info("[%d/%d] %s: done, skipped", i + 1, len(selected), cell.name)
+        if record is None:
+            if not claim(run_dir):
+                log.info("%s: claimed by another worker (%s), skipped", where, (run_dir / LOCK).read_text().strip())
+                continue
+            try:   # another worker may have finished it between the check and the claim
+                record = check_done(cell, configs[cell], run_dir)
+                if record is None:
+                    log.info("%s: running in %s", where, run_dir)
+                    record = run_cell(cell, configs[cell], run_dir, launcher)
+            finally:
+                release(run_dir)
         else:
-            log.info("[%d/%d] %s: running in %s", i + 1, len(selected), cell.name, run_dir)
-            record = run_cell(cell, configs[cell], run_dir, launcher)
+            log.info("%s: done, skipped", where)
         records.append(record)
     return records
+
+
+def claim(run_dir: Path) -> bool:
+    """Claim a cell for this process: create ``cell.lock`` atomically (O_EXCL) holding our pid and
+    host. A lock left by a dead process of this host is taken over, with a notice; a lock of a
+    live process, or of another host (whose processes we cannot see), is respected."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    if _create(path):
+        return True
+    if not _stale(path):
+        return False
+    # one taker at a time: the takeover is itself claimed atomically, and the lock re-checked under it
+    guard = run_dir / (LOCK + ".takeover")
+    if not _create(guard):
+        return False
+    try:
+        if not _stale(path):
+            return False
+        log.warning("%s: taking over the lock of a process that is gone (%s)", run_dir, path.read_text().strip())
+        path.unlink()
+        return _create(path)
+    finally:
+        guard.unlink()
+
+
+def release(run_dir: Path) -> None:
+    (run_dir / LOCK).unlink(missing_ok=True)
+
+
+def _holder() -> str:
+    return f"{os.getpid()} {socket.gethostname()}"
+
+
+def _create(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(_holder() + "\n")
+    return True
+
+
+def _stale(path: Path) -> bool:
+    """Whether the lock at ``path`` was left by a process of this host that no longer runs (a lock
+    being written, still empty, is live)."""
+    try:
+        pid, host = path.read_text().split()
+    except (FileNotFoundError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # alive, another user's
+        return False
+    return False
 
 
 def done_records(grid: Grid, output: Path) -> list[dict]:
@@ -483,6 +561,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--launcher", help='run each cell as "<launcher> -m dycon.train ..." (e.g. "torchrun '
                                       '--nproc_per_node 4", or "python"); default: in this process')
     p.add_argument("--aggregate-only", action="store_true", help="report the cells done; train nothing")
+    p.add_argument("--workers", type=int, default=1, help="train the grid in N processes of this command "
+                   "(cells are claimed with lock files; so is a second shell running the same command)")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)   # a --workers child
     p.add_argument("--results", help="also write the reports as RESULTS.md/.csv/.png ({config} is replaced)")
     return p
 
@@ -519,10 +600,19 @@ def main(argv=None, **defaults) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grid = grid_from_args(args)
     output = Path(args.output)
-    if args.aggregate_only:
-        records = done_records(grid, output)
-    else:
-        records = run_grid(grid, output, args.launcher)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if not args.aggregate_only:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        children = [subprocess.Popen([sys.executable, "-m", "dycon.experiment", *argv, "--workers", "1",
+                                      "--no-report"]) for _ in range(args.workers - 1)]
+        run_grid(grid, output, args.launcher)
+        failed = [c.args for c in children if c.wait() != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} worker(s) failed; the cells they held run again on the next call")
+    if args.no_report:
+        return {}
+    records = done_records(grid, output)   # every worker's cells
     done = {(r["cell"]["variant"], r["cell"]["seed"], str(r["cell"]["draw"])) for r in records}
     missing = [c.name for c in cells(grid) if (c.variant, c.seed, str(c.draw)) not in done]
     if not records:

@@ -265,3 +265,66 @@ def test_interrupted_cell_continues_from_its_checkpoint_in_a_launched_process(tm
     (record,) = E.run_grid(grid, tmp_path, launcher=shlex.quote(sys.executable))
     assert record["iterations"] == 2 and (run_dir / E.DONE).exists()
     assert "resumed" in (run_dir / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------ lock files
+
+def _fake_cell(cell, cfg, run_dir, launcher):
+    """Stands in for training: notes who ran the cell, takes a moment, writes the marker."""
+    with open(run_dir.parent.parent / "trace.txt", "a") as f:
+        f.write(f"{cell.name} {os.getpid()}\n")
+    time.sleep(0.3)
+    record = {"cell": {"variant": cell.variant, "seed": cell.seed, "draw": cell.draw},
+              "config": json.loads(json.dumps(cfg, default=str))}
+    (run_dir / E.DONE).write_text(json.dumps(record))
+    return record
+
+
+def _race(grid_path, out):
+    E.run_cell = _fake_cell   # in the forked child only
+    E.run_grid(E.load_grid(grid_path), out)
+
+
+def test_two_workers_racing_on_one_grid_never_run_a_cell_twice(tmp_path, grid_file):
+    import multiprocessing
+    grid = yaml.safe_load(grid_file.read_text())
+    grid["seeds"] = [1, 2, 3]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    out = tmp_path / "out"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_race, args=(path, out)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    ran = (out / "trace.txt").read_text().split("\n")[:-1]
+    names = [line.split()[0] for line in ran]
+    assert sorted(names) == sorted(c.name for c in E.cells(E.load_grid(path)))   # each cell once
+    assert not list(out.glob(f"*/*/{E.LOCK}*"))                                    # locks released
+
+
+def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(tmp_path, caplog):
+    import socket
+    host = socket.gethostname()
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / E.LOCK).write_text(f"{os.getppid()} {host}\n")
+    assert not E.claim(live)
+    other_host = tmp_path / "other"
+    other_host.mkdir()
+    (other_host / E.LOCK).write_text(f"1 not-{host}\n")
+    assert not E.claim(other_host)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()   # a pid that no longer runs
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    (dead / E.LOCK).write_text(f"{gone.pid} {host}\n")
+    with caplog.at_level("WARNING", logger="dycon.experiment"):
+        assert E.claim(dead)
+    assert "taking over the lock" in caplog.text
+    assert (dead / E.LOCK).read_text().split() == [str(os.getpid()), host]
+    assert not E.claim(dead)   # now ours: a second claim (another worker) fails
+    E.release(dead)
+    assert E.claim(dead)
