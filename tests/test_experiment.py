@@ -195,6 +195,21 @@ def test_shipped_grid_names_the_paper_ablations_and_every_cell_builds(tmp_path):
     assert len(grid.seeds) >= 3
 
 
+@pytest.mark.parametrize("demo_set", ["ssl_bench", "ssl_bench_iid"])
+def test_ssl_bench_grid_builds_every_cell_with_the_methods_references(tmp_path, demo_set):
+    grid = E.load_grid(ROOT / "benchmarks" / "grids" / "ssl_bench.yaml")
+    grid.check()
+    root = ensure_demo_data(tmp_path, size=32, splits={"train": 5, "val": 1, "test": 1}, kind=demo_set)
+    grid.overrides.update({"data.root": str(root), "data.demo_set": demo_set})
+    configs = E.cell_configs(grid, E.cells(grid))
+    assert len(configs) == len(grid.variants) * len(grid.seeds) and len(grid.seeds) >= 3
+    by_variant = {cell.variant: cfg for cell, cfg in configs.items()}
+    assert {"supervised", "supervised_all40", "mean_teacher", "uamt", "cps", "dycon", "dycon_official",
+            "uncl_only", "fecl_only"} <= set(by_variant)
+    assert by_variant["cps"]["train"]["framework"] == "co_training"
+    assert all(cfg["views"]["strong"] and cfg["test"]["checkpoint"] == "last" for cfg in configs.values())
+
+
 # ------------------------------------------------------------------------------ demo_hard
 
 def test_demo_hard_is_deterministic_faint_and_small():
@@ -328,3 +343,24 @@ def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(tmp_path, caplog):
     assert not E.claim(dead)   # now ours: a second claim (another worker) fails
     E.release(dead)
     assert E.claim(dead)
+
+
+def test_ssl_bench_labelled_volumes_are_clear_cases_and_the_control_shares_the_rest(tmp_path):
+    import h5py
+    splits = {"train": 8, "val": 1, "test": 3}
+    sets = {kind: ensure_demo_data(tmp_path / kind, size=32, splits=splits, kind=kind)
+            for kind in ("ssl_bench", "ssl_bench_iid")}
+
+    def case(kind, i):
+        with h5py.File(sets[kind] / "data" / f"case_{i:03d}.h5") as f:
+            return f["image"][:], f["label"][:]
+
+    contrast = []
+    for i in range(12):
+        (a, la), (b, lb) = case("ssl_bench", i), case("ssl_bench_iid", i)
+        assert 0.01 < la.mean() < 0.07                         # lesions: a few % of the volume
+        assert np.array_equal(a, b) == (i >= 4)                # only the labelled 4 differ
+        contrast.append(a[la > 0].mean() - a[la == 0].mean())
+    # the clear-case slice: lesion contrast 1.0-1.2 and little noise, against 0.3-1.2 and more noise
+    assert min(contrast[:4]) > np.mean(contrast[4:])
+    assert (sets["ssl_bench"] / "train.txt").read_text().split() == [f"case_{i:03d}" for i in range(8)]
