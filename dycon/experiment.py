@@ -230,7 +230,19 @@ def read_run(run_dir: Path) -> dict:
     trained = [r for r in metrics if r["total"]]
     val = [float(r["val_dice"]) for r in metrics if r["val_dice"]]
     return {"cases": rows, "definition": summary["definition"],
-            "iterations": int(trained[-1]["step"]) if trained else 0, "best_val_dice": max(val, default=math.nan)}
+            "iterations": int(trained[-1]["step"]) if trained else 0, "best_val_dice": max(val, default=math.nan),
+            "grad_ratios": grad_ratios(metrics)}
+
+
+def grad_ratios(metrics: list[dict]) -> dict:
+    """Per unsupervised term, the mean over the logged steps of its gradient norm / the supervised
+    one (metrics.csv ``grad_ratio_<term>``): whether the term acted at all."""
+    out = {}
+    for name in (metrics[0].keys() if metrics else []):
+        values = [float(r[name]) for r in metrics if name.startswith("grad_ratio_") and r.get(name)]
+        if values:
+            out[name[len("grad_ratio_"):]] = float(np.mean(values))
+    return out
 
 
 def check_done(cell: Cell, cfg: dict, run_dir: Path) -> dict | None:
@@ -333,8 +345,16 @@ def _stale(path: Path) -> bool:
 
 def done_records(grid: Grid, output: Path) -> list[dict]:
     """The grid's cells completed under ``output`` (for --aggregate-only)."""
-    paths = [output / cell.name / DONE for cell in cells(grid)]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+    records = []
+    for cell in cells(grid):
+        path = output / cell.name / DONE
+        if path.exists():
+            record = json.loads(path.read_text())
+            if "grad_ratios" not in record:   # a cell.json written before the ratios were recorded
+                with open(path.parent / "metrics.csv") as f:
+                    record["grad_ratios"] = grad_ratios(list(csv.DictReader(f)))
+            records.append(record)
+    return records
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -453,11 +473,29 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         per_run = " ".join(f"{x * 100:.1f}" for x in v["dice"]["values"])
         lines.append(f"| {name} | `{_flat(grid.variants.get(name, {}))}` | {v['runs']} | "
                      f"{_pm(v['dice']['mean_sd'], 100, 1)} | {_pm(v['hd95']['mean_sd'], 1, 2)} | {per_run} |")
+    lines += ["", *_ratio_table(records)]
     if agg["pairs"]:
         lines += ["", *_pair_table(agg["pairs"])]
     definition = records[0]["definition"] if records else ""
     lines += ["", f"Dice as a percentage. {definition}", "", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def _ratio_table(records: list[dict]) -> list[str]:
+    """Per variant and unsupervised term: its gradient norm / the supervised one, mean over the
+    logged steps of a run, then over the runs (a term near 0 did not act)."""
+    by_variant: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        for term, value in (r.get("grad_ratios") or {}).items():
+            by_variant.setdefault(r["cell"]["variant"], {}).setdefault(term, []).append(value)
+    if not by_variant:
+        return []
+    lines = ["Gradient norm of each weighted unsupervised term / that of the weighted supervised loss "
+             "(metrics.csv `grad_ratio_<term>`), mean over the logged steps of a run, then over its runs.",
+             "", "| variant | term: gradient ratio |", "|---|---|"]
+    for name, terms in by_variant.items():
+        lines.append(f"| {name} | " + ", ".join(f"{t}: {np.mean(v):.3g}" for t, v in terms.items()) + " |")
+    return lines
 
 
 def _tested(records: list[dict]) -> str:

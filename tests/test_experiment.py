@@ -364,3 +364,12 @@ def test_ssl_bench_labelled_volumes_are_clear_cases_and_the_control_shares_the_r
     # the clear-case slice: lesion contrast 1.0-1.2 and little noise, against 0.3-1.2 and more noise
     assert min(contrast[:4]) > np.mean(contrast[4:])
     assert (sets["ssl_bench"] / "train.txt").read_text().split() == [f"case_{i:03d}" for i in range(8)]
+
+
+def test_the_report_carries_each_terms_gradient_ratio():
+    rows = [{"step": "10", "grad_ratio_mse": "0.01", "grad_ratio_fecl": ""},
+            {"step": "20", "grad_ratio_mse": "0.03", "grad_ratio_fecl": ""}, {"step": "20", "grad_ratio_mse": ""}]
+    assert E.grad_ratios(rows) == pytest.approx({"mse": 0.02})
+    records = [{"cell": {"variant": "mean_teacher"}, "grad_ratios": {"mse": 0.02}},
+               {"cell": {"variant": "mean_teacher"}, "grad_ratios": {"mse": 0.04}}, {"cell": {"variant": "supervised"}}]
+    assert "| mean_teacher | mse: 0.03 |" in E._ratio_table(records)
