@@ -10,12 +10,13 @@ This module imports no torch, so ``python -m dycon.train --help`` stays fast.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHODS = ("supervised", "mean_teacher", "uamt", "dycon")
+METHODS = ("supervised", "mean_teacher", "uamt", "cps", "dycon")
 FRAMEWORKS = ("mean_teacher", "co_training")
 PRESETS = ("dycon", "official")
 AMP_MODES = (None, "bf16", "fp16")
@@ -39,7 +40,12 @@ DEFAULTS = {
         "framework": "mean_teacher", "method": "dycon", "preset": "dycon", "patch_size": [96, 96, 96], "batch_size": 8, "labeled_bs": 4,
         "max_iterations": 20000, "base_lr": 0.01, "lr_schedule": "constant", "momentum": 0.9,
         "weight_decay": 1e-4, "ema_decay": 0.99, "l_weight": 1.0,
-        "consistency": 0.1, "consistency_rampup": 200.0, "grad_clip": 1.0, "seed": 1337,
+        # consistency ramp (MT, UA-MT, CPS, official DyCON's MSE): iterations or a share of the run
+        # ("33%"); null: the method's reference (dycon/schedules.py ramp_lengths)
+        "consistency": 0.1, "consistency_rampup": None,
+        # gradient-norm clipping (per network in co-training); null: the method's reference (1.0
+        # for DyCON as released, off for MT, UA-MT, CPS and supervised); 0: off
+        "grad_clip": None, "seed": 1337,
         "num_workers": 0, "device": "auto", "kernel_backend": "auto", "log_every": 10,
         # latest.pt is also written at every validation; 0 = only then and at the end
         "checkpoint_every": 200,
@@ -54,8 +60,10 @@ DEFAULTS = {
         # UnCL: beta decays from beta_max to beta_min over the epochs, or stays at s_beta; "mse"
         # replaces UnCL by the plain MSE between student and teacher softmax (whole batch)
         "uncl": "uncl", "beta_max": 5.0, "beta_min": 0.5, "s_beta": None,
-        # weights (released: 0.5 both, u_weight) and sigmoid ramp-ups in iterations (0: none);
-        # FeCL is off for the first fecl_warmup iterations, then ramps up over fecl_rampup
+        # beta's decay length (iterations or "P%" of the run); null: over the epochs as released
+        "beta_decay": None,
+        # weights (released: 0.5 both, u_weight) and sigmoid ramp-ups, in iterations or as a share
+        # of the run ("33%"; 0: none); FeCL is off for the first fecl_warmup, then ramps up over fecl_rampup
         "uncl_weight": 0.5, "uncl_rampup": 0, "fecl_weight": 0.5, "fecl_rampup": 0, "fecl_warmup": 0,
         # FeCL: temperature, focal exponents of the positives (F+) and of the negatives (F-,
         # dycon preset only), per-anchor weights ("entropy": u = 1 + H, or "none"), the teacher's
@@ -67,11 +75,23 @@ DEFAULTS = {
         # teacher_confidence
         "patch_purity": 0.6, "teacher_confidence": 0.7,
         "uamt_samples": 8,     # UA-MT: Monte-Carlo dropout passes of the teacher for its uncertainty
+        "uamt_threshold_rampup": None,   # UA-MT threshold ramp (iterations or "P%"); null: the whole run
     },
+    # weak/strong views (docs/method.md): with ``strong``, the student (and the supervised baseline)
+    # trains on a strong intensity view of each volume, same geometry, while the teacher or the
+    # pseudo-labeller sees the weak one. Ranges are (low, high) of uniform draws per volume.
+    "views": {"strong": False,
+              "gamma": [0.7, 1.5],       # on intensities rescaled to [0, 1]
+              "contrast": [0.7, 1.3],    # x around the volume mean
+              "bias_field": [0.0, 0.3],  # amplitude of a smooth log-multiplicative field
+              "noise": [0.0, 0.15],      # Gaussian noise std (the inputs are z-scored)
+              "blur": [0.0, 1.0]},       # Gaussian blur sigma, voxels
     # the released validation keeps every component (test.largest_component is for the test set)
     "val": {"every": 200, "stride_xy": 64, "stride_z": 64, "largest_component": False},
     "test": {"stride_xy": 16, "stride_z": 4, "largest_component": True, "hd_definition": "medpy",
-             "units": "voxel", "empty_both": "zero"},   # empty_both: dycon.metrics.EMPTY_BOTH
+             "units": "voxel", "empty_both": "zero",   # empty_both: dycon.metrics.EMPTY_BOTH
+             # the checkpoint the trainer tests: "best" (of the validations, as released) or "last"
+             "checkpoint": "best"},
 }
 
 # SSL4MIS-style flags -> (section, key)
@@ -169,8 +189,9 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"train.method must be one of {METHODS}, got {t['method']!r}")
     if t["framework"] not in FRAMEWORKS:
         raise ValueError(f"train.framework must be one of {FRAMEWORKS}, got {t['framework']!r}")
-    if t["framework"] == "co_training" and t["method"] not in ("mean_teacher", "dycon"):
-        raise ValueError(f"train.framework 'co_training' takes method 'mean_teacher' (cross pseudo-labels only) "
+    normalise_method(t)
+    if t["framework"] == "co_training" and t["method"] not in ("cps", "dycon"):
+        raise ValueError(f"train.framework 'co_training' takes method 'cps' (cross pseudo-labels only) "
                          f"or 'dycon' (with UnCL and FeCL between the students), got {t['method']!r}")
     if t["preset"] not in PRESETS:
         raise ValueError(f"train.preset must be one of {PRESETS}, got {t['preset']!r}")
@@ -190,9 +211,45 @@ def check_config(cfg: dict) -> None:
     if cfg["model"]["init"] not in (None, "released", "pytorch"):
         raise ValueError(f"model.init must be null, 'released' or 'pytorch', got {cfg['model']['init']!r}")
     check_loss_switches(cfg["loss"])
+    check_schedules(cfg)
+    if cfg["test"]["checkpoint"] not in ("best", "last"):
+        raise ValueError(f"test.checkpoint must be 'best' or 'last', got {cfg['test']['checkpoint']!r}")
+    check_views(cfg["views"])
+    if t["grad_clip"] is not None and (not isinstance(t["grad_clip"], (int, float)) or t["grad_clip"] < 0):
+        raise ValueError(f"train.grad_clip must be null (the method's reference), 0 (off) or a norm > 0, "
+                         f"got {t['grad_clip']!r}")
     for key in ("layout", "root", "labelnum"):
         if cfg["data"][key] is None:
             raise ValueError(f"data.{key} is not set (config file or command line)")
+
+
+def normalise_method(t: dict) -> None:
+    """``cps`` is Co-Training with cross pseudo-labels only; the old spelling of it (framework
+    co_training, method mean_teacher) still works, with a notice."""
+    if t["method"] == "cps":
+        t["framework"] = "co_training"
+    elif t["framework"] == "co_training" and t["method"] == "mean_teacher":
+        logging.getLogger("dycon.train").warning(
+            "notice: framework co_training with method mean_teacher is now method 'cps' (--method cps)")
+        t["method"] = "cps"
+
+
+def check_schedules(cfg: dict) -> None:
+    """Every ramp length is iterations or a share of the run (the error names the key)."""
+    from dycon.schedules import ramp_lengths
+    ramp_lengths(cfg)
+
+
+def check_views(views: dict) -> None:
+    if not isinstance(views["strong"], bool):
+        raise ValueError(f"views.strong must be true or false, got {views['strong']!r}")
+    for key in ("gamma", "contrast", "bias_field", "noise", "blur"):
+        r = views[key]
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, (int, float)) for x in r)
+                and 0 <= r[0] <= r[1]):
+            raise ValueError(f"views.{key} must be a range [low, high] with 0 <= low <= high, got {r!r}")
+    if views["gamma"][0] <= 0 or views["contrast"][0] <= 0:
+        raise ValueError(f"views.gamma and views.contrast must be > 0, got {views['gamma']} and {views['contrast']}")
 
 
 def check_loss_switches(loss: dict) -> None:
@@ -201,7 +258,7 @@ def check_loss_switches(loss: dict) -> None:
     for key, allowed in choices.items():
         if loss[key] not in allowed:
             raise ValueError(f"loss.{key} must be one of {allowed}, got {loss[key]!r}")
-    for key in ("uncl_weight", "uncl_rampup", "fecl_weight", "fecl_rampup", "fecl_warmup", "gamma_pos", "gamma_neg"):
+    for key in ("uncl_weight", "fecl_weight", "gamma_pos", "gamma_neg"):
         if not isinstance(loss[key], (int, float)) or loss[key] < 0:
             raise ValueError(f"loss.{key} must be a number >= 0, got {loss[key]!r}")
     for key in ("teacher_top_k", "student_top_k"):

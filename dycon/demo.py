@@ -14,8 +14,19 @@ Two kinds (``KINDS``), each a ``Spec`` of the same generator:
   noise 0.3, and scanner variation between volumes: a tissue gain and a smooth multiplicative bias
   field drawn per volume.
 
+- ``ssl_bench`` (issue 19: a set where semi-supervision has to show): 2-4 lesions covering 2-5 %
+  of the volume (several pure 8^3 FeCL patches per 32^3 crop) and per-volume nuisances that
+  z-scoring does not remove: lesion contrast 0.3-1.2, log bias field 0-0.4, noise 0.15-0.45 and
+  blur 0-1.5 voxel (``BENCH_RANGES["full"]``). The first 4 training volumes (the labelled ones)
+  come from a narrow clear-case slice (``BENCH_RANGES["clear"]``: contrast 1.0-1.2, bias <= 0.1,
+  noise <= 0.2, blur <= 0.3); the 36 other training volumes, 6 validation and 24 test volumes
+  from the whole range. ``ssl_bench_iid`` is its control: the same volumes except that the first
+  4 are drawn from the whole range too (the labelled subset i.i.d. with the rest). Each volume
+  is drawn from its own generator (the set's seed and the volume's index), so the two sets share
+  every other volume.
+
 The test cases are held out from training and validation. Default roots: ``$DYCON_DATA`` or
-``data/demo``; ``$DYCON_DATA_HARD`` or ``data/demo_hard``.
+``data/demo``; ``$DYCON_DATA_HARD`` or ``data/demo_hard``; ``data/<kind>`` for the bench sets.
 """
 from __future__ import annotations
 
@@ -54,6 +65,18 @@ KINDS = {
 }
 
 
+# issue 19's benchmark: nuisance ranges (low, high) per volume; "clear" for its labelled volumes
+BENCH_RANGES = {
+    "full": {"lesion_gain": (0.3, 1.2), "bias": (0.0, 0.4), "noise": (0.15, 0.45), "blur": (0.0, 1.5)},
+    "clear": {"lesion_gain": (1.0, 1.2), "bias": (0.0, 0.1), "noise": (0.15, 0.2), "blur": (0.0, 0.3)},
+}
+BENCH_SPLITS = {"train": 40, "val": 6, "test": 24}
+BENCH_CLEAR = 4          # the first training volumes: the labelled ones (data.labelnum 4)
+BENCH_KINDS = {"ssl_bench": BENCH_CLEAR, "ssl_bench_iid": 0}   # kind -> volumes from the clear slice
+KINDS.update({kind: Spec(seed=2027, lesion_share=(0.02, 0.05), n_lesions=(2, 4), lesion_gain=(0.3, 1.2),
+                         noise=0.3, env=f"DYCON_DATA_{kind.upper()}", root=f"data/{kind}") for kind in BENCH_KINDS})
+
+
 def _spec(kind: str) -> Spec:
     if kind not in KINDS:
         raise ValueError(f"unknown demo set {kind!r} (known: {sorted(KINDS)})")
@@ -74,23 +97,7 @@ def make_case(rng: np.random.Generator, size: int = 48, kind: str = "demo") -> t
     """One (image, label) pair of shape (size, size, size)."""
     spec = _spec(kind)
     shape = (size,) * 3
-    grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32)] * 3, indexing="ij"))
-    centre = size / 2 + rng.uniform(-2, 2, 3)
-    radii = size * rng.uniform(0.36, 0.46, 3)
-    tissue = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
-
-    label = np.zeros(shape, bool)
-    target = rng.uniform(*spec.lesion_share) * size ** 3          # lesion voxels wanted in total
-    n_lesions = rng.integers(spec.n_lesions[0], spec.n_lesions[1] + 1)
-    for share in rng.dirichlet(np.ones(n_lesions) * 2) * target:
-        radius = (3 * max(share, 60) / (4 * np.pi)) ** (1 / 3)
-        inside = np.argwhere(ndimage.binary_erosion(tissue, iterations=int(radius) + 2))
-        if len(inside) == 0:
-            continue
-        c = inside[rng.integers(len(inside))]
-        dist = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0)) / radius
-        label |= (dist + 0.25 * _smooth_noise(rng, shape, 2.0) < 1) & tissue   # irregular outline
-
+    _, tissue, label = _anatomy(rng, size, spec)
     structure = np.where(tissue, 1.0, 0.0) + 0.35 * _smooth_noise(rng, shape, 3.0) * tissue
     structure += 0.2 * _smooth_noise(rng, shape, 1.0) * tissue
     lesion_gain = rng.uniform(*spec.lesion_gain)
@@ -105,6 +112,44 @@ def make_case(rng: np.random.Generator, size: int = 48, kind: str = "demo") -> t
     return image.astype(np.float32), label.astype(np.uint8)
 
 
+def make_bench_case(rng: np.random.Generator, size: int, ranges: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One volume of the bench sets: the demo's anatomy, then lesion contrast, a multiplicative
+    bias field, blur (of the signal) and noise drawn from ``ranges``; z-scored."""
+    spec, shape = KINDS["ssl_bench"], (size,) * 3
+    _, tissue, label = _anatomy(rng, size, spec)
+    gain, bias, noise, blur = (rng.uniform(*ranges[k]) for k in ("lesion_gain", "bias", "noise", "blur"))
+    structure = np.where(tissue, 1.0, 0.0) + (0.35 * _smooth_noise(rng, shape, 3.0)
+                                              + 0.2 * _smooth_noise(rng, shape, 1.0)) * tissue
+    signal = (structure + label * (gain + 0.25 * _smooth_noise(rng, shape, 1.5))) \
+        * np.exp(bias * _smooth_noise(rng, shape, size / 4))
+    if blur > 0:
+        signal = ndimage.gaussian_filter(signal, blur)
+    image = signal + noise * rng.standard_normal(shape)
+    image = (image - image.mean()) / image.std()
+    return image.astype(np.float32), label.astype(np.uint8)
+
+
+def _anatomy(rng: np.random.Generator, size: int, spec: Spec):
+    """The voxel grid, an ellipsoid of tissue and the lesion mask (``spec``'s share and count)."""
+    shape = (size,) * 3
+    grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32)] * 3, indexing="ij"))
+    centre = size / 2 + rng.uniform(-2, 2, 3)
+    radii = size * rng.uniform(0.36, 0.46, 3)
+    tissue = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
+    label = np.zeros(shape, bool)
+    target = rng.uniform(*spec.lesion_share) * size ** 3          # lesion voxels wanted in total
+    n_lesions = rng.integers(spec.n_lesions[0], spec.n_lesions[1] + 1)
+    for share in rng.dirichlet(np.ones(n_lesions) * 2) * target:
+        radius = (3 * max(share, 60) / (4 * np.pi)) ** (1 / 3)
+        inside = np.argwhere(ndimage.binary_erosion(tissue, iterations=int(radius) + 2))
+        if len(inside) == 0:
+            continue
+        c = inside[rng.integers(len(inside))]
+        dist = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0)) / radius
+        label |= (dist + 0.25 * _smooth_noise(rng, shape, 2.0) < 1) & tissue   # irregular outline
+    return grid, tissue, label
+
+
 def _stamp(kind: str, size: int, seed: int, splits: dict) -> str:
     return f"{kind} {VERSION} {size} {seed} {sorted(splits.items())}"
 
@@ -114,7 +159,7 @@ def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed
     """Generate the ``kind`` set under ``root`` unless a complete one is already there."""
     spec = _spec(kind)
     root = Path(root) if root is not None else default_root(kind)
-    splits = splits or DEFAULT_SPLITS
+    splits = splits or (BENCH_SPLITS if kind in BENCH_KINDS else DEFAULT_SPLITS)
     seed = spec.seed if seed is None else seed
     stamp = root / "demo_version.txt"
     expected = _stamp(kind, size, seed, splits)
@@ -126,8 +171,13 @@ def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed
     for split, count in splits.items():
         ids = [f"case_{index + i:03d}" for i in range(count)]
         index += count
-        for case_id in ids:
-            image, label = make_case(rng, size, kind)
+        for i, case_id in enumerate(ids):
+            if kind in BENCH_KINDS:   # its own generator per volume: ssl_bench and its control share them
+                clear = split == "train" and i < BENCH_KINDS[kind]
+                case_rng = np.random.default_rng([seed, index - count + i, int(clear)])
+                image, label = make_bench_case(case_rng, size, BENCH_RANGES["clear" if clear else "full"])
+            else:
+                image, label = make_case(rng, size, kind)
             # stored (Z, Y, X) like the BraTS h5 files; the loader transposes (2, 1, 0)
             _write_h5(root / "data" / f"{case_id}.h5", image.transpose(2, 1, 0), label.transpose(2, 1, 0))
         (root / f"{split}.txt").write_text("\n".join(ids) + "\n")

@@ -30,6 +30,13 @@ Grid file (YAML; every key optional, command-line flags override it):
       supervised: {train.method: supervised}
       dycon: {train.method: dycon}
 
+Several workers may share one output folder: ``--workers N`` starts N - 1 more processes of the
+same command, and a second shell running the same command is just as safe. A worker claims a cell
+by creating ``<cell>/cell.lock`` atomically (O_CREAT | O_EXCL) with its pid and host, re-checks
+``cell.json`` under the claim, and removes the lock when the cell ends (done or failed); a cell
+whose lock is held is skipped; a lock left by a process of this host that no longer runs is
+taken over with a notice (one taker at a time). The report covers every cell done, by any worker.
+
 Cells run one after the other: in this process by default, or each as a subprocess
 ``<launcher> -m dycon.train ...`` with ``--launcher`` (e.g. ``"torchrun --nproc_per_node 4"`` to
 train every cell on 4 GPUs; the data are prepared once by the runner, before any cell starts).
@@ -62,6 +69,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +89,7 @@ METRICS = ("dice", "hd95")                     # compared and plotted
 RESULT_COLUMNS = ["variant", "seed", "draw", "dice", "jaccard", "hd95", "asd", "iterations", "best_val_dice",
                   "wall_s", "kernels"]   # wall_s: of the call that completed the cell (after an interruption: its last part)
 DONE = "cell.json"
+LOCK = "cell.lock"     # a cell being trained: "<pid> <host>", created atomically by its worker
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # variant names are directory names
 
 
@@ -163,7 +172,8 @@ def load_grid(path: str | Path) -> Grid:
 
 def cell_configs(grid: Grid, selected: list[Cell]) -> dict[Cell, dict]:
     """Every selected cell's full trainer config, all built and checked before anything runs."""
-    base = C.load_config(grid.config)
+    # the grid's own overrides first: they may name the data set (e.g. data.demo_set)
+    base = C.apply_overrides(C.load_config(grid.config), grid.overrides)
     C.prepare_demo_data(base)            # once, here: not by every cell or process at once
     if base["data"]["root"] is not None:
         base["data"]["root"] = str(Path(base["data"]["root"]).resolve())
@@ -221,7 +231,19 @@ def read_run(run_dir: Path) -> dict:
     # what the kernels ran on, as dycon.loop.log_kernels recorded it in the run's config.yaml
     kernels = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("kernels", {})
     return {"cases": rows, "definition": summary["definition"], "kernels": kernels_text(kernels),
-            "iterations": int(trained[-1]["step"]) if trained else 0, "best_val_dice": max(val, default=math.nan)}
+            "iterations": int(trained[-1]["step"]) if trained else 0, "best_val_dice": max(val, default=math.nan),
+            "grad_ratios": grad_ratios(metrics)}
+
+
+def grad_ratios(metrics: list[dict]) -> dict:
+    """Per unsupervised term, the mean over the logged steps of its gradient norm / the supervised
+    one (metrics.csv ``grad_ratio_<term>``): whether the term acted at all."""
+    out = {}
+    for name in (metrics[0].keys() if metrics else []):
+        values = [float(r[name]) for r in metrics if name.startswith("grad_ratio_") and r.get(name)]
+        if values:
+            out[name[len("grad_ratio_"):]] = float(np.mean(values))
+    return out
 
 
 def kernels_text(kernels: dict) -> str:
@@ -242,26 +264,103 @@ def check_done(cell: Cell, cfg: dict, run_dir: Path) -> dict | None:
 
 
 def run_grid(grid: Grid, output: Path, launcher: str | None = None) -> list[dict]:
-    """Run every cell not done yet; returns the records of all cells of the grid."""
+    """Run every cell not done yet and not claimed by another worker; returns the records of the
+    cells done (by this process or found done)."""
     selected = cells(grid)
     configs = cell_configs(grid, selected)
     records = []
     for i, cell in enumerate(selected):
-        run_dir = output / cell.name
+        run_dir, where = output / cell.name, f"[{i + 1}/{len(selected)}] {cell.name}"
         record = check_done(cell, configs[cell], run_dir)
-        if record is not None:
-            log.info("[%d/%d] %s: done, skipped", i + 1, len(selected), cell.name)
+        if record is None:
+            if not claim(run_dir):
+                log.info("%s: claimed by another worker (%s), skipped", where, (run_dir / LOCK).read_text().strip())
+                continue
+            try:   # another worker may have finished it between the check and the claim
+                record = check_done(cell, configs[cell], run_dir)
+                if record is None:
+                    log.info("%s: running in %s", where, run_dir)
+                    record = run_cell(cell, configs[cell], run_dir, launcher)
+            finally:
+                release(run_dir)
         else:
-            log.info("[%d/%d] %s: running in %s", i + 1, len(selected), cell.name, run_dir)
-            record = run_cell(cell, configs[cell], run_dir, launcher)
+            log.info("%s: done, skipped", where)
         records.append(record)
     return records
 
 
+def claim(run_dir: Path) -> bool:
+    """Claim a cell for this process: create ``cell.lock`` atomically (O_EXCL) holding our pid and
+    host. A lock left by a dead process of this host is taken over, with a notice; a lock of a
+    live process, or of another host (whose processes we cannot see), is respected."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    if _create(path):
+        return True
+    if not _stale(path):
+        return False
+    # one taker at a time: the takeover is itself claimed atomically, and the lock re-checked under it
+    guard = run_dir / (LOCK + ".takeover")
+    if not _create(guard):
+        return False
+    try:
+        if not _stale(path):
+            return False
+        log.warning("%s: taking over the lock of a process that is gone (%s)", run_dir, path.read_text().strip())
+        path.unlink()
+        return _create(path)
+    finally:
+        guard.unlink()
+
+
+def release(run_dir: Path) -> None:
+    (run_dir / LOCK).unlink(missing_ok=True)
+
+
+def _holder() -> str:
+    return f"{os.getpid()} {socket.gethostname()}"
+
+
+def _create(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(_holder() + "\n")
+    return True
+
+
+def _stale(path: Path) -> bool:
+    """Whether the lock at ``path`` was left by a process of this host that no longer runs (a lock
+    being written, still empty, is live)."""
+    try:
+        pid, host = path.read_text().split()
+    except (FileNotFoundError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # alive, another user's
+        return False
+    return False
+
+
 def done_records(grid: Grid, output: Path) -> list[dict]:
     """The grid's cells completed under ``output`` (for --aggregate-only)."""
-    paths = [output / cell.name / DONE for cell in cells(grid)]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+    records = []
+    for cell in cells(grid):
+        path = output / cell.name / DONE
+        if path.exists():
+            record = json.loads(path.read_text())
+            if "grad_ratios" not in record:   # a cell.json written before the ratios were recorded
+                with open(path.parent / "metrics.csv") as f:
+                    record["grad_ratios"] = grad_ratios(list(csv.DictReader(f)))
+            records.append(record)
+    return records
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -374,7 +473,7 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         + (f"; labelled-subset draws {grid.draws} (`{grid.draw_key}`)" if grid.draws != [None] else "")
         + f"; overrides of every run: `{grid.overrides}`.",
         "",
-        "Test-set Dice (%) and HD95 of each run's best-validation checkpoint; mean ± sample sd over runs "
+        f"Test-set Dice (%) and HD95 of each run's {_tested(records)} checkpoint; mean ± sample sd over runs "
         "(seeds x draws), each run scored by its mean over the test cases.",
         "",
         "| variant | overrides | runs | Dice % | HD95 | Dice % per run |",
@@ -384,6 +483,7 @@ def markdown(agg: dict, grid: Grid, records: list[dict], missing: list[str], com
         per_run = " ".join(f"{x * 100:.1f}" for x in v["dice"]["values"])
         lines.append(f"| {name} | `{_flat(grid.variants.get(name, {}))}` | {v['runs']} | "
                      f"{_pm(v['dice']['mean_sd'], 100, 1)} | {_pm(v['hd95']['mean_sd'], 1, 2)} | {per_run} |")
+    lines += ["", *_ratio_table(records)]
     if agg["pairs"]:
         lines += ["", *_pair_table(agg["pairs"])]
     definition = records[0]["definition"] if records else ""
@@ -398,6 +498,28 @@ def _kernels_line(records: list[dict]) -> str:
         runs.setdefault(r.get("kernels", "?"), []).append(f"{r['cell']['variant']} seed {r['cell']['seed']}")
     groups = [f"`{k}` ({'all runs' if len(runs) == 1 else ', '.join(v)})" for k, v in runs.items()]
     return "Kernels (backend per op, as each run's trainer resolved it): " + "; ".join(groups) + "."
+
+
+def _ratio_table(records: list[dict]) -> list[str]:
+    """Per variant and unsupervised term: its gradient norm / the supervised one, mean over the
+    logged steps of a run, then over the runs (a term near 0 did not act)."""
+    by_variant: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        for term, value in (r.get("grad_ratios") or {}).items():
+            by_variant.setdefault(r["cell"]["variant"], {}).setdefault(term, []).append(value)
+    if not by_variant:
+        return []
+    lines = ["Gradient norm of each weighted unsupervised term / that of the weighted supervised loss "
+             "(metrics.csv `grad_ratio_<term>`), mean over the logged steps of a run, then over its runs.",
+             "", "| variant | term: gradient ratio |", "|---|---|"]
+    for name, terms in by_variant.items():
+        lines.append(f"| {name} | " + ", ".join(f"{t}: {np.mean(v):.3g}" for t, v in terms.items()) + " |")
+    return lines
+
+
+def _tested(records: list[dict]) -> str:
+    kinds = {r["config"]["test"].get("checkpoint", "best") for r in records}
+    return " or ".join({"best": "best-validation", "last": "last"}[k] for k in sorted(kinds))
 
 
 def _pair_table(pairs: list[dict]) -> list[str]:
@@ -498,6 +620,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--launcher", help='run each cell as "<launcher> -m dycon.train ..." (e.g. "torchrun '
                                       '--nproc_per_node 4", or "python"); default: in this process')
     p.add_argument("--aggregate-only", action="store_true", help="report the cells done; train nothing")
+    p.add_argument("--workers", type=int, default=1, help="train the grid in N processes of this command "
+                   "(cells are claimed with lock files; so is a second shell running the same command)")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)   # a --workers child
     p.add_argument("--results", help="also write the reports as RESULTS.md/.csv/.png ({config} is replaced)")
     return p
 
@@ -534,10 +659,19 @@ def main(argv=None, **defaults) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grid = grid_from_args(args)
     output = Path(args.output)
-    if args.aggregate_only:
-        records = done_records(grid, output)
-    else:
-        records = run_grid(grid, output, args.launcher)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if not args.aggregate_only:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        children = [subprocess.Popen([sys.executable, "-m", "dycon.experiment", *argv, "--workers", "1",
+                                      "--no-report"]) for _ in range(args.workers - 1)]
+        run_grid(grid, output, args.launcher)
+        failed = [c.args for c in children if c.wait() != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} worker(s) failed; the cells they held run again on the next call")
+    if args.no_report:
+        return {}
+    records = done_records(grid, output)   # every worker's cells
     done = {(r["cell"]["variant"], r["cell"]["seed"], str(r["cell"]["draw"])) for r in records}
     missing = [c.name for c in cells(grid) if (c.variant, c.seed, str(c.draw)) not in done]
     if not records:

@@ -34,8 +34,7 @@ from dycon.inference import segment, sliding_window_inference
 from dycon.losses import dice_loss, patch_labels_dycon
 from dycon.metrics import dice
 from dycon.networks import build_model
-from dycon.objectives import UAMT
-from dycon.schedules import beta_at, learning_rate
+from dycon.schedules import beta_at, learning_rate, ramp_lengths, summary as schedule_summary, uamt_threshold
 from dycon_kernels import backends
 from dycon_kernels.presets import teacher_threshold_ramp
 
@@ -53,12 +52,12 @@ def combine_sums(sums: dict, ctx: distributed.Context) -> dict:
 
 def compute_losses(cfg: dict, batch: dict, framework, step: int, epoch: int, n_epochs: int, number: int) -> dict:
     """All loss terms of iteration ``step`` (global batch ``number``); ``total`` is what gets
-    back-propagated. The terms are the same on every process."""
+    back-propagated, ``weighted`` the weighted supervised (``sup``) and unsupervised terms by name.
+    The terms are the same on every process."""
     t, ctx = cfg["train"], framework.ctx
     lb = t["labeled_bs"] // ctx.world_size
-    beta = beta_at(epoch, n_epochs, cfg["loss"])
-    values = {"beta": beta, "threshold": teacher_threshold_ramp(epoch),
-              "uamt_threshold": UAMT.threshold(step, t["max_iterations"], cfg["model"]["num_classes"])}
+    beta = beta_at(epoch, n_epochs, cfg["loss"], step, ramp_lengths(cfg)["beta"])
+    values = {"beta": beta, "threshold": teacher_threshold_ramp(epoch), "uamt_threshold": uamt_threshold(step, cfg)}
     scalars = {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
     s = combine_sums(framework.sums(batch["image"], batch["label"], lb, number, scalars), ctx)
     out = {}
@@ -74,8 +73,46 @@ def compute_losses(cfg: dict, batch: dict, framework, step: int, epoch: int, n_e
     if "uncl" in terms:
         out["beta"] = beta
     supervised = t["l_weight"] * (out["sup"] + out["sup_b"] if "sup_b" in out else out["sup"])
-    out["total"] = sum(framework.weighted(terms, step), supervised)
+    weighted = framework.weighted(terms, step)
+    out["total"] = sum(weighted.values(), supervised)
+    out["weighted"] = {"sup": supervised, **weighted}
     return out
+
+
+def gradient_ratios(weighted: dict, parameters: list) -> dict:
+    """Per unsupervised term, the norm of its weighted gradient over the trained parameters divided
+    by that of the weighted supervised loss (``grad_ratio_<term>``): a term the schedule has
+    effectively switched off shows as ~0. One extra backward per term: only on logged steps."""
+    def norm(value):
+        grads = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None]))
+
+    supervised = norm(weighted["sup"])
+    return {f"grad_ratio_{name}": float(norm(value) / supervised) if value.requires_grad else 0.0
+            for name, value in weighted.items() if name != "sup"}
+
+
+def clip_norm(t: dict) -> float:
+    """The gradient-norm bound of the method (0: no clipping): ``train.grad_clip``, or the
+    reference's: 1.0 for DyCON (the released code clips), none for MT, UA-MT, CPS and supervised
+    (SSL4MIS and UA-MT do not clip)."""
+    if t["grad_clip"] is not None:
+        return float(t["grad_clip"])
+    return 1.0 if t["method"] == "dycon" else 0.0
+
+
+def clip_gradients(networks: list, max_norm: float) -> tuple[torch.Tensor, bool]:
+    """Each network's gradient norm (co-training: each student on its own, as two optimisers would
+    be), clipped to ``max_norm`` when it is > 0; returns the largest norm and whether any was clipped."""
+    norms = []
+    for net in networks:
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(list(net.parameters()), max_norm, norm)
+        norms.append(norm)
+    largest = torch.stack(norms).max()
+    return largest, bool(max_norm > 0 and largest > max_norm)
 
 
 # ------------------------------------------------------------------------------ the run's parts
@@ -138,7 +175,11 @@ class MetricsLog:
     FIELDS = ["step", "epoch", "lr", "beta", "total", "sup", "mse", "uncl", "fecl", "val_dice", "skipped",
               "uncl_mse", "anchors", "lesion_anchors", "val_patch_precision", "val_patch_recall",
               # co-training: the cross pseudo-label term and the second student's terms
-              "cps", "sup_b", "mse_b", "uncl_b", "uncl_mse_b", "fecl_b", "anchors_b", "lesion_anchors_b"]
+              "cps", "sup_b", "mse_b", "uncl_b", "uncl_mse_b", "fecl_b", "anchors_b", "lesion_anchors_b",
+              # the gradient norm before clipping (largest network), whether it was clipped, and per
+              # unsupervised term its gradient norm / the supervised one (logged steps)
+              "grad_norm", "clipped", *(f"grad_ratio_{n}" for n in (
+                  "mse", "uncl", "uncl_mse", "fecl", "cps", "uncl_b", "uncl_mse_b", "fecl_b"))]
 
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.csv"
@@ -303,6 +344,17 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
              sum(p.numel() for p in framework.student.parameters()) / 1e6, t["amp"], t["compile"],
              t["deterministic"])
     log_kernels(cfg, run_dir, device, ctx)
+    lines, warnings = schedule_summary(cfg)
+    for line in lines:
+        log.info("%s", line)
+    for warning in warnings:
+        log.warning("%s", warning)
+    max_norm = clip_norm(t)
+    log.info("gradient clipping: %s", f"norm {max_norm:g}" + (" per network" if t["framework"] == "co_training" else "")
+             if max_norm > 0 else "off")
+    # the gradient-norm ratios take one backward per term; under DistributedDataParallel they are
+    # not measured (its reducer expects one backward per forward)
+    measure_ratios = not ctx.distributed
     if cfg["data"]["label_seed"] is not None:
         log.info("labelled cases (label_seed %s): %s", cfg["data"]["label_seed"],
                  " ".join(train_cases[i].id for i in labeled))
@@ -339,15 +391,19 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
             group["lr"] = lr
 
         losses = compute_losses(cfg, batch, framework, step, epoch, n_epochs, number)
+        weighted = losses.pop("weighted")
+        logged = (step + 1) % t["log_every"] == 0 or step + 1 == t["max_iterations"]
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(losses["total"]):   # the same on every process: all skip together
             skipped += 1
             log.warning("step %d: non-finite loss %s, batch skipped (%d so far)", step,
                         {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}, skipped)
             continue
+        ratios = gradient_ratios(weighted, [p for p in framework.parameters() if p.requires_grad]) \
+            if logged and measure_ratios and len(weighted) > 1 else {}
         scaler.scale(losses["total"]).backward()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(framework.parameters(), t["grad_clip"])
+        grad_norm, clipped = clip_gradients(framework.networks(), max_norm)
         if not torch.isfinite(grad_norm):
             scaler.update()   # fp16: a smaller loss scale next time
             skipped += 1
@@ -360,6 +416,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
         bar.update(1)
 
         last_stats = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}
+        last_stats.update(ratios, grad_norm=float(grad_norm), clipped=int(clipped))
         if step % t["log_every"] == 0 or step == t["max_iterations"]:
             bar.set_postfix(loss=f"{last_stats['total']:.3f}", best=f"{max(best_dice, 0):.3f}")
             metrics.write({"step": step, "epoch": epoch, "lr": lr, "skipped": skipped, **last_stats})
@@ -397,15 +454,17 @@ def _train(cfg, run_dir: Path, resume: bool, stop_after, ctx: distributed.Contex
 
 
 def test_run(cfg: dict, run_dir: Path) -> dict:
-    """Evaluate the run's best checkpoint (the latest without validation) on the test list; the
-    report is the one ``python -m dycon.evaluate --run RUN_DIR`` writes (same folder and files)."""
+    """Evaluate the run's best checkpoint (the latest without validation, or with ``test.checkpoint:
+    last``) on the test list; the report is the one ``python -m dycon.evaluate --run RUN_DIR`` writes
+    (same folder and files)."""
     from dycon.evaluate import evaluate_cases, format_table, report_dir, write_report
 
-    name = "best.pt" if (run_dir / "best.pt").exists() else "latest.pt"
+    best = cfg["test"]["checkpoint"] == "best" and (run_dir / "best.pt").exists()
+    name = "best.pt" if best else "latest.pt"
     device = pick_device(cfg["train"]["device"])
     model = build_model(cfg["model"]).to(device)
     model.load_state_dict(load_checkpoint(run_dir / name, map_location=device)["student"])
-    eval_cfg = {**cfg["test"], "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
+    eval_cfg = {**{k: v for k, v in cfg["test"].items() if k != "checkpoint"}, "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
                 "preprocessing": cfg["data"]["preprocessing"]}
     out = report_dir(run_dir, "test", "student")
     snapshots = viz.Snapshots(out / "snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])

@@ -2,13 +2,16 @@
 
 A framework (dycon/frameworks) runs the networks and the supervised CE + Dice; the method's
 objective turns the student's and the teacher's outputs on the batch into the sums of its
-unsupervised terms (``sums``), and weighs their ratios into the loss (``weighted``).
+unsupervised terms (``sums``), and weighs their ratios into the loss (``weighted``: a dict from
+the term's name to its weighted value, so that the loop can measure each term's gradient).
 
 - ``supervised``: nothing.
 - ``mean_teacher``: MSE between student and teacher softmax on the unlabelled volumes,
   weighted by the consistency ramp-up.
+- ``cps``: nothing here; the co-training framework adds its cross pseudo-label term.
 - ``uamt`` (UA-MT, Yu et al. 2019): the same MSE, kept only at voxels where the teacher's
-  Monte-Carlo-dropout uncertainty is below a threshold that ramps from 0.75 to 1 x log C.
+  Monte-Carlo-dropout uncertainty is below a threshold that ramps from 0.75 to 1 x log C
+  (``schedules.uamt_threshold``).
 - ``dycon``: UnCL on the whole batch (beta from the schedule; or plain MSE, ``loss.uncl: mse``)
   and FeCL on the patch embeddings (``dycon`` preset: patch labels from ground truth and
   teacher, anchors weighted by u = 1 + H, the teacher's top-k hard negatives; ``official``: the
@@ -21,13 +24,11 @@ recompile when they change): ``beta`` (UnCL), ``threshold`` (official FeCL teach
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 import dycon_kernels
 from dycon import losses
-from dycon.schedules import consistency_weight, sigmoid_rampup, unsupervised_weights
+from dycon.schedules import consistency_weight, unsupervised_weights
 
 
 class Objective:
@@ -43,9 +44,9 @@ class Objective:
         embeddings)`` on the whole batch (labelled volumes first)."""
         return {}
 
-    def weighted(self, cfg: dict, terms: dict, step: int) -> list:
-        """The method's weighted terms, added in this order to the supervised loss."""
-        return []
+    def weighted(self, cfg: dict, terms: dict, step: int) -> dict:
+        """The method's weighted terms by name, added in this order to the supervised loss."""
+        return {}
 
 
 class MeanTeacher(Objective):
@@ -55,7 +56,7 @@ class MeanTeacher(Objective):
         return {"mse": losses.mse_sums(student_out[0][labeled_bs:], teacher_out[0][labeled_bs:])}
 
     def weighted(self, cfg, terms, step):
-        return [consistency_weight(step, cfg["train"]) * terms["mse"]]
+        return {"mse": consistency_weight(step, cfg) * terms["mse"]}
 
 
 class UAMT(MeanTeacher):
@@ -68,11 +69,6 @@ class UAMT(MeanTeacher):
         mask = (scalars["uncertainty"] < scalars["uamt_threshold"]).float()[:, None]
         # the mean over the certain voxels and classes (UA-MT: sum / (2 sum(mask)) for 2 classes)
         return {"mse": torch.stack([(mask * (s_probs - t_probs) ** 2).sum(), mask.sum() * s_probs.shape[1]])}
-
-    @staticmethod
-    def threshold(step: int, max_iterations: int, num_classes: int) -> float:
-        """(0.75 + 0.25 ramp(step / max_iterations)) log C: fewer voxels are masked as training goes on."""
-        return (0.75 + 0.25 * sigmoid_rampup(step, max_iterations)) * math.log(num_classes)
 
     @staticmethod
     @torch.no_grad()
@@ -129,11 +125,12 @@ class DyCON(Objective):
                 "fecl_anchors": anchor_counts(patch)}
 
     def weighted(self, cfg, terms, step):
-        out = [consistency_weight(step, cfg["train"]) * terms["mse"]] if "mse" in terms else []
-        w_uncl, w_fecl = unsupervised_weights(cfg["loss"], step)
-        parts = [w_fecl * terms["fecl"]] if "fecl" in terms else []
-        parts += [w_uncl * terms[name] for name in ("uncl", "uncl_mse") if name in terms]
-        return out + ([sum(parts[1:], parts[0])] if parts else [])
+        out = {"mse": consistency_weight(step, cfg) * terms["mse"]} if "mse" in terms else {}
+        w_uncl, w_fecl = unsupervised_weights(cfg, step)
+        if "fecl" in terms:
+            out["fecl"] = w_fecl * terms["fecl"]
+        out.update({name: w_uncl * terms[name] for name in ("uncl", "uncl_mse") if name in terms})
+        return out
 
 
 def anchor_counts(patch: torch.Tensor) -> torch.Tensor:
@@ -141,4 +138,5 @@ def anchor_counts(patch: torch.Tensor) -> torch.Tensor:
     return torch.stack([(patch >= 0).sum(), (patch >= 1).sum()]).float()
 
 
-OBJECTIVES = {"supervised": Objective(), "mean_teacher": MeanTeacher(), "uamt": UAMT(), "dycon": DyCON()}
+OBJECTIVES = {"supervised": Objective(), "mean_teacher": MeanTeacher(), "uamt": UAMT(), "cps": Objective(),
+              "dycon": DyCON()}

@@ -198,6 +198,21 @@ def test_shipped_grid_names_the_paper_ablations_and_every_cell_builds(tmp_path):
     assert len(grid.seeds) >= 3
 
 
+@pytest.mark.parametrize("demo_set", ["ssl_bench", "ssl_bench_iid"])
+def test_ssl_bench_grid_builds_every_cell_with_the_methods_references(tmp_path, demo_set):
+    grid = E.load_grid(ROOT / "benchmarks" / "grids" / "ssl_bench.yaml")
+    grid.check()
+    root = ensure_demo_data(tmp_path, size=32, splits={"train": 5, "val": 1, "test": 1}, kind=demo_set)
+    grid.overrides.update({"data.root": str(root), "data.demo_set": demo_set})
+    configs = E.cell_configs(grid, E.cells(grid))
+    assert len(configs) == len(grid.variants) * len(grid.seeds) and len(grid.seeds) >= 3
+    by_variant = {cell.variant: cfg for cell, cfg in configs.items()}
+    assert {"supervised", "supervised_all40", "mean_teacher", "uamt", "cps", "dycon", "dycon_official",
+            "uncl_only", "fecl_only"} <= set(by_variant)
+    assert by_variant["cps"]["train"]["framework"] == "co_training"
+    assert all(cfg["views"]["strong"] and cfg["test"]["checkpoint"] == "last" for cfg in configs.values())
+
+
 # ------------------------------------------------------------------------------ demo_hard
 
 def test_demo_hard_is_deterministic_faint_and_small():
@@ -268,3 +283,96 @@ def test_interrupted_cell_continues_from_its_checkpoint_in_a_launched_process(tm
     (record,) = E.run_grid(grid, tmp_path, launcher=shlex.quote(sys.executable))
     assert record["iterations"] == 2 and (run_dir / E.DONE).exists()
     assert "resumed" in (run_dir / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------ lock files
+
+def _fake_cell(cell, cfg, run_dir, launcher):
+    """Stands in for training: notes who ran the cell, takes a moment, writes the marker."""
+    with open(run_dir.parent.parent / "trace.txt", "a") as f:
+        f.write(f"{cell.name} {os.getpid()}\n")
+    time.sleep(0.3)
+    record = {"cell": {"variant": cell.variant, "seed": cell.seed, "draw": cell.draw},
+              "config": json.loads(json.dumps(cfg, default=str))}
+    (run_dir / E.DONE).write_text(json.dumps(record))
+    return record
+
+
+def _race(grid_path, out):
+    E.run_cell = _fake_cell   # in the forked child only
+    E.run_grid(E.load_grid(grid_path), out)
+
+
+def test_two_workers_racing_on_one_grid_never_run_a_cell_twice(tmp_path, grid_file):
+    import multiprocessing
+    grid = yaml.safe_load(grid_file.read_text())
+    grid["seeds"] = [1, 2, 3]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    out = tmp_path / "out"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_race, args=(path, out)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    ran = (out / "trace.txt").read_text().split("\n")[:-1]
+    names = [line.split()[0] for line in ran]
+    assert sorted(names) == sorted(c.name for c in E.cells(E.load_grid(path)))   # each cell once
+    assert not list(out.glob(f"*/*/{E.LOCK}*"))                                    # locks released
+
+
+def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(tmp_path, caplog):
+    import socket
+    host = socket.gethostname()
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / E.LOCK).write_text(f"{os.getppid()} {host}\n")
+    assert not E.claim(live)
+    other_host = tmp_path / "other"
+    other_host.mkdir()
+    (other_host / E.LOCK).write_text(f"1 not-{host}\n")
+    assert not E.claim(other_host)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()   # a pid that no longer runs
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    (dead / E.LOCK).write_text(f"{gone.pid} {host}\n")
+    with caplog.at_level("WARNING", logger="dycon.experiment"):
+        assert E.claim(dead)
+    assert "taking over the lock" in caplog.text
+    assert (dead / E.LOCK).read_text().split() == [str(os.getpid()), host]
+    assert not E.claim(dead)   # now ours: a second claim (another worker) fails
+    E.release(dead)
+    assert E.claim(dead)
+
+
+def test_ssl_bench_labelled_volumes_are_clear_cases_and_the_control_shares_the_rest(tmp_path):
+    import h5py
+    splits = {"train": 8, "val": 1, "test": 3}
+    sets = {kind: ensure_demo_data(tmp_path / kind, size=32, splits=splits, kind=kind)
+            for kind in ("ssl_bench", "ssl_bench_iid")}
+
+    def case(kind, i):
+        with h5py.File(sets[kind] / "data" / f"case_{i:03d}.h5") as f:
+            return f["image"][:], f["label"][:]
+
+    contrast = []
+    for i in range(12):
+        (a, la), (b, lb) = case("ssl_bench", i), case("ssl_bench_iid", i)
+        assert 0.01 < la.mean() < 0.07                         # lesions: a few % of the volume
+        assert np.array_equal(a, b) == (i >= 4)                # only the labelled 4 differ
+        contrast.append(a[la > 0].mean() - a[la == 0].mean())
+    # the clear-case slice: lesion contrast 1.0-1.2 and little noise, against 0.3-1.2 and more noise
+    assert min(contrast[:4]) > np.mean(contrast[4:])
+    assert (sets["ssl_bench"] / "train.txt").read_text().split() == [f"case_{i:03d}" for i in range(8)]
+
+
+def test_the_report_carries_each_terms_gradient_ratio():
+    rows = [{"step": "10", "grad_ratio_mse": "0.01", "grad_ratio_fecl": ""},
+            {"step": "20", "grad_ratio_mse": "0.03", "grad_ratio_fecl": ""}, {"step": "20", "grad_ratio_mse": ""}]
+    assert E.grad_ratios(rows) == pytest.approx({"mse": 0.02})
+    records = [{"cell": {"variant": "mean_teacher"}, "grad_ratios": {"mse": 0.02}},
+               {"cell": {"variant": "mean_teacher"}, "grad_ratios": {"mse": 0.04}}, {"cell": {"variant": "supervised"}}]
+    assert "| mean_teacher | mse: 0.03 |" in E._ratio_table(records)

@@ -42,13 +42,27 @@ def read_metrics(run_dir):
 @pytest.mark.parametrize("framework,method,preset", [
     ("mean_teacher", "supervised", "dycon"), ("mean_teacher", "mean_teacher", "dycon"),
     ("mean_teacher", "uamt", "dycon"), ("mean_teacher", "dycon", "dycon"), ("mean_teacher", "dycon", "official"),
-    ("co_training", "mean_teacher", "dycon"), ("co_training", "dycon", "dycon")])
+    ("co_training", "cps", "dycon"), ("co_training", "dycon", "dycon")])
 def test_each_framework_method_and_preset_trains(tmp_path, data_root, framework, method, preset):
-    cfg = tiny_config(data_root, framework=framework, method=method, preset=preset, max_iterations=3)
+    cfg = tiny_config(data_root, framework=framework, method=method, preset=preset, max_iterations=4)
+    cfg["model"]["feature_scaler"] = 4   # patches of 4^3 voxels: the tiny crops hold lesion anchors (FeCL > 0)
     result = loop.train(cfg, tmp_path)
-    assert result["step"] == 3 and result["skipped"] == 0 and 0 <= result["best_dice"] <= 1
+    assert result["step"] == 4 and result["skipped"] == 0 and 0 <= result["best_dice"] <= 1
     rows = [r for r in read_metrics(tmp_path) if r["total"]]
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # every unsupervised term of the method acts at the half-way step (its gradient is not ~0)
+    half = rows[1]
+    terms = schedules.unsupervised_terms(cfg)
+    assert bool(terms) == (method != "supervised")
+    log_text = (tmp_path / "train.log").read_text()
+    # the released DyCON's extra MSE ramps over 30 000 iterations whatever the run: tiny, and warned
+    released_mse = preset == "official" and method == "dycon"
+    assert ("consistency ramp (30000 iterations" in log_text) == released_mse
+    for term in terms + ([f"{t}_b" for t in terms if t != "cps"] if framework == "co_training" else []):
+        assert float(half[f"grad_ratio_{term}"]) > 0, (term, half)
+    assert float(half["grad_norm"]) > 0 and half["clipped"] in ("0", "1")
+    assert "unsupervised weight" in log_text and "0/25/50/100 %" in log_text or method == "supervised"
+    assert ("gradient clipping: norm 1" in log_text) == (method == "dycon")
     co_training = framework == "co_training"
     for row in rows:
         assert math.isfinite(float(row["total"]))
@@ -59,12 +73,11 @@ def test_each_framework_method_and_preset_trains(tmp_path, data_root, framework,
         if row["anchors"]:
             assert 0 <= float(row["lesion_anchors"]) <= float(row["anchors"])
     val_rows = [r for r in read_metrics(tmp_path) if r["val_dice"]]
-    assert len(val_rows) == 2   # steps 2 and 3
+    assert len(val_rows) == 2   # steps 2 and 4
     for row in val_rows:        # FeCL's pseudo-label quality, where FeCL takes them from predictions
         assert bool(row["val_patch_recall"]) == (method == "dycon" and preset == "dycon")
         if row["val_patch_recall"]:
             assert 0 <= float(row["val_patch_recall"]) <= 1
-    log_text = (tmp_path / "train.log").read_text()
     assert ("label leakage" in log_text) == (method == "dycon" and preset == "official")
     assert "kernels on cpu: fecl -> cpu (" in log_text and "kernels on cpu: uncl -> cpu (" in log_text
     assert ("validation pseudo-label patches: precision" in log_text) == (method == "dycon" and preset == "dycon")
@@ -160,9 +173,15 @@ def test_schedules_and_ema():
     loss_cfg = {"beta_max": 5.0, "beta_min": 0.5, "s_beta": None}
     assert schedules.beta_at(0, 10, loss_cfg) == 5.0 and abs(schedules.beta_at(10, 10, loss_cfg) - 0.5) < 1e-12
     assert schedules.beta_at(3, 10, {**loss_cfg, "s_beta": 1.5}) == 1.5
-    train_cfg = {"consistency": 0.1, "consistency_rampup": 200.0}
-    assert schedules.consistency_weight(0, train_cfg) == pytest.approx(0.1 * math.exp(-5))
-    assert schedules.consistency_weight(150 * 200, train_cfg) == pytest.approx(0.1)
+    cfg = C.load_config("demo")   # mean_teacher: the ramp spans the run unless told otherwise
+    cfg["train"].update(method="mean_teacher", max_iterations=1000)
+    assert schedules.consistency_weight(0, cfg) == pytest.approx(0.1 * math.exp(-5))
+    assert schedules.consistency_weight(500, cfg) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert schedules.consistency_weight(1000, cfg) == pytest.approx(0.1)
+    cfg["train"]["consistency_rampup"] = "20%"
+    assert schedules.consistency_weight(100, cfg) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    cfg["train"]["consistency_rampup"] = 400
+    assert schedules.consistency_weight(200, cfg) == pytest.approx(0.1 * math.exp(-5 * 0.25))
     student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     teacher = copy.deepcopy(student)
     with torch.no_grad():
@@ -292,15 +311,20 @@ def test_fecl_switches_reach_the_loss(overrides, params):
 
 
 def test_ramps_warmup_and_uamt_threshold():
-    from dycon.objectives import UAMT
-    loss_cfg = {**C.DEFAULTS["loss"], "uncl_rampup": 100, "fecl_warmup": 50, "fecl_rampup": 100, "fecl_weight": 1.0}
-    assert schedules.unsupervised_weights(C.DEFAULTS["loss"], 0) == (0.5, 0.5)   # released: no ramp
-    assert schedules.unsupervised_weights(loss_cfg, 0) == pytest.approx((0.5 * math.exp(-5), 0.0))
-    assert schedules.unsupervised_weights(loss_cfg, 49)[1] == 0.0
-    assert schedules.unsupervised_weights(loss_cfg, 50)[1] == pytest.approx(math.exp(-5))
-    assert schedules.unsupervised_weights(loss_cfg, 150) == pytest.approx((0.5, 1.0))
-    assert UAMT.threshold(0, 100, 2) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
-    assert UAMT.threshold(100, 100, 2) == pytest.approx(math.log(2))
+    released = C.load_config("demo")
+    assert schedules.unsupervised_weights(released, 0) == (0.5, 0.5)   # released: no ramp
+    cfg = C.apply_overrides(copy.deepcopy(released), {"loss.uncl_rampup": 100, "loss.fecl_warmup": "5%",
+                                                      "loss.fecl_rampup": 100, "loss.fecl_weight": 1.0,
+                                                      "train.max_iterations": 1000, "train.method": "uamt"})
+    assert schedules.unsupervised_weights(cfg, 0) == pytest.approx((0.5 * math.exp(-5), 0.0))
+    assert schedules.unsupervised_weights(cfg, 49)[1] == 0.0
+    assert schedules.unsupervised_weights(cfg, 50)[1] == pytest.approx(math.exp(-5))
+    assert schedules.unsupervised_weights(cfg, 150) == pytest.approx((0.5, 1.0))
+    assert schedules.uamt_threshold(0, cfg) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
+    assert schedules.uamt_threshold(1000, cfg) == pytest.approx(math.log(2))
+    cfg["train"]["consistency_rampup"] = "1 %%"
+    with pytest.raises(ValueError, match="train.consistency_rampup"):
+        C.check_config({**cfg, "data": {**cfg["data"], "root": "x"}})
 
 
 def test_uamt_masks_uncertain_voxels():
@@ -368,3 +392,91 @@ def test_official_preset_initialises_as_released(data_root):
         student = frameworks.new_network(cfg, torch.device("cpu"), Context())
         bn_weight = student.head.proj[1].weight
         assert torch.equal(bn_weight, torch.ones_like(bn_weight)) != released
+
+
+def ramp(p):   # the sigmoid ramp-up at a fraction p of its length, written out
+    return math.exp(-5 * (1 - min(p, 1.0)) ** 2)
+
+
+@pytest.mark.parametrize("framework,method,preset,expected", [
+    ("mean_teacher", "supervised", "dycon", {}),
+    ("mean_teacher", "mean_teacher", "dycon", {"mse": [0.1 * ramp(p) for p in (0, .25, .5, 1)]}),
+    ("mean_teacher", "uamt", "dycon", {"mse": [0.1 * ramp(p) for p in (0, .25, .5, 1)]}),
+    ("co_training", "cps", "dycon", {"cps": [0.1 * ramp(p) for p in (0, .25, .5, 1)]}),
+    ("mean_teacher", "dycon", "dycon", {"uncl": [0.5] * 4, "fecl": [0.5] * 4}),
+    # the released DyCON: its extra MSE ramps over 200 blocks of 150 iterations whatever the run
+    ("mean_teacher", "dycon", "official", {"mse": [0.1 * ramp(s / 30000) for s in (0, 200, 400, 800)],
+                                           "uncl": [0.5] * 4, "fecl": [0.5] * 4}),
+    ("co_training", "dycon", "dycon", {"cps": [0.1 * ramp(p) for p in (0, .25, .5, 1)],
+                                       "uncl": [0.5] * 4, "fecl": [0.5] * 4})])
+def test_each_method_default_schedule_at_0_25_50_100_percent(framework, method, preset, expected):
+    cfg = C.apply_overrides(C.load_config("demo"), {"train.framework": framework, "train.method": method,
+                                                    "train.preset": preset, "train.max_iterations": 800})
+    got = {name: [] for name in schedules.unsupervised_terms(cfg)}
+    for step in (0, 200, 400, 800):
+        for name, weight in schedules.weights_at(cfg, step).items():
+            got[name].append(weight)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+    lines, warnings = schedules.summary(cfg)
+    assert len(lines) == len(expected) + (method == "uamt")
+    assert bool(warnings) == (preset == "official" and method == "dycon")   # 30 000 > 800 iterations
+
+
+def test_ramp_lengths_in_iterations_or_shares_of_the_run():
+    cfg = C.apply_overrides(C.load_config("demo"), {"train.max_iterations": 600, "train.consistency_rampup": "33%",
+                                                    "loss.fecl_warmup": 60, "loss.fecl_rampup": "10%",
+                                                    "loss.beta_decay": "50%"})
+    lengths = schedules.ramp_lengths(cfg)
+    assert lengths["consistency"] == pytest.approx(198) and lengths["fecl_warmup"] == 60
+    assert lengths["fecl"] == pytest.approx(60) and lengths["beta"] == pytest.approx(300)
+    assert schedules.beta_at(0, 9, cfg["loss"], 150, lengths["beta"]) == pytest.approx(5.0 * 0.1 ** 0.5)
+    assert schedules.beta_at(0, 9, cfg["loss"], 600, lengths["beta"]) == pytest.approx(0.5)
+    cfg["loss"]["fecl_rampup"] = 1000   # from step 60 for 1000 iterations: not done by step 600
+    assert any("fecl ramp" in w for w in schedules.summary(cfg)[1])
+    for bad in ("ten", -3, "x%", True):
+        cfg["loss"]["uncl_rampup"] = bad
+        with pytest.raises(ValueError, match="loss.uncl_rampup"):
+            schedules.ramp_lengths(cfg)
+
+
+def test_cps_is_named_and_the_old_spelling_still_works(caplog):
+    cfg = C.apply_overrides(C.load_config("demo"), {"data.root": "x", "train.method": "cps"})
+    C.check_config(cfg)
+    assert cfg["train"]["framework"] == "co_training"
+    old = C.apply_overrides(C.load_config("demo"), {"data.root": "x", "train.framework": "co_training",
+                                                    "train.method": "mean_teacher"})
+    with caplog.at_level("WARNING", logger="dycon.train"):
+        C.check_config(old)
+    assert old["train"]["method"] == "cps" and "method 'cps'" in caplog.text
+
+
+def test_clipping_follows_each_reference():
+    base = C.load_config("demo")["train"]
+    assert loop.clip_norm({**base, "method": "dycon"}) == 1.0
+    for method in ("supervised", "mean_teacher", "uamt", "cps"):
+        assert loop.clip_norm({**base, "method": method}) == 0.0
+    assert loop.clip_norm({**base, "method": "mean_teacher", "grad_clip": 2.0}) == 2.0
+    nets = [torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)]
+    for scale, net in zip((10.0, 0.1), nets):   # one network's gradient over the bound, one under
+        for p in net.parameters():
+            p.grad = torch.full_like(p, scale)
+    largest, clipped = loop.clip_gradients(nets, 1.0)
+    assert clipped and largest == pytest.approx(20.0)   # 4 entries of 10
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in n.parameters()]) for n in nets]
+    assert norms[0] == pytest.approx(1.0) and norms[1] == pytest.approx(0.2)   # each on its own
+
+
+@pytest.mark.parametrize("method", ["supervised", "uamt", "cps"])
+def test_strong_views_train_the_student_and_not_the_teacher(tmp_path, data_root, method, monkeypatch):
+    from dycon.frameworks import mean_teacher
+    seen = []
+    real = mean_teacher.strong_view
+    monkeypatch.setattr(mean_teacher, "strong_view", lambda image, *a: seen.append(image.shape) or real(image, *a))
+    cfg = tiny_config(data_root, method=method, max_iterations=2)
+    cfg["views"]["strong"] = True
+    C.check_config(cfg)
+    assert loop.train(cfg, tmp_path)["step"] == 2
+    # one strong view per step of the whole batch (the labelled volumes alone for supervised)
+    assert seen == [(2 if method == "supervised" else 4, 1, 32, 32, 32)] * 2

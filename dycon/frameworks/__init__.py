@@ -3,13 +3,14 @@
 A framework holds its networks and gives the loop (dycon/loop.py) what it needs, whatever the
 method: ``student`` (the network that is validated, tested and saved as ``"student"``),
 ``labeler`` (the network whose predictions give the first student's FeCL pseudo-labels),
-``parameters()`` for the optimiser, ``sums(...)`` (the forward passes and every term's batch
+``parameters()`` for the optimiser, ``networks()`` (each clipped on its own), ``sums(...)`` (the forward passes and every term's batch
 sums), ``after_step(step)``, and ``state_dict()`` / ``load_state_dict(ckpt)`` for checkpoints.
 
 - ``mean_teacher``: one student and its EMA teacher (mean_teacher.py);
-- ``co_training``: two students teaching each other with cross pseudo-labels (co_training.py).
+- ``co_training``: two students teaching each other with cross pseudo-labels (co_training.py;
+  ``--method cps``, or ``dycon`` with UnCL and FeCL between the students).
 
-Both also give ``weighted(terms, step)``: the unsupervised terms, weighted, for the total loss.
+Both also give ``weighted(terms, step)``: the unsupervised terms by name, weighted, for the total loss.
 """
 from __future__ import annotations
 

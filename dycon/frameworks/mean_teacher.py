@@ -1,7 +1,9 @@
 """One student and its teacher, an exponential moving average of it (method.md section 3).
 
 The teacher sees the batch plus noise, in train mode as released (dropout and batch statistics
-in the teacher too), without gradient; it follows the student after every optimiser step.
+in the teacher too), without gradient; it follows the student after every optimiser step. With
+``views.strong`` the student (and the supervised baseline) sees the strong view of the batch
+(dycon/views.py), the teacher still the weak one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from dycon import distributed, frameworks, losses
 from dycon.objectives import OBJECTIVES
+from dycon.views import strong_view
 
 
 class MeanTeacher:
@@ -30,6 +33,10 @@ class MeanTeacher:
     def parameters(self):
         return self.student.parameters()
 
+    def networks(self) -> list:
+        """The trained networks, each clipped on its own (dycon.loop.clip_gradients)."""
+        return [self.student]
+
     def sums(self, image, labels, labeled_bs: int, number: int, scalars: dict) -> dict:
         """Every term's sums on this process's share of global batch ``number``."""
         t = self.cfg["train"]
@@ -40,8 +47,10 @@ class MeanTeacher:
             with frameworks.autocast(t, image.device.type):
                 uncertainty = self.objective.uncertainty(self.teacher, image[labeled_bs:], torch.stack(noises))
             scalars = {**scalars, "uncertainty": uncertainty}
+        student_image = student_view(image, self.cfg, number, self.slots)
         with frameworks.autocast(t, image.device.type):
-            return self.loss_sums(self.cfg, image, labels, noise, self.stepped, self.teacher, labeled_bs, scalars)
+            return self.loss_sums(self.cfg, image, student_image, labels, noise, self.stepped, self.teacher,
+                                  labeled_bs, scalars)
 
     def weighted(self, terms: dict, step: int) -> list:
         return self.objective.weighted(self.cfg, terms, step)
@@ -57,11 +66,21 @@ class MeanTeacher:
         self.teacher.load_state_dict(ckpt["teacher"])
 
 
-def loss_sums(cfg: dict, image, labels, noise, student, teacher, labeled_bs: int, scalars: dict) -> dict:
+def student_view(image: torch.Tensor, cfg: dict, number: int, slots: list[int]) -> torch.Tensor:
+    """What the student trains on: the batch itself, or its strong view under ``views.strong``."""
+    if not cfg["views"]["strong"]:
+        return image
+    # supervised batches hold the labelled volumes only: the first slots
+    return strong_view(image, cfg["views"], cfg["train"]["seed"], number, slots[:len(image)])
+
+
+def loss_sums(cfg: dict, image, student_image, labels, noise, student, teacher, labeled_bs: int,
+              scalars: dict) -> dict:
     """This process's batch sums of every loss term: ``{term: tensor of sums}`` (compiled as one
-    graph under ``--compile``). ``image``/``labels`` hold ``labeled_bs`` labelled volumes first."""
+    graph under ``--compile``). ``image``/``labels`` hold ``labeled_bs`` labelled volumes first;
+    the student sees ``student_image`` (the batch, or its strong view), the teacher ``image + noise``."""
     objective = OBJECTIVES[cfg["train"]["method"]]
-    student_out = student(image)
+    student_out = student(student_image)
     out = losses.supervised_sums(student_out[0][:labeled_bs], labels[:labeled_bs])
     if not objective.uses_teacher:
         return out

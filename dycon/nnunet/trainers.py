@@ -45,7 +45,7 @@ from dycon.frameworks.mean_teacher import ema_update
 from dycon.monai_losses import attach_projection_head
 from dycon.nnunet.unlabelled import UNLABELLED_FOLDER, preprocess_unlabelled, preprocessed_folder, unlabelled_cases
 from dycon.objectives import OBJECTIVES
-from dycon.schedules import beta_at, sigmoid_rampup
+from dycon.schedules import beta_at
 
 EPOCHS_ENV, ITERATIONS_ENV = "DYCON_NNUNET_EPOCHS", "DYCON_NNUNET_ITERATIONS"
 TEACHER_CHECKPOINT = "checkpoint_final_teacher.pth"
@@ -246,11 +246,14 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
                                    labels, lb, scalars)
         sums.pop("fecl_anchors", None)   # a diagnostic, not a loss
         terms = {name: v[0] / v[1].clamp_min(1) for name, v in sums.items()}
-        return sum(self.weighted(terms), torch.zeros((), device=logits.device))
+        return sum(self.weighted(terms).values(), torch.zeros((), device=logits.device))
 
-    def weighted(self, terms: dict) -> list:
-        total = self.num_epochs * self.num_iterations_per_epoch
-        return [self.consistency * sigmoid_rampup(self.dycon_step, total) * terms["mse"]]
+    def weighted(self, terms: dict) -> dict:
+        """The method's weighted terms, on its own schedules (dycon.schedules: MT ramps over the
+        whole run, DyCON keeps the released ones) counted in nnU-Net's iterations."""
+        self.dycon_cfg["train"].update(max_iterations=self.num_epochs * self.num_iterations_per_epoch,
+                                       consistency=self.consistency)
+        return self.objective.weighted(self.dycon_cfg, terms, self.dycon_step)
 
     # ------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -290,9 +293,6 @@ class nnUNetTrainerDyCON(nnUNetTrainerMeanTeacher):
     released weights 0.5 / 0.5 without ramps (``dycon.config.DEFAULTS["loss"]``)."""
     method, preset = "dycon", "dycon"
     uses_head = True
-
-    def weighted(self, terms: dict) -> list:
-        return self.objective.weighted(self.dycon_cfg, terms, self.dycon_step)
 
 
 class nnUNetTrainerDyCONOfficial(nnUNetTrainerDyCON):
