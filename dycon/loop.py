@@ -104,15 +104,9 @@ def clip_norm(t: dict) -> float:
 def clip_gradients(networks: list, max_norm: float) -> tuple[torch.Tensor, bool]:
     """Each network's gradient norm (co-training: each student on its own, as two optimisers would
     be), clipped to ``max_norm`` when it is > 0; returns the largest norm and whether any was clipped."""
-    norms = []
-    for net in networks:
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(list(net.parameters()), max_norm, norm)
-        norms.append(norm)
-    largest = torch.stack(norms).max()
-    return largest, bool(max_norm > 0 and largest > max_norm)
+    limit = max_norm if max_norm > 0 else float("inf")   # inf: measure the norm, scale nothing
+    largest = torch.stack([torch.nn.utils.clip_grad_norm_(net.parameters(), limit) for net in networks]).max()
+    return largest, bool(largest > limit)
 
 
 # ------------------------------------------------------------------------------ the run's parts

@@ -466,6 +466,11 @@ def test_clipping_follows_each_reference():
     assert clipped and largest == pytest.approx(20.0)   # 4 entries of 10
     norms = [torch.nn.utils.get_total_norm([p.grad for p in n.parameters()]) for n in nets]
     assert norms[0] == pytest.approx(1.0) and norms[1] == pytest.approx(0.2)   # each on its own
+    for p in nets[0].parameters():
+        p.grad = torch.full_like(p, 10.0)
+    largest, clipped = loop.clip_gradients(nets, 0.0)   # off: measured, not scaled
+    assert not clipped and largest == pytest.approx(20.0)
+    assert torch.nn.utils.get_total_norm([p.grad for p in nets[0].parameters()]) == pytest.approx(20.0)
 
 
 @pytest.mark.parametrize("method", ["supervised", "uamt", "cps"])
