@@ -46,13 +46,11 @@ from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from dycon import cli
 from dycon.data import (Case, Volume, channel_names, class_count, dataset_meta, list_cases, record_splits,
                         split_ids, training_cases)
-from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
 
 log = logging.getLogger("dycon.preprocess")
 
@@ -400,6 +398,10 @@ def predict_labels(model, volume: Volume, settings: dict, case_id: str = "") -> 
     """The label map of ``volume`` on its own grid: preprocessed by ``settings['preprocessing']``
     (None: as it is), sliding-window inference, probabilities mapped back, thresholded.
     ``settings``: patch_size, stride_xy, stride_z, num_classes, largest_component, device, batch_size."""
+    import torch   # here: the commands that import this module parse their arguments without torch
+
+    from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
+
     s, plan = settings, settings.get("preprocessing")
     if plan is None:
         return segment(model, volume.image, s["patch_size"], s["stride_xy"], s["stride_z"], s["num_classes"],

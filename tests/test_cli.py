@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dycon import cli, evaluate, experiment, plot, predict, preprocess, train
+from dycon import cli, env, evaluate, experiment, plot, predict, preprocess, train
 from dycon.demo import ensure_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def setup_py_constant(name):
 
 CONSOLE_SCRIPTS = setup_py_constant("CONSOLE_SCRIPTS")
 COMMANDS = {"evaluate": evaluate, "predict": predict, "train": train, "experiment": experiment, "plot": plot,
-            "preprocess": preprocess}
+            "preprocess": preprocess, "env": env}
 
 
 def parser():
@@ -105,14 +105,29 @@ def test_each_console_script_entry_answers_help(name, monkeypatch, capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
 
 
-@pytest.mark.parametrize("name", ["train", "experiment", "plot"])
-def test_help_does_not_import_torch(name):
-    """--help and usage errors come before torch is imported (seconds on a busy machine)."""
-    code = (f"import sys\nfrom dycon import {name}\nsys.argv = ['dycon-{name}', '--help']\n"
-            f"try:\n    {name}.console_main()\nexcept SystemExit:\n    print('torch' in sys.modules)")
+# arguments each command requires, so that a misspelled flag is the only usage error
+REQUIRED_ARGS = {"evaluate": ["--run", "r"], "predict": ["--run", "r", "--input", "i", "--output", "o"],
+                 "preprocess": ["--root_path", "d"], "experiment": ["--output", "g"], "plot": ["r"]}
+HEAVY_MODULES = ("torch", "matplotlib")   # seconds to import on a busy machine
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_and_usage_errors_answer_before_torch(name):
+    """What dycon-<name> runs (and python -m dycon.<name>), with --help and with a misspelled
+    flag: both answer before torch or matplotlib is imported, the error in one line naming the
+    closest flag."""
+    code = (f"import sys\nfrom dycon import {name}\n"
+            f"for argv in (['--help'], {[*REQUIRED_ARGS.get(name, []), '--debgu']!r}):\n"
+            f"    sys.argv = ['dycon-{name}', *argv]\n"
+            f"    try:\n        {name}.console_main()\n    except SystemExit as exit_:\n        print(exit_.code)\n"
+            f"print(sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-500:] + proc.stderr[-2000:]
+    *_, help_exit, error_exit, heavy = proc.stdout.strip().splitlines()
+    assert (help_exit, error_exit, heavy) == ("0", "2", "[]"), proc.stdout[-500:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"{COMMANDS[name].PROG}: error: unrecognized arguments: --debgu; --debgu: did you mean --debug? "
+        "(--help lists the flags)"], proc.stderr
 
 
 def run_command(name, argv, capsys):
