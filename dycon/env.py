@@ -1,4 +1,4 @@
-"""The environment report to paste into an issue: ``dycon-env`` (or ``python -m dycon.env``).
+"""The environment report to paste into an issue: dycon-env, or python -m dycon.env.
 
 Versions, the compiled extension's state, the CPU, and per device the backends that can run and
 what ``backend="auto"`` picks; it is ``python -m dycon_kernels``'s report (``dycon_kernels/__main__.py``).
