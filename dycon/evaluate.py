@@ -294,12 +294,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when torch sees a GPU, else cpu)")
 
 
-def parse_model_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """The arguments of a command with ``add_model_args``; ``--device`` is defaulted after parsing,
-    since asking torch for a GPU imports it."""
-    args = parser.parse_args(argv)
+def load_model_of(args: argparse.Namespace) -> tuple[Path, torch.nn.Module, dict]:
+    """(checkpoint, model, training config) that the flags of ``add_model_args`` name. An unset
+    ``args.device`` becomes cuda when torch sees a GPU, else cpu: decided here, not while parsing,
+    since asking imports torch."""
+    path = resolve_checkpoint(args.run, args.checkpoint)
     args.device = args.device or default_device()
-    return args
+    return path, *load_model(path, args.weights, args.device)
 
 
 def run_settings(args: argparse.Namespace, config: dict, keys) -> dict:
@@ -333,11 +334,9 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = parse_model_args(build_parser(), argv)
-    from dycon.viz import Snapshots   # matplotlib: after parsing
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = resolve_checkpoint(args.run, args.checkpoint)
-    model, config = load_model(path, args.weights, args.device)
+    path, model, config = load_model_of(args)
     data_cfg = dict(config["data"])
     if args.root_path:
         data_cfg["root"] = args.root_path
@@ -347,6 +346,8 @@ def main(argv=None) -> dict:
     default_out = (report_dir(args.run, args.split, args.weights) if args.run
                    else path.parent / f"eval_{path.stem}_{args.split}_{args.weights}")
     out = Path(args.output or default_out)
+    from dycon.viz import Snapshots   # matplotlib: once the flags and the checkpoint are good
+
     snapshots = Snapshots(out / "snapshots", args.snapshots, eval_cfg["units"]) if args.snapshots else None
     rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg, on_case=snapshots)
     summary.update(checkpoint=str(path), weights=args.weights, split=args.split)

@@ -224,7 +224,8 @@ def test_experiment_plot_and_preprocess_bad_inputs_are_one_line(tmp_path, capsys
 @pytest.mark.parametrize("name,flags", [("evaluate", []), ("predict", ["--input", ".", "--output", "o"])])
 def test_python_dash_m_reports_one_line(name, flags, tmp_path):
     proc = subprocess.run([sys.executable, "-m", f"dycon.{name}", "--checkpoint", "none.pt", *flags],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})   # this checkout, not an installed one
     assert proc.returncode == 2 and proc.stderr.startswith(f"python -m dycon.{name}: error: "), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
