@@ -38,8 +38,9 @@ def _load_build_names():
 BUILD_NAMES = _load_build_names()
 # Ampere (A100, RTX 30), Ada (RTX 40, L4), Hopper; +PTX lets newer GPUs JIT-compile the sm_90 code.
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
-# dycon-<cmd> runs python -m dycon.<cmd> (nnU-Net users type nnUNetv2_train; ours is dycon-train)
-CONSOLE_SCRIPTS = ("train", "predict", "evaluate", "preprocess", "experiment", "plot")
+# dycon-<cmd> runs python -m dycon.<cmd> (nnU-Net users type nnUNetv2_train; ours is dycon-train);
+# dycon-env is python -m dycon_kernels's report, from dycon.env so that its --help needs no torch
+CONSOLE_SCRIPTS = ("train", "predict", "evaluate", "preprocess", "experiment", "plot", "env")
 
 
 def _flag(name):
@@ -193,8 +194,7 @@ setup(
         "sitk": ["SimpleITK"],       # .nrrd / .mha images
         "nnunet": ["nnunetv2"],      # dycon.nnunet: the nnU-Net v2 trainers (docs/nnunet.md)
     },
-    entry_points={"console_scripts": [f"dycon-{cmd}=dycon.{cmd}:console_main" for cmd in CONSOLE_SCRIPTS]
-                  + ["dycon-env=dycon_kernels.__main__:main"]},
+    entry_points={"console_scripts": [f"dycon-{cmd}=dycon.{cmd}:console_main" for cmd in CONSOLE_SCRIPTS]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

@@ -24,23 +24,26 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dycon import cli
-from dycon.checkpoint import load_checkpoint
 from dycon.data import list_cases, scored_voxels
 from dycon.preprocess import predict_labels
 from dycon.metrics import (EMPTY_BOTH, HD_DEFINITIONS, METRICS, NNUNET_METRICS, case_metrics, check_hd_available,
                            empty_policy, nnunet_case_metrics)
-from dycon.networks import build_model
-from dycon.viz import DEFAULT_SNAPSHOTS, Snapshots
+
+if TYPE_CHECKING:
+    import torch
+# torch (checkpoints, networks) and matplotlib (dycon.viz) are imported by the functions that use
+# them, after the arguments are parsed: --help and a usage error answer at once
 
 log = logging.getLogger("dycon.evaluate")
 PROG = "python -m dycon.evaluate"
 
 UNITS = ("voxel", "mm")
+DEFAULT_SNAPSHOTS = 5   # case overlays an evaluation writes unless told otherwise (dycon.viz.Snapshots)
 REQUIRED_KEYS = ("patch_size", "stride_xy", "stride_z", "num_classes")
 # the released test script's settings, used when neither a flag nor the run's ``test`` config sets one
 RELEASED_TEST = dict(stride_xy=16, stride_z=4, largest_component=True, hd_definition="medpy", units="voxel",
@@ -97,6 +100,8 @@ def evaluate_cases(model: torch.nn.Module, cases, eval_cfg: dict, on_case=None) 
     ``on_case(case, volume, pred, case_rows)``, if
     given, is called after each case (e.g. ``dycon.viz.Snapshots``).
     """
+    import torch
+
     cfg = _complete_cfg(eval_cfg)
     device = torch.device(cfg["device"]) if cfg["device"] else next(model.parameters()).device
     model.to(device)
@@ -254,6 +259,9 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None) -> Path:
 
 def load_model(path: str | Path, weights: str = "student", device: str | torch.device = "cpu"):
     """(model in eval mode on ``device``, training config) from a dycon checkpoint."""
+    from dycon.checkpoint import load_checkpoint
+    from dycon.networks import build_model
+
     ckpt = load_checkpoint(path, map_location=device)
     missing = [k for k in (weights, "config") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -266,6 +274,8 @@ def load_model(path: str | Path, weights: str = "student", device: str | torch.d
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -281,7 +291,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--largest-component", dest="largest_component", action=argparse.BooleanOptionalAction,
                    help="keep the largest connected component per class (default: the run's test config, else on)")
     p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when torch sees a GPU, else cpu)")
+
+
+def load_model_of(args: argparse.Namespace) -> tuple[Path, torch.nn.Module, dict]:
+    """(checkpoint, model, training config) that the flags of ``add_model_args`` name. An unset
+    ``args.device`` becomes cuda when torch sees a GPU, else cpu: decided here, not while parsing,
+    since asking imports torch."""
+    path = resolve_checkpoint(args.run, args.checkpoint)
+    args.device = args.device or default_device()
+    return path, *load_model(path, args.weights, args.device)
 
 
 def run_settings(args: argparse.Namespace, config: dict, keys) -> dict:
@@ -317,8 +336,7 @@ def build_parser() -> cli.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = resolve_checkpoint(args.run, args.checkpoint)
-    model, config = load_model(path, args.weights, args.device)
+    path, model, config = load_model_of(args)
     data_cfg = dict(config["data"])
     if args.root_path:
         data_cfg["root"] = args.root_path
@@ -328,6 +346,8 @@ def main(argv=None) -> dict:
     default_out = (report_dir(args.run, args.split, args.weights) if args.run
                    else path.parent / f"eval_{path.stem}_{args.split}_{args.weights}")
     out = Path(args.output or default_out)
+    from dycon.viz import Snapshots   # matplotlib: once the flags and the checkpoint are good
+
     snapshots = Snapshots(out / "snapshots", args.snapshots, eval_cfg["units"]) if args.snapshots else None
     rows, summary = evaluate_cases(model, list_cases(data_cfg, args.split), eval_cfg, on_case=snapshots)
     summary.update(checkpoint=str(path), weights=args.weights, split=args.split)

@@ -78,7 +78,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import stats
 
 from dycon import cli, config as C, train as train_cli
 
@@ -386,6 +385,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """The two-sided t-interval of the mean of ``values`` (NaN for fewer than two)."""
+    from scipy import stats   # here, not at the top: half a second, which --help need not wait for
+
     mean, sd = mean_sd(values)
     if len(values) < 2:
         return math.nan, math.nan
@@ -400,6 +401,8 @@ def wilcoxon_p(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
     diffs = [a[c] - b[c] for c in cases]
     if not any(diffs):
         return math.nan, len(cases)
+    from scipy import stats   # see t_interval
+
     return float(stats.wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue), len(cases)
 
 

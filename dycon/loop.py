@@ -456,7 +456,7 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     """Evaluate the run's best checkpoint (the latest without validation, or with ``test.checkpoint:
     last``) on the test list; the report is the one ``python -m dycon.evaluate --run RUN_DIR`` writes
     (same folder and files)."""
-    from dycon.evaluate import evaluate_cases, format_table, report_dir, write_report
+    from dycon.evaluate import DEFAULT_SNAPSHOTS, evaluate_cases, format_table, report_dir, write_report
 
     best = cfg["test"]["checkpoint"] == "best" and (run_dir / "best.pt").exists()
     name = "best.pt" if best else "latest.pt"
@@ -466,7 +466,7 @@ def test_run(cfg: dict, run_dir: Path) -> dict:
     eval_cfg = {**{k: v for k, v in cfg["test"].items() if k != "checkpoint"}, "patch_size": cfg["train"]["patch_size"], "num_classes": cfg["model"]["num_classes"],
                 "preprocessing": cfg["data"]["preprocessing"]}
     out = report_dir(run_dir, "test", "student")
-    snapshots = viz.Snapshots(out / "snapshots", viz.DEFAULT_SNAPSHOTS, eval_cfg["units"])
+    snapshots = viz.Snapshots(out / "snapshots", DEFAULT_SNAPSHOTS, eval_cfg["units"])
     rows, summary = evaluate_cases(model, list_cases(cfg["data"], "test"), eval_cfg, on_case=snapshots)
     snapshots.finish()
     summary.update(checkpoint=str(run_dir / name), weights="student", split="test")

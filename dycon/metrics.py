@@ -31,7 +31,9 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
+
+# scipy.ndimage (up to half a second to import on a busy machine) is imported by the functions that
+# use it: the commands that import this module answer --help and usage errors without it
 
 HD_DEFINITIONS = ("medpy", "monai")
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -85,6 +87,8 @@ def jaccard(pred, gt) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask ^ ndimage.binary_erosion(mask, structure=structure)
 
@@ -96,6 +100,8 @@ def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     erosion assumes beyond the array border, and the Euclidean distance transform measures to
     the nearest surface voxel wherever the array ends. It makes full-size volumes cheap.
     """
+    from scipy import ndimage
+
     box = ndimage.find_objects(np.logical_or(pred, gt).astype(np.uint8))[0]
     return pred[box], gt[box]
 
@@ -112,6 +118,8 @@ def surface_distances(a, b, spacing: Sequence[float] | None = None) -> np.ndarra
     _check_not_empty(a, b)
     spacing = _check_spacing(spacing, a.ndim)
     a, b = _crop_to_union(a, b)
+    from scipy import ndimage
+
     # the transform measures distance to the nearest zero, hence the inverted surface of b
     distance_to_b = ndimage.distance_transform_edt(~_surface(b), sampling=spacing)
     return distance_to_b[_surface(a)]

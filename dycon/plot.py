@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from dycon import cli
-from dycon.viz import runs_figure, save_figure, write_curves   # matplotlib, no torch
 
 
 PROG = "python -m dycon.plot"
@@ -27,6 +26,8 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    from dycon.viz import runs_figure, save_figure, write_curves   # matplotlib: after parsing
+
     if args.curves:
         written = [write_curves(run) for run in args.runs]
     else:

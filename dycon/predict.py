@@ -39,7 +39,7 @@ import numpy as np
 
 from dycon import cli
 from dycon.data import H5_LAYOUTS, NIFTI_ENDINGS, SITK_ENDINGS, Case, Volume
-from dycon.evaluate import add_model_args, load_model, resolve_checkpoint, run_settings
+from dycon.evaluate import add_model_args, load_model_of, run_settings
 from dycon.preprocess import predict_labels
 
 log = logging.getLogger("dycon.predict")
@@ -191,7 +191,7 @@ def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cases = find_inputs(args.input)
-    model, config = load_model(resolve_checkpoint(args.run, args.checkpoint), args.weights, args.device)
+    _, model, config = load_model_of(args)
     pred_cfg = dict(run_settings(args, config, ("stride_xy", "stride_z", "largest_component")),
                     in_channels=config["model"]["in_channels"], h5_transpose=_h5_transpose(config))
     output_dir = Path(args.output)

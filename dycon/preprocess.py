@@ -46,13 +46,13 @@ from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
-import torch
-from scipy import ndimage
 
 from dycon import cli
 from dycon.data import (Case, Volume, channel_names, class_count, dataset_meta, list_cases, record_splits,
                         split_ids, training_cases)
-from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
+
+# scipy.ndimage (up to half a second to import on a busy machine) is imported by the functions that
+# use it: the commands that import this module answer --help and usage errors without it
 
 log = logging.getLogger("dycon.preprocess")
 
@@ -140,6 +140,8 @@ def separate_z_axis(spacing, new_spacing) -> Optional[int]:
 def resample_like_nnunet(array: np.ndarray, shape, spacing, new_spacing, is_seg: bool, order: int) -> np.ndarray:
     """nnU-Net's resampling written with scipy alone (skimage's ``resize`` is ``ndimage.zoom`` in
     grid mode, clipped to the input's range)."""
+    from scipy import ndimage
+
     shape = tuple(int(n) for n in shape)
     if tuple(array.shape[1:]) == shape:
         return array
@@ -163,6 +165,8 @@ def resample_like_nnunet(array: np.ndarray, shape, spacing, new_spacing, is_seg:
 
 def _resize(x: np.ndarray, shape, order: int) -> np.ndarray:
     """skimage ``resize(x, shape, order, mode='edge', anti_aliasing=False)`` (clip=True)."""
+    from scipy import ndimage
+
     factors = [1 / (o / n) for o, n in zip(x.shape, shape)]   # as skimage computes them
     out = ndimage.zoom(x, factors, order=order, mode="nearest", grid_mode=True)
     return np.clip(out, x.min(), x.max(), out=out)
@@ -190,6 +194,8 @@ def _resize_segmentation(seg: np.ndarray, shape, order: int) -> np.ndarray:
 def nonzero_box(image: np.ndarray) -> tuple[np.ndarray, tuple]:
     """nnU-Net's ``crop_to_nonzero``: the non-zero voxels of any channel with holes filled, and
     their bounding box (slices; the whole image when it is all zero)."""
+    from scipy import ndimage
+
     mask = ndimage.binary_fill_holes((image != 0).any(0))
     box = ndimage.find_objects(mask.astype(np.uint8))
     return mask, box[0] if box else tuple(slice(0, n) for n in mask.shape)
@@ -400,6 +406,10 @@ def predict_labels(model, volume: Volume, settings: dict, case_id: str = "") -> 
     """The label map of ``volume`` on its own grid: preprocessed by ``settings['preprocessing']``
     (None: as it is), sliding-window inference, probabilities mapped back, thresholded.
     ``settings``: patch_size, stride_xy, stride_z, num_classes, largest_component, device, batch_size."""
+    import torch   # here: the commands that import this module parse their arguments without torch
+
+    from dycon.inference import probabilities_to_labels, segment, sliding_window_inference
+
     s, plan = settings, settings.get("preprocessing")
     if plan is None:
         return segment(model, volume.image, s["patch_size"], s["stride_xy"], s["stride_z"], s["num_classes"],

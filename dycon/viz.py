@@ -55,7 +55,6 @@ PATCH_COLOURS = {"lesion": OKABE_ITO["vermillion"], "background": OKABE_ITO["blu
 AXIS_NAMES = "XYZ"
 DPI = 100
 PANEL_PIXELS = 240      # the longest side of a case overlay panel, about
-DEFAULT_SNAPSHOTS = 5   # case overlays an evaluation writes unless told otherwise
 # case-figure layout in pixels: left margin, gap between panels, title band, panel-title band,
 # x-axis band under each row, legend band
 _LEFT, _GAP, _TOP, _ROW_TOP, _BOTTOM, _LEGEND = 64, 64, 44, 22, 44, 34
