@@ -702,17 +702,3 @@ def _read_sitk(path: Path, case: Case, dtype=None) -> tuple:
     affine[:3, 3] = img.GetOrigin()
     # ITK's physical space is LPS, NIfTI's RAS
     return np.asarray(data, dtype=dtype), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, None
-
-
-# ---------------------------------------------------------------------------- training patches
-
-_IN_BATCHES = ("training_label", "random_crop", "rot_flip", "PatchDataset", "TwoStreamBatchSampler")
-
-
-def __getattr__(name: str):
-    """The training patches, which need torch, live in ``dycon.batches`` (imported on first use,
-    so that this module loads without torch); ``from dycon.data import PatchDataset`` still works."""
-    if name in _IN_BATCHES:
-        from dycon import batches
-        return getattr(batches, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from dycon import distributed, frameworks, preprocess, viz
 from dycon.checkpoint import load_checkpoint, save_checkpoint
 from dycon.config import check_amp_device
-from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases, scored_voxels, training_label
+from dycon.data import list_cases, scored_voxels
+from dycon.batches import PatchDataset, TwoStreamBatchSampler, training_label
 from dycon.inference import segment, sliding_window_inference
 from dycon.losses import dice_loss, patch_labels_dycon
 from dycon.metrics import dice

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dycon.data import (DataError, PatchDataset, TwoStreamBatchSampler, labelled_split, list_cases,
-                        random_crop, rot_flip)
+from dycon.data import DataError, labelled_split, list_cases
+from dycon.batches import PatchDataset, TwoStreamBatchSampler, random_crop, rot_flip
 from dycon.demo import ensure_demo_data
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dycon import predict
-from dycon.data import (DataError, PatchDataset, crossval_folds, list_cases, record_splits, split_ids,
-                        training_cases)
+from dycon.data import DataError, crossval_folds, list_cases, record_splits, split_ids, training_cases
+from dycon.batches import PatchDataset
 
 nib = pytest.importorskip("nibabel")
 

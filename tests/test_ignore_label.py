@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dycon.data import DataError, PatchDataset, class_count, ignore_label, list_cases
+from dycon.data import DataError, class_count, ignore_label, list_cases
+from dycon.batches import PatchDataset
 from dycon.losses import dice_sums, patch_labels_dycon, supervised_sums
 
 nib = pytest.importorskip("nibabel")

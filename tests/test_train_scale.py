@@ -16,7 +16,8 @@ from torch.utils.data import default_collate
 
 from dycon import config as C, frameworks, loop
 from dycon.checkpoint import load_checkpoint
-from dycon.data import PatchDataset, TwoStreamBatchSampler, list_cases
+from dycon.data import list_cases
+from dycon.batches import PatchDataset, TwoStreamBatchSampler
 from dycon.demo import ensure_demo_data
 from dycon.distributed import Context
 
