@@ -155,3 +155,23 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
         return n, (f"torch threads: {n} of {cores} ({why}: the machine is busy; fewer threads than cores "
                    "avoids oversubscription; --threads N sets it)")
     return n, f"torch threads: {n} ({why})"
+
+
+def check_device(name: str) -> None:
+    """A device torch does not know, or ``--device cuda[:N]`` where it sees no such GPU, fails
+    here, in one line, before anything is written or loaded (train, evaluate, predict)."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        index = torch.device(name).index or 0
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a device name ({err})") from None
+    count = torch.cuda.device_count()
+    if torch.device(name).type != "cuda" or index < count:
+        return
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    seen = "no CUDA GPU is visible" if count == 0 else f"only {count} CUDA GPU(s) are visible"
+    raise UsageError(f"--device {name}: {seen} (torch {torch.__version__}, {build}); "
+                     "use --device cpu, or auto for the GPU where there is one")

@@ -300,6 +300,7 @@ def load_model_of(args: argparse.Namespace) -> tuple[Path, torch.nn.Module, dict
     since asking imports torch."""
     path = resolve_checkpoint(args.run, args.checkpoint)
     args.device = args.device or default_device()
+    cli.check_device(args.device)
     return path, *load_model(path, args.weights, args.device)
 
 

@@ -131,26 +131,6 @@ def check_data(cfg: dict, test: bool) -> None:
     training_cases(cfg["data"])
 
 
-def check_device(name: str) -> None:
-    """A device torch does not know, or ``--device cuda[:N]`` where it sees no such GPU, fails
-    here, in one line, rather than in the loop after the run directory is made."""
-    if name == "auto":
-        return
-    import torch
-
-    try:
-        index = torch.device(name).index or 0
-    except RuntimeError as err:
-        raise cli.UsageError(f"--device {name}: not a device name ({err})") from None
-    count = torch.cuda.device_count()
-    if torch.device(name).type != "cuda" or index < count:
-        return
-    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-    seen = "no CUDA GPU is visible" if count == 0 else f"only {count} CUDA GPU(s) are visible"
-    raise cli.UsageError(f"--device {name}: {seen} (torch {torch.__version__}, {build}); "
-                         "use --device cpu, or auto for the GPU where there is one")
-
-
 def picture_lines(run_dir: Path) -> list[str]:
     """Where the run's pictures are, for the last lines of the console."""
     snapshots = run_dir / "eval_test_student" / "snapshots"
@@ -176,7 +156,7 @@ def main(argv=None) -> dict:
     else:
         cfg = load_config(args.config)
     apply_flags(cfg, args)
-    check_device(cfg["train"]["device"])
+    cli.check_device(cfg["train"]["device"])
     prepare_demo_data(cfg, generate=args.generate_demo)
     if cfg["data"]["layout"] == "nifti":   # the preprocessing plan, and the config's 'auto' values from it
         from dycon.preprocess import configure

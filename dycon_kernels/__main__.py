@@ -6,6 +6,7 @@ every device present, 1 otherwise (so that scripts can check an installation).
 """
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 import warnings
@@ -82,4 +83,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser("python -m dycon_kernels", description=__doc__.split("\n\n")[0]).parse_args()
     sys.exit(main())

@@ -187,6 +187,15 @@ def test_a_device_torch_cannot_use_fails_before_the_run_directory(device, gpus, 
     run = tmp_path / "run"
     assert message in run_command("train", ["--device", device, "--output", str(run)], capsys)
     assert not run.exists()
+    # evaluate and predict say the same before they read the checkpoint
+    garbage = tmp_path / "model.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert message in run_command("evaluate", ["--checkpoint", str(garbage), "--device", device], capsys)
+    out, case = tmp_path / "predictions", tmp_path / "case.h5"
+    case.write_bytes(b"")   # a file of a type predict reads: the device is checked next
+    assert message in run_command("predict", ["--checkpoint", str(garbage), "--device", device, "--input",
+                                              str(case), "--output", str(out)], capsys)
+    assert not out.exists()
 
 
 def test_labelnum_beyond_the_training_cases_fails_before_the_run_directory(tmp_path, capsys):
