@@ -60,7 +60,7 @@ PINNED_TRITON = "3.8.0"
 # The whole call's budget per pair (instructions, MUFU, spill bytes summed over the call's
 # kernels) that tests/test_kernel_report.py checks on the pinned Triton: today's figures, so that
 # a change that makes the call slower fails CI until the budget is raised on purpose.
-BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=291, mufu_per_pair=8.6, spill=6120)}
+BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=279, mufu_per_pair=8.2, spill=0)}
 
 
 # ----------------------------------------------------------------------------------------------
