@@ -1136,11 +1136,13 @@ def launch_configs(full: bool = False, cc: int = 90):
     ``full=True``: every launched combination for float32/float16/bfloat16/float64, the tiles of
     D in {16, 32, ..., 1024} that the dispatcher accepts on this card, K_PAD in {1, ..., 64} and
     every flag set (thousands of configs, hours of compiling: ptxas takes seconds per kernel).
-    Default: a covering set (~30 configs) in which every kernel, dtype and code path appears: at
+    Default: a covering set (38 configs) in which every kernel, dtype and code path appears: at
     D = 64 every kernel for float32 (every flag set of the forward; for the backward both presets
-    and the all-on set, which contain the other sets' code), the presets and the all-on set for
-    bfloat16/float64, the 'dycon' preset for float16; other tile shapes (D = 16, 128, 512 where
-    accepted) for bfloat16."""
+    and the all-on set, which contain the other sets' code; the sparse-pair kernels with the
+    all-on set and with top-k plus teacher top-k), the presets and the all-on set for
+    bfloat16/float64 (the sparse-pair kernels for bfloat16), the 'dycon' preset for float16;
+    other tile shapes for bfloat16 (D = 16, 512, 1024: the chunked dots and the backward's column
+    split) and float32 (D = 1024)."""
     if full:
         configs = []
         for dtype in TORCH_DTYPES:
@@ -1153,15 +1155,15 @@ def launch_configs(full: bool = False, cc: int = 90):
                _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True)]
     configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
     configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
-    configs += [_config(k, "fp32", 64, cc, flags=f) for k in ("coef", "rows") for f in (dycon, all_on, topk_teacher)]
+    configs += [_config(k, "fp32", 64, cc, flags=f) for k in ("coef", "rows") for f in (all_on, topk_teacher)]
     for dtype in ("bf16", "fp64"):
         configs += [_config("topk", dtype, 64, cc, K_PAD=32), _config("positive", dtype, 64, cc, COLUMN=True),
                     _config("logneg", dtype, 64, cc, flags=all_on),
-                    _config("backward", dtype, 64, cc, flags=dycon), _config("backward", dtype, 64, cc, flags=all_on),
-                    _config("coef", dtype, 64, cc, flags=topk_teacher), _config("rows", dtype, 64, cc, flags=topk_teacher)]
+                    _config("backward", dtype, 64, cc, flags=dycon), _config("backward", dtype, 64, cc, flags=all_on)]
+    configs += [_config("coef", "bf16", 64, cc, flags=topk_teacher), _config("rows", "bf16", 64, cc, flags=topk_teacher)]
     configs += [_config("logneg", "fp16", 64, cc, flags=dycon), _config("backward", "fp16", 64, cc, flags=dycon)]
-    # Other tile shapes: D = 16 (one chunk), 128, and the chunked dots and split D of 512 and 1024.
-    for D in (16, 128, 512, 1024):
+    # Other tile shapes: D = 16 (one 16-wide block), 512, and the chunked dots and split D of 1024.
+    for D in (16, 512, 1024):
         configs += [_config("topk", "bf16", D, cc, K_PAD=32), _config("backward", "bf16", D, cc, flags=dycon)]
     configs += [_config("logneg", "fp32", 1024, cc, flags=all_on), _config("backward", "fp32", 1024, cc, flags=all_on)]
     return configs
