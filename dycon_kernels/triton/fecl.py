@@ -751,6 +751,19 @@ def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stag
     return total
 
 
+def _column_splits(kind: str, bm: int, bd: int) -> tuple:
+    """The BLOCK_DC a launch may take, widest first: BLOCK_D for the forward; for the backward at
+    most MAX_ACC_TILE / BLOCK_M, and, with BLOCK_M = 16 only (larger blocks never split D),
+    narrower down to 64 columns when the key tile's columns of g @ z_j do not fit otherwise
+    (float64 at D = 1024 on the 99 KB cards)."""
+    if kind == "forward":
+        return (bd,)
+    widest = min(bd, MAX_ACC_TILE // bm)
+    if bm > 16:
+        return (widest,) if widest == bd else ()
+    return tuple(dc for dc in (widest, widest // 2, widest // 4) if dc >= min(64, bd))
+
+
 def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> LaunchConfig:
     """The LaunchConfig of the ``kind`` ('forward' or 'backward') kernels of one call on a card
     with ``smem_limit`` bytes of shared memory per block: the anchor block held whole across key
@@ -763,19 +776,19 @@ def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> Lau
     bd = padded_d(D)
     for held in (True, False):
         for bm, bn in TILE_CHOICES:
-            dc = bd if kind == "forward" else min(bd, MAX_ACC_TILE // bm)
-            if kind == "backward" and (dc < bd and bm > 16 or bm * bn > MAX_PAIR_TILE):
+            if kind == "backward" and bm * bn > MAX_PAIR_TILE:
                 continue
             if held:
                 chunks = (bd,) if bm * bd <= MAX_HELD_ANCHOR else ()
             else:
                 chunks = tuple(c for c in CHUNK_CHOICES if c < bd
                                and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
-            for dk in chunks:
-                for stages in STAGE_CHOICES:
-                    if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, dc) <= smem_limit:
-                        return LaunchConfig(bm, bn, bd, dk, dc, gather_chunk(bm, bd), NUM_WARPS, stages)
-    need = smem_estimate(kind, dtype, 16, 16, bd, 1, 16, min(bd, MAX_ACC_TILE // 16))
+            for dc in _column_splits(kind, bm, bd):
+                for dk in chunks:
+                    for stages in STAGE_CHOICES:
+                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, dc) <= smem_limit:
+                            return LaunchConfig(bm, bn, bd, dk, dc, gather_chunk(bm, bd), NUM_WARPS, stages)
+    need = smem_estimate(kind, dtype, 16, 16, bd, 1, 16, _column_splits(kind, 16, bd)[-1])
     raise ValueError(f"fecl (triton): D = {D} with {dtype} embeddings needs {need} bytes of shared memory per "
                      f"block even with 16 x 16 tiles, but this GPU allows {smem_limit}; use float16/bfloat16 "
                      f"embeddings, a smaller D or the 'cuda' backend")
