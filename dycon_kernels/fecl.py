@@ -77,9 +77,10 @@ def _(z, y, zt, yt, u, tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, 
 
 def _needs_atomics(backend: str, device_type: str, top_k: int) -> bool:
     """Whether fecl_backward adds the key side of the top-k pairs with atomics, whose float sums
-    depend on the order in which GPU threads arrive (docs/fecl_kernels.md, "Determinism"). The
-    Triton interpreter runs programs one after another, so its atomics keep a fixed order."""
-    return top_k > 0 and backend in ("triton", "cuda") and device_type == "cuda"
+    depend on the order in which GPU threads arrive (docs/fecl_kernels.md, "Determinism"): the
+    CUDA backend on a GPU. The Triton backend reads the key side through a transposed index
+    instead (no atomics)."""
+    return top_k > 0 and backend == "cuda" and device_type == "cuda"
 
 
 @torch.library.custom_op("dycon::fecl_backward", mutates_args=())

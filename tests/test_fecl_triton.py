@@ -284,6 +284,10 @@ def test_other_shapes():
              noncontiguous=True)
 
 
+KERNELS = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
+           "fecl_backward_kernel", "fecl_sparse_coef_kernel", "fecl_sparse_rows_kernel"]
+
+
 @pytest.mark.parametrize("cfg, N, Nt", [
     (config(top_k=4, teacher="topk", teacher_top_k=4), 1960, 1960),              # 'dycon', the LA crop's N
     (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 61, 29),     # 'official'
@@ -296,9 +300,7 @@ def test_every_n_is_launched_padded_to_16(monkeypatch, cfg, N, Nt):
     from dycon_kernels.triton import fecl
     from triton_aot import record_launches
 
-    names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
-             "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
-    launches = record_launches(monkeypatch, fecl, names)
+    launches = record_launches(monkeypatch, fecl, KERNELS)
     # Large tiles: the interpreter's cost is per tile step.
     run_case(cfg, B=1, N=N, D=16, Nt=Nt, n_classes=4, blocks=(256, 256) if N > 100 else (16, 16))
     for kernel, args, _ in launches:
@@ -306,6 +308,18 @@ def test_every_n_is_launched_padded_to_16(monkeypatch, cfg, N, Nt):
         sizes = {name: args[params.index(name)] for name in ("N", "NT", "NK") if name in params}
         assert sizes and all(v % fecl.PAD_N == 0 for v in sizes.values()), (kernel, sizes)
         assert sizes.get("N", fecl.launch_n(N)) == fecl.launch_n(N)
+
+
+@pytest.mark.parametrize("cfg, blocks", [
+    (config(top_k=4, column_shift=True, teacher="threshold"), (16, 16, 64, 16, 16)),
+    (config(top_k=3, teacher="topk", teacher_top_k=5), (16, 16, 16, 32, 64)),
+], ids=["held-split", "chunked"])
+def test_d_tiling(cfg, blocks):
+    """D = 40 (BLOCK_D 64) with the anchor block held whole (BLOCK_DK = BLOCK_D), the backward's
+    dz columns split over 4 programs (BLOCK_DC = 16) and gathers in 4 chunks of 16 (with the
+    threshold teacher's tile loop); and with the similarity in chunks of 16, 2 column programs and
+    one gather chunk (with the teacher top-k): both equal the dense computation."""
+    run_case(cfg, N=23, D=40, Nt=21, blocks=blocks)
 
 
 def test_float64_needs_no_error():
@@ -356,10 +370,9 @@ def test_launch_configs_cover_launches(monkeypatch):
     from dycon_kernels.triton import fecl
     from triton_aot import record_launches
 
-    names = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
-             "fecl_backward_kernel", "fecl_topk_scatter_kernel"]
+    names = KERNELS
     # FAST_LOG and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch).
-    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "K_PAD", "FAST_LOG", "DOT_IN")
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_LOG", "DOT_IN")
     configs = [(fn, sig, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]
     launches = record_launches(monkeypatch, fecl, names)
@@ -452,26 +465,27 @@ def test_int32_size_products_are_found():
 
 @pytest.mark.parametrize("cc", [80, 86, 89, 90])
 def test_launch_config_fits_or_refuses(cc):
-    """For every dtype and D the dispatcher returns tiles within the card's shared memory (by
-    its estimate, which test_compiled_kernels_fit_every_card checks against the compiler) or
-    refuses with an error naming the limit; the trainer's default (D = 256, float32, and the AMP
-    dtypes) is accepted on every card; D > 1024 is refused."""
+    """For every dtype and D up to 1024 the dispatcher returns tiles within the card's shared
+    memory (by its estimate, which test_compiled_kernels_fit_every_card checks against the
+    compiler) and the register budgets (D in chunks, the backward's D split over programs);
+    D > 1024 is refused."""
     from dycon_kernels.triton import fecl
 
     limit = fecl.SMEM_LIMITS[cc]
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for D in (1, 16, 19, 64, 100, 128, 256, 300, 512, 700, 1024):
             for kind in ("forward", "backward"):
-                try:
-                    bm, bn, bd, warps, stages = fecl.launch_config(limit, dtype, D, kind)
-                except ValueError as err:
-                    assert f"allows {limit}" in str(err) and f"D = {D}" in str(err)
-                    assert D > 128, (dtype, D)
-                    continue
-                assert bd >= D and bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
-                assert fecl.smem_estimate(kind, dtype, bm, bn, bd, stages) <= limit
-        if dtype != torch.float64:
-            fecl.launch_config(limit, dtype, 256, "backward")
+                c = fecl.launch_config(limit, dtype, D, kind)
+                assert c.BLOCK_D >= D and c.BLOCK_M >= 16 and c.BLOCK_N >= 16 and c.num_warps == 4
+                assert c.num_stages >= 1 and c.BLOCK_D % c.BLOCK_DK == 0 and c.BLOCK_D % c.BLOCK_DC == 0
+                assert fecl.smem_estimate(kind, dtype, c.BLOCK_M, c.BLOCK_N, c.BLOCK_D, c.num_stages, c.BLOCK_DK,
+                                          c.BLOCK_DC) <= limit
+                # Register budgets: the backward's accumulator, a gather's chunks, a held anchor block.
+                assert c.BLOCK_M * c.BLOCK_DC <= fecl.MAX_ACC_TILE or kind == "forward"
+                assert c.BLOCK_M * c.BLOCK_DG <= fecl.MAX_GATHER_TILE
+                assert (c.BLOCK_M * c.BLOCK_D <= fecl.MAX_HELD_ANCHOR if c.BLOCK_DK == c.BLOCK_D else
+                        (c.BLOCK_M + c.BLOCK_N) * c.BLOCK_DK * fecl._dot_bytes(dtype) <= fecl.MAX_CHUNK_BYTES
+                        or c.BLOCK_DK == 16)
     with pytest.raises(ValueError, match="larger than the supported 1024"):
         fecl.launch_config(limit, torch.bfloat16, 1025, "forward")
 

@@ -47,7 +47,7 @@ def report():
 
 def test_report_compiles_every_launch_of_the_call(report):
     names = [r["kernel"] for r in report["rows"]]
-    assert names == ["topk", "topk_teacher", "logneg", "positive", "backward", "scatter"]
+    assert names == ["topk", "topk_teacher", "logneg", "positive", "backward", "coef", "rows"]
     assert all("error" not in r for r in report["rows"]), report["rows"]
 
 
@@ -77,8 +77,10 @@ def test_no_loop_of_a_compiled_kernel_is_left_out(report):
         assert set(map(tuple, code["hot_retreating"])) <= set(map(tuple, code["back_edges"])), row["kernel"]
     loops = [r for r in report["cost"] if r["level"] == "loop" and r["part"] != "outside loops"]
     assert all(0 < r["trips"] < float("inf") for r in loops)
-    # The kernels' every `for`: the tile loops, the insertion rounds, the sort, every gather.
-    assert len(loops) == sum(len(r["code"]["loops"]) for r in report["rows"]) == 3 + 3 + 2 + 1 + 3 + 1
+    # The kernels' every `for`: the tile loops, the insertion rounds, the sort, every gather and
+    # the D chunks of the gathers (log-neg and coefficients: 2 gathers x (slots, chunks)), the
+    # key side's entries.
+    assert len(loops) == sum(len(r["code"]["loops"]) for r in report["rows"]) == 3 + 3 + 4 + 1 + 1 + 4 + 3
 
 
 def test_insertion_rounds_match_their_closed_form():
@@ -90,6 +92,13 @@ def test_insertion_rounds_match_their_closed_form():
     assert kernel_report.insertion_rounds(bm, bn, 1, bn * tiles, blocks=3000) == pytest.approx(expected, rel=0.02)
     assert kernel_report.insertion_rounds(64, 64, 32, 64) == 32
     assert kernel_report.insertion_rounds(64, 16, 32, 16) == 16
+
+
+def test_max_in_degree_matches_its_mean_for_one_key():
+    """One key per block: the mean in-degree, k (each of the n - 1 other anchors selects it with
+    probability k / (n - 1)); a block's maximum grows with the block."""
+    assert kernel_report.max_in_degree(1, 32, 13824, blocks=20000) == pytest.approx(32, rel=0.02)
+    assert 32 < kernel_report.max_in_degree(16, 32, 13824) < kernel_report.max_in_degree(64, 32, 13824) < 64
 
 
 def test_trip_counts_from_the_range_source():

@@ -25,12 +25,22 @@ Backward:
 
 - ``fecl_backward_kernel``: row-parallel; recomputes the similarity tiles and applies
   ``g_ij + g_ji`` (``g_ji`` from anchor ``j``'s saved statistics, the matrix being symmetric),
-  for positives and (without top_k) dense negatives, then the gathered top-k / teacher rows and
-  the threshold-teacher term of its own anchors. No atomics. Each program evaluates both
-  directions of its pairs, so every unordered pair is evaluated twice over the grid (once from
-  each block); the two directions share one reciprocal (``_pos_grads``).
-- ``fecl_topk_scatter_kernel`` (top_k only): the transposed part of the sparse top-k pairs,
-  ``dz_q += g_iq z_i / tau``, with ``tl.atomic_add`` into a float32/float64 buffer.
+  for positives and (without top_k) dense negatives, and the threshold-teacher term of its own
+  anchors. No atomics. Each program evaluates both directions of its pairs, so every unordered
+  pair is evaluated twice over the grid (once from each block); the two directions share one
+  reciprocal (``_pos_grads``). Its float32 accumulator (``BLOCK_M`` x ``BLOCK_DC``) bounds the
+  registers: a D wider than the budget is split over programs (grid axis 2).
+- With top_k or the teacher top-k, the sparse pairs: ``fecl_sparse_coef_kernel`` computes their
+  coefficients ``g / tau`` once per stored index (gathered dots over D in chunks);
+  ``fecl_sparse_rows_kernel`` adds to its own rows, per D chunk of ``BLOCK_DG`` columns (grid
+  axis 2), the row side ``dz_i += sum G_iq z_q`` (and the teacher's) and the key side
+  ``dz_q += sum G_iq z_i`` read through the transposed top-k index (``_transposed_topk``), into a
+  float32/float64 buffer. No atomics anywhere: every output element is written by one program in
+  a fixed order, so the backward is deterministic.
+
+D is tiled wherever a (rows, D) block would otherwise sit in registers: the similarity dots take
+D in chunks of ``BLOCK_DK`` (``_sim_tile``) unless the anchor block fits the register budget
+whole, the gathers in chunks of ``BLOCK_DG`` (``_gather_dot``); ``launch_config`` chooses them.
 
 Numerics: element-wise work is in the compute type (float32, float64 for float64 inputs). The
 similarity dots take float16/bfloat16 embeddings as they are (products exact in float32, as the
@@ -43,6 +53,7 @@ others. The positive terms are computed in base 2 (``_sigmoid_parts``).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -74,16 +85,21 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
-def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's volume b and anchor block: offsets, row mask, labels (-1 past N) and
-    embeddings (BLOCK_M, BLOCK_D) in DOT_IN (the dtype of the similarity dots' operands)."""
+def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DK: tl.constexpr):
+    """This program's volume b and anchor block: offsets, row mask, labels (-1 past N) and, when
+    the similarity dots take D whole (BLOCK_DK == BLOCK_D), the embeddings (BLOCK_M, BLOCK_D) in
+    DOT_IN (the dtype of the dots' operands), loaded once; with D in chunks (_sim_tile) the
+    anchors' chunks are loaded per key tile instead and ``zi`` is a placeholder."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, DOT_IN)
-    return b, offs_m, offs_d, row_ok, yi, zi
+    if BLOCK_DK == BLOCK_D:
+        zi = _load_rows(Z, b * N * D, offs_m, N, tl.arange(0, BLOCK_D), D, DOT_IN)
+    else:
+        zi = 0
+    return b, offs_m, row_ok, yi, zi
 
 
 @triton.jit
@@ -98,6 +114,38 @@ def _gather_rows(P, base, idx, ok, offs_d, D, ACC: tl.constexpr):
 def _sim(a, b, DOT_PREC: tl.constexpr):
     """a @ b^T for (BLOCK_M, BLOCK_D) x (BLOCK_N, BLOCK_D) tiles."""
     return tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_n, NK, D, ACC: tl.constexpr, DOT_IN: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DK: tl.constexpr):
+    """<z_i, key_j> for the (BLOCK_M, BLOCK_N) tile of anchors offs_m (rows of Z at z_base) and keys
+    offs_n (rows of KEYS at k_base): one dot with the anchor block ``zi`` held across key tiles
+    when BLOCK_DK == BLOCK_D, else a loop over D in chunks of BLOCK_DK that loads both operands
+    per chunk (shared memory and registers then scale with BLOCK_DK, not D)."""
+    if BLOCK_DK == BLOCK_D:
+        s = _sim(zi, _load_rows(KEYS, k_base, offs_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN), DOT_PREC)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for d0 in range(0, D, BLOCK_DK):
+            offs_d = d0 + tl.arange(0, BLOCK_DK)
+            s = tl.dot(_load_rows(Z, z_base, offs_m, N, offs_d, D, DOT_IN),
+                       tl.trans(_load_rows(KEYS, k_base, offs_n, NK, offs_d, D, DOT_IN)), s, input_precision=DOT_PREC)
+    return s
+
+
+@triton.jit
+def _gather_dot(Z, z_base, offs_m, KEYS, k_base, idx, ok, D, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_DG: tl.constexpr):
+    """<z_i, key_idx_i> for each anchor row i of offs_m and its gathered key row idx_i (0 where not
+    ``ok``), over D in chunks of BLOCK_DG: no (rows, D) block is held in registers."""
+    dot = tl.zeros([BLOCK_M], ACC)
+    for d0 in range(0, D, BLOCK_DG):
+        offs_d = d0 + tl.arange(0, BLOCK_DG)
+        zi = _gather_rows(Z, z_base, offs_m, ok, offs_d, D, ACC)
+        dot += tl.sum(zi * _gather_rows(KEYS, k_base, idx, ok, offs_d, D, ACC), axis=1)
+    return dot
 
 
 @triton.jit
@@ -258,16 +306,17 @@ def _pos_grads(x2_ij, x2_ji, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
 
 @triton.jit
 def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr,
-                         DOT_PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Pass 1: c_i = max(0, max_{valid j != i} l_ij) for valid i (0 for invalid i)."""
     inv_tau = _scalar(1.0 / TAU, ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
+    b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     c = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-        l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * inv_tau
+        l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                      BLOCK_D, BLOCK_DK) * inv_tau
         pair = (yi[:, None] >= 0) & (yj[None, :] >= 0) & (offs_m[:, None] != offs_n[None, :])
         c = tl.maximum(c, tl.max(tl.where(pair, l, 0.0), axis=1))
     tl.store(CS + b * N + offs_m, c, mask=offs_m < N)
@@ -276,11 +325,11 @@ def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, D
 @triton.jit
 def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                      K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT)."""
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
+    b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     offs_k = tl.arange(0, K_PAD)
     # Unsorted running top-k: slots past K hold +inf so that they are never the minimum; so do all
     # slots of an ignored anchor, which then takes no key (its row stays -1). Validity is thus
@@ -291,7 +340,8 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yk = tl.load(KY + b * NK + offs_n, mask=offs_n < NK, other=-1)
-        s = _sim(zi, _load_rows(KEYS, b * NK * D, offs_n, NK, offs_d, D, DOT_IN), DOT_PREC)
+        s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK * D, offs_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                      BLOCK_D, BLOCK_DK)
         key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
         s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K).
@@ -323,11 +373,11 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
                        COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr,
                        TEACHER: tl.constexpr,
                        ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DG: tl.constexpr):
     """Pass 3: log Neg_i = log(sum_{q in H(i)} w_iq exp(l_iq - c_q) + sum_{k in T(i)} exp(l^t_ik))
     (-inf without negatives); with TEACHER == 2, cross_i and cross_count_i."""
     inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
+    b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     vi = yi >= 0
     m = tl.full([BLOCK_M], NEG_INF, ACC)
     s = tl.zeros([BLOCK_M], ACC)
@@ -336,7 +386,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for slot in range(0, K):
             q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
             ok = row_ok & (q >= 0)
-            l = tl.sum(zi.to(ACC) * _gather_rows(Z, b * N * D, q, ok, offs_d, D, ACC), axis=1) * inv_tau
+            l = _gather_dot(Z, b * N * D, offs_m, Z, b * N * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
             t = l
             if COLUMN:
                 t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
@@ -346,7 +396,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-            l = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * inv_tau
+            l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                          BLOCK_D, BLOCK_DK) * inv_tau
             t = l
             if COLUMN:
                 t = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
@@ -357,7 +408,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for slot in range(0, TK):
             k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
             ok = row_ok & (k >= 0)
-            lt = tl.sum(zi.to(ACC) * _gather_rows(ZT, b * NT * D, k, ok, offs_d, D, ACC), axis=1) * inv_tau
+            lt = _gather_dot(Z, b * N * D, offs_m, ZT, b * NT * D, k, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
             m, s = _lse_update(m, s, tl.where(ok, lt, NEG_INF)[:, None], tl.full([BLOCK_M, 1], 1.0, ACC))
     tl.store(LOGNEG + b * N + offs_m, tl.where(s > 0, m + tl.log(s), NEG_INF), mask=row_ok)
     if TEACHER == 2:
@@ -366,7 +417,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            c = _sim(zi, _load_rows(ZT, b * NT * D, offs_k, NT, offs_d, D, DOT_IN), DOT_PREC)
+            c = _sim_tile(Z, b * N * D, offs_m, N, zi, ZT, b * NT * D, offs_k, NT, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                          BLOCK_D, BLOCK_DK)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # -log(max(1 - c, 0) + eps): rounding can give c > 1.
             cross += tl.sum(tl.where(hit, -tl.log(tl.maximum(1.0 - c, 0.0) + 1e-18), 0.0), axis=1)
@@ -379,12 +431,12 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
 def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.constexpr,
                          TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
     L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S),  n_pos_i = |P(i)|.
     In base 2 (see _sigmoid_parts): x2 = x log2(e)."""
     scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)  # l log2(e) = dot scale
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
+    b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     log2_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0) * log2e
     f_sum = tl.zeros([BLOCK_M], ACC)
     r_sum = tl.zeros([BLOCK_M], ACC)
@@ -392,7 +444,8 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-        l2 = _sim(zi, _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN), DOT_PREC) * scale
+        l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                       BLOCK_D, BLOCK_DK) * scale
         if COLUMN:
             l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
         # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop.
@@ -417,20 +470,6 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _topk_neg_coef(zi, q, ok, Z, CS, base_z, base_row, a_r, ln_safe, D, offs_d, inv_tau, COLUMN: tl.constexpr,
-                   TAU: tl.constexpr, GAMMA_NEG: tl.constexpr, ACC: tl.constexpr):
-    """For the stored pair (i, q) of each row: g_iq = a_i R_i exp(l_iq - c_q - log_neg_i) *
-    bracket(l_iq) (0 where not ok), and the gathered key rows z_q."""
-    zq = _gather_rows(Z, base_z, q, ok, offs_d, D, ACC)
-    l = tl.sum(zi.to(ACC) * zq, axis=1) * inv_tau
-    t = l
-    if COLUMN:
-        t = l - tl.load(CS + base_row + q, mask=ok, other=0.0)
-    g = a_r * tl.exp(t - ln_safe) * _neg_bracket(l, TAU, GAMMA_NEG)
-    return tl.where(ok, g, 0.0), zq
-
-
-@triton.jit
 def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc + g @ zj for coefficients g in ACC and keys zj in DOT_IN. bfloat16 keys: g as the sum
     of two bfloat16 parts (16 significant bits, more than the 11 of TF32) in two native dots,
@@ -446,18 +485,26 @@ def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.
 
 
 @triton.jit
-def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THRESHOLD: tl.float64, N, NT, D, K,
-                         TK, COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
+def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.float64, N, NT, D,
+                         COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
                          GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr,
                          FAST_LOG: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dz_i = (1/tau) sum_j (g_ij + g_ji) z_j + teacher terms, row-parallel, no atomics.
-    A = grad_loss * u / n_pos (0 without positives); g_ji uses anchor j's statistics."""
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                         BLOCK_DC: tl.constexpr):
+    """The dense part of dz: dz_i = (1/tau) sum_j (g_ij + g_ji) z_j + the threshold-teacher terms,
+    row-parallel, no atomics; A = grad_loss * u / n_pos (0 without positives), g_ji uses anchor
+    j's statistics. Program (m, b, c) writes columns [c BLOCK_DC, (c + 1) BLOCK_DC) of its rows:
+    the (BLOCK_M, BLOCK_DC) float32 accumulator is what bounds the registers, so a D too wide for
+    it is split over programs (each recomputing the similarity tiles). The sparse top-k and
+    teacher top-k pairs are fecl_sparse_coef_kernel's and fecl_sparse_rows_kernel's."""
     inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
     # The tile loop works in base 2 (see _sigmoid_parts): l log2(e) = dot scale.
     scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)
-    b, offs_m, offs_d, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D)
+    b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
+    offs_dc = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    # One key tile serves both dots when neither D is split: the similarity's and g @ z_j's.
+    WHOLE_D: tl.constexpr = BLOCK_DK == BLOCK_D and BLOCK_DC == BLOCK_D
     vi = yi >= 0
     ln_i = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=NEG_INF)
     a_i = tl.load(A + b * N + offs_m, mask=row_ok, other=0.0)
@@ -467,13 +514,18 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
     if COLUMN:
         c_i = tl.load(CS + b * N + offs_m, mask=row_ok, other=0.0)
     ln2_i, c2_i = ln_i * log2e, c_i * log2e
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         yj = tl.load(Y + b * N + offs_n, mask=col_ok, other=-1)
-        zj = _load_rows(Z, b * N * D, offs_n, N, offs_d, D, DOT_IN)
-        dot = _sim(zi, zj, DOT_PREC)
+        if WHOLE_D:
+            zj = _load_rows(Z, b * N * D, offs_n, N, offs_dc, D, DOT_IN)
+            dot = _sim(zi, zj, DOT_PREC)
+        else:
+            dot = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
+                            BLOCK_N, BLOCK_D, BLOCK_DK)
+            zj = _load_rows(Z, b * N * D, offs_n, N, offs_dc, D, DOT_IN)
         l2 = dot * scale
         ln_j = tl.load(LOGNEG + b * N + offs_n, mask=col_ok, other=NEG_INF)
         a_j = tl.load(A + b * N + offs_n, mask=col_ok, other=0.0)
@@ -495,59 +547,102 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, TOPK, TIDX, GC, DZ, THR
             g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(dot * inv_tau, TAU, GAMMA_NEG)
             g += tl.where(neg, g_neg, 0.0)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
-    if USE_TOPK:
-        # Row side of the sparse pairs (i, q in H(i)); the key side is fecl_topk_scatter_kernel.
-        for slot in range(0, K):
-            q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
-            g_q, zq = _topk_neg_coef(zi, q, row_ok & (q >= 0), Z, CS, b * N * D, b * N, ar_i, ln_safe_i,
-                                     D, offs_d, inv_tau, COLUMN, TAU, GAMMA_NEG, ACC)
-            acc += g_q[:, None] * zq
-    if TEACHER == 1:
-        for slot in range(0, TK):
-            k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
-            ok = row_ok & (k >= 0)
-            zk = _gather_rows(ZT, b * NT * D, k, ok, offs_d, D, ACC)
-            lt = tl.sum(zi.to(ACC) * zk, axis=1) * inv_tau
-            acc += tl.where(ok, ar_i * tl.exp(lt - ln_safe_i), 0.0)[:, None] * zk
     acc = acc * inv_tau
     if TEACHER == 2:
         gc = tl.load(GC + b * N + offs_m, mask=row_ok, other=0.0)
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_d, D, DOT_IN)
-            c = _sim(zi, zk, DOT_PREC)
+            if WHOLE_D:
+                zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_dc, D, DOT_IN)
+                c = _sim(zi, zk, DOT_PREC)
+            else:
+                c = _sim_tile(Z, b * N * D, offs_m, N, zi, ZT, b * NT * D, offs_k, NT, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
+                              BLOCK_N, BLOCK_D, BLOCK_DK)
+                zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_dc, D, DOT_IN)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # d cross / d c = 1 / (1 - c + eps), 0 where the clamp max(1 - c, 0) is active.
             hit = hit & (1.0 - c > 0.0)
             coef = tl.where(hit, gc[:, None] / (tl.where(hit, 1.0 - c, 1.0) + 1e-18), 0.0)
             acc = _dot_coef(coef, zk, acc, ACC, DOT_IN, DOT_PREC)
-    mask = row_ok[:, None] & (offs_d[None, :] < D)
-    tl.store(DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], acc.to(DZ.dtype.element_ty),
+    mask = row_ok[:, None] & (offs_dc[None, :] < D)
+    tl.store(DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :], acc.to(DZ.dtype.element_ty),
              mask=mask)
 
 
 @triton.jit
-def fecl_topk_scatter_kernel(Z, CS, LOGNEG, R, A, TOPK, DZ, N, D, K, COLUMN: tl.constexpr,
-                             TAU: tl.constexpr, GAMMA_NEG: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
-    """Key side of the sparse top-k pairs: dz_q += g_iq z_i / tau (atomics into DZ, in ACC)."""
+def fecl_sparse_coef_kernel(Z, CS, LOGNEG, R, A, ZT, TOPK, TIDX, G, GT, N, NT, D, K, TK, COLUMN: tl.constexpr,
+                            USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                            TEACHER: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_DG: tl.constexpr):
+    """The coefficients of the sparse pairs, divided by tau, for the stored index of each anchor
+    and slot: G (B, N, K) g_iq / tau = a_i R_i exp(l_iq - c_q - log_neg_i) bracket(l_iq) / tau for
+    q in H(i), GT (B, N, TK) g^t_ik / tau = a_i R_i exp(l^t_ik - log_neg_i) / tau for k in T(i);
+    0 for a -1 slot. The dots are gathers over D in chunks (_gather_dot)."""
     inv_tau = _scalar(1.0 / TAU, ACC)
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    zi = _load_rows(Z, b * N * D, offs_m, N, offs_d, D, ACC)
     ln_i = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=NEG_INF)
     ar_i = tl.load(A + b * N + offs_m, mask=row_ok, other=0.0) * tl.load(R + b * N + offs_m, mask=row_ok, other=0.0)
-    ln_safe_i = tl.where(ln_i == NEG_INF, float("inf"), ln_i)
-    for slot in range(0, K):
-        q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
-        ok = row_ok & (q >= 0)
-        g_q, zq = _topk_neg_coef(zi, q, ok, Z, CS, b * N * D, b * N, ar_i, ln_safe_i,
-                                D, offs_d, inv_tau, COLUMN, TAU, GAMMA_NEG, ACC)
-        dst = DZ + b * N * D + tl.where(ok, q, 0)[:, None] * D + offs_d[None, :]
-        tl.atomic_add(dst, (g_q * inv_tau)[:, None] * zi, mask=ok[:, None] & (offs_d[None, :] < D))
+    ln_safe_i = tl.where(ln_i == NEG_INF, float("inf"), ln_i)  # no negative: the terms vanish
+    if USE_TOPK:
+        for slot in range(0, K):
+            q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
+            ok = row_ok & (q >= 0)
+            l = _gather_dot(Z, b * N * D, offs_m, Z, b * N * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
+            t = l
+            if COLUMN:
+                t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
+            g = ar_i * tl.exp(t - ln_safe_i) * _neg_bracket(l, TAU, GAMMA_NEG) * inv_tau
+            tl.store(G + (b * N + offs_m) * K + slot, tl.where(ok, g, 0.0), mask=row_ok)
+    if TEACHER == 1:
+        for slot in range(0, TK):
+            k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
+            ok = row_ok & (k >= 0)
+            lt = _gather_dot(Z, b * N * D, offs_m, ZT, b * NT * D, k, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
+            tl.store(GT + (b * N + offs_m) * TK + slot, tl.where(ok, ar_i * tl.exp(lt - ln_safe_i) * inv_tau, 0.0),
+                     mask=row_ok)
+
+
+@triton.jit
+def fecl_sparse_rows_kernel(Z, ZT, TOPK, TIDX, G, GT, KEY_ROW, KEY_G, BOUNDS, DZ, N, NT, D, K, TK,
+                            USE_TOPK: tl.constexpr,
+                            TEACHER: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_DG: tl.constexpr):
+    """The sparse pairs' terms of this program's rows and its BLOCK_DG columns of D (grid axis 2):
+    the row side dz_i += sum_q G_iq z_q + sum_k GT_ik zt_k, and the key side of the top-k pairs
+    dz_q += sum G_i,slot z_i over the entries (i, slot) with TOPK[i, slot] = q, read from the
+    transposed index (_transposed_topk: the entries grouped by key, each key's in (i, slot) order,
+    as their anchor i in KEY_ROW and coefficient in KEY_G; BOUNDS: where each key's group
+    starts). Only this program writes
+    these elements: a read-modify-write of DZ (in ACC) in a fixed order, no atomics, so the sums
+    are the same run to run."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(2) * BLOCK_DG + tl.arange(0, BLOCK_DG)
+    row_ok = offs_m < N
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    ptrs = DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    if USE_TOPK:
+        for slot in range(0, K):
+            q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
+            g = tl.load(G + (b * N + offs_m) * K + slot, mask=row_ok, other=0.0)
+            acc += g[:, None] * _gather_rows(Z, b * N * D, q, row_ok & (q >= 0), offs_d, D, ACC)
+        first = tl.load(BOUNDS + b * (N + 1) + offs_m, mask=row_ok, other=0)
+        n_in = tl.load(BOUNDS + b * (N + 1) + offs_m + 1, mask=row_ok, other=0) - first
+        for e in range(0, tl.max(n_in, axis=0)):
+            has = e < n_in
+            i = tl.load(KEY_ROW + b * N * K + first + e, mask=has, other=0)
+            g = tl.load(KEY_G + b * N * K + first + e, mask=has, other=0.0)
+            acc += g[:, None] * _gather_rows(Z, b * N * D, i, has, offs_d, D, ACC)
+    if TEACHER == 1:
+        for slot in range(0, TK):
+            k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
+            g = tl.load(GT + (b * N + offs_m) * TK + slot, mask=row_ok, other=0.0)
+            acc += g[:, None] * _gather_rows(ZT, b * NT * D, k, row_ok & (k >= 0), offs_d, D, ACC)
+    tl.store(ptrs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,13 +675,51 @@ def dot_precision(dtype) -> str:
 
 MAX_D = 1024
 # Tile shapes (BLOCK_M, BLOCK_N), largest first, and pipeline depths tried for each.
-TILE_CHOICES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+TILE_CHOICES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 16))
 STAGE_CHOICES = (3, 2, 1)
-# Register budget: the anchor block (BLOCK_M, BLOCK_D) in ACC stays in registers for the gathers,
-# at most this many elements per program. Always 4 warps: with 8, the compiled sm_90 backward
-# evaluated every element-wise term twice (the two warp groups hold replicated tiles).
-MAX_ANCHOR_TILE = 64 * 256
+# D chunks of the similarity dots when the anchor block is not held across key tiles (_sim_tile).
+CHUNK_CHOICES = (128, 64, 32, 16)
+# Register budgets, per program of NUM_WARPS warps (128 threads; a thread has at most 255 registers):
+# - the anchor block held across key tiles (BLOCK_DK = BLOCK_D): at most 64 x 256 values, as
+#   before D was tiled (float32 blocks of that size still spill in the forward; not yet changed);
+# - a D chunk's two operands when D is chunked: (BLOCK_M + BLOCK_N) x BLOCK_DK x bytes (float32
+#   counted twice, tf32x3's two parts) <= 32 KB: the Ampere-style dot holds its operands in
+#   registers (float32 64 x 64 x 128 chunks made ptxas spill 30 KB on sm_80);
+# - the backward's float32 accumulator (BLOCK_M, BLOCK_DC): 64 x 256 values (128 registers);
+#   BLOCK_M = 16 splits a wider D over programs, larger BLOCK_M never do;
+# - a gather's (BLOCK_M, BLOCK_DG) chunks: 64 x 64 values (32 registers each); the sparse-pair
+#   kernels take SPARSE_BLOCK_M rows;
+# Always 4 warps: with 8, the compiled sm_90 backward evaluated every element-wise term twice
+# (the two warp groups hold replicated tiles).
+MAX_HELD_ANCHOR = 64 * 256
+MAX_CHUNK_BYTES = 32 * 1024
+MAX_ACC_TILE = 64 * 256
+MAX_GATHER_TILE = 64 * 64
+SPARSE_BLOCK_M = 64
+# - the similarity tile of the positive pass and of the backward, whose per-pair terms (three
+#   and five MUFU operations, the focal factors, both directions) hold about twice the registers
+#   per element of the other passes: BLOCK_M x BLOCK_N <= 64 x 32. At 64 x 64 the sm_90 compiles
+#   spilled (positive 16 bytes, backward 384 with its 64 x 256 accumulator); at 64 x 32 they use
+#   154 and 255 registers without spilling and no more instructions per pair.
+MAX_PAIR_TILE = 64 * 32
 NUM_WARPS = 4
+
+
+class LaunchConfig(NamedTuple):
+    """The tiles and compile options of the forward or backward kernels of one call."""
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int    # D padded to a power of two
+    BLOCK_DK: int   # D chunk of the similarity dots; BLOCK_D: the anchor block is held across key tiles
+    BLOCK_DC: int   # backward: columns of dz per program (BLOCK_D unless D is split over programs)
+    BLOCK_DG: int   # D chunk of the gathers, and columns per program of the sparse-pair kernels
+    num_warps: int
+    num_stages: int
+
+
+def gather_chunk(rows: int, bd: int) -> int:
+    """BLOCK_DG for gathers of ``rows`` anchors: MAX_GATHER_TILE elements, at most BLOCK_D."""
+    return min(bd, MAX_GATHER_TILE // rows)
 
 
 def padded_d(D: int) -> int:
@@ -594,36 +727,68 @@ def padded_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int) -> int:
+def _dot_bytes(dtype: torch.dtype) -> int:
+    """Bytes per element of the similarity dots' operands on the GPU, times tf32x3's two parts."""
+    split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
+    return torch.empty(0, dtype=dtype).element_size() * split
+
+
+def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int, dk: int | None = None,
+                  dc: int | None = None) -> int:
     """Bytes of shared memory a launch needs, an upper bound of what Triton allocates: tl.dot
-    stages both operands in ACC (twice for float32's tf32x3, which splits each into a TF32 high
-    and low part), the pipeline keeps ``stages - 1`` more key tiles in the input dtype, and the
-    backward's second dot (g @ z_j) adds the (BLOCK_M, BLOCK_N) coefficients and the key tile.
-    tests/test_fecl_triton.py checks it against the compiled kernels."""
+    stages both operands of a (D chunk ``dk``) in ACC (twice for float32's tf32x3, which splits
+    each into a TF32 high and low part), the pipeline keeps ``stages - 1`` more key chunks (and
+    anchor chunks, when those are loaded per key tile: dk < bd) in the input dtype, and the
+    backward's second dot (g @ z_j) adds the (BLOCK_M, BLOCK_N) coefficients and the key tile's
+    ``dc`` columns. tests/test_fecl_triton.py checks it against the compiled kernels."""
+    dk, dc = dk or bd, dc or bd
     acc = 8 if dtype == torch.float64 else 4
     split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
-    total = (bm + bn) * bd * acc * split + (stages - 1) * bn * bd * torch.empty(0, dtype=dtype).element_size()
+    piped = bn + (bm if dk < bd else 0)
+    total = (bm + bn) * dk * acc * split + (stages - 1) * piped * dk * torch.empty(0, dtype=dtype).element_size()
     if kind == "backward":
-        total += (bn * bd + bm * bn) * acc
+        total += (bn * dc + bm * bn) * acc
     return total
 
 
-def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the ``kind`` ('forward' or 'backward')
-    kernels of one call on a card with ``smem_limit`` bytes of shared memory per block: the
-    largest tiles, then the deepest pipeline, whose estimate fits and whose (rows, BLOCK_D) tiles
-    stay within the register budget. A pure function, so that the choice is testable without a GPU.
-    Raises ValueError for D > MAX_D or when not even 16 x 16 tiles fit."""
+def _column_splits(kind: str, bm: int, bd: int) -> tuple:
+    """The BLOCK_DC a launch may take, widest first: BLOCK_D for the forward; for the backward at
+    most MAX_ACC_TILE / BLOCK_M, and, with BLOCK_M = 16 only (larger blocks never split D),
+    narrower down to 64 columns when the key tile's columns of g @ z_j do not fit otherwise
+    (float64 at D = 1024 on the 99 KB cards)."""
+    if kind == "forward":
+        return (bd,)
+    widest = min(bd, MAX_ACC_TILE // bm)
+    if bm > 16:
+        return (widest,) if widest == bd else ()
+    return tuple(dc for dc in (widest, widest // 2, widest // 4) if dc >= min(64, bd))
+
+
+def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> LaunchConfig:
+    """The LaunchConfig of the ``kind`` ('forward' or 'backward') kernels of one call on a card
+    with ``smem_limit`` bytes of shared memory per block: the anchor block held whole across key
+    tiles if any tiles allow it, else D in chunks (the widest first); then the largest tiles, then
+    the deepest pipeline whose estimate fits and that keep within the register budgets above. A
+    pure function, so that the choice is testable without a GPU. Raises ValueError for D > MAX_D
+    or when not even 16 x 16 tiles with 16-wide chunks fit."""
     if D > MAX_D:
         raise ValueError(f"fecl (triton): embedding dimension D = {D} is larger than the supported {MAX_D}")
     bd = padded_d(D)
-    for bm, bn in TILE_CHOICES:
-        if bm * bd > MAX_ANCHOR_TILE:
-            continue
-        for stages in STAGE_CHOICES:
-            if smem_estimate(kind, dtype, bm, bn, bd, stages) <= smem_limit:
-                return bm, bn, bd, NUM_WARPS, stages
-    need = smem_estimate(kind, dtype, 16, 16, bd, 1)
+    for held in (True, False):
+        for bm, bn in TILE_CHOICES:
+            if kind == "backward" and bm * bn > MAX_PAIR_TILE:
+                continue
+            if held:
+                chunks = (bd,) if bm * bd <= MAX_HELD_ANCHOR else ()
+            else:
+                chunks = tuple(c for c in CHUNK_CHOICES if c < bd
+                               and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
+            for dc in _column_splits(kind, bm, bd):
+                for dk in chunks:
+                    for stages in STAGE_CHOICES:
+                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, dc) <= smem_limit:
+                            return LaunchConfig(bm, bn, bd, dk, dc, gather_chunk(bm, bd), NUM_WARPS, stages)
+    need = smem_estimate(kind, dtype, 16, 16, bd, 1, 16, _column_splits(kind, 16, bd)[-1])
     raise ValueError(f"fecl (triton): D = {D} with {dtype} embeddings needs {need} bytes of shared memory per "
                      f"block even with 16 x 16 tiles, but this GPU allows {smem_limit}; use float16/bfloat16 "
                      f"embeddings, a smaller D or the 'cuda' backend")
@@ -635,16 +800,25 @@ def device_smem_limit(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
-def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks):
-    """The launch configuration on ``device``; under the interpreter (CPU tensors) every tile step
-    costs time, so 32 x 32 (or ``blocks``, tests), and the compile options do not apply."""
-    if device.type != "cuda":
-        bm, bn = blocks or (32, 32)
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=padded_d(D)), {}
-    bm, bn, bd, warps, stages = launch_config(device_smem_limit(device.index), dtype, D, kind)
-    if blocks is not None:
-        bm, bn = blocks
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), dict(num_warps=warps, num_stages=stages)
+# Under the interpreter (CPU tensors) every tile step costs time: 32 x 32 tiles; D in chunks of 16
+# (so the tests' D of 19 to 32 run the chunked dots; a ``blocks`` override can hold D whole).
+INTERPRETER_TILES = (32, 32, 16, None, 16)
+
+
+def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks) -> LaunchConfig:
+    """The launch configuration on ``device``, or under the interpreter INTERPRETER_TILES (the
+    compile options do not apply). ``blocks`` (tests) overrides (BLOCK_M, BLOCK_N[, BLOCK_DK[,
+    BLOCK_DC[, BLOCK_DG]]]); None (or a missing entry) keeps the default, a chunk above BLOCK_D
+    is BLOCK_D."""
+    bd = padded_d(D)
+    if device.type == "cuda":
+        base = launch_config(device_smem_limit(device.index), dtype, D, kind)
+    else:
+        base = LaunchConfig(*INTERPRETER_TILES[:2], bd, INTERPRETER_TILES[2], bd, INTERPRETER_TILES[4], NUM_WARPS, 1)
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG")
+    over = {k: v for k, v in zip(keys, blocks or ()) if v is not None}
+    cfg = base._replace(**over)
+    return cfg._replace(BLOCK_DK=min(cfg.BLOCK_DK, bd), BLOCK_DC=min(cfg.BLOCK_DC, bd), BLOCK_DG=min(cfg.BLOCK_DG, bd))
 
 
 # Triton specialises an integer argument that is a multiple of 16 (tt.divisibility): with N such
@@ -709,8 +883,15 @@ class _Launch:
         self.threshold = float(cfg.teacher_threshold) if self.teacher == 2 else 0.0
         self.scalars = dict(TAU=float(cfg.tau), GAMMA_POS=float(cfg.gamma_pos), GAMMA_NEG=float(cfg.gamma_neg))
         self.fast_log = self.device.type == "cuda"  # see _log; the interpreter has no inline PTX
-        self.tiles, self.options = _tiles(self.device, z.dtype, self.D, kind, blocks)
-        self.grid = (triton.cdiv(self.N, self.tiles["BLOCK_M"]), self.B)
+        self.launch = _tiles(self.device, z.dtype, self.D, kind, blocks)
+        self.tiles = tile_consts(self.launch)
+        self.sparse_tiles = sparse_consts(self.launch, self.device.type != "cuda")
+        self.options = compile_options(self.launch) if self.device.type == "cuda" else {}
+        self.grid = (triton.cdiv(self.N, self.launch.BLOCK_M), self.B)
+        # The sparse-pair kernels: their own rows per program, and the rows kernel one program per
+        # D chunk.
+        self.grid_sparse = (triton.cdiv(self.N, self.sparse_tiles["BLOCK_M"]), self.B)
+        self.grid_rows = self.grid_sparse + (triton.cdiv(self.D, self.sparse_tiles["BLOCK_DG"]),)
         self.consts = dict(ACC=compute_dtype(z.dtype), DOT_IN=dot_operand_dtype(z.dtype, self.fast_log),
                            DOT_PREC=dot_precision(z.dtype))
         self.dummy_f = torch.empty(1, device=self.device, dtype=self.stat)  # pointers never read
@@ -769,7 +950,7 @@ def _forward(s, u):
         z, y, cs, zt, yt, topk_idx if s.top_k else s.dummy_i, teacher_idx if s.teacher_k else s.dummy_i,
         log_neg, cross if s.teacher == 2 else s.dummy_f, cross_count if s.teacher == 2 else s.dummy_f, s.threshold,
         N, NT, D, s.top_k, s.teacher_k, COLUMN=s.column, USE_TOPK=s.top_k > 0, TAU=tau, GAMMA_NEG=gn,
-        TEACHER=s.teacher, **s.consts, **s.tiles, **opts)
+        TEACHER=s.teacher, **s.consts, **s.tiles, BLOCK_DG=s.launch.BLOCK_DG, **opts)
 
     if u is None:
         u = torch.ones(B, N, device=s.device, dtype=torch.float32)
@@ -777,7 +958,7 @@ def _forward(s, u):
         u = s.rows(u.to(torch.float32).contiguous(), 0.0)
     loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), s.stat_empty(B, N)
     fecl_positive_kernel[grid](z, y, cs, log_neg, u, loss, r, n_pos, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
-                               FAST_LOG=s.fast_log, **s.consts, **s.tiles, **opts)
+                               FAST_LOG=s.fast_log, **s.consts, **positive_consts(s.launch), **opts)
     return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx
 
 
@@ -806,18 +987,63 @@ def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_id
     topk_idx = s.rows(topk_idx, -1).contiguous() if s.top_k else s.dummy_i
     teacher_idx = s.rows(teacher_idx, -1).contiguous() if s.teacher_k else s.dummy_i
     flags = dict(COLUMN=s.column, TAU=s.scalars["TAU"], GAMMA_NEG=s.scalars["GAMMA_NEG"])
-    # With top_k the key side of the sparse pairs is added with atomics: accumulate in ACC.
-    dz = torch.empty(B, N, D, device=s.device, dtype=s.stat if s.top_k else z.dtype)
-    fecl_backward_kernel[grid](z, y, col_shift, log_neg, r, a, zt, yt, topk_idx, teacher_idx, grad_cross, dz,
-                               s.threshold, N, NT, D, s.top_k, s.teacher_k, USE_TOPK=s.top_k > 0, TEACHER=s.teacher,
-                               GAMMA_POS=s.scalars["GAMMA_POS"], FAST_LOG=s.fast_log, **flags, **s.consts, **s.tiles,
-                               **s.options)
-    if s.top_k:
-        fecl_topk_scatter_kernel[grid](z, col_shift, log_neg, r, a, topk_idx, dz, N, D, s.top_k,
-                                       **flags, ACC=s.consts["ACC"], BLOCK_M=s.tiles["BLOCK_M"],
-                                       BLOCK_D=s.tiles["BLOCK_D"], **s.options)
-        dz = dz.to(z.dtype)
-    return dz
+    sparse = bool(s.top_k or s.teacher_k)
+    # The sparse pairs are added to the dense part afterwards: accumulate in ACC.
+    dz = torch.empty(B, N, D, device=s.device, dtype=s.stat if sparse else z.dtype)
+    dense_grid = grid + (s.launch.BLOCK_D // s.launch.BLOCK_DC,)
+    fecl_backward_kernel[dense_grid](z, y, col_shift, log_neg, r, a, zt, yt, grad_cross, dz, s.threshold, N, NT, D,
+                                     USE_TOPK=s.top_k > 0, TEACHER=s.teacher, GAMMA_POS=s.scalars["GAMMA_POS"],
+                                     FAST_LOG=s.fast_log, **flags, **s.consts, **s.tiles,
+                                     BLOCK_DC=s.launch.BLOCK_DC, **s.options)
+    if not sparse:
+        return dz
+    g = s.stat_empty(B, N, s.top_k) if s.top_k else s.dummy_f
+    gt = s.stat_empty(B, N, s.teacher_k) if s.teacher_k else s.dummy_f
+    common = dict(USE_TOPK=s.top_k > 0, TEACHER=s.teacher, ACC=s.consts["ACC"], **s.sparse_tiles)
+    fecl_sparse_coef_kernel[s.grid_sparse](z, col_shift, log_neg, r, a, zt, topk_idx, teacher_idx, g, gt, N, NT, D,
+                                           s.top_k, s.teacher_k, **flags, **common, **s.options)
+    key_row, key_g, bounds = _transposed_topk(topk_idx, g, N) if s.top_k else (s.dummy_i, s.dummy_f, s.dummy_i)
+    fecl_sparse_rows_kernel[s.grid_rows](z, zt, topk_idx, teacher_idx, g, gt, key_row, key_g, bounds, dz, N, NT, D,
+                                         s.top_k, s.teacher_k, **common, **s.options)
+    return dz.to(z.dtype)
+
+
+def _transposed_topk(topk_idx, g, N: int):
+    """The top-k pairs grouped by key, for the key side of fecl_sparse_rows_kernel: the entries
+    (i, slot) sorted by their key q = topk_idx[i, slot] (stable: each key's entries in (i, slot)
+    order; -1 slots last) as their anchor i (B, N K) and coefficient g[i, slot] (B, N K), and
+    where key q's entries start (B, N + 1; q = N: where the -1 slots start). torch's stable sort,
+    gather and searchsorted are deterministic."""
+    B, _, K = topk_idx.shape
+    key = torch.where(topk_idx >= 0, topk_idx, N).reshape(B, N * K)
+    key_sorted, order = torch.sort(key, dim=1, stable=True)
+    queries = torch.arange(N + 1, device=key.device).expand(B, N + 1).contiguous()
+    return (torch.div(order, K, rounding_mode="floor"), g.reshape(B, N * K).gather(1, order),
+            torch.searchsorted(key_sorted, queries))
+
+
+def tile_consts(cfg: LaunchConfig) -> dict:
+    """The tile constexprs of the tile-loop kernels (the log-neg kernel adds BLOCK_DG, the backward
+    BLOCK_DC)."""
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_DK=cfg.BLOCK_DK)
+
+
+def positive_consts(cfg: LaunchConfig) -> dict:
+    """fecl_positive_kernel's tiles: BLOCK_N cut to MAX_PAIR_TILE."""
+    return dict(tile_consts(cfg), BLOCK_N=max(16, min(cfg.BLOCK_N, MAX_PAIR_TILE // cfg.BLOCK_M)))
+
+
+def sparse_consts(cfg: LaunchConfig, interpreted: bool = False) -> dict:
+    """The tile constexprs of the sparse-pair kernels: SPARSE_BLOCK_M rows on the GPU (they hold
+    no similarity tile, so the backward's BLOCK_M does not bound them), the tile loops' BLOCK_M
+    and BLOCK_DG under the interpreter (so that the tests' blocks reach them too)."""
+    if interpreted:
+        return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_DG=cfg.BLOCK_DG)
+    return dict(BLOCK_M=SPARSE_BLOCK_M, BLOCK_DG=gather_chunk(SPARSE_BLOCK_M, cfg.BLOCK_D))
+
+
+def compile_options(cfg: LaunchConfig) -> dict:
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -834,9 +1060,12 @@ COVER_FLAGS = [
     (False, False, True, 1),   # the 'dycon' preset: dense negatives, gamma_neg, teacher top-k
     (True, False, False, 2),   # the 'official' preset: column shift, threshold teacher
     (True, True, True, 2),     # every code path but the teacher top-k
-    (False, True, False, 1),
+    (False, True, False, 1),   # top-k and teacher top-k: every sparse-pair path
     (False, False, False, 0),
 ]
+
+
+BACKWARD_KERNELS = ("backward", "coef", "rows")
 
 
 def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
@@ -845,12 +1074,10 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
     indices int64), the dispatcher's tiles and compile options, the presets' tau and gamma_pos."""
     tdt = TORCH_DTYPES[dtype]
     st, zp = ("*fp64" if dtype == "fp64" else "*fp32"), f"*{dtype}"
-    kind = "backward" if kernel in ("backward", "scatter") else "forward"
-    bm, bn, bd, warps, stages = launch_config(SMEM_LIMITS[cc], tdt, D, kind)
-    options = dict(num_warps=warps, num_stages=stages)
+    cfg = launch_config(SMEM_LIMITS[cc], tdt, D, "backward" if kernel in BACKWARD_KERNELS else "forward")
+    options = compile_options(cfg)
     acc, prec, dot_in = compute_dtype(tdt), dot_precision(tdt), dot_operand_dtype(tdt)
-    tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    gamma_neg = 2.0 if flags.get("GN_ON") or (flags.get("flags") and flags["flags"][2]) else 0.0
+    tiles = tile_consts(cfg)
     if kernel == "colshift":
         return (fecl_colshift_kernel, dict(Z=zp, Y="*i64", CS=st, N="i32", D="i32"),
                 dict(TAU=0.6, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles), options)
@@ -862,24 +1089,36 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", LOSS=st, R=st, NPOS=st,
                                            N="i32", D="i32"),
                 dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_IN=dot_in,
-                     DOT_PREC=prec, **tiles),
+                     DOT_PREC=prec, **positive_consts(cfg)),
                 options)
-    if kernel == "scatter":
-        return (fecl_topk_scatter_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, TOPK="*i64", DZ=st,
-                                               N="i32", D="i32", K="i32"),
-                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_NEG=gamma_neg, ACC=acc, BLOCK_M=bm, BLOCK_D=bd), options)
-    column, use_topk, _, teacher = flags["flags"]
-    consts = dict(COLUMN=column, USE_TOPK=use_topk, TAU=0.6, GAMMA_NEG=gamma_neg, TEACHER=teacher, ACC=acc,
-                  DOT_IN=dot_in, DOT_PREC=prec, **tiles)
+    column, use_topk, gn_on, teacher = flags["flags"]
+    sparse = dict(USE_TOPK=use_topk, TEACHER=teacher, ACC=acc, **sparse_consts(cfg))
+    if kernel == "rows":
+        return (fecl_sparse_rows_kernel, dict(Z=zp, ZT=zp, TOPK="*i64", TIDX="*i64", G=st, GT=st, KEY_ROW="*i64",
+                                              KEY_G=st, BOUNDS="*i64", DZ=st, N="i32", NT="i32", D="i32", K="i32",
+                                              TK="i32"),
+                sparse, options)
+    flag_consts = dict(COLUMN=column, TAU=0.6, GAMMA_NEG=2.0 if gn_on else 0.0)
+    if kernel == "coef":
+        return (fecl_sparse_coef_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, ZT=zp, TOPK="*i64", TIDX="*i64",
+                                              G=st, GT=st, N="i32", NT="i32", D="i32", K="i32", TK="i32"),
+                dict(flag_consts, **sparse), options)
+    consts = dict(flag_consts, USE_TOPK=use_topk, TEACHER=teacher, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles)
     if kernel == "logneg":
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
                                          LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
-                                         D="i32", K="i32", TK="i32"), consts, options)
+                                         D="i32", K="i32", TK="i32"), dict(consts, BLOCK_DG=cfg.BLOCK_DG), options)
     assert kernel == "backward"
-    consts = dict(consts, GAMMA_POS=2.0, FAST_LOG=True)
-    return (fecl_backward_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, R=st, A=st, ZT=zp, YT="*i64",
-                                       TOPK="*i64", TIDX="*i64", GC=st, DZ=st if use_topk else zp, THRESHOLD="fp64",
-                                       N="i32", NT="i32", D="i32", K="i32", TK="i32"), consts, options)
+    consts = dict(consts, GAMMA_POS=2.0, FAST_LOG=True, BLOCK_DC=cfg.BLOCK_DC)
+    return (fecl_backward_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, R=st, A=st, ZT=zp, YT="*i64", GC=st,
+                                       DZ=st if use_topk or teacher == 1 else zp, THRESHOLD="fp64", N="i32",
+                                       NT="i32", D="i32"), consts, options)
+
+
+def _sparse(flags) -> bool:
+    """Whether a call with these (COLUMN, USE_TOPK, GN_ON, TEACHER) has sparse pairs (top-k or
+    teacher top-k): fecl_sparse_coef_kernel and fecl_sparse_rows_kernel run."""
+    return bool(flags[1] or flags[3] == 1)
 
 
 def _kernel_set(dtype, D, flag_sets, k_pads, cc):
@@ -887,10 +1126,10 @@ def _kernel_set(dtype, D, flag_sets, k_pads, cc):
     configs = [_config("colshift", dtype, D, cc)] if any(f[0] for f in flag_sets) else []
     configs += [_config("topk", dtype, D, cc, K_PAD=kp) for kp in k_pads]
     configs += [_config("positive", dtype, D, cc, COLUMN=c) for c in sorted({f[0] for f in flag_sets})]
-    scatter_flags = sorted({(f[0], f[2]) for f in flag_sets if f[1]})
-    configs += [_config("scatter", dtype, D, cc, COLUMN=c, GN_ON=g) for c, g in scatter_flags]
     for f in flag_sets:
         configs += [_config("logneg", dtype, D, cc, flags=f), _config("backward", dtype, D, cc, flags=f)]
+        if _sparse(f):
+            configs += [_config("coef", dtype, D, cc, flags=f), _config("rows", dtype, D, cc, flags=f)]
     return configs
 
 
@@ -910,11 +1149,13 @@ def launch_configs(full: bool = False, cc: int = 90):
     ``full=True``: every launched combination for float32/float16/bfloat16/float64, the tiles of
     D in {16, 32, ..., 1024} that the dispatcher accepts on this card, K_PAD in {1, ..., 64} and
     every flag set (thousands of configs, hours of compiling: ptxas takes seconds per kernel).
-    Default: a covering set (~30 configs) in which every kernel, dtype and code path appears: at
+    Default: a covering set (38 configs) in which every kernel, dtype and code path appears: at
     D = 64 every kernel for float32 (every flag set of the forward; for the backward both presets
-    and the all-on set, which contain the other sets' code), the presets and the all-on set for
-    bfloat16/float64, the 'dycon' preset for float16; other tile shapes (D = 16, 128, 512 where
-    accepted) for bfloat16."""
+    and the all-on set, which contain the other sets' code; the sparse-pair kernels with the
+    all-on set and with top-k plus teacher top-k), the presets and the all-on set for
+    bfloat16/float64 (the sparse-pair kernels for bfloat16), the 'dycon' preset for float16;
+    other tile shapes for bfloat16 (D = 16, 512, 1024: the chunked dots and the backward's column
+    split) and float32 (D = 1024)."""
     if full:
         configs = []
         for dtype in TORCH_DTYPES:
@@ -922,21 +1163,22 @@ def launch_configs(full: bool = False, cc: int = 90):
                 if _fits(dtype, D, cc):
                     configs += _kernel_set(dtype, D, ALL_FLAGS, (1, 2, 4, 8, 16, 32, 64), cc)
         return configs
-    dycon, official, all_on = COVER_FLAGS[:3]
+    dycon, official, all_on, topk_teacher = COVER_FLAGS[:4]
     configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, K_PAD=1),
-               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True),
-               _config("scatter", "fp32", 64, cc, COLUMN=True, GN_ON=True)]
+               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True)]
     configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
     configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
+    configs += [_config(k, "fp32", 64, cc, flags=f) for k in ("coef", "rows") for f in (all_on, topk_teacher)]
     for dtype in ("bf16", "fp64"):
         configs += [_config("topk", dtype, 64, cc, K_PAD=32), _config("positive", dtype, 64, cc, COLUMN=True),
-                    _config("scatter", dtype, 64, cc, COLUMN=True, GN_ON=True),
                     _config("logneg", dtype, 64, cc, flags=all_on),
                     _config("backward", dtype, 64, cc, flags=dycon), _config("backward", dtype, 64, cc, flags=all_on)]
+    configs += [_config("coef", "bf16", 64, cc, flags=topk_teacher), _config("rows", "bf16", 64, cc, flags=topk_teacher)]
     configs += [_config("logneg", "fp16", 64, cc, flags=dycon), _config("backward", "fp16", 64, cc, flags=dycon)]
-    for D in (16, 128, 512):
-        if _fits("bf16", D, cc):
-            configs += [_config("topk", "bf16", D, cc, K_PAD=32), _config("backward", "bf16", D, cc, flags=dycon)]
+    # Other tile shapes: D = 16 (one 16-wide block), 512, and the chunked dots and split D of 1024.
+    for D in (16, 512, 1024):
+        configs += [_config("topk", "bf16", D, cc, K_PAD=32), _config("backward", "bf16", D, cc, flags=dycon)]
+    configs += [_config("logneg", "fp32", 1024, cc, flags=all_on), _config("backward", "fp32", 1024, cc, flags=all_on)]
     return configs
 
 
@@ -946,7 +1188,7 @@ def fit_configs(cc: int, full: bool = False):
     backward) at the configurations the dispatcher returns for (dtype, D), bounded by the card's
     limit and by the dispatcher's own estimate; by default float32/bfloat16 at D = 256 and at the
     largest D accepted (the tightest fits), ``full``: every dtype and D in {16, ..., 1024}.
-    (Spills are not bounded: the kernels at D = 256 spill; benchmarks/kernel_report.py lists them.)"""
+    (Spills: benchmarks/kernel_report.py lists them; tests/test_kernel_report.py bounds them.)"""
     dtypes = list(TORCH_DTYPES) if full else ["fp32", "bf16"]
     out = []
     for dtype in dtypes:
@@ -957,7 +1199,7 @@ def fit_configs(cc: int, full: bool = False):
                 fn, sig, ce, opts = _config(kernel, dtype, D, cc, **flags)
                 kind = "backward" if kernel == "backward" else "forward"
                 estimate = smem_estimate(kind, TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_D"],
-                                         opts["num_stages"])
+                                         opts["num_stages"], ce["BLOCK_DK"], ce.get("BLOCK_DC"))
                 out.append((fn, sig, ce, opts, dict(smem=SMEM_LIMITS[cc], smem_estimate=estimate)))
     return out
 
@@ -986,6 +1228,17 @@ def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int):
     launches += [("logneg", _config("logneg", dtype, D, cc, flags=flags)),
                  ("positive", _config("positive", dtype, D, cc, COLUMN=column)),
                  ("backward", _config("backward", dtype, D, cc, flags=flags))]
-    if top_k:
-        launches.append(("scatter", _config("scatter", dtype, D, cc, COLUMN=column, GN_ON=gn_on)))
+    if _sparse(flags):
+        launches += [("coef", _config("coef", dtype, D, cc, flags=flags)),
+                     ("rows", _config("rows", dtype, D, cc, flags=flags))]
     return [(name, *config) for name, config in launches]
+
+
+def programs_per_row_block(kernel, constexprs: dict, D: int) -> int:
+    """Programs a launch runs per block of BLOCK_M anchors: the D chunks of the grid's axis 2 (the
+    backward's BLOCK_D / BLOCK_DC, the sparse rows' cdiv(D, BLOCK_DG)), else 1."""
+    if kernel is fecl_backward_kernel:
+        return constexprs["BLOCK_D"] // constexprs["BLOCK_DC"]
+    if kernel is fecl_sparse_rows_kernel:
+        return triton.cdiv(D, constexprs["BLOCK_DG"])
+    return 1
