@@ -121,11 +121,18 @@ void write_loss(const UnclCpuArgs<A>& a, const UnclTileBuf<A>& b, int64_t k, int
 // The logit gradients of a tile, each voxel's scaled by g_v = grad_v * weight_v (grad: 1 when null).
 template <typename A>
 void write_grads(const UnclCpuArgs<A>& a, const UnclTileBuf<A>& b, int64_t base, int64_t voxel, int64_t nv) {
-  const A one = 1;  // a pointer, not a branch in the loop: the vectorised loop may load either side
-  const A* g = a.grad ? a.grad + (a.grad_is_map ? voxel : 0) : &one;
-  const int64_t g_step = a.grad && a.grad_is_map ? 1 : 0;
+  if (a.grad && a.grad_is_map) {
 #pragma omp simd
-  for (int64_t v = 0; v < nv; ++v) b.g[v] = g[g_step * v] * (a.weight ? A(a.weight[voxel + v]) : A(1));
+    for (int64_t v = 0; v < nv; ++v) b.g[v] = a.grad[voxel + v];
+  } else {
+    const A g = a.grad ? a.grad[0] : A(1);
+#pragma omp simd
+    for (int64_t v = 0; v < nv; ++v) b.g[v] = g;
+  }
+  if (a.weight) {
+#pragma omp simd
+    for (int64_t v = 0; v < nv; ++v) b.g[v] *= a.weight[voxel + v];
+  }
   side_grad(b, b.p, b.q, b.log_p, true, a.beta, a.C, a.V, nv, a.ds + base);
   if (a.dt) side_grad(b, b.q, b.p, b.log_q, false, a.beta, a.C, a.V, nv, a.dt + base);
 }
