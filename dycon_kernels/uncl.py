@@ -14,6 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from torch._subclasses.fake_tensor import is_fake
+
 from dycon_kernels import _checks, backends, reference
 
 _REDUCE = {"mean": True, "sum": True, "none": False}
@@ -121,26 +123,51 @@ def _setup_context(ctx, inputs, output):
     _, ds_unit, dt_unit = output
     ctx.mark_non_differentiable(ds_unit, dt_unit)  # internal: the backward's input, never a loss
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(student, teacher, weight, ds_unit, dt_unit)
     ctx.beta, ctx.reduction, ctx.backend = beta, reduction, backend
+    ctx.unit = None
+    if not ds_unit.numel() or is_fake(ds_unit):
+        # Traced (torch.compile): AOTAutograd needs every tensor the backward reads saved.
+        ctx.save_for_backward(student, teacher, weight, ds_unit, dt_unit)
+        return
+    # Eager: an attribute, not a saved tensor, so that the first backward can scale the unit
+    # gradients in place and return them (no second B x C x V buffer at the memory peak) and drop
+    # them (_unit_grads). No reference cycle: being non-differentiable, they have no grad_fn.
+    ctx.save_for_backward(student, teacher, weight, None, None)
+    ctx.unit = (ds_unit, dt_unit)
 
 
-def _scaled(unit: Tensor, g: Tensor, like: Tensor) -> Tensor:
-    """g times a saved unit gradient: g 0-dim or (B, V) (one value per voxel, for every channel)."""
+def _unit_grads(ctx, student: Tensor, teacher: Tensor, weight: Optional[Tensor], need_t: bool):
+    """Eager: the unit gradients for the caller to scale in place: the ones the forward kept,
+    taken from ctx, or (a backward of a retained graph after the first) the same kernel's again,
+    so that every backward gives the same bits. None where the backend computes gradients in its
+    backward."""
+    unit, ctx.unit = ctx.unit, None
+    if unit is not None and (unit[1].numel() or not need_t):
+        return unit
+    if ctx.backend in _SAVES_GRAD and ctx.needs_input_grad[0]:
+        _, ds, dt = _uncl_op(student, teacher, ctx.beta, weight, ctx.reduction, ctx.backend, True, need_t)
+        return ds, dt
+    return None
+
+
+def _scaled(unit: Tensor, g: Tensor, like: Tensor, in_place: bool) -> Tensor:
+    """unit * g in like's dtype, g 0-dim or (B, V) (one value per voxel, for every channel)."""
     if g.dim():
         g = g.view((g.shape[0], 1) + tuple(unit.shape[2:]))
-    return (unit * g).to(like.dtype)
+    return (unit.mul_(g) if in_place else unit * g).to(like.dtype)
 
 
 def _backward(ctx, grad, _grad_ds_unit, _grad_dt_unit):
     if grad is None:  # grads are not materialised (setup_context): None means zero
         return (None,) * 8
-    student, teacher, weight, ds_unit, dt_unit = ctx.saved_tensors
+    student, teacher, weight, ds_saved, dt_saved = ctx.saved_tensors
     need_t = ctx.needs_input_grad[1]
-    if ds_unit.numel() and (dt_unit.numel() or not need_t):  # the forward saved what is needed
+    traced = ds_saved is not None and ds_saved.numel() > 0
+    unit = (ds_saved, dt_saved) if traced else _unit_grads(ctx, student, teacher, weight, need_t)
+    if unit is not None:
         g = _upstream(grad, student, weight, ctx.reduction)
-        ds = _scaled(ds_unit, g, student)
-        dt = _scaled(dt_unit, g, teacher) if need_t else None
+        ds = _scaled(unit[0], g, student, in_place=not traced)
+        dt = _scaled(unit[1], g, teacher, in_place=not traced) if need_t else None
     else:
         ds, dt = _uncl_backward_op(grad, student, teacher, ctx.beta, weight, ctx.reduction, need_t, ctx.backend)
     return ds, (dt if need_t else None), None, None, None, None, None, None
