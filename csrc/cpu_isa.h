@@ -102,6 +102,9 @@ template <typename A> struct FeclCpuKernels {
   void (*forward_rows)(const FeclRowsFwd<A>&, A* heap, int64_t r0, int64_t r1);
   void (*grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);
   void (*teacher_grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);
+  // The stored top-k pairs' work (backward): a dot product and out += g x, D elements.
+  A (*dot)(const A* a, const A* b, int64_t D);
+  void (*axpy)(A g, const A* x, A* out, int64_t D);
 };
 
 // ---- the table of one ISA level -----------------------------------------------------------------
