@@ -33,7 +33,7 @@ void softmax_tile(const A* x, int64_t C, int64_t V, int64_t nv, A* prob, A* log_
   for (int64_t c = 0; c < C; ++c)
 #pragma omp simd
     for (int64_t v = 0; v < nv; ++v) {
-      const A e = vexp(x[c * V + v] - m[v]);
+      const A e = vexp_nonpos(x[c * V + v] - m[v]);
       prob[c * kT + v] = e;
       sum[v] += e;
     }
