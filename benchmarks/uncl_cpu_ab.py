@@ -1,5 +1,7 @@
 """UnCL on the CPU, cases interleaved in one process: the dense reference against the fused C++
-kernels at 1 and 2 threads and under each forced ISA variant (DYCON_CPU_ISA).
+kernels at 1 and 2 threads and under each forced ISA variant (DYCON_CPU_ISA). The "kernel" cases
+call the fused forward+gradient op alone (no autograd, no backward scaling): what threads do for
+the tile loops themselves, against what they do for a whole step.
 
 On a shared machine, wall times move with the load; ratios of cases timed in turn within one
 process do not (much). bench_uncl.py times each case in a fresh process to measure its memory,
@@ -15,10 +17,15 @@ import torch
 import dycon_kernels
 from dycon_kernels.backends import cpu_isa
 
-CASES = [("reference", 1, ""), ("cpu", 1, ""), ("cpu", 2, ""), ("cpu", 1, "avx2"), ("cpu", 1, "baseline")]
+CASES = [("reference", 1, ""), ("cpu", 1, ""), ("cpu", 2, ""), ("kernel", 1, ""), ("kernel", 2, ""),
+         ("cpu", 1, "avx2"), ("cpu", 1, "baseline")]
 
 
 def step(student, teacher, backend):
+    if backend == "kernel":
+        flat = student.detach().view(2, 2, -1)
+        torch.ops.dycon_C.uncl_forward_grad(flat, teacher.view(2, 2, -1), 2.0, None, True, False)
+        return
     student.grad = None
     dycon_kernels.uncl(student, teacher, 2.0, backend=backend).backward()
 

@@ -21,9 +21,10 @@ constexpr int kNumCpuIsa = 3;
 
 constexpr int64_t kUnclTile = 256;  // voxels per tile (and per partial sum: thread-count independent)
 
-// One call's data: s, t (B, C, V) contiguous; weight (B, V) or null. Forward: out is the (B, V)
-// loss map, or (reduce) one partial sum per tile. Backward: grad is one value or a (B, V) map; dt
-// may be null.
+// One call's data: s, t (B, C, V) contiguous; weight (B, V) or null. The kernel writes the
+// outputs that are not null: out, the (B, V) loss map or (reduce) one partial sum per tile; ds and
+// dt (dt may be null when ds is not), the logit gradients scaled per voxel by grad (one value or a
+// (B, V) map; null: 1, the unit gradient the forward saves) times the weight.
 template <typename A> struct UnclCpuArgs {
   const A* s;
   const A* t;
@@ -43,8 +44,7 @@ inline int64_t uncl_scratch_elems(int64_t C) { return (5 * C + 8) * kUnclTile; }
 
 template <typename A> struct UnclCpuKernels {
   // Tiles [k0, k1) (tile k: volume k / tiles_per_volume); scratch: uncl_scratch_elems(C) elements.
-  void (*forward)(const UnclCpuArgs<A>&, A* scratch, int64_t k0, int64_t k1);
-  void (*backward)(const UnclCpuArgs<A>&, A* scratch, int64_t k0, int64_t k1);
+  void (*tiles)(const UnclCpuArgs<A>&, A* scratch, int64_t k0, int64_t k1);
 };
 
 // ---- FeCL: a range of rows of one tile of similarities (docs/fecl_kernels.md) ---------------------
@@ -102,6 +102,9 @@ template <typename A> struct FeclCpuKernels {
   void (*forward_rows)(const FeclRowsFwd<A>&, A* heap, int64_t r0, int64_t r1);
   void (*grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);
   void (*teacher_grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);
+  // The stored top-k pairs' work (backward): a dot product and out += g x, D elements.
+  A (*dot)(const A* a, const A* b, int64_t D);
+  void (*axpy)(A g, const A* x, A* out, int64_t D);
 };
 
 // ---- the table of one ISA level -----------------------------------------------------------------

@@ -17,6 +17,7 @@ namespace dycon {
 
 #ifdef __CUDA_ARCH__
 DYCON_HD float vexp(float x) { return expf(x); }
+DYCON_HD float vexp_nonpos(float x) { return expf(x); }
 DYCON_HD float vlog(float x) { return logf(x); }
 DYCON_HD float vpow(float x, float g) { return powf(x, g); }
 #else
@@ -24,12 +25,9 @@ DYCON_HD float vpow(float x, float g) { return powf(x, g); }
 DYCON_HD float bits_to_float(int32_t i) { return __builtin_bit_cast(float, i); }
 DYCON_HD int32_t float_to_bits(float f) { return __builtin_bit_cast(int32_t, f); }
 
-// exp(x); 0 below -87 (exp(-87) ~ 1.6e-38: the true value is a denormal or 0, e.g. exp(-inf)),
-// exp(88) ~ 1.7e38 above 88 (no inf).
-DYCON_HD float vexp(float x) {
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // x = n ln2 + r, n rounded to nearest with the 1.5 * 2^23 trick (floor() would not vectorise).
+// exp(x) for x in [-87, 88]: x = n ln2 + r, n rounded to nearest with the 1.5 * 2^23 trick
+// (floor() would not vectorise), then a polynomial in r times 2^n.
+DYCON_HD float exp_in_range(float x) {
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for accuracy
   float p = 1.9875691500e-4f;
@@ -39,7 +37,22 @@ DYCON_HD float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return underflow ? 0.0f : p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);  // times 2^n
+  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);  // times 2^n
+}
+
+// exp(x); 0 below -87 (exp(-87) ~ 1.6e-38: the true value is a denormal or 0, e.g. exp(-inf)),
+// exp(88) ~ 1.7e38 above 88 (no inf).
+DYCON_HD float vexp(float x) {
+  const bool underflow = x < -87.0f;
+  const float e = exp_in_range(underflow ? -87.0f : (x > 88.0f ? 88.0f : x));
+  return underflow ? 0.0f : e;
+}
+
+// vexp for x <= 0 (softmax terms x - max, UnCL's weights): one clamp fewer per element.
+DYCON_HD float vexp_nonpos(float x) {
+  const bool underflow = x < -87.0f;
+  const float e = exp_in_range(underflow ? -87.0f : x);
+  return underflow ? 0.0f : e;
 }
 
 // Natural log of a positive, normal, finite x.
@@ -71,6 +84,7 @@ DYCON_HD float vpow(float x, float g) { return x > 0.0f ? vexp(g * vlog(x)) : 0.
 #endif
 
 DYCON_HD double vexp(double x) { return exp(x); }
+DYCON_HD double vexp_nonpos(double x) { return exp(x); }
 DYCON_HD double vlog(double x) { return log(x); }
 DYCON_HD double vpow(double x, double g) { return pow(x, g); }
 

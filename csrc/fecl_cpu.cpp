@@ -57,12 +57,6 @@ LabelCodes label_codes(const FeclArgs& a) {
   return c;
 }
 
-template <typename A> A dot(const A* a, const A* b, int64_t D) {
-  A s = 0;
-  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
-
 // The keys of one volume ordered by label (stable): the ignored keys first, then one block per
 // label, so that a row of similarities against the keys in this order splits into contiguous
 // blocks (the anchor's positives, its negatives). The row loops run over whole blocks instead of
@@ -230,6 +224,7 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
     }
   });
 
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
   // Top-k negatives: g_iq per stored pair, and the transposed index (key q -> its anchors).
   at::Tensor gk, rev_ptr, rev_anchor, rev_g;
   const A* gkp = nullptr;
@@ -246,7 +241,7 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
           const int64_t q = tki[g * K + t];
           A v = 0;
           if (q >= 0 && arp[g] != A(0)) {
-            const A cos = dot(zp + g * D, zp + (b * N + q) * D, D);
+            const A cos = kern.dot(zp + g * D, zp + (b * N + q) * D, D);
             v = neg_grad(arp[g], cos * inv_tau, cos, cs ? cs[b * N + q] : A(0), lnp[g], tau, gn);
           }
           gkw[g * K + t] = v;
@@ -282,7 +277,6 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
     rg = rgw;
   }
 
-  const FeclCpuKernels<A>& kern = fecl_table<A>();
   FeclRowsBwd<A> g{};
   g.N = N, g.Nt = Nt, g.K = K;
   g.tau = tau, g.inv_tau = inv_tau, g.gp = gp, g.gn = gn, g.thr = thr;
@@ -344,9 +338,9 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
               const int64_t k = tti[gi * TK + t];
               if (k < 0) continue;
               const A* zk = ztp + (b * Nt + k) * D;
-              const A cos = dot(zi, zk, D);
+              const A cos = kern.dot(zi, zk, D);
               const A g = neg_grad(arb[i0 + r], cos * inv_tau, cos, A(0), lnb[i0 + r], tau, A(0)) * inv_tau;
-              for (int64_t d = 0; d < D; ++d) out[d] += g * zk[d];
+              kern.axpy(g, zk, out, D);
             }
           }
         });

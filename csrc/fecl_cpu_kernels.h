@@ -102,8 +102,11 @@ void threshold_sums(const A* trow, const int32_t* ytb, int64_t Nt, int32_t lab, 
 
 // The top-k of trow[k] over the keys with a label >= 0 other than lab into the heap (val, idx);
 // returns its size. Once the heap is full, a chunk of keys whose largest such value does not beat
-// the heap's minimum (most chunks, after the first few) costs one vectorised pass, not a
-// branch per key.
+// the heap's minimum costs one vectorised pass. In a chunk that does (with random similarities,
+// most chunks of a row), one branch per key that is rarely taken: the label test and "beats the
+// minimum" combined with `&`, not `&&` (the label branch alone was a coin flip per key, and
+// mispredicted; this loop was the largest non-BLAS cost of a dycon forward). It skips exactly the
+// keys heap_push would reject.
 template <typename A>
 int64_t push_other_labels(A* val, int64_t* idx, int64_t k, const A* trow, const int32_t* yt, int64_t Nt, int32_t lab) {
   constexpr int64_t kChunk = 64;
@@ -116,8 +119,10 @@ int64_t push_other_labels(A* val, int64_t* idx, int64_t k, const A* trow, const 
       for (int64_t j = k0; j < k1; ++j) m = ((yt[j] >= 0) & (yt[j] != lab) & (trow[j] > m)) ? trow[j] : m;
       if (!(m > val[0])) continue;
     }
-    for (int64_t j = k0; j < k1; ++j)
-      if (yt[j] >= 0 && yt[j] != lab) heap_push(val, idx, n, k, trow[j], j);
+    for (int64_t j = k0; j < k1; ++j) {
+      const bool other = (yt[j] >= 0) & (yt[j] != lab);
+      if (other & ((n < k) | (trow[j] > val[0]))) heap_push(val, idx, n, k, trow[j], j);
+    }
   }
   return n;
 }
@@ -272,10 +277,25 @@ template <typename A> void teacher_grad_rows(const FeclRowsBwd<A>& g, int64_t r0
   }
 }
 
+// <a, b> over D elements, for the sparse pairs (stored top-k) whose similarity is not in a BLAS
+// tile. omp simd: without it the sum is one chain of dependent scalar adds (4 cycles an element).
+template <typename A> A dot(const A* a, const A* b, int64_t D) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// out += g x over D elements.
+template <typename A> void axpy(A g, const A* x, A* out, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] += g * x[d];
+}
+
 }  // namespace
 
 template <typename A> constexpr FeclCpuKernels<A> fecl_cpu_kernels() {
-  return {&colmax_rows<A>, &forward_rows<A>, &grad_rows<A>, &teacher_grad_rows<A>};
+  return {&colmax_rows<A>, &forward_rows<A>, &grad_rows<A>, &teacher_grad_rows<A>, &dot<A>, &axpy<A>};
 }
 
 }  // namespace DYCON_ISA_NS

@@ -33,7 +33,7 @@ void softmax_tile(const A* x, int64_t C, int64_t V, int64_t nv, A* prob, A* log_
   for (int64_t c = 0; c < C; ++c)
 #pragma omp simd
     for (int64_t v = 0; v < nv; ++v) {
-      const A e = vexp(x[c * V + v] - m[v]);
+      const A e = vexp_nonpos(x[c * V + v] - m[v]);
       prob[c * kT + v] = e;
       sum[v] += e;
     }
@@ -97,56 +97,64 @@ void side_grad(const UnclTileBuf<A>& b, const A* x, const A* y, const A* log_x, 
     }
 }
 
-// Calls fn(b, v0, nv) for tile k: volume b, voxels [v0, v0 + nv).
-template <typename A, typename F> void at_tile(const UnclCpuArgs<A>& a, int64_t k, const F& fn) {
-  const int64_t per_volume = (a.V + kT - 1) / kT;
-  const int64_t vol = k / per_volume, v0 = (k % per_volume) * kT;
-  fn(vol, v0, dmin(kT, a.V - v0));
-}
-
-template <typename A> void uncl_forward_tiles(const UnclCpuArgs<A>& a, A* scratch, int64_t k0, int64_t k1) {
-  const UnclTileBuf<A> b(scratch, a.C);
-  for (int64_t k = k0; k < k1; ++k)
-    at_tile(a, k, [&](int64_t vol, int64_t v0, int64_t nv) {
-      const int64_t base = vol * a.C * a.V + v0, voxel = vol * a.V + v0;
-      compute_tile(b, a.s + base, a.t + base, a.C, a.V, nv, a.beta);
-      A* l = b.m;
+// The voxel losses of a tile (times the voxel weights): the (B, V) map, or the tile's partial sum.
+template <typename A>
+void write_loss(const UnclCpuArgs<A>& a, const UnclTileBuf<A>& b, int64_t k, int64_t voxel, int64_t nv) {
+  A* l = b.m;  // m and sum are free after compute_tile
 #pragma omp simd
-      for (int64_t v = 0; v < nv; ++v)
-        l[v] = uncl_loss(b.d[v], UnclWeight<A>{b.W[v], b.share_s[v]}, b.h_s[v], b.h_t[v], a.beta);
-      if (a.weight) {
+  for (int64_t v = 0; v < nv; ++v)
+    l[v] = uncl_loss(b.d[v], UnclWeight<A>{b.W[v], b.share_s[v]}, b.h_s[v], b.h_t[v], a.beta);
+  if (a.weight) {
 #pragma omp simd
-        for (int64_t v = 0; v < nv; ++v) l[v] *= a.weight[voxel + v];
-      }
-      if (!a.reduce) {
-        for (int64_t v = 0; v < nv; ++v) a.out[voxel + v] = l[v];
-        return;
-      }
-      A partial = 0;
+    for (int64_t v = 0; v < nv; ++v) l[v] *= a.weight[voxel + v];
+  }
+  if (!a.reduce) {
+    for (int64_t v = 0; v < nv; ++v) a.out[voxel + v] = l[v];
+    return;
+  }
+  A partial = 0;
 #pragma omp simd reduction(+ : partial)
-      for (int64_t v = 0; v < nv; ++v) partial += l[v];
-      a.out[k] = partial;
-    });
+  for (int64_t v = 0; v < nv; ++v) partial += l[v];
+  a.out[k] = partial;
 }
 
-template <typename A> void uncl_backward_tiles(const UnclCpuArgs<A>& a, A* scratch, int64_t k0, int64_t k1) {
-  const UnclTileBuf<A> b(scratch, a.C);
-  for (int64_t k = k0; k < k1; ++k)
-    at_tile(a, k, [&](int64_t vol, int64_t v0, int64_t nv) {
-      const int64_t base = vol * a.C * a.V + v0, voxel = vol * a.V + v0;
-      compute_tile(b, a.s + base, a.t + base, a.C, a.V, nv, a.beta);
-      const A* g = a.grad + (a.grad_is_map ? voxel : 0);
+// The logit gradients of a tile, each voxel's scaled by g_v = grad_v * weight_v (grad: 1 when null).
+template <typename A>
+void write_grads(const UnclCpuArgs<A>& a, const UnclTileBuf<A>& b, int64_t base, int64_t voxel, int64_t nv) {
+  if (a.grad && a.grad_is_map) {
 #pragma omp simd
-      for (int64_t v = 0; v < nv; ++v) b.g[v] = g[a.grad_is_map ? v : 0] * (a.weight ? A(a.weight[voxel + v]) : A(1));
-      side_grad(b, b.p, b.q, b.log_p, true, a.beta, a.C, a.V, nv, a.ds + base);
-      if (a.dt) side_grad(b, b.q, b.p, b.log_q, false, a.beta, a.C, a.V, nv, a.dt + base);
-    });
+    for (int64_t v = 0; v < nv; ++v) b.g[v] = a.grad[voxel + v];
+  } else {
+    const A g = a.grad ? a.grad[0] : A(1);
+#pragma omp simd
+    for (int64_t v = 0; v < nv; ++v) b.g[v] = g;
+  }
+  if (a.weight) {
+#pragma omp simd
+    for (int64_t v = 0; v < nv; ++v) b.g[v] *= a.weight[voxel + v];
+  }
+  side_grad(b, b.p, b.q, b.log_p, true, a.beta, a.C, a.V, nv, a.ds + base);
+  if (a.dt) side_grad(b, b.q, b.p, b.log_q, false, a.beta, a.C, a.V, nv, a.dt + base);
+}
+
+// Tiles [k0, k1) (tile k: volume k / tiles per volume): the outputs a names, each tile's softmaxes,
+// entropies and weights computed once for all of them.
+template <typename A> void uncl_tiles(const UnclCpuArgs<A>& a, A* scratch, int64_t k0, int64_t k1) {
+  const UnclTileBuf<A> b(scratch, a.C);
+  const int64_t per_volume = (a.V + kT - 1) / kT;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t vol = k / per_volume, v0 = (k % per_volume) * kT, nv = dmin(kT, a.V - v0);
+    const int64_t base = vol * a.C * a.V + v0, voxel = vol * a.V + v0;
+    compute_tile(b, a.s + base, a.t + base, a.C, a.V, nv, a.beta);
+    if (a.out) write_loss(a, b, k, voxel, nv);
+    if (a.ds) write_grads(a, b, base, voxel, nv);
+  }
 }
 
 }  // namespace
 
 template <typename A> constexpr UnclCpuKernels<A> uncl_cpu_kernels() {
-  return {&uncl_forward_tiles<A>, &uncl_backward_tiles<A>};
+  return {&uncl_tiles<A>};
 }
 
 }  // namespace DYCON_ISA_NS

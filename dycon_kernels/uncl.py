@@ -14,6 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from torch._subclasses.fake_tensor import is_fake
+
 from dycon_kernels import _checks, backends, reference
 
 _REDUCE = {"mean": True, "sum": True, "none": False}
@@ -39,35 +41,73 @@ def _mean_divisor(student: Tensor, weight: Optional[Tensor]):
     return weight.sum(dtype=_acc_dtype(student))
 
 
+# Backends whose forward can also return the unit gradients (``uncl_forward_grad``, see
+# dycon_kernels.backends): on the CPU, recomputing the softmaxes, logs and weights in the backward
+# costs more time than keeping the B x C x V gradient; on a GPU the kernels are memory-bound and
+# memory is scarcer, so they recompute.
+_SAVES_GRAD = frozenset({"cpu"})
+
+
+def _grads_to_save(backend: str, student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
+    """(the student's, the teacher's): whether the forward returns the unit gradients."""
+    if backend not in _SAVES_GRAD or not (torch.is_grad_enabled() and student.requires_grad):
+        return False, False
+    return True, teacher.requires_grad
+
+
+def _no_grad(x: Tensor) -> Tensor:
+    """The placeholder for a unit gradient the forward did not compute."""
+    return x.new_empty(0, dtype=_acc_dtype(x))
+
+
 @torch.library.custom_op("dycon::uncl", mutates_args=())
 def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
-             reduction: str, backend: str) -> Tensor:
+             reduction: str, backend: str, save_grad: bool = False,
+             save_teacher_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ds, dt): ds and dt are the unit gradients d(sum_v w_v l_v)/d(logits) in the
+    accumulation dtype when save_grad (dt: and save_teacher_grad), else empty."""
     be = backends.load(backend)
-    out = be.uncl_forward(_flat(student), _flat(teacher), float(beta), _flat_weight(weight), _REDUCE[reduction])
+    s, t, w, reduce = _flat(student), _flat(teacher), _flat_weight(weight), _REDUCE[reduction]
+    ds, dt = _no_grad(student), _no_grad(teacher)
+    if save_grad:
+        out, ds, dt = be.uncl_forward_grad(s, t, float(beta), w, reduce, save_teacher_grad)
+        ds = ds.view(student.shape)
+        dt = dt.view(teacher.shape) if save_teacher_grad else _no_grad(teacher)
+    else:
+        out = be.uncl_forward(s, t, float(beta), w, reduce)
     if reduction == "none":
         out = out.view((student.shape[0],) + tuple(student.shape[2:]))
     elif reduction == "mean":
         out = out / _mean_divisor(student, weight)
-    return out.to(student.dtype)
+    return out.to(student.dtype), ds, dt
 
 
 @_uncl_op.register_fake
-def _(student, teacher, beta, weight, reduction, backend):
+def _(student, teacher, beta, weight, reduction, backend, save_grad=False, save_teacher_grad=False):
     shape = (student.shape[0],) + tuple(student.shape[2:]) if reduction == "none" else ()
-    return student.new_empty(shape)
+    acc = _acc_dtype(student)
+    ds = student.new_empty(student.shape, dtype=acc) if save_grad else _no_grad(student)
+    dt = teacher.new_empty(teacher.shape, dtype=acc) if save_grad and save_teacher_grad else _no_grad(teacher)
+    return student.new_empty(shape), ds, dt
+
+
+def _upstream(grad: Tensor, student: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    """The gradient of each voxel's w_v l_v: 0-dim, or (B, V) for reduction='none'."""
+    grad = grad.to(_acc_dtype(student))
+    if reduction == "none":
+        return grad.reshape(student.shape[0], -1).contiguous()
+    if reduction == "mean":
+        return grad / _mean_divisor(student, weight)
+    return grad
 
 
 @torch.library.custom_op("dycon::uncl_backward", mutates_args=())
 def _uncl_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, beta: Tensor,
                       weight: Optional[Tensor], reduction: str, need_teacher_grad: bool,
                       backend: str) -> tuple[Tensor, Tensor]:
-    grad = grad.to(_acc_dtype(student))
-    if reduction == "none":
-        grad = grad.reshape(student.shape[0], -1).contiguous()
-    elif reduction == "mean":
-        grad = grad / _mean_divisor(student, weight)
     ds, dt = backends.load(backend).uncl_backward(
-        grad, _flat(student), _flat(teacher), float(beta), _flat_weight(weight), need_teacher_grad)
+        _upstream(grad, student, weight, reduction), _flat(student), _flat(teacher), float(beta),
+        _flat_weight(weight), need_teacher_grad)
     ds = ds.view(student.shape)
     dt = dt.view(teacher.shape) if need_teacher_grad else teacher.new_empty(0)
     return ds, dt
@@ -79,16 +119,58 @@ def _(grad, student, teacher, beta, weight, reduction, need_teacher_grad, backen
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, beta, weight, reduction, backend = inputs
-    ctx.save_for_backward(student, teacher, weight)
+    student, teacher, beta, weight, reduction, backend = inputs[:6]
+    _, ds_unit, dt_unit = output
+    ctx.mark_non_differentiable(ds_unit, dt_unit)  # internal: the backward's input, never a loss
+    ctx.set_materialize_grads(False)
     ctx.beta, ctx.reduction, ctx.backend = beta, reduction, backend
+    ctx.unit = None
+    if not ds_unit.numel() or is_fake(ds_unit):
+        # Traced (torch.compile): AOTAutograd needs every tensor the backward reads saved.
+        ctx.save_for_backward(student, teacher, weight, ds_unit, dt_unit)
+        return
+    # Eager: an attribute, not a saved tensor, so that the first backward can scale the unit
+    # gradients in place and return them (no second B x C x V buffer at the memory peak) and drop
+    # them (_unit_grads). No reference cycle: being non-differentiable, they have no grad_fn.
+    ctx.save_for_backward(student, teacher, weight, None, None)
+    ctx.unit = (ds_unit, dt_unit)
 
 
-def _backward(ctx, grad):
-    student, teacher, weight = ctx.saved_tensors
+def _unit_grads(ctx, student: Tensor, teacher: Tensor, weight: Optional[Tensor], need_t: bool):
+    """Eager: the unit gradients for the caller to scale in place: the ones the forward kept,
+    taken from ctx, or (a backward of a retained graph after the first) the same kernel's again,
+    so that every backward gives the same bits. None where the backend computes gradients in its
+    backward."""
+    unit, ctx.unit = ctx.unit, None
+    if unit is not None and (unit[1].numel() or not need_t):
+        return unit
+    if ctx.backend in _SAVES_GRAD and ctx.needs_input_grad[0]:
+        _, ds, dt = _uncl_op(student, teacher, ctx.beta, weight, ctx.reduction, ctx.backend, True, need_t)
+        return ds, dt
+    return None
+
+
+def _scaled(unit: Tensor, g: Tensor, like: Tensor, in_place: bool) -> Tensor:
+    """unit * g in like's dtype, g 0-dim or (B, V) (one value per voxel, for every channel)."""
+    if g.dim():
+        g = g.view((g.shape[0], 1) + tuple(unit.shape[2:]))
+    return (unit.mul_(g) if in_place else unit * g).to(like.dtype)
+
+
+def _backward(ctx, grad, _grad_ds_unit, _grad_dt_unit):
+    if grad is None:  # grads are not materialised (setup_context): None means zero
+        return (None,) * 8
+    student, teacher, weight, ds_saved, dt_saved = ctx.saved_tensors
     need_t = ctx.needs_input_grad[1]
-    ds, dt = _uncl_backward_op(grad, student, teacher, ctx.beta, weight, ctx.reduction, need_t, ctx.backend)
-    return ds, (dt if need_t else None), None, None, None, None
+    traced = ds_saved is not None and ds_saved.numel() > 0
+    unit = (ds_saved, dt_saved) if traced else _unit_grads(ctx, student, teacher, weight, need_t)
+    if unit is not None:
+        g = _upstream(grad, student, weight, ctx.reduction)
+        ds = _scaled(unit[0], g, student, in_place=not traced)
+        dt = _scaled(unit[1], g, teacher, in_place=not traced) if need_t else None
+    else:
+        ds, dt = _uncl_backward_op(grad, student, teacher, ctx.beta, weight, ctx.reduction, need_t, ctx.backend)
+    return ds, (dt if need_t else None), None, None, None, None, None, None
 
 
 _uncl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -112,7 +194,9 @@ def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tens
     name = backends.resolve(backend, student_logits.device, "uncl")
     if name == "reference":
         return reference.uncl(student_logits, teacher_logits, beta, weight=weight, reduction=reduction)
-    return _uncl_op(student_logits, teacher_logits, beta, weight, reduction, name)
+    loss, _, _ = _uncl_op(student_logits, teacher_logits, beta, weight, reduction, name,
+                          *_grads_to_save(name, student_logits, teacher_logits))
+    return loss
 
 
 class UnCLoss(nn.Module):

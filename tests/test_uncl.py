@@ -125,6 +125,55 @@ def test_teacher_gets_gradient_only_when_it_asks(backend):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_teacher_only_gradient(backend, reduction):
+    """A student without a gradient: the cpu forward saves no unit gradient, and the backward
+    computes the teacher's from the logits."""
+    s, t = random_logits((2, 3, 4, 5, 3), torch.float32, 23), random_logits((2, 3, 4, 5, 3), torch.float32, 24)
+    got = _run(lambda a, b, **kw: dk.uncl(a.detach(), b, **kw), s, t, beta=1.2, reduction=reduction, backend=backend)
+    want = _run(lambda a, b, **kw: reference.uncl(a.detach(), b, **kw), s, t, beta=1.2, reduction=reduction)
+    assert got[1] is None
+    _assert_close(got[0], want[0], torch.float32)
+    _assert_close(got[2], want[2], torch.float32)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_of_a_retained_graph_gives_the_same_gradients(backend, reduction):
+    """The cpu backward scales the unit gradients its forward saved in place, once: a second
+    backward of the graph recomputes them with the same kernel, to the same bits."""
+    s = random_logits((2, 3, 4, 5, 3), torch.float32, 25).requires_grad_()
+    t = random_logits((2, 3, 4, 5, 3), torch.float32, 26).requires_grad_()
+    out = dk.uncl(s, t, 0.9, reduction=reduction, backend=backend)
+    proj = random_logits(out.shape, torch.float32, 27) if out.dim() else torch.tensor(1.3, device=DEVICE)
+    grads = [torch.autograd.grad((out * proj).sum(), (s, t), retain_graph=True) for _ in range(2)]
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
+def test_cpu_forward_saves_the_unit_gradients_only_when_a_backward_can_follow():
+    """What the op's forward returns besides the loss, per the gradients the call needs."""
+    s, t = random_logits((2, 3, 4, 5, 3), torch.float32, 28, device="cpu"), random_logits(
+        (2, 3, 4, 5, 3), torch.float32, 29, device="cpu")
+    op = torch.ops.dycon.uncl.default
+    beta = torch.tensor(1.0, dtype=torch.float64)
+    _, ds, dt = op(s, t, beta, None, "mean", "cpu", True, True)
+    assert ds.shape == s.shape and dt.shape == t.shape
+    # d(sum_v l_v)/ds, summed by the reference's autograd.
+    s_ref, t_ref = s.clone().requires_grad_(), t.clone().requires_grad_()
+    reference.uncl(s_ref, t_ref, 1.0, reduction="sum").backward()
+    _assert_close(ds, s_ref.grad, torch.float32)
+    _assert_close(dt, t_ref.grad, torch.float32)
+    from dycon_kernels.uncl import _grads_to_save
+    assert _grads_to_save("cpu", s.requires_grad_(), t) == (True, False)
+    assert _grads_to_save("cpu", s, t.requires_grad_()) == (True, True)
+    assert _grads_to_save("reference", s, t) == (False, False)
+    with torch.no_grad():
+        assert _grads_to_save("cpu", s, t) == (False, False)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 def test_gradcheck_fused(backend):
     s = random_logits((2, 3, 3, 2, 3), torch.float64, 7).requires_grad_()
     t = random_logits((2, 3, 3, 2, 3), torch.float64, 8).requires_grad_()
@@ -142,6 +191,12 @@ def test_opcheck(backend):
     for reduction, weight in (("mean", None), ("sum", w), ("none", w)):
         beta = torch.tensor(1.5, dtype=torch.float64)
         torch.library.opcheck(torch.ops.dycon.uncl.default, (s, t, beta, weight, reduction, backend))
+        if backend == "cpu":
+            # With the unit gradients: not test_aot_dispatch_dynamic, which compares the op's outputs
+            # after a backward, and the eager backward scales those (internal) outputs in place. The
+            # compiled tests below check the loss and gradients under AOTAutograd.
+            torch.library.opcheck(torch.ops.dycon.uncl.default, (s, t, beta, weight, reduction, backend, True, True),
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
