@@ -157,6 +157,8 @@ def test_every_trainer_takes_a_step(planned, monkeypatch, tmp_path, name):
     _in_process(planned, monkeypatch, tmp_path)
     trainer, before = _one_step(name)
     assert trainer.dycon_step == 1
+    # the step's unsupervised terms are recorded for the epoch's log line (one step each)
+    assert trainer.epoch_terms and all(n == 1 for _, _, n in trainer.epoch_terms.values())
     # the first EMA update (alpha = 0) makes the teacher the student after its step
     after, student = trainer.teacher.state_dict(), trainer.network.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
