@@ -75,6 +75,16 @@ def test_the_trainers_seed_sets_the_generators_nnunet_draws_from(monkeypatch):
     assert first[0] != second[0] and first[1] != second[1]
 
 
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    fold = tmp_path / "results" / "Dataset991_DyconDemo" / "T__nnUNetPlans__3d_fullres" / "fold_all"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    (tmp_path / "seed3" / "logs").mkdir(parents=True)
+    (tmp_path / "seed3" / "logs" / "train_T.json").write_text('{"train_s": 12.5}')
+    # env={} would fail any nnU-Net command: the stored seconds come back without one
+    assert nnunet_demo.train(tmp_path, 3, "T", {"nnUNet_results": str(tmp_path / "results")}) == 12.5
+
+
 def test_a_failing_nnunet_command_names_its_log(tmp_path):
     with pytest.raises(RuntimeError, match="nnUNetv2_nothing.*log.txt"):
         nnunet_demo.nnunet("nnUNetv2_nothing", env={}, log=tmp_path / "log.txt")
