@@ -157,10 +157,29 @@ def test_every_trainer_takes_a_step(planned, monkeypatch, tmp_path, name):
     _in_process(planned, monkeypatch, tmp_path)
     trainer, before = _one_step(name)
     assert trainer.dycon_step == 1
+    # the step's unsupervised terms are recorded for the epoch's log line (one step each)
+    assert trainer.epoch_terms and all(n == 1 for _, _, n in trainer.epoch_terms.values())
     # the first EMA update (alpha = 0) makes the teacher the student after its step
     after, student = trainer.teacher.state_dict(), trainer.network.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(student[k], after[k]) for k in after)
+
+
+def test_one_seed_gives_the_baseline_and_dycon_the_same_initial_network(planned, monkeypatch, tmp_path):
+    """What makes the seeded comparison paired (benchmarks/nnunet_demo.py); another seed, another network."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    _in_process(planned, monkeypatch, tmp_path)
+
+    def initial(name, seed):
+        monkeypatch.setenv("DYCON_NNUNET_SEED", str(seed))
+        trainer = get_trainer_from_args(DATASET, "3d_fullres", 0, name, device=torch.device("cpu"))
+        trainer.initialize()
+        return trainer.network.state_dict()
+
+    baseline, dycon, other = (initial("nnUNetTrainerBudget", 0), initial("nnUNetTrainerDyCON", 0),
+                              initial("nnUNetTrainerBudget", 1))
+    assert all(torch.equal(baseline[k], dycon[k]) for k in baseline)
+    assert not all(torch.equal(baseline[k], other[k]) for k in baseline)
 
 
 def test_without_unlabelled_folder_trains_supervised(planned, monkeypatch, tmp_path):

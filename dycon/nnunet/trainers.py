@@ -20,13 +20,16 @@ Checkpoints keep the teacher, the heads and the step (``--c`` resumes all of the
 ``nnUNetv2_predict ... -chk checkpoint_final_teacher.pth`` predicts with it.
 
 ``DYCON_NNUNET_EPOCHS`` / ``DYCON_NNUNET_ITERATIONS`` shorten a run (tests, the demo benchmark);
-``nnUNetTrainerBudget`` is plain supervised nnU-Net under the same settings.
+``DYCON_NNUNET_SEED`` seeds it (nnU-Net seeds nothing); ``nnUNetTrainerBudget`` is plain
+supervised nnU-Net under the same settings.
 """
 from __future__ import annotations
 
 import copy
 import os
+import random
 
+import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -47,7 +50,7 @@ from dycon.nnunet.unlabelled import UNLABELLED_FOLDER, preprocess_unlabelled, pr
 from dycon.objectives import OBJECTIVES
 from dycon.schedules import beta_at
 
-EPOCHS_ENV, ITERATIONS_ENV = "DYCON_NNUNET_EPOCHS", "DYCON_NNUNET_ITERATIONS"
+EPOCHS_ENV, ITERATIONS_ENV, SEED_ENV = "DYCON_NNUNET_EPOCHS", "DYCON_NNUNET_ITERATIONS", "DYCON_NNUNET_SEED"
 TEACHER_CHECKPOINT = "checkpoint_final_teacher.pth"
 
 
@@ -58,6 +61,21 @@ def apply_budget(trainer: nnUNetTrainer) -> None:
     if os.environ.get(ITERATIONS_ENV):
         trainer.num_iterations_per_epoch = int(os.environ[ITERATIONS_ENV])
         trainer.num_val_iterations_per_epoch = max(1, trainer.num_iterations_per_epoch // 5)
+
+
+def apply_seed() -> None:
+    """Seed Python, numpy and torch from DYCON_NNUNET_SEED, where set.
+
+    nnU-Net seeds none of them: the network's initialisation (torch), the patch sampling
+    (numpy's global generator in nnUNetDataLoader) and the augmentation (numpy and torch) differ
+    from run to run. Called before initialize() builds the network, so one seed fixes the
+    initialisation; with nnUNet_n_proc_DA=0 the loaders run in this process and draw from the
+    same seeded generators (worker processes would not)."""
+    if os.environ.get(SEED_ENV):
+        seed = int(os.environ[SEED_ENV])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 def _bare(network: torch.nn.Module) -> torch.nn.Module:
@@ -73,6 +91,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget(self)
+        apply_seed()
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
@@ -92,6 +111,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
         self.objective = OBJECTIVES[self.method]
         self.teacher = self.head = self.teacher_head = self.dataloader_unlabelled = None
         self.dycon_step = 0
+        self.epoch_terms = {}   # name -> (sum of raw, sum of weighted, steps), logged per epoch
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise ValueError(f"{type(self).__name__} needs a dataset of plain labels (softmax outputs); "
                              "dataset.json defines regions or an ignore label")
@@ -246,7 +266,23 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
                                    labels, lb, scalars)
         sums.pop("fecl_anchors", None)   # a diagnostic, not a loss
         terms = {name: v[0] / v[1].clamp_min(1) for name, v in sums.items()}
-        return sum(self.weighted(terms).values(), torch.zeros((), device=logits.device))
+        weighted = self.weighted(terms)
+        self._record_terms(terms, weighted)
+        return sum(weighted.values(), torch.zeros((), device=logits.device))
+
+    def _record_terms(self, terms: dict, weighted: dict) -> None:
+        for name, value in weighted.items():
+            raw_sum, weighted_sum, count = self.epoch_terms.get(name, (0.0, 0.0, 0))
+            self.epoch_terms[name] = (raw_sum + terms[name].item(), weighted_sum + value.item(), count + 1)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        # the log shows that the unsupervised terms took part, and with which weight
+        if self.epoch_terms:
+            means = ", ".join(f"{name} {raw / n:.4g} -> {weighted / n:.4g}"
+                              for name, (raw, weighted, n) in self.epoch_terms.items())
+            self.print_to_log_file(f"DyCON: the epoch's mean unsupervised terms (raw -> weighted): {means}")
+        self.epoch_terms = {}
 
     def weighted(self, terms: dict) -> dict:
         """The method's weighted terms, on its own schedules (dycon.schedules: MT ramps over the
