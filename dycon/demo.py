@@ -16,11 +16,12 @@ Two kinds (``KINDS``), each a ``Spec`` of the same generator:
 
 - ``ssl_bench`` (issue 19: a set where semi-supervision has to show): 2-4 lesions covering 2-5 %
   of the volume (several pure 8^3 FeCL patches per 32^3 crop) and per-volume nuisances that
-  z-scoring does not remove: lesion contrast 0.3-1.2, log bias field 0-0.4, noise 0.15-0.45 and
-  blur 0-1.5 voxel (``BENCH_RANGES["full"]``). The first 4 training volumes (the labelled ones)
-  come from a narrow clear-case slice (``BENCH_RANGES["clear"]``: contrast 1.0-1.2, bias <= 0.1,
-  noise <= 0.2, blur <= 0.3); the 36 other training volumes, 6 validation and 24 test volumes
-  from the whole range. ``ssl_bench_iid`` is its control: the same volumes except that the first
+  z-scoring does not remove: lesion contrast 0.3-1.2 in magnitude, the lesions of half of the
+  volumes darker than the tissue, log bias field 0-0.4, noise 0.15-0.3 and blur 0-1.5 voxel
+  (``BENCH_RANGES["full"]``). The first 4 training volumes (the labelled ones) come from a
+  narrow clear-case slice (``BENCH_RANGES["clear"]``: bright lesions, contrast 1.0-1.2, bias
+  <= 0.1, noise <= 0.2, blur <= 0.3); the 36 other training volumes, 6 validation and 24 test
+  volumes from the whole range. ``ssl_bench_iid`` is its control: the same volumes except that the first
   4 are drawn from the whole range too (the labelled subset i.i.d. with the rest). Each volume
   is drawn from its own generator (the set's seed and the volume's index), so the two sets share
   every other volume.
