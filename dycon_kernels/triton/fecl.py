@@ -149,6 +149,20 @@ def _gather_dot(Z, z_base, offs_m, KEYS, k_base, idx, ok, D, ACC: tl.constexpr, 
 
 
 @triton.jit
+def _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DG: tl.constexpr):
+    """For the top-k slot of each anchor row: whether it holds a key q (-1: none), the logit
+    l_iq = <z_i, z_q> / tau (a gather over D in chunks) and t_iq = l_iq - c_q (with COLUMN; else l_iq)."""
+    q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
+    ok = row_ok & (q >= 0)
+    l = _gather_dot(Z, b * N * D, offs_m, Z, b * N * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
+    t = l
+    if COLUMN:
+        t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
+    return ok, l, t
+
+
+@triton.jit
 def _scalar(value: tl.constexpr, ACC: tl.constexpr):
     """A compile-time constant in ACC at full precision (a bare Python float in an expression is
     a float32 constant, which would round 1/tau for float64 runs)."""
@@ -384,12 +398,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
     if USE_TOPK:
         # H(i) from the stored indices: a gather of one key row per anchor and slot.
         for slot in range(0, K):
-            q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
-            ok = row_ok & (q >= 0)
-            l = _gather_dot(Z, b * N * D, offs_m, Z, b * N * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
-            t = l
-            if COLUMN:
-                t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
+            ok, l, t = _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN, ACC, BLOCK_M,
+                                          BLOCK_DG)
             t = tl.where(ok, t, NEG_INF)
             m, s = _lse_update(m, s, t[:, None], _neg_weight(l, TAU, GAMMA_NEG)[:, None])
     else:
@@ -588,12 +598,8 @@ def fecl_sparse_coef_kernel(Z, CS, LOGNEG, R, A, ZT, TOPK, TIDX, G, GT, N, NT, D
     ln_safe_i = tl.where(ln_i == NEG_INF, float("inf"), ln_i)  # no negative: the terms vanish
     if USE_TOPK:
         for slot in range(0, K):
-            q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
-            ok = row_ok & (q >= 0)
-            l = _gather_dot(Z, b * N * D, offs_m, Z, b * N * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
-            t = l
-            if COLUMN:
-                t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
+            ok, l, t = _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN, ACC, BLOCK_M,
+                                          BLOCK_DG)
             g = ar_i * tl.exp(t - ln_safe_i) * _neg_bracket(l, TAU, GAMMA_NEG) * inv_tau
             tl.store(G + (b * N + offs_m) * K + slot, tl.where(ok, g, 0.0), mask=row_ok)
     if TEACHER == 1:
