@@ -163,6 +163,23 @@ def _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, C
 
 
 @triton.jit
+def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_k, NK, offs_dc, D, WHOLE_D: tl.constexpr,
+                       ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """The backward's key tile: the similarities of the anchor rows offs_m with the key rows offs_k,
+    and the key rows' columns offs_dc (the operand of coefficients @ z_k). Where the dots and the
+    columns both span all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
+    if WHOLE_D:
+        zk = _load_rows(KEYS, k_base, offs_k, NK, offs_dc, D, DOT_IN)
+        sims = _sim(zi, zk, DOT_PREC)
+    else:
+        sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                         BLOCK_D, BLOCK_DK)
+        zk = _load_rows(KEYS, k_base, offs_k, NK, offs_dc, D, DOT_IN)
+    return sims, zk
+
+
+@triton.jit
 def _scalar(value: tl.constexpr, ACC: tl.constexpr):
     """A compile-time constant in ACC at full precision (a bare Python float in an expression is
     a float32 constant, which would round 1/tau for float64 runs)."""
@@ -529,13 +546,8 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         yj = tl.load(Y + b * N + offs_n, mask=col_ok, other=-1)
-        if WHOLE_D:
-            zj = _load_rows(Z, b * N * D, offs_n, N, offs_dc, D, DOT_IN)
-            dot = _sim(zi, zj, DOT_PREC)
-        else:
-            dot = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
-                            BLOCK_N, BLOCK_D, BLOCK_DK)
-            zj = _load_rows(Z, b * N * D, offs_n, N, offs_dc, D, DOT_IN)
+        dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
+                                     DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         l2 = dot * scale
         ln_j = tl.load(LOGNEG + b * N + offs_n, mask=col_ok, other=NEG_INF)
         a_j = tl.load(A + b * N + offs_n, mask=col_ok, other=0.0)
@@ -563,13 +575,8 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            if WHOLE_D:
-                zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_dc, D, DOT_IN)
-                c = _sim(zi, zk, DOT_PREC)
-            else:
-                c = _sim_tile(Z, b * N * D, offs_m, N, zi, ZT, b * NT * D, offs_k, NT, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
-                              BLOCK_N, BLOCK_D, BLOCK_DK)
-                zk = _load_rows(ZT, b * NT * D, offs_k, NT, offs_dc, D, DOT_IN)
+            c, zk = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, ZT, b * NT * D, offs_k, NT, offs_dc, D, WHOLE_D,
+                                       ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # d cross / d c = 1 / (1 - c + eps), 0 where the clamp max(1 - c, 0) is active.
             hit = hit & (1.0 - c > 0.0)
