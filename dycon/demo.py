@@ -22,9 +22,10 @@ Two kinds (``KINDS``), each a ``Spec`` of the same generator:
   narrow clear-case slice (``BENCH_RANGES["clear"]``: bright lesions, contrast 1.0-1.2, bias
   <= 0.1, noise <= 0.2, blur <= 0.3); the 36 other training volumes, 6 validation and 24 test
   volumes from the whole range. ``ssl_bench_iid`` is its control: the same volumes except that the first
-  4 are drawn from the whole range too (the labelled subset i.i.d. with the rest). Each volume
-  is drawn from its own generator (the set's seed and the volume's index), so the two sets share
-  every other volume.
+  4 are drawn from the whole range too (the labelled subset i.i.d. with the rest);
+  ``ssl_bench_draw2`` and ``ssl_bench_draw3`` are other draws of the 4 clear labelled volumes.
+  Each volume is drawn from its own generator (the set's seed and the volume's index), so these
+  sets share every other volume with ``ssl_bench``.
 
 The test cases are held out from training and validation. Default roots: ``$DYCON_DATA`` or
 ``data/demo``; ``$DYCON_DATA_HARD`` or ``data/demo_hard``; ``data/<kind>`` for the bench sets.
@@ -76,7 +77,18 @@ BENCH_RANGES = {
 }
 BENCH_SPLITS = {"train": 40, "val": 6, "test": 24}
 BENCH_CLEAR = 4          # the first training volumes: the labelled ones (data.labelnum 4)
-BENCH_KINDS = {"ssl_bench": BENCH_CLEAR, "ssl_bench_iid": 0}   # kind -> volumes from the clear slice
+
+
+@dataclass(frozen=True)
+class BenchKind:
+    clear: int               # the first training volumes, drawn from the clear slice
+    draw: int = 1            # which draw of those volumes (1: the set as first recorded)
+
+
+# ssl_bench_drawN: other draws of the labelled subset (the 4 clear volumes), every other volume
+# the same as in ssl_bench, so that a second draw changes only what the labels show.
+BENCH_KINDS = {"ssl_bench": BenchKind(BENCH_CLEAR), "ssl_bench_iid": BenchKind(0),
+               **{f"ssl_bench_draw{d}": BenchKind(BENCH_CLEAR, d) for d in (2, 3)}}
 KINDS.update({kind: Spec(seed=2027, lesion_share=(0.02, 0.05), n_lesions=(2, 4), lesion_gain=(0.3, 1.2),
                          noise=0.3, env=f"DYCON_DATA_{kind.upper()}", root=f"data/{kind}") for kind in BENCH_KINDS})
 
@@ -156,6 +168,14 @@ def _anatomy(rng: np.random.Generator, size: int, spec: Spec):
     return grid, tissue, label
 
 
+def _bench_case_rng(bench: BenchKind, seed: int, index: int, train: bool) -> tuple[np.random.Generator, bool]:
+    """Volume ``index``'s own generator, and whether it is a clear case. The streams of draw 1
+    are those of the recorded set; a later draw re-seeds only its clear (labelled) volumes."""
+    clear = train and index < bench.clear
+    key = [seed, index, int(clear)] + ([bench.draw] if clear and bench.draw > 1 else [])
+    return np.random.default_rng(key), clear
+
+
 def _stamp(kind: str, size: int, seed: int, splits: dict) -> str:
     return f"{kind} {VERSION} {size} {seed} {sorted(splits.items())}"
 
@@ -179,8 +199,7 @@ def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed
         index += count
         for i, case_id in enumerate(ids):
             if kind in BENCH_KINDS:   # its own generator per volume: ssl_bench and its control share them
-                clear = split == "train" and i < BENCH_KINDS[kind]
-                case_rng = np.random.default_rng([seed, index - count + i, int(clear)])
+                case_rng, clear = _bench_case_rng(BENCH_KINDS[kind], seed, index - count + i, split == "train")
                 image, label = make_bench_case(case_rng, size, BENCH_RANGES["clear" if clear else "full"])
             else:
                 image, label = make_case(rng, size, kind)

@@ -348,27 +348,33 @@ def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(tmp_path, caplog):
     assert E.claim(dead)
 
 
-def test_ssl_bench_labelled_volumes_are_clear_cases_and_the_control_shares_the_rest(tmp_path):
+def test_ssl_bench_labelled_volumes_are_clear_cases_and_the_control_and_draws_share_the_rest(tmp_path):
     import h5py
     splits = {"train": 8, "val": 1, "test": 3}
     sets = {kind: ensure_demo_data(tmp_path / kind, size=32, splits=splits, kind=kind)
-            for kind in ("ssl_bench", "ssl_bench_iid")}
+            for kind in ("ssl_bench", "ssl_bench_iid", "ssl_bench_draw2")}
 
     def case(kind, i):
         with h5py.File(sets[kind] / "data" / f"case_{i:03d}.h5") as f:
             return f["image"][:], f["label"][:]
 
-    contrast = []
+    def contrast(image, label):
+        ring = ndimage.binary_dilation(label > 0, iterations=2) & (label == 0)   # the tissue around the lesions
+        return image[label > 0].mean() - image[ring].mean()
+
+    contrasts, draw2 = [], []
     for i in range(12):
-        (a, la), (b, lb) = case("ssl_bench", i), case("ssl_bench_iid", i)
+        (a, la), (b, lb), (c, lc) = case("ssl_bench", i), case("ssl_bench_iid", i), case("ssl_bench_draw2", i)
         assert 0.01 < la.mean() < 0.07                         # lesions: a few % of the volume
         assert np.array_equal(a, b) == (i >= 4)                # only the labelled 4 differ
-        ring = ndimage.binary_dilation(la > 0, iterations=2) & (la == 0)   # the tissue around the lesions
-        contrast.append(a[la > 0].mean() - a[ring].mean())
+        assert np.array_equal(a, c) == (i >= 4)
+        contrasts.append(contrast(a, la))
+        draw2.append(contrast(c, lc))
     # the clear-case slice: bright lesions (contrast 1.0-1.2, little noise); outside it some volumes
     # have lesions darker than the tissue, which no intensity view of a clear case shows
-    assert min(contrast[:4]) > 1.0 > np.mean(contrast[4:])
-    assert min(contrast[4:]) < 0
+    assert min(contrasts[:4]) > 1.0 > np.mean(contrasts[4:])
+    assert min(contrasts[4:]) < 0
+    assert min(draw2[:4]) > 1.0                                # another draw from the same clear slice
     assert (sets["ssl_bench"] / "train.txt").read_text().split() == [f"case_{i:03d}" for i in range(8)]
 
 
