@@ -291,15 +291,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--largest-component", dest="largest_component", action=argparse.BooleanOptionalAction,
                    help="keep the largest connected component per class (default: the run's test config, else on)")
     p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--device", help="auto (default: cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:1 ...")
 
 
 def load_model_of(args: argparse.Namespace) -> tuple[Path, torch.nn.Module, dict]:
     """(checkpoint, model, training config) that the flags of ``add_model_args`` name. An unset
-    ``args.device`` becomes cuda when torch sees a GPU, else cpu: decided here, not while parsing,
-    since asking imports torch."""
+    ``args.device``, or ``auto`` (as train takes it, and as check_device's error suggests), becomes
+    cuda when torch sees a GPU, else cpu: decided here, not while parsing, since asking imports torch."""
     path = resolve_checkpoint(args.run, args.checkpoint)
-    args.device = args.device or default_device()
+    args.device = default_device() if args.device in (None, "auto") else args.device
     cli.check_device(args.device)
     return path, *load_model(path, args.weights, args.device)
 

@@ -198,6 +198,23 @@ def test_a_device_torch_cannot_use_fails_before_the_run_directory(device, gpus, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["evaluate", "predict"])
+def test_evaluate_and_predict_take_device_auto_as_train_does(name, tmp_path, monkeypatch):
+    """``--device auto`` (train's default, and what the error above suggests) loads the model on
+    the GPU where torch sees one, else the CPU, rather than asking torch.load for device 'auto'."""
+    import torch
+    from dycon.networks import build_model
+
+    model_cfg = dict(arch="unet3d", in_channels=1, num_classes=2, base_filters=2, embed_dim=8, feature_scaler=2)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"student": build_model(model_cfg).state_dict(), "config": {"model": model_cfg}}, checkpoint)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    flags = ["--input", str(tmp_path), "--output", str(tmp_path / "o")] if name == "predict" else []
+    args = COMMANDS[name].build_parser().parse_args(["--checkpoint", str(checkpoint), "--device", "auto", *flags])
+    path, model, _ = evaluate.load_model_of(args)
+    assert path == checkpoint and args.device == "cpu" and next(model.parameters()).device.type == "cpu"
+
+
 def test_labelnum_beyond_the_training_cases_fails_before_the_run_directory(tmp_path, capsys):
     root = ensure_demo_data(tmp_path / "demo", size=32, splits={"train": 3, "val": 1, "test": 1})
     run = tmp_path / "run"
