@@ -2,7 +2,7 @@
 sampler (``TwoStreamBatchSampler``), as torch's ``Dataset`` and ``Sampler``.
 
 Kept apart from ``dycon.data`` so that reading data sets (a command's checks of its arguments,
-prediction, preprocessing) imports no torch; ``dycon.data`` still gives these names.
+prediction, preprocessing) imports no torch; import these names from here.
 """
 from __future__ import annotations
 
