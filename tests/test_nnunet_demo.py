@@ -75,6 +75,18 @@ def test_the_trainers_seed_sets_the_generators_nnunet_draws_from(monkeypatch):
     assert first[0] != second[0] and first[1] != second[1]
 
 
+@pytest.mark.parametrize("name", ["DYCON_NNUNET_SEED", "DYCON_NNUNET_EPOCHS", "DYCON_NNUNET_ITERATIONS"])
+def test_a_setting_that_is_not_an_integer_is_an_error_naming_it(monkeypatch, name):
+    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install -e '.[nnunet]')")
+    from types import SimpleNamespace
+
+    from dycon.nnunet.trainers import SEED_ENV, apply_budget, apply_seed
+
+    monkeypatch.setenv(name, "2x")
+    with pytest.raises(ValueError, match=rf"^{name}='2x': not an integer$"):
+        apply_seed() if name == SEED_ENV else apply_budget(SimpleNamespace())
+
+
 def test_a_finished_run_is_not_trained_again(tmp_path):
     fold = tmp_path / "results" / "Dataset991_DyconDemo" / "T__nnUNetPlans__3d_fullres" / "fold_all"
     fold.mkdir(parents=True)

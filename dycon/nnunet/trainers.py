@@ -54,13 +54,25 @@ EPOCHS_ENV, ITERATIONS_ENV, SEED_ENV = "DYCON_NNUNET_EPOCHS", "DYCON_NNUNET_ITER
 TEACHER_CHECKPOINT = "checkpoint_final_teacher.pth"
 
 
+def _env_int(name: str) -> int | None:
+    """Environment variable ``name`` as an integer; None where it is unset or empty."""
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: not an integer") from None
+
+
 def apply_budget(trainer: nnUNetTrainer) -> None:
     """Epochs and iterations per epoch from DYCON_NNUNET_EPOCHS / DYCON_NNUNET_ITERATIONS, where set."""
-    if os.environ.get(EPOCHS_ENV):
-        trainer.num_epochs = int(os.environ[EPOCHS_ENV])
-    if os.environ.get(ITERATIONS_ENV):
-        trainer.num_iterations_per_epoch = int(os.environ[ITERATIONS_ENV])
-        trainer.num_val_iterations_per_epoch = max(1, trainer.num_iterations_per_epoch // 5)
+    epochs, iterations = _env_int(EPOCHS_ENV), _env_int(ITERATIONS_ENV)
+    if epochs is not None:
+        trainer.num_epochs = epochs
+    if iterations is not None:
+        trainer.num_iterations_per_epoch = iterations
+        trainer.num_val_iterations_per_epoch = max(1, iterations // 5)
 
 
 def apply_seed() -> None:
@@ -71,8 +83,8 @@ def apply_seed() -> None:
     from run to run. Called before initialize() builds the network, so one seed fixes the
     initialisation; with nnUNet_n_proc_DA=0 the loaders run in this process and draw from the
     same seeded generators (worker processes would not)."""
-    if os.environ.get(SEED_ENV):
-        seed = int(os.environ[SEED_ENV])
+    seed = _env_int(SEED_ENV)
+    if seed is not None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
