@@ -126,7 +126,8 @@ def _setup_context(ctx, inputs, output):
     ctx.beta, ctx.reduction, ctx.backend = beta, reduction, backend
     ctx.unit = None
     if not ds_unit.numel() or is_fake(ds_unit):
-        # Traced (torch.compile): AOTAutograd needs every tensor the backward reads saved.
+        # No unit gradients (empty placeholders), or traced (torch.compile): AOTAutograd needs
+        # every tensor the backward reads saved.
         ctx.save_for_backward(student, teacher, weight, ds_unit, dt_unit)
         return
     # Eager: an attribute, not a saved tensor, so that the first backward can scale the unit
