@@ -4,6 +4,7 @@ with --c, predict, evaluate; the teacher checkpoint as nnU-Net's predictor loads
 every trainer in process, the supervised fallback and a checkpoint round trip."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,11 @@ def test_dycon_trains_resumes_predicts_and_evaluates(planned, monkeypatch):
     train = ["nnUNetv2_train", DATASET, "3d_fullres", 0, "-tr", "nnUNetTrainerDyCON", "-device", "cpu"]
     log = run(env, *train)
     assert "4 unlabelled case(s)" in log
+    # each epoch's unsupervised terms, in the line benchmarks/nnunet_demo.py reads back
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import nnunet_demo
+    terms = nnunet_demo.last_terms(log).split(", ")
+    assert sorted(t.split()[0] for t in terms if re.fullmatch(r"\w+ \S+ -> \S+", t)) == ["fecl", "uncl"], log[-2000:]
     unlabelled = root / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres_unlabelled"
     assert sorted(p.name for p in unlabelled.glob("*[0-9].b2nd")) == [f"unlabelled_{i:03d}.b2nd" for i in range(4)]
 
