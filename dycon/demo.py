@@ -198,7 +198,7 @@ def ensure_demo_data(root: str | os.PathLike | None = None, size: int = 48, seed
         ids = [f"case_{index + i:03d}" for i in range(count)]
         index += count
         for i, case_id in enumerate(ids):
-            if kind in BENCH_KINDS:   # its own generator per volume: ssl_bench and its control share them
+            if kind in BENCH_KINDS:   # its own generator per volume: the bench sets share them
                 case_rng, clear = _bench_case_rng(BENCH_KINDS[kind], seed, index - count + i, split == "train")
                 image, label = make_bench_case(case_rng, size, BENCH_RANGES["clear" if clear else "full"])
             else:

@@ -158,10 +158,22 @@ def _scaled(unit: Tensor, g: Tensor, like: Tensor, in_place: bool) -> Tensor:
     return (unit.mul_(g) if in_place else unit * g).to(like.dtype)
 
 
+def _differentiable_grads(ctx, grad: Tensor, student: Tensor, teacher: Tensor, weight: Optional[Tensor]):
+    """create_graph=True (a gradient penalty, a second-order method): the kernels' gradients carry
+    no graph, so they come from the reference's autograd instead, which can be differentiated again."""
+    ctx.unit = None
+    need = [x for x, needed in zip((student, teacher), ctx.needs_input_grad[:2]) if needed]
+    loss = reference.uncl(student, teacher, ctx.beta, weight=weight, reduction=ctx.reduction)
+    grads = iter(torch.autograd.grad(loss, need, grad, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:2])
+
+
 def _backward(ctx, grad, _grad_ds_unit, _grad_dt_unit):
     if grad is None:  # grads are not materialised (setup_context): None means zero
         return (None,) * 8
     student, teacher, weight, ds_saved, dt_saved = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return (*_differentiable_grads(ctx, grad, student, teacher, weight), None, None, None, None, None, None)
     need_t = ctx.needs_input_grad[1]
     traced = ds_saved is not None and ds_saved.numel() > 0
     unit = (ds_saved, dt_saved) if traced else _unit_grads(ctx, student, teacher, weight, need_t)

@@ -151,6 +151,23 @@ def test_second_backward_of_a_retained_graph_gives_the_same_gradients(backend, r
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_create_graph_gives_gradients_that_differentiate_like_the_reference(backend, teacher_grad):
+    """A gradient penalty (create_graph=True) differentiates the gradient again: the fused
+    kernels' gradients carry no graph, so that backward must not hand them out as if they did."""
+    results, w = {}, random_logits((2, 4, 5, 3), torch.float64, 31, scale=1.0).abs() + 0.1
+    for name in (backend, "reference"):
+        s = random_logits((2, 3, 4, 5, 3), torch.float64, 28).requires_grad_()
+        t = random_logits((2, 3, 4, 5, 3), torch.float64, 29).requires_grad_(teacher_grad)
+        inputs = (s, t) if teacher_grad else (s,)
+        grads = torch.autograd.grad(dk.uncl(s, t, 0.8, weight=w, backend=name) * 3, inputs, create_graph=True)
+        penalty = sum((g * random_logits(g.shape, torch.float64, 30 + i)).square().sum() for i, g in enumerate(grads))
+        results[name] = grads + torch.autograd.grad(penalty, inputs)
+    for fused, ref in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
 def test_cpu_forward_saves_the_unit_gradients_only_when_a_backward_can_follow():
     """What the op's forward returns besides the loss, per the gradients the call needs."""
