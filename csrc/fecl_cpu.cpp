@@ -291,8 +291,8 @@ TopkPairs<A> topk_pairs(const FeclArgs& a, const BwdInputs<A>& in, const FeclCpu
 // twice (1.5 N^2 D multiply-adds instead of 2). Strips start at the first valid key (the ignored
 // keys' rows and columns are zero); with top_k, G holds only the positives (same label: diagonal
 // blocks in key order), so a strip ends with its last row's label block. The strips run in a
-// fixed order, each product and row range in parallel: the result does not depend on the thread
-// count.
+// fixed order, each product and row range in parallel: the result does not depend on how rows are
+// split among threads (BLAS's own order aside).
 template <typename A>
 void dense_volume_grad(const FeclArgs& a, const BwdInputs<A>& in, bool thr_teacher, int64_t b, const at::Tensor& zc,
                        const at::Tensor& ztc, at::Tensor& dzk, const KeyOrder& ko, FeclRowsBwd<A>& g,
