@@ -70,7 +70,7 @@ template <typename A> struct FeclRowsFwd : FeclKeyOrderView {
   A tau, inv_tau, gp, gn, thr;
   bool topk_teacher, thr_teacher;
   const A* u;  // anchor weights or null
-  A *loss, *log_neg, *r, *n_pos, *cross, *cross_count, *col_shift;
+  A *loss, *log_neg, *r, *n_pos, *cross, *cross_count;
   int64_t* topk_idx;     // (N, K) or null
   int64_t* teacher_idx;  // (N, TK) or null
 };
@@ -95,8 +95,12 @@ template <typename A> struct FeclRowsBwd : FeclKeyOrderView {
 };
 
 template <typename A> struct FeclCpuKernels {
-  // heap: max(K, TK, 1) elements per thread (unused by colmax_rows).
-  void (*colmax_rows)(const FeclRowsFwd<A>&, A* heap, int64_t r0, int64_t r1);
+  // The column shift's maxima over a strip of similarities (rows x W, row stride W): m[r] =
+  // max(m[r], row r's maximum except column r) for rows [r0, r1), and m[q] = max(m[q], column q's
+  // maximum over all rows) for columns [q0, q1).
+  void (*strip_row_max)(const A* L, int64_t W, int64_t r0, int64_t r1, A* m);
+  void (*strip_col_max)(const A* L, int64_t rows, int64_t W, int64_t q0, int64_t q1, A* m);
+  // heap: max(K, TK, 1) elements per thread.
   void (*forward_rows)(const FeclRowsFwd<A>&, A* heap, int64_t r0, int64_t r1);
   void (*grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);  // rows of a strip of G
   void (*teacher_grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);

@@ -7,7 +7,7 @@
 // into contiguous blocks: a row's positives and negatives are whole ranges, processed by
 // branch-free loops that GCC vectorises (docs/fecl_kernels.md, "The C++ CPU kernels").
 //
-// Forward:  [column shift] one pass of row maxima -> col_shift;
+// Forward:  [column shift] one pass of maxima over upper strips (symmetry) -> col_shift;
 //           one pass per tile: top-k heap / log-sum-exp over negatives, teacher terms, positives.
 // Backward: the symmetric coefficient matrix G_ij = g_ij + g_ji (g_ji from anchor j's saved
 //           statistics) in upper strips, rows and columns in key order: each strip's similarities
@@ -114,6 +114,36 @@ void tile_rows_parallel(const FeclRowsFwd<A>& f, int64_t rows, int64_t width, in
   });
 }
 
+// Pass 1 (shift = column) of one volume: c_j = max(0, max_{valid i != j} l_ij) into c (by key
+// index). A column's maximum is also a row's (l is symmetric), so as in the backward the
+// similarities come in upper strips, rows [p0, p0 + R) against columns [p0, N) in key order, each
+// entry counted for its row and for its column: half the products of whole rows. The ignored keys
+// are never rows; their columns get one product of each strip's rows against them.
+template <typename A>
+void column_shift_volume(const at::Tensor& zk, const KeyOrder& ko, int64_t TI, const at::Tensor& Lbuf, A tau, A* c) {
+  const int64_t N = zk.size(0), v0 = ko.valid_begin();
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
+  std::vector<A> m(N, A(0));  // in key order
+  for (int64_t p0 = v0; p0 < N; p0 += TI) {
+    const int64_t R = std::min(TI, N - p0), W = N - p0;
+    const at::Tensor zr = zk.narrow(0, p0, R);
+    at::Tensor L = Lbuf.narrow(0, 0, R * W).view({R, W});
+    at::mm_out(L, zr, zk.narrow(0, p0, W).t());
+    const A* Lp = L.data_ptr<A>();
+    A* mp = m.data() + p0;
+    at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.strip_row_max(Lp, W, r0, r1, mp); });
+    at::parallel_for(R, W, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lp, R, W, q0, q1, mp); });
+    if (v0 > 0) {
+      at::Tensor Li = Lbuf.narrow(0, 0, R * v0).view({R, v0});
+      at::mm_out(Li, zr, zk.narrow(0, 0, v0).t());
+      const A* Lip = Li.data_ptr<A>();
+      at::parallel_for(0, v0, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lip, R, v0, q0, q1, m.data()); });
+    }
+  }
+  const int64_t* perm = ko.perm.data_ptr<int64_t>();
+  for (int64_t p = 0; p < N; ++p) c[perm[p]] = m[p] / tau;
+}
+
 template <typename A>
 void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc, FeclOutputs& o) {
   const int64_t B = a.B, N = a.N, Nt = a.Nt, K = a.top_k, TK = a.teacher_top_k;
@@ -144,7 +174,6 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
     f.log_neg = o.log_neg.data_ptr<A>() + off;
     f.r = o.r.data_ptr<A>() + off;
     f.n_pos = o.n_pos.data_ptr<A>() + off;
-    f.col_shift = cs ? cs + off : nullptr;
     f.cross = f.thr_teacher ? o.cross.data_ptr<A>() + off : nullptr;
     f.cross_count = f.thr_teacher ? o.cross_count.data_ptr<A>() + off : nullptr;
     f.topk_idx = K > 0 ? o.topk_idx.data_ptr<int64_t>() + off * K : nullptr;
@@ -155,16 +184,7 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
     static_cast<FeclKeyOrderView&>(f) = key_order_view(ko);
     const at::Tensor zk = zb.index_select(0, ko.perm);
 
-    // Pass 1 (shift = column): the key offsets c, a row max by symmetry.
-    if (cs) {
-      for (int64_t i0 = 0; i0 < N; i0 += TI) {
-        const int64_t rows = std::min(TI, N - i0);
-        at::Tensor Lv = L.narrow(0, 0, rows);
-        at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
-        f.L = L.data_ptr<A>(), f.i0 = i0;
-        tile_rows_parallel(f, rows, N, 1, kern.colmax_rows);
-      }
-    }
+    if (cs) column_shift_volume(zk, ko, TI, L.view({-1}), f.tau, cs + off);
     const std::vector<A> ck = in_key_order(f.c_anchor, ko);  // the keys' offsets c in key order
     f.c_key = ck.data();
 

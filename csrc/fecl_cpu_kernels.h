@@ -129,14 +129,22 @@ int64_t push_other_labels(A* val, int64_t* idx, int64_t k, const A* trow, const 
 
 // ---- forward --------------------------------------------------------------------------------------
 
-// Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), a row max by symmetry.
-template <typename A> void colmax_rows(const FeclRowsFwd<A>& f, A*, int64_t r0, int64_t r1) {
+// Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), by symmetry from strips of the
+// similarity matrix (fecl_cpu.cpp), each entry counted for its row and for its column.
+template <typename A> void strip_row_max(const A* L, int64_t W, int64_t r0, int64_t r1, A* m) {
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i = f.i0 + r;
-    // max(0, max cos) over valid j != i, / tau afterwards: the same number, tau > 0.
-    A m = 0;
-    around(f.v0, f.N, f.pos[i], [&](int64_t j0, int64_t j1) { m = row_max(m, f.L + r * f.N, j0, j1); });
-    f.col_shift[i] = m / f.tau;
+    const A* row = L + r * W;
+    A v = m[r];
+    around(int64_t(0), W, r, [&](int64_t j0, int64_t j1) { v = row_max(v, row, j0, j1); });
+    m[r] = v;
+  }
+}
+
+template <typename A> void strip_col_max(const A* L, int64_t rows, int64_t W, int64_t q0, int64_t q1, A* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* row = L + r * W;
+#pragma omp simd
+    for (int64_t q = q0; q < q1; ++q) m[q] = row[q] > m[q] ? row[q] : m[q];
   }
 }
 
@@ -293,7 +301,7 @@ template <typename A> void axpy(A g, const A* x, A* out, int64_t D) {
 }  // namespace
 
 template <typename A> constexpr FeclCpuKernels<A> fecl_cpu_kernels() {
-  return {&colmax_rows<A>, &forward_rows<A>, &grad_rows<A>, &teacher_grad_rows<A>, &dot<A>, &axpy<A>};
+  return {&strip_row_max<A>, &strip_col_max<A>, &forward_rows<A>, &grad_rows<A>, &teacher_grad_rows<A>, &dot<A>, &axpy<A>};
 }
 
 }  // namespace DYCON_ISA_NS
