@@ -114,6 +114,14 @@ void tile_rows_parallel(const FeclRowsFwd<A>& f, int64_t rows, int64_t width, in
   });
 }
 
+// The similarities of the keys at positions [p0, p0 + R) against those at [q0, q0 + W) (key order),
+// an R x W matrix at the front of the flat buffer buf.
+at::Tensor key_similarities(const at::Tensor& buf, const at::Tensor& zk, int64_t p0, int64_t R, int64_t q0, int64_t W) {
+  at::Tensor L = buf.narrow(0, 0, R * W).view({R, W});
+  at::mm_out(L, zk.narrow(0, p0, R), zk.narrow(0, q0, W).t());
+  return L;
+}
+
 // Pass 1 (shift = column) of one volume: c_j = max(0, max_{valid i != j} l_ij) into c (by key
 // index). A column's maximum is also a row's (l is symmetric), so as in the backward the
 // similarities come in upper strips, rows [p0, p0 + R) against columns [p0, N) in key order, each
@@ -126,17 +134,12 @@ void column_shift_volume(const at::Tensor& zk, const KeyOrder& ko, int64_t TI, c
   std::vector<A> m(N, A(0));  // in key order
   for (int64_t p0 = v0; p0 < N; p0 += TI) {
     const int64_t R = std::min(TI, N - p0), W = N - p0;
-    const at::Tensor zr = zk.narrow(0, p0, R);
-    at::Tensor L = Lbuf.narrow(0, 0, R * W).view({R, W});
-    at::mm_out(L, zr, zk.narrow(0, p0, W).t());
-    const A* Lp = L.data_ptr<A>();
+    const A* Lp = key_similarities(Lbuf, zk, p0, R, p0, W).data_ptr<A>();
     A* mp = m.data() + p0;
     at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.strip_row_max(Lp, W, r0, r1, mp); });
     at::parallel_for(R, W, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lp, R, W, q0, q1, mp); });
     if (v0 > 0) {
-      at::Tensor Li = Lbuf.narrow(0, 0, R * v0).view({R, v0});
-      at::mm_out(Li, zr, zk.narrow(0, 0, v0).t());
-      const A* Lip = Li.data_ptr<A>();
+      const A* Lip = key_similarities(Lbuf, zk, p0, R, 0, v0).data_ptr<A>();
       at::parallel_for(0, v0, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lip, R, v0, q0, q1, m.data()); });
     }
   }
@@ -338,8 +341,7 @@ void dense_volume_grad(const FeclArgs& a, const BwdInputs<A>& in, bool thr_teach
     const int64_t R = std::min(TI, N - p0);
     const int64_t W = a.top_k > 0 ? ko.start[yk[p0 + R - 1] + 1] - p0 : N - p0;
     const at::Tensor zr = zk.narrow(0, p0, R), zw = zk.narrow(0, p0, W);
-    at::Tensor G = Gbuf.narrow(0, 0, R * W).view({R, W});
-    at::mm_out(G, zr, zw.t());
+    at::Tensor G = key_similarities(Gbuf, zk, p0, R, p0, W);
     g.G = G.data_ptr<A>(), g.p0 = p0, g.W = W;
     at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.grad_rows(g, r0, r1); });
     at::Tensor dzr = dzk.narrow(0, p0, R);
