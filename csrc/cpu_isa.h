@@ -48,8 +48,8 @@ template <typename A> struct UnclCpuKernels {
 };
 
 // ---- FeCL: a range of rows of one tile of similarities (docs/fecl_kernels.md) ---------------------
-// Pointers to per-anchor arrays are the volume's (index: anchor i); rows r of a tile are anchors
-// i0 + r; a row's columns are the volume's keys in label order (perm: position -> key, pos: key ->
+// Forward: pointers to per-anchor arrays are the volume's (index: anchor i); rows r of a tile are
+// anchors i0 + r; a row's columns are the volume's keys in label order (perm: position -> key, pos: key ->
 // position, start[c]: the first position of label code c, v0 = start[0]: before it the ignored keys).
 
 struct FeclKeyOrderView {
@@ -70,7 +70,7 @@ template <typename A> struct FeclRowsFwd : FeclKeyOrderView {
   A tau, inv_tau, gp, gn, thr;
   bool topk_teacher, thr_teacher;
   const A* u;  // anchor weights or null
-  A *loss, *log_neg, *r, *n_pos, *cross, *cross_count, *col_shift;
+  A *loss, *log_neg, *r, *n_pos, *cross, *cross_count;
   int64_t* topk_idx;     // (N, K) or null
   int64_t* teacher_idx;  // (N, TK) or null
 };
@@ -79,28 +79,30 @@ template <typename A> struct FeclKeyStats {
   const A *a, *aR, *ln, *c;  // a_j, a_j R_j, log_neg_j, c_j
 };
 
+// The backward works on strips of the symmetric coefficient matrix G with rows and columns in key
+// order: rows are the positions p0 + r (all valid: strips start at or after v0), columns the
+// positions p0 .. p0 + W - 1 (row stride W). Per-position arrays are in key order, so one set of
+// statistics serves both ends of a pair.
 template <typename A> struct FeclRowsBwd : FeclKeyOrderView {
-  A* G;   // rows x N similarities in, coefficients out
+  A* G;   // rows x W similarities in, coefficients out
   A* Gt;  // rows x Nt teacher similarities in, coefficients out (threshold teacher)
-  int64_t i0, N, Nt, K;
-  const int32_t* y;
-  const int32_t* yt;
-  FeclKeyStats<A> key;     // in key order
-  FeclKeyStats<A> anchor;  // by anchor index
+  int64_t p0, W, N, Nt, K;
+  const int32_t* y;   // label codes in key order
+  const int32_t* yt;  // teacher label codes
+  FeclKeyStats<A> key;
   A tau, inv_tau, gp, gn, thr;
-  const A* grad_cross;
-  const int64_t* topk_idx;  // (N, K) stored top-k negatives, their g_iq (topk_g), and the
-  const A* topk_g;          // transposed index: key q's anchors rev_anchor[rev_ptr[q] .. rev_ptr[q + 1])
-  const int64_t* rev_ptr;   // with their g (rev_g)
-  const int64_t* rev_anchor;
-  const A* rev_g;
+  const A* grad_cross;  // in key order
 };
 
 template <typename A> struct FeclCpuKernels {
-  // heap: max(K, TK, 1) elements per thread (unused by colmax_rows).
-  void (*colmax_rows)(const FeclRowsFwd<A>&, A* heap, int64_t r0, int64_t r1);
+  // The column shift's maxima over a strip of similarities (rows x W, row stride W): m[r] =
+  // max(m[r], row r's maximum except column r) for rows [r0, r1), and m[q] = max(m[q], column q's
+  // maximum over all rows) for columns [q0, q1).
+  void (*strip_row_max)(const A* L, int64_t W, int64_t r0, int64_t r1, A* m);
+  void (*strip_col_max)(const A* L, int64_t rows, int64_t W, int64_t q0, int64_t q1, A* m);
+  // heap: max(K, TK, 1) elements per thread.
   void (*forward_rows)(const FeclRowsFwd<A>&, A* heap, int64_t r0, int64_t r1);
-  void (*grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);
+  void (*grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);  // rows of a strip of G
   void (*teacher_grad_rows)(const FeclRowsBwd<A>&, int64_t r0, int64_t r1);
   // The stored top-k pairs' work (backward): a dot product and out += g x, D elements.
   A (*dot)(const A* a, const A* b, int64_t D);

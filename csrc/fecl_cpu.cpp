@@ -7,12 +7,14 @@
 // into contiguous blocks: a row's positives and negatives are whole ranges, processed by
 // branch-free loops that GCC vectorises (docs/fecl_kernels.md, "The C++ CPU kernels").
 //
-// Forward:  [column shift] one pass of row maxima -> col_shift;
+// Forward:  [column shift] one pass of maxima over upper strips (symmetry) -> col_shift;
 //           one pass per tile: top-k heap / log-sum-exp over negatives, teacher terms, positives.
-// Backward: per tile, the symmetric coefficient matrix G_ij = g_ij + g_ji is written over the
-//           similarity buffer (g_ji from anchor j's saved statistics), then dz_tile = G z / tau
-//           by BLAS. Top-k negative pairs are sparse: g_iq is computed once per stored pair and
-//           added to row i (at q) and, through a transposed index (CSR built serially), to row q.
+// Backward: the symmetric coefficient matrix G_ij = g_ij + g_ji (g_ji from anchor j's saved
+//           statistics) in upper strips, rows and columns in key order: each strip's similarities
+//           by one BLAS product, overwritten by G, then dz += G z / tau for the strip's rows and
+//           (by symmetry) G^T z / tau for its columns, so each pair's similarity is computed once.
+//           Top-k negative pairs are sparse: g_iq is computed once per stored pair and added to
+//           dz_i and, through a transposed index (CSR built serially), to dz_q.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -112,6 +114,39 @@ void tile_rows_parallel(const FeclRowsFwd<A>& f, int64_t rows, int64_t width, in
   });
 }
 
+// The similarities of the keys at positions [p0, p0 + R) against those at [q0, q0 + W) (key order),
+// an R x W matrix at the front of the flat buffer buf.
+at::Tensor key_similarities(const at::Tensor& buf, const at::Tensor& zk, int64_t p0, int64_t R, int64_t q0, int64_t W) {
+  at::Tensor L = buf.narrow(0, 0, R * W).view({R, W});
+  at::mm_out(L, zk.narrow(0, p0, R), zk.narrow(0, q0, W).t());
+  return L;
+}
+
+// Pass 1 (shift = column) of one volume: c_j = max(0, max_{valid i != j} l_ij) into c (by key
+// index). A column's maximum is also a row's (l is symmetric), so as in the backward the
+// similarities come in upper strips, rows [p0, p0 + R) against columns [p0, N) in key order, each
+// entry counted for its row and for its column: half the products of whole rows. The ignored keys
+// are never rows; their columns get one product of each strip's rows against them.
+template <typename A>
+void column_shift_volume(const at::Tensor& zk, const KeyOrder& ko, int64_t TI, const at::Tensor& Lbuf, A tau, A* c) {
+  const int64_t N = zk.size(0), v0 = ko.valid_begin();
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
+  std::vector<A> m(N, A(0));  // in key order
+  for (int64_t p0 = v0; p0 < N; p0 += TI) {
+    const int64_t R = std::min(TI, N - p0), W = N - p0;
+    const A* Lp = key_similarities(Lbuf, zk, p0, R, p0, W).data_ptr<A>();
+    A* mp = m.data() + p0;
+    at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.strip_row_max(Lp, W, r0, r1, mp); });
+    at::parallel_for(R, W, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lp, R, W, q0, q1, mp); });
+    if (v0 > 0) {
+      const A* Lip = key_similarities(Lbuf, zk, p0, R, 0, v0).data_ptr<A>();
+      at::parallel_for(0, v0, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lip, R, v0, q0, q1, m.data()); });
+    }
+  }
+  const int64_t* perm = ko.perm.data_ptr<int64_t>();
+  for (int64_t p = 0; p < N; ++p) c[perm[p]] = m[p] / tau;
+}
+
 template <typename A>
 void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc, FeclOutputs& o) {
   const int64_t B = a.B, N = a.N, Nt = a.Nt, K = a.top_k, TK = a.teacher_top_k;
@@ -142,7 +177,6 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
     f.log_neg = o.log_neg.data_ptr<A>() + off;
     f.r = o.r.data_ptr<A>() + off;
     f.n_pos = o.n_pos.data_ptr<A>() + off;
-    f.col_shift = cs ? cs + off : nullptr;
     f.cross = f.thr_teacher ? o.cross.data_ptr<A>() + off : nullptr;
     f.cross_count = f.thr_teacher ? o.cross_count.data_ptr<A>() + off : nullptr;
     f.topk_idx = K > 0 ? o.topk_idx.data_ptr<int64_t>() + off * K : nullptr;
@@ -153,16 +187,7 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
     static_cast<FeclKeyOrderView&>(f) = key_order_view(ko);
     const at::Tensor zk = zb.index_select(0, ko.perm);
 
-    // Pass 1 (shift = column): the key offsets c, a row max by symmetry.
-    if (cs) {
-      for (int64_t i0 = 0; i0 < N; i0 += TI) {
-        const int64_t rows = std::min(TI, N - i0);
-        at::Tensor Lv = L.narrow(0, 0, rows);
-        at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
-        f.L = L.data_ptr<A>(), f.i0 = i0;
-        tile_rows_parallel(f, rows, N, 1, kern.colmax_rows);
-      }
-    }
+    if (cs) column_shift_volume(zk, ko, TI, L.view({-1}), f.tau, cs + off);
     const std::vector<A> ck = in_key_order(f.c_anchor, ko);  // the keys' offsets c in key order
     f.c_key = ck.data();
 
@@ -181,174 +206,229 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
   }
 }
 
-// Per-key statistics of one volume, in KeyOrder's order, that the backward reads for the key
-// end of a pair (the anchor end reads the same numbers in the original order).
+// Per-position statistics of one volume in KeyOrder's order, that the backward reads for both
+// ends of a pair.
 template <typename A> struct KeyStats {
   std::vector<A> a, aR, ln, c;  // a_j, a_j R_j, log_neg_j, c_j (zeros without the column shift)
 };
 
+// The backward's inputs as raw pointers (all volumes), and the per-anchor coefficients.
+template <typename A> struct BwdInputs {
+  const label_t *y, *yt;
+  const A *u, *grad_loss, *grad_cross, *log_neg, *r, *n_pos, *col_shift;
+  const int64_t *topk_idx, *teacher_idx;
+  const A *z, *zt;
+  at::Tensor coef;  // (2, B * N): a_i and a_i R_i, at a and aR
+  const A *a, *aR;
+};
+
 template <typename A>
-at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tensor& zc,
-                         const at::Tensor& ztc) {
-  const int64_t B = a.B, N = a.N, D = a.D, Nt = a.Nt, K = a.top_k, TK = a.teacher_top_k;
-  const A tau = A(a.tau), gp = A(a.gamma_pos), gn = A(a.gamma_neg), thr = A(a.teacher_threshold);
-  const bool topk_teacher = a.teacher == kTeacherTopk;
-  const bool thr_teacher = a.teacher == kTeacherThreshold && s.grad_cross.defined();
-  const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0);
-  const A inv_tau = A(1) / tau;
-  auto opts = zc.options();
-
-  const LabelCodes codes = label_codes(a);
-  const label_t* yp = codes.y.data_ptr<label_t>();
-  const label_t* ytp = a.teacher != kTeacherNone ? codes.yt.data_ptr<label_t>() : nullptr;
-  const A* up = a.u.defined() ? a.u.data_ptr<A>() : nullptr;
-  const A* gl = s.grad_loss.data_ptr<A>();
-  const A* gc = thr_teacher ? s.grad_cross.data_ptr<A>() : nullptr;
-  const A* lnp = s.log_neg.data_ptr<A>();
-  const A* rp = s.r.data_ptr<A>();
-  const A* npp = s.n_pos.data_ptr<A>();
-  const A* cs = a.column_shift ? s.col_shift.data_ptr<A>() : nullptr;
-  const int64_t* tki = K > 0 ? s.topk_idx.data_ptr<int64_t>() : nullptr;
-  const int64_t* tti = topk_teacher ? s.teacher_idx.data_ptr<int64_t>() : nullptr;
-  const A* zp = zc.data_ptr<A>();
-  const A* ztp = a.teacher != kTeacherNone ? ztc.data_ptr<A>() : nullptr;
-
-  // Per-anchor coefficients a_i and a_i R_i.
-  at::Tensor coef = at::empty({2, B * N}, opts);
-  A* ap = coef.data_ptr<A>();
-  A* arp = ap + B * N;
-  at::parallel_for(0, B * N, 1 << 14, [&](int64_t g0, int64_t g1) {
+BwdInputs<A> bwd_inputs(const FeclArgs& a, const FeclSavedIn& s, const LabelCodes& codes, const at::Tensor& zc,
+                        const at::Tensor& ztc, bool thr_teacher) {
+  const int64_t BN = a.B * a.N;
+  BwdInputs<A> in{};
+  in.y = codes.y.data_ptr<label_t>();
+  in.yt = a.teacher != kTeacherNone ? codes.yt.data_ptr<label_t>() : nullptr;
+  in.u = a.u.defined() ? a.u.data_ptr<A>() : nullptr;
+  in.grad_loss = s.grad_loss.data_ptr<A>();
+  in.grad_cross = thr_teacher ? s.grad_cross.data_ptr<A>() : nullptr;
+  in.log_neg = s.log_neg.data_ptr<A>();
+  in.r = s.r.data_ptr<A>();
+  in.n_pos = s.n_pos.data_ptr<A>();
+  in.col_shift = a.column_shift ? s.col_shift.data_ptr<A>() : nullptr;
+  in.topk_idx = a.top_k > 0 ? s.topk_idx.data_ptr<int64_t>() : nullptr;
+  in.teacher_idx = a.teacher == kTeacherTopk ? s.teacher_idx.data_ptr<int64_t>() : nullptr;
+  in.z = zc.data_ptr<A>();
+  in.zt = a.teacher != kTeacherNone ? ztc.data_ptr<A>() : nullptr;
+  in.coef = at::empty({2, BN}, zc.options());
+  A* ap = in.coef.template data_ptr<A>();
+  A* arp = ap + BN;
+  in.a = ap, in.aR = arp;
+  at::parallel_for(0, BN, 1 << 14, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      ap[g] = anchor_coef(yp[g] >= 0, gl[g], up ? up[g] : A(1), npp[g]);
-      arp[g] = ap[g] * rp[g];
+      ap[g] = anchor_coef(in.y[g] >= 0, in.grad_loss[g], in.u ? in.u[g] : A(1), in.n_pos[g]);
+      arp[g] = ap[g] * in.r[g];
     }
   });
+  return in;
+}
 
-  const FeclCpuKernels<A>& kern = fecl_table<A>();
-  // Top-k negatives: g_iq per stored pair, and the transposed index (key q -> its anchors).
-  at::Tensor gk, rev_ptr, rev_anchor, rev_g;
-  const A* gkp = nullptr;
-  const int64_t* rptr = nullptr;
-  const int64_t* ranc = nullptr;
-  const A* rg = nullptr;
-  if (K > 0) {
-    gk = at::empty({B * N * K}, opts);
-    A* gkw = gk.data_ptr<A>();
-    at::parallel_for(0, B * N, row_grain(K * D), [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t b = g / N;
-        for (int64_t t = 0; t < K; ++t) {
-          const int64_t q = tki[g * K + t];
-          A v = 0;
-          if (q >= 0 && arp[g] != A(0)) {
-            const A cos = kern.dot(zp + g * D, zp + (b * N + q) * D, D);
-            v = neg_grad(arp[g], cos * inv_tau, cos, cs ? cs[b * N + q] : A(0), lnp[g], tau, gn);
-          }
-          gkw[g * K + t] = v;
+// The stored top-k negative pairs: g_iq per pair, and the transposed index (key q -> the anchors
+// that stored it, with their g), built serially so that the order is fixed.
+template <typename A> struct TopkPairs {
+  at::Tensor g, rev_ptr, rev_anchor, rev_g;
+};
+
+template <typename A>
+TopkPairs<A> topk_pairs(const FeclArgs& a, const BwdInputs<A>& in, const FeclCpuKernels<A>& kern) {
+  const int64_t N = a.N, D = a.D, K = a.top_k, BN = a.B * a.N;
+  const A tau = A(a.tau), inv_tau = A(1) / tau, gn = A(a.gamma_neg);
+  const int64_t* tki = in.topk_idx;
+  const A* arp = in.aR;
+  TopkPairs<A> t;
+  t.g = at::empty({BN * K}, in.coef.options());
+  A* gk = t.g.template data_ptr<A>();
+  at::parallel_for(0, BN, row_grain(K * D), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / N;
+      for (int64_t s = 0; s < K; ++s) {
+        const int64_t q = tki[g * K + s];
+        A v = 0;
+        if (q >= 0 && arp[g] != A(0)) {
+          const A cos = kern.dot(in.z + g * D, in.z + (b * N + q) * D, D);
+          v = neg_grad(arp[g], cos * inv_tau, cos, in.col_shift ? in.col_shift[b * N + q] : A(0), in.log_neg[g], tau, gn);
         }
+        gk[g * K + s] = v;
       }
-    });
-    rev_ptr = at::empty({B * N + 1}, a.y.options());
-    int64_t* ptr = rev_ptr.data_ptr<int64_t>();
-    std::fill(ptr, ptr + B * N + 1, int64_t(0));
-    for (int64_t g = 0; g < B * N; ++g)
-      for (int64_t t = 0; t < K; ++t) {
-        const int64_t q = tki[g * K + t];
-        if (q >= 0) ++ptr[(g / N) * N + q + 1];
-      }
-    for (int64_t g = 0; g < B * N; ++g) ptr[g + 1] += ptr[g];
-    const int64_t total = ptr[B * N];
-    rev_anchor = at::empty({std::max<int64_t>(total, 1)}, a.y.options());
-    rev_g = at::empty({std::max<int64_t>(total, 1)}, opts);
-    int64_t* ra = rev_anchor.data_ptr<int64_t>();
-    A* rgw = rev_g.data_ptr<A>();
-    std::vector<int64_t> fill(ptr, ptr + B * N);
-    for (int64_t g = 0; g < B * N; ++g)
-      for (int64_t t = 0; t < K; ++t) {
-        const int64_t q = tki[g * K + t];
-        if (q < 0) continue;
-        const int64_t pos = fill[(g / N) * N + q]++;
-        ra[pos] = g % N;
-        rgw[pos] = gkw[g * K + t];
-      }
-    gkp = gkw;
-    rptr = ptr;
-    ranc = ra;
-    rg = rgw;
+    }
+  });
+  t.rev_ptr = at::zeros({BN + 1}, a.y.options());
+  int64_t* ptr = t.rev_ptr.template data_ptr<int64_t>();
+  for (int64_t g = 0; g < BN; ++g)
+    for (int64_t s = 0; s < K; ++s) {
+      const int64_t q = tki[g * K + s];
+      if (q >= 0) ++ptr[(g / N) * N + q + 1];
+    }
+  for (int64_t g = 0; g < BN; ++g) ptr[g + 1] += ptr[g];
+  const int64_t total = ptr[BN];
+  t.rev_anchor = at::empty({std::max<int64_t>(total, 1)}, a.y.options());
+  t.rev_g = at::empty({std::max<int64_t>(total, 1)}, in.coef.options());
+  int64_t* ra = t.rev_anchor.template data_ptr<int64_t>();
+  A* rg = t.rev_g.template data_ptr<A>();
+  std::vector<int64_t> fill(ptr, ptr + BN);
+  for (int64_t g = 0; g < BN; ++g)
+    for (int64_t s = 0; s < K; ++s) {
+      const int64_t q = tki[g * K + s];
+      if (q < 0) continue;
+      const int64_t pos = fill[(g / N) * N + q]++;
+      ra[pos] = g;  // global anchor index
+      rg[pos] = gk[g * K + s];
+    }
+  return t;
+}
+
+// The dense part of volume b's gradient, dz_k = (G z_k / tau + Gt zt) in key order, from the
+// upper strips of the symmetric G: the strip of rows [p0, p0 + R) against columns [p0, p0 + W)
+// gives dz_k[p0 : p0 + R] += G_strip z_k[p0 : p0 + W] and, by symmetry, dz_k[p0 + R : p0 + W] +=
+// G_strip[:, R:]^T z_k[p0 : p0 + R]; so each similarity G_pq with p < q is computed once and used
+// twice (1.5 N^2 D multiply-adds instead of 2). Strips start at the first valid key (the ignored
+// keys' rows and columns are zero); with top_k, G holds only the positives (same label: diagonal
+// blocks in key order), so a strip ends with its last row's label block. The strips run in a
+// fixed order, each product and row range in parallel: the result does not depend on how rows are
+// split among threads (BLAS's own order aside).
+template <typename A>
+void dense_volume_grad(const FeclArgs& a, const BwdInputs<A>& in, bool thr_teacher, int64_t b, const at::Tensor& zc,
+                       const at::Tensor& ztc, at::Tensor& dzk, const KeyOrder& ko, FeclRowsBwd<A>& g,
+                       const at::Tensor& Gbuf, const at::Tensor& Gtbuf) {
+  const int64_t N = a.N, Nt = a.Nt;
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
+  const at::Tensor zk = zc[b].index_select(0, ko.perm);
+  const std::vector<label_t> yk = in_key_order(in.y + b * N, ko);
+  const A* cb = in.col_shift ? in.col_shift + b * N : nullptr;
+  const std::vector<A> no_shift(cb ? 0 : N, A(0));  // c = 0 without the column shift
+  const KeyStats<A> ks{in_key_order(in.a + b * N, ko), in_key_order(in.aR + b * N, ko),
+                       in_key_order(in.log_neg + b * N, ko), in_key_order(cb ? cb : no_shift.data(), ko)};
+  const std::vector<A> gck = thr_teacher ? in_key_order(in.grad_cross + b * N, ko) : std::vector<A>();
+  static_cast<FeclKeyOrderView&>(g) = key_order_view(ko);
+  g.y = yk.data();
+  g.yt = in.yt ? in.yt + b * Nt : nullptr;
+  g.key = {ks.a.data(), ks.aR.data(), ks.ln.data(), ks.c.data()};
+  g.grad_cross = thr_teacher ? gck.data() : nullptr;
+  const at::Tensor ztb = thr_teacher ? ztc[b] : at::Tensor();
+  const A inv_tau = A(1) / A(a.tau);
+  const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0);
+  for (int64_t p0 = ko.valid_begin(); p0 < N; p0 += TI) {
+    const int64_t R = std::min(TI, N - p0);
+    const int64_t W = a.top_k > 0 ? ko.start[yk[p0 + R - 1] + 1] - p0 : N - p0;
+    const at::Tensor zr = zk.narrow(0, p0, R), zw = zk.narrow(0, p0, W);
+    at::Tensor G = key_similarities(Gbuf, zk, p0, R, p0, W);
+    g.G = G.data_ptr<A>(), g.p0 = p0, g.W = W;
+    at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.grad_rows(g, r0, r1); });
+    at::Tensor dzr = dzk.narrow(0, p0, R);
+    dzr.addmm_(G, zw, /*beta=*/1, /*alpha=*/inv_tau);
+    if (W > R) {
+      at::Tensor dzw = dzk.narrow(0, p0 + R, W - R);
+      dzw.addmm_(G.narrow(1, R, W - R).t(), zr, /*beta=*/1, /*alpha=*/inv_tau);
+    }
+    // Threshold teacher: d cross_i / d c_ik = 1 / (1 - c_ik + eps), no temperature.
+    if (thr_teacher) {
+      at::Tensor Gt = Gtbuf.narrow(0, 0, R);
+      at::mm_out(Gt, zr, ztb.t());
+      g.Gt = Gt.data_ptr<A>();
+      at::parallel_for(0, R, row_grain(Nt), [&](int64_t r0, int64_t r1) { kern.teacher_grad_rows(g, r0, r1); });
+      dzr.addmm_(Gt, ztb);
+    }
   }
+}
+
+// The sparse pairs of anchors [g0, g1) (global indices), each adding to its own row of dz: the
+// stored top-k negatives both ways (dz_i += g_iq z_q / tau for i's pairs and g_qi z_q / tau for the
+// anchors q that stored i), and the top-k teacher pairs, g^t_ik = a_i R_i exp(l^t_ik - log_neg_i)
+// (the teacher gets no gradient).
+template <typename A>
+void sparse_grad_rows(const FeclArgs& a, const BwdInputs<A>& in, const TopkPairs<A>* tp, A* dz, int64_t g0, int64_t g1) {
+  const int64_t N = a.N, D = a.D, K = a.top_k, TK = a.teacher_top_k, Nt = a.Nt;
+  const A tau = A(a.tau), inv_tau = A(1) / tau;
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
+  const A* arp = in.aR;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t b = g / N;
+    A* out = dz + g * D;
+    if (tp) {
+      const A* gk = tp->g.template data_ptr<A>();
+      const int64_t* ptr = tp->rev_ptr.template data_ptr<int64_t>();
+      const int64_t* ra = tp->rev_anchor.template data_ptr<int64_t>();
+      const A* rg = tp->rev_g.template data_ptr<A>();
+      for (int64_t s = 0; s < K; ++s) {
+        const int64_t q = in.topk_idx[g * K + s];
+        if (q >= 0) kern.axpy(gk[g * K + s] * inv_tau, in.z + (b * N + q) * D, out, D);
+      }
+      for (int64_t s = ptr[g]; s < ptr[g + 1]; ++s) kern.axpy(rg[s] * inv_tau, in.z + ra[s] * D, out, D);
+    }
+    if (in.teacher_idx && in.y[g] >= 0 && arp[g] != A(0)) {
+      const A* zi = in.z + g * D;
+      for (int64_t s = 0; s < TK; ++s) {
+        const int64_t k = in.teacher_idx[g * TK + s];
+        if (k < 0) continue;
+        const A* ztk = in.zt + (b * Nt + k) * D;
+        const A cos = kern.dot(zi, ztk, D);
+        kern.axpy(neg_grad(arp[g], cos * inv_tau, cos, A(0), in.log_neg[g], tau, A(0)) * inv_tau, ztk, out, D);
+      }
+    }
+  }
+}
+
+template <typename A>
+at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tensor& zc, const at::Tensor& ztc) {
+  const int64_t B = a.B, N = a.N, D = a.D, Nt = a.Nt, K = a.top_k;
+  const bool thr_teacher = a.teacher == kTeacherThreshold && s.grad_cross.defined();
+  const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0);
+  auto opts = zc.options();
+  const LabelCodes codes = label_codes(a);
+  const BwdInputs<A> in = bwd_inputs<A>(a, s, codes, zc, ztc, thr_teacher);
+  const TopkPairs<A> tp = K > 0 ? topk_pairs(a, in, fecl_table<A>()) : TopkPairs<A>();
 
   FeclRowsBwd<A> g{};
   g.N = N, g.Nt = Nt, g.K = K;
-  g.tau = tau, g.inv_tau = inv_tau, g.gp = gp, g.gn = gn, g.thr = thr;
-  g.rev_anchor = ranc, g.rev_g = rg;
-
-  at::Tensor dz = at::empty_like(a.z);
-  at::Tensor G = at::empty({TI, N}, opts);
-  at::Tensor Gt = thr_teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
-  at::Tensor dzt = at::empty({TI, D}, opts);
-  const std::vector<A> no_shift(cs ? 0 : N, A(0));  // c = 0 without the column shift
-
+  g.tau = A(a.tau), g.inv_tau = A(1) / g.tau, g.gp = A(a.gamma_pos), g.gn = A(a.gamma_neg);
+  g.thr = A(a.teacher_threshold);
+  const at::Tensor Gbuf = at::empty({TI * N}, opts);
+  const at::Tensor Gtbuf = thr_teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
+  at::Tensor dz = at::empty({B, N, D}, opts);
+  at::Tensor dzk = at::empty({N, D}, opts);
   for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor zb = zc[b];
-    const label_t* yb = yp + b * N;
-    const label_t* ytb = ytp ? ytp + b * Nt : nullptr;
-    const A* ab = ap + b * N;
-    const A* arb = arp + b * N;
-    const A* lnb = lnp + b * N;
-    const A* cb = cs ? cs + b * N : no_shift.data();
-    // G's columns are the keys in label order (as in the forward); dz_tile = G z_k / tau.
-    const KeyOrder ko = key_order(yb, N);
-    const at::Tensor zk = zb.index_select(0, ko.perm);
-    const KeyStats<A> ks{in_key_order(ab, ko), in_key_order(arb, ko), in_key_order(lnb, ko), in_key_order(cb, ko)};
-    g.y = yb, g.yt = ytb;
-    static_cast<FeclKeyOrderView&>(g) = key_order_view(ko);
-    g.key = {ks.a.data(), ks.aR.data(), ks.ln.data(), ks.c.data()};
-    g.anchor = {ab, arb, lnb, cb};
-    g.grad_cross = gc ? gc + b * N : nullptr;
-    g.topk_idx = tki ? tki + b * N * K : nullptr;
-    g.topk_g = gkp ? gkp + b * N * K : nullptr;
-    g.rev_ptr = rptr ? rptr + b * N : nullptr;
-    for (int64_t i0 = 0; i0 < N; i0 += TI) {
-      const int64_t rows = std::min(TI, N - i0);
-      at::Tensor Gv = G.narrow(0, 0, rows);
-      at::mm_out(Gv, zb.narrow(0, i0, rows), zk.t());
-      g.G = G.data_ptr<A>(), g.i0 = i0;
-      at::parallel_for(0, rows, row_grain(N), [&](int64_t r0, int64_t r1) { kern.grad_rows(g, r0, r1); });
-      at::Tensor dzv = dzt.narrow(0, 0, rows);
-      at::mm_out(dzv, Gv, zk);
-      dzv.div_(a.tau);
-      // Threshold teacher: d cross_i / d c_ik = 1 / (1 - c_ik + eps), no temperature.
-      if (thr_teacher) {
-        at::Tensor Gtv = Gt.narrow(0, 0, rows);
-        at::mm_out(Gtv, zb.narrow(0, i0, rows), ztc[b].t());
-        g.Gt = Gt.data_ptr<A>();
-        at::parallel_for(0, rows, row_grain(Nt), [&](int64_t r0, int64_t r1) { kern.teacher_grad_rows(g, r0, r1); });
-        dzv.addmm_(Gtv, ztc[b]);
-      }
-      // Top-k teacher: g^t_ik = a_i R_i exp(l^t_ik - log_neg_i), teacher gets no gradient.
-      if (topk_teacher) {
-        A* dzp = dzt.data_ptr<A>();
-        at::parallel_for(0, rows, row_grain(TK * D), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t gi = b * N + i0 + r;
-            if (yb[i0 + r] < 0 || arb[i0 + r] == A(0)) continue;
-            const A* zi = zp + gi * D;
-            A* out = dzp + r * D;
-            for (int64_t t = 0; t < TK; ++t) {
-              const int64_t k = tti[gi * TK + t];
-              if (k < 0) continue;
-              const A* zk = ztp + (b * Nt + k) * D;
-              const A cos = kern.dot(zi, zk, D);
-              const A g = neg_grad(arb[i0 + r], cos * inv_tau, cos, A(0), lnb[i0 + r], tau, A(0)) * inv_tau;
-              kern.axpy(g, zk, out, D);
-            }
-          }
-        });
-      }
-      dz[b].narrow(0, i0, rows).copy_(dzv);
-    }
+    const KeyOrder ko = key_order(codes.y.data_ptr<label_t>() + b * N, N);
+    dzk.zero_();
+    dense_volume_grad(a, in, thr_teacher, b, zc, ztc, dzk, ko, g, Gbuf, Gtbuf);
+    dz[b].index_copy_(0, ko.perm, dzk);
   }
-  return dz;
+  if (K > 0 || in.teacher_idx) {
+    A* dzp = dz.data_ptr<A>();
+    const int64_t width = K * 2 + (in.teacher_idx ? a.teacher_top_k : 0);
+    at::parallel_for(0, B * N, row_grain(width * D),
+                     [&](int64_t g0, int64_t g1) { sparse_grad_rows(a, in, K > 0 ? &tp : nullptr, dzp, g0, g1); });
+  }
+  return dz.to(a.z.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,

@@ -129,14 +129,22 @@ int64_t push_other_labels(A* val, int64_t* idx, int64_t k, const A* trow, const 
 
 // ---- forward --------------------------------------------------------------------------------------
 
-// Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), a row max by symmetry.
-template <typename A> void colmax_rows(const FeclRowsFwd<A>& f, A*, int64_t r0, int64_t r1) {
+// Pass 1 (shift = column): c_j = max(0, max_{valid i != j} l_ij), by symmetry from strips of the
+// similarity matrix (fecl_cpu.cpp), each entry counted for its row and for its column.
+template <typename A> void strip_row_max(const A* L, int64_t W, int64_t r0, int64_t r1, A* m) {
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i = f.i0 + r;
-    // max(0, max cos) over valid j != i, / tau afterwards: the same number, tau > 0.
-    A m = 0;
-    around(f.v0, f.N, f.pos[i], [&](int64_t j0, int64_t j1) { m = row_max(m, f.L + r * f.N, j0, j1); });
-    f.col_shift[i] = m / f.tau;
+    const A* row = L + r * W;
+    A v = m[r];
+    around(int64_t(0), W, r, [&](int64_t j0, int64_t j1) { v = row_max(v, row, j0, j1); });
+    m[r] = v;
+  }
+}
+
+template <typename A> void strip_col_max(const A* L, int64_t rows, int64_t W, int64_t q0, int64_t q1, A* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* row = L + r * W;
+#pragma omp simd
+    for (int64_t q = q0; q < q1; ++q) m[q] = row[q] > m[q] ? row[q] : m[q];
   }
 }
 
@@ -225,37 +233,35 @@ void neg_grad_block(A* row, const FeclKeyStats<A>& k, const AnchorStat<A>& s, in
   }
 }
 
-// G_ij = g_ij + g_ji over the similarity rows [r0, r1) (in place).
+template <typename A> void zero_block(A* row, int64_t j0, int64_t j1) {
+  for (int64_t p = j0; p < j1; ++p) row[p] = A(0);
+}
+
+// G_pq = g_pq + g_qp over the rows [r0, r1) of a strip (in place). Column q of a row is element
+// q - p0; the key statistics are shifted the same way. With top_k the stored negative pairs are
+// not in G (fecl_cpu.cpp adds them sparsely), so only the positives are.
 template <typename A> void grad_rows(const FeclRowsBwd<A>& g, int64_t r0, int64_t r1) {
-  const int64_t N = g.N, K = g.K, v0 = g.v0;
+  const int64_t p0 = g.p0, W = g.W;
+  const FeclKeyStats<A> k{g.key.a + p0, g.key.aR + p0, g.key.ln + p0, g.key.c + p0};
+  const auto column = [&](int64_t q) { return dmin(dmax(q - p0, int64_t(0)), W); };
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i = g.i0 + r;
-    const int32_t lab = g.y[i];
-    A* row = g.G + r * N;
-    if (lab < 0) {
-      for (int64_t p = 0; p < N; ++p) row[p] = A(0);
-      continue;
-    }
-    const AnchorStat<A> st{g.anchor.a[i], g.anchor.aR[i], g.anchor.ln[i], g.anchor.c[i]};
-    const int64_t lo = g.start[lab], hi = g.start[lab + 1], pi = g.pos[i];
-    for (int64_t p = 0; p < v0; ++p) row[p] = A(0);  // ignored keys
+    const int64_t p = p0 + r;
+    const int32_t lab = g.y[p];
+    A* row = g.G + r * W;
+    const AnchorStat<A> st{g.key.a[p], g.key.aR[p], g.key.ln[p], g.key.c[p]};
+    const int64_t lo = column(g.start[lab]), hi = column(g.start[lab + 1]);
     with_exponent(g.gp, [&](auto e) {
-      around(lo, hi, pi, [&](int64_t j0, int64_t j1) { pos_grad_block(row, g.key, st, j0, j1, g.inv_tau, e); });
+      around(lo, hi, r, [&](int64_t j0, int64_t j1) { pos_grad_block(row, k, st, j0, j1, g.inv_tau, e); });
     });
-    row[pi] = A(0);
-    if (K == 0) {
+    row[r] = A(0);  // the anchor itself (column p)
+    if (g.K == 0) {
       with_exponent(g.gn, [&](auto e) {
-        neg_grad_block(row, g.key, st, v0, lo, g.tau, g.inv_tau, e);
-        neg_grad_block(row, g.key, st, hi, N, g.tau, g.inv_tau, e);
+        neg_grad_block(row, k, st, 0, lo, g.tau, g.inv_tau, e);
+        neg_grad_block(row, k, st, hi, W, g.tau, g.inv_tau, e);
       });
-    } else {  // the stored top-k pairs, both ways
-      for (int64_t p = v0; p < lo; ++p) row[p] = A(0);
-      for (int64_t p = hi; p < N; ++p) row[p] = A(0);
-      for (int64_t t = 0; t < K; ++t) {
-        const int64_t q = g.topk_idx[i * K + t];
-        if (q >= 0) row[g.pos[q]] += g.topk_g[i * K + t];
-      }
-      for (int64_t p = g.rev_ptr[i]; p < g.rev_ptr[i + 1]; ++p) row[g.pos[g.rev_anchor[p]]] += g.rev_g[p];
+    } else {
+      zero_block(row, 0, lo);
+      zero_block(row, hi, W);
     }
   }
 }
@@ -264,14 +270,14 @@ template <typename A> void grad_rows(const FeclRowsBwd<A>& g, int64_t r0, int64_
 template <typename A> void teacher_grad_rows(const FeclRowsBwd<A>& g, int64_t r0, int64_t r1) {
   const int64_t Nt = g.Nt;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i = g.i0 + r;
-    const int32_t lab = g.y[i];
-    const A gc = g.grad_cross[i], thr = g.thr;
+    const int64_t p = g.p0 + r;
+    const int32_t lab = g.y[p];
+    const A gc = g.grad_cross[p], thr = g.thr;
     A* row = g.Gt + r * Nt;
 #pragma omp simd
     for (int64_t k = 0; k < Nt; ++k) {
       const A c = row[k];
-      const bool in = (lab >= 0) & (gc != A(0)) & (g.yt[k] >= 0) & (g.yt[k] != lab) & (c > thr);
+      const bool in = (gc != A(0)) & (g.yt[k] >= 0) & (g.yt[k] != lab) & (c > thr);
       row[k] = in ? gc * cross_grad(c) : A(0);
     }
   }
@@ -295,7 +301,7 @@ template <typename A> void axpy(A g, const A* x, A* out, int64_t D) {
 }  // namespace
 
 template <typename A> constexpr FeclCpuKernels<A> fecl_cpu_kernels() {
-  return {&colmax_rows<A>, &forward_rows<A>, &grad_rows<A>, &teacher_grad_rows<A>, &dot<A>, &axpy<A>};
+  return {&strip_row_max<A>, &strip_col_max<A>, &forward_rows<A>, &grad_rows<A>, &teacher_grad_rows<A>, &dot<A>, &axpy<A>};
 }
 
 }  // namespace DYCON_ISA_NS

@@ -67,5 +67,9 @@ def test_fecl_teacher_top_k_over_many_keys(variant, name):
     test_fecl_cpp.check("cpu", cfg, dtype=torch.float32, N=100, Nt=200, D=16)
 
 
+def test_fecl_strips(variant):
+    test_fecl_cpp.test_cpu_strips("dycon", torch.float32)
+
+
 def test_fecl_float64(variant):
     test_fecl_cpp.test_configs("cpu", "official", torch.float64)

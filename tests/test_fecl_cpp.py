@@ -256,6 +256,18 @@ def test_shapes(device, shape, name):
     check(device, make_cfg(**CONFIGS[name]), dtype=torch.float64, **shape)
 
 
+# Enough keys for several strips in the CPU backward and column shift (csrc/fecl_cpu.cpp: 2^20 / N
+# rows a strip, each strip used for its rows and, transposed, for the columns after it): 4 here.
+STRIPS_SHAPE = dict(B=1, N=2101, D=8, Nt=300)
+
+
+@pytest.mark.parametrize("name,dtype", [("dycon", torch.float32), ("topk_threshold", torch.float32),
+                                        ("fractional", torch.float32), ("official", torch.float64)],
+                         ids=["dycon-f32", "topk_threshold-f32", "fractional-f32", "official-f64"])
+def test_cpu_strips(name, dtype):
+    check("cpu", make_cfg(**CONFIGS[name]), dtype=dtype, **STRIPS_SHAPE)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["official", "dycon", "topk_threshold", "topk1_column"])
 def test_one_class(device, name):
