@@ -46,6 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(1, ROOT)
 
+from dycon_kernels._build import source_commit  # noqa: E402  (after the path above)
+
 MiB = 2.0 ** 20
 GiB = 2.0 ** 30
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -359,18 +361,6 @@ def _load_average() -> str:
         return "unknown"
 
 
-def _git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] = ()) -> list[str]:
     import dycon_kernels
     from dycon_kernels import backends
@@ -382,7 +372,7 @@ def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] =
         triton_version = "not installed"
     lines = [f"# {title}",
              f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-             f"dycon_kernels {dycon_kernels.__version__}, commit {_git_commit()}",
+             f"dycon_kernels {dycon_kernels.__version__}, commit {source_commit()}",
              f"device: {device.type}; {os.cpu_count()} logical cores visible, torch threads: "
              f"{torch.get_num_threads()}; load average {_load_average()}",
              cpu_isa.summary()]

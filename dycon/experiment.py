@@ -227,9 +227,11 @@ def read_run(run_dir: Path) -> dict:
         metrics = list(csv.DictReader(f))
     trained = [r for r in metrics if r["total"]]
     val = [float(r["val_dice"]) for r in metrics if r["val_dice"]]
-    # what the kernels ran on, as dycon.loop.log_kernels recorded it in the run's config.yaml
-    kernels = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("kernels", {})
+    # the code and what the kernels ran on, as dycon.loop.log_kernels recorded them in config.yaml
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    kernels = saved.get("kernels", {})
     return {"cases": rows, "definition": summary["definition"], "kernels": kernels_text(kernels),
+            "commit": saved.get("code", {}).get("commit", "unknown"),
             "iterations": int(trained[-1]["step"]) if trained else 0, "best_val_dice": max(val, default=math.nan),
             "grad_ratios": grad_ratios(metrics)}
 

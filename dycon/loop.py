@@ -36,7 +36,9 @@ from dycon.losses import dice_loss, patch_labels_dycon
 from dycon.metrics import dice
 from dycon.networks import build_model
 from dycon.schedules import beta_at, learning_rate, ramp_lengths, summary as schedule_summary, uamt_threshold
+import dycon_kernels
 from dycon_kernels import backends
+from dycon_kernels._build import source_commit
 from dycon_kernels.presets import teacher_threshold_ramp
 
 log = logging.getLogger("dycon.train")
@@ -144,15 +146,18 @@ def setup_logging(run_dir: Path, ctx: distributed.Context) -> None:
 
 
 def log_kernels(cfg: dict, run_dir: Path, device: torch.device, ctx: distributed.Context) -> None:
-    """Say per op which backend the kernels use and why (an explicit one that cannot run fails
-    here, not at the first step), and record it as ``kernels`` in the run's config.yaml."""
+    """Say which code trains (its git commit) and per op which backend the kernels use and why
+    (an explicit one that cannot run fails here, not at the first step); record both as ``code``
+    and ``kernels`` in the run's config.yaml."""
+    code = {"dycon": dycon_kernels.__version__, "commit": source_commit()}
+    log.info("code: dycon %s, commit %s", code["dycon"], code["commit"])
     info = backends.report(device, cfg["train"]["kernel_backend"])
     for line in backends.report_lines(info):
         log.info("%s", line)
     config = run_dir / "config.yaml"
     if ctx.is_main and config.is_file():   # written by the command line (dycon.train)
         saved = yaml.safe_load(config.read_text())
-        config.write_text(yaml.safe_dump({**saved, "kernels": info}, sort_keys=False))
+        config.write_text(yaml.safe_dump({**saved, "code": code, "kernels": info}, sort_keys=False))
 
 
 def set_determinism(deterministic: bool) -> None:

@@ -150,7 +150,8 @@ def main(argv=None) -> dict:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a run directory?)")
         saved = yaml.safe_load(cfg_path.read_text())
-        if isinstance(saved, dict):   # 'kernels': what the last session ran (dycon.loop.log_kernels)
+        if isinstance(saved, dict):   # what the last session ran with (dycon.loop.log_kernels)
+            saved.pop("code", None)
             saved.pop("kernels", None)
         cfg = merge_config(DEFAULTS, saved, str(cfg_path))
     else:

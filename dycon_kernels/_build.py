@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
@@ -44,3 +45,20 @@ def built_files(directory) -> list[Path]:
     """Every extension file in ``directory``, for any torch and any Python."""
     return sorted(p for p in Path(directory).glob(STEM + ".*")
                   if not p.name.endswith(RECORD_SUFFIX) and p.suffix in (".so", ".pyd"))
+
+
+def source_commit() -> str:
+    """The git commit of the source tree this package is imported from ('abc1234', with
+    ' (with uncommitted changes)' when tracked files differ from it), or 'unknown' outside a git
+    checkout (an installed wheel): what a run or a benchmark records to say which code made it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")

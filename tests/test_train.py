@@ -2,6 +2,8 @@
 import copy
 import csv
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +145,9 @@ def test_cli_runs_tests_and_resumes(tmp_path, data_root):
     assert saved["data"]["labelnum"] == "50%" and saved["train"]["seed"] == 3
     assert saved["loss"]["fecl_warmup"] == 1 and saved["loss"]["patch_purity"] == 0.5
     assert saved["kernels"]["ops"]["fecl"]["backend"] == "cpu" and saved["kernels"]["extension"] == "loaded"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True).stdout.strip() or "unknown"   # the code that trained, as git names it
+    assert saved["code"]["commit"].split()[0] == head
     assert 0 <= result["test"]["classes"]["1"]["dice"]["mean"] <= 1
     assert (run / "eval_test_student" / "cases.csv").exists()   # the report dycon.evaluate --run writes
     with pytest.raises(FileExistsError, match="--resume"):
