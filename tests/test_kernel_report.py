@@ -107,6 +107,32 @@ def test_trip_counts_from_the_range_source():
     assert kernel_report.trip_count("range(0, K)", sizes, ce) == 7
 
 
+# SASS as nvdisasm prints it: a loop left through CALL.REL.NOINC (ptxas does so on sm_80/86 for
+# the D-chunk loops and the top-k rounds) and a subroutine call that returns.
+_NOINC_SASS = """
+.L_x_0:
+        /*0000*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0010*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm70_shflsync_bfly) ;
+        /*0020*/              @P0 CALL.REL.NOINC `(.L_x_1) ;
+        /*0030*/                   BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   EXIT ;
+"""
+
+
+def test_loop_left_through_call_rel_noinc():
+    """A CALL.REL.NOINC to a label of the kernel is a jump (the loop's exit: without it the code
+    after the loop looked unreachable and the loop around it was missed); one to a subroutine
+    falls through."""
+    import sass_loops
+
+    instrs, labels = sass_loops.parse(_NOINC_SASS)
+    blks = sass_loops.blocks(instrs, labels)
+    assert [b.succs for b in blks] == [[1, 2], [0], []]
+    assert sass_loops.back_edges(blks) == [(1, 0)]
+    assert sass_loops.reachable(blks, with_div=False) == {0, 1, 2}
+
+
 def test_budget_on_the_pinned_triton(report):
     import triton
 
