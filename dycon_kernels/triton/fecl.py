@@ -375,17 +375,18 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
                       BLOCK_D, BLOCK_DK)
         key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
         s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
-        # Rounds needed: per row, how many tile values beat the current k-th value (<= K).
-        n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
+        # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
+        # reduction yields its value and index at once (one pass over the row, not two), and the
+        # buffer's minimum carries from one round to the next.
+        worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        n_better = tl.sum((s > worst[:, None]).to(tl.int32), axis=1)
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
-            best = tl.max(s, axis=1)
-            best_n = tl.argmax(s, axis=1, tie_break_left=True)
-            worst = tl.min(vals, axis=1)
-            worst_k = tl.argmin(vals, axis=1, tie_break_left=True)
+            best, best_n = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
             put = (best > worst)[:, None] & (offs_k[None, :] == worst_k[:, None])
             vals = tl.where(put, best[:, None], vals)
             idx = tl.where(put, (start_n + best_n)[:, None], idx)
             s = tl.where(tl.arange(0, BLOCK_N)[None, :] == best_n[:, None], NEG_INF, s)
+            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
     # Sort the buffer descending; every real entry (idx >= 0) is > -inf, so -1 comes last.
     vals = tl.where(idx >= 0, vals, NEG_INF)
     out = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
@@ -689,23 +690,36 @@ def dot_precision(dtype) -> str:
 MAX_D = 1024
 # Tile shapes (BLOCK_M, BLOCK_N), largest first, and pipeline depths tried for each.
 TILE_CHOICES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 16))
+# The backward's: within MAX_PAIR_TILE, and 16 x 32 before 32 x 16: with 4 warps the 32 x 16 tile
+# evaluated its element-wise terms twice (bfloat16, D = 256, sm_86: 178 instructions and 10 MUFU
+# per pair against 117 and 5 at 16 x 32; float32 on sm_90: 16 MUFU against 8).
+BACKWARD_TILE_CHOICES = ((64, 32), (32, 64), (32, 32), (16, 32), (32, 16), (16, 16))
 STAGE_CHOICES = (3, 2, 1)
 # D chunks of the similarity dots when the anchor block is not held across key tiles (_sim_tile).
 CHUNK_CHOICES = (128, 64, 32, 16)
 # Register budgets, per program of NUM_WARPS warps (128 threads; a thread has at most 255 registers):
-# - the anchor block held across key tiles (BLOCK_DK = BLOCK_D): at most 64 x 256 values, as
-#   before D was tiled (float32 blocks of that size still spill in the forward; not yet changed);
+# - the anchor block held across key tiles (BLOCK_DK = BLOCK_D): at most 64 x 256 values, and
+#   for float32 (tf32x3, whose high and low parts of both blocks sit in registers) only up to
+#   BLOCK_D = MAX_HELD_SPLIT_D: every held float32 tile at D = 256 spilled (sm_90: 64 x 32 1.2 KB
+#   in the log-neg pass, 32 x 32 4.9 KB, 16 x 64 1.5 KB; sm_80/86 likewise), at D = 128 too
+#   (64 x 64: 196 B, 64 x 32: 1.3 KB on sm_86); 64 x 64 x 64 did not;
 # - a D chunk's two operands when D is chunked: (BLOCK_M + BLOCK_N) x BLOCK_DK x bytes (float32
-#   counted twice, tf32x3's two parts) <= 32 KB: the Ampere-style dot holds its operands in
-#   registers (float32 64 x 64 x 128 chunks made ptxas spill 30 KB on sm_80);
+#   counted twice, tf32x3's two parts) <= 16 KB: the Ampere-style dot holds its operands in
+#   registers (float32 64 x 64 x 32 chunks, 32 KB, spilled 40-140 B on sm_80/86, and the float32
+#   backward's 16 x 32 x 64, 24 KB, 32 B on sm_80 at 3 stages; 64 x 64 x 16 and 16 x 32 x 32
+#   did not, on any card);
 # - the backward's float32 accumulator (BLOCK_M, BLOCK_DC): 64 x 256 values (128 registers);
-#   BLOCK_M = 16 splits a wider D over programs, larger BLOCK_M never do;
+#   BLOCK_M = 16 splits a wider D over programs, larger BLOCK_M never do; with float32 keys the
+#   accumulator and the key tile's columns that g @ z_j takes in two TF32 parts (BLOCK_N x
+#   BLOCK_DC x 8 bytes) <= 80 KB (at D = 256: 16 x 32; 32 x 32 spilled 1.6 KB, 64 x 32 more);
 # - a gather's (BLOCK_M, BLOCK_DG) chunks: 64 x 64 values (32 registers each); the sparse-pair
 #   kernels take SPARSE_BLOCK_M rows;
 # Always 4 warps: with 8, the compiled sm_90 backward evaluated every element-wise term twice
 # (the two warp groups hold replicated tiles).
 MAX_HELD_ANCHOR = 64 * 256
-MAX_CHUNK_BYTES = 32 * 1024
+MAX_HELD_SPLIT_D = 64
+MAX_CHUNK_BYTES = 16 * 1024
+MAX_SPLIT_BACKWARD_BYTES = 80 * 1024
 MAX_ACC_TILE = 64 * 256
 MAX_GATHER_TILE = 64 * 64
 SPARSE_BLOCK_M = 64
@@ -740,10 +754,25 @@ def padded_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def _split(dtype: torch.dtype) -> int:
+    """Parts each dot operand is split into on the GPU: 2 for float32 under tf32x3, else 1."""
+    return 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
+
+
 def _dot_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of the similarity dots' operands on the GPU, times tf32x3's two parts."""
-    split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
-    return torch.empty(0, dtype=dtype).element_size() * split
+    return torch.empty(0, dtype=dtype).element_size() * _split(dtype)
+
+
+def _held_fits(dtype: torch.dtype, bm: int, bd: int) -> bool:
+    """Whether an anchor block of bm x bd may be held across key tiles (the register budgets above)."""
+    return bm * bd <= MAX_HELD_ANCHOR and (_split(dtype) == 1 or bd <= MAX_HELD_SPLIT_D)
+
+
+def _backward_regs_fit(kind: str, dtype: torch.dtype, bm: int, bn: int, dc: int) -> bool:
+    """The float32 backward's accumulator and split key columns within MAX_SPLIT_BACKWARD_BYTES
+    (the other dtypes: MAX_ACC_TILE alone, _column_splits; the forward: no such tiles)."""
+    return kind != "backward" or _split(dtype) == 1 or (bm + bn * _split(dtype)) * dc * 4 <= MAX_SPLIT_BACKWARD_BYTES
 
 
 def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int, dk: int | None = None,
@@ -755,8 +784,7 @@ def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stag
     backward's second dot (g @ z_j) adds the (BLOCK_M, BLOCK_N) coefficients and the key tile's
     ``dc`` columns. tests/test_fecl_triton.py checks it against the compiled kernels."""
     dk, dc = dk or bd, dc or bd
-    acc = 8 if dtype == torch.float64 else 4
-    split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
+    acc, split = (8 if dtype == torch.float64 else 4), _split(dtype)
     piped = bn + (bm if dk < bd else 0)
     total = (bm + bn) * dk * acc * split + (stages - 1) * piped * dk * torch.empty(0, dtype=dtype).element_size()
     if kind == "backward":
@@ -788,19 +816,22 @@ def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> Lau
         raise ValueError(f"fecl (triton): embedding dimension D = {D} is larger than the supported {MAX_D}")
     bd = padded_d(D)
     for held in (True, False):
-        for bm, bn in TILE_CHOICES:
-            if kind == "backward" and bm * bn > MAX_PAIR_TILE:
-                continue
-            if held:
-                chunks = (bd,) if bm * bd <= MAX_HELD_ANCHOR else ()
-            else:
-                chunks = tuple(c for c in CHUNK_CHOICES if c < bd
-                               and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
-            for dc in _column_splits(kind, bm, bd):
+        # Fewer programs per row block first (each recomputes the similarity tiles), then tiles.
+        for split in range(3):
+            for bm, bn in BACKWARD_TILE_CHOICES if kind == "backward" else TILE_CHOICES:
+                splits = _column_splits(kind, bm, bd)
+                if split >= len(splits) or not _backward_regs_fit(kind, dtype, bm, bn, splits[split]):
+                    continue
+                if held:
+                    chunks = (bd,) if _held_fits(dtype, bm, bd) else ()
+                else:
+                    chunks = tuple(c for c in CHUNK_CHOICES if c < bd
+                                   and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
                 for dk in chunks:
                     for stages in STAGE_CHOICES:
-                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, dc) <= smem_limit:
-                            return LaunchConfig(bm, bn, bd, dk, dc, gather_chunk(bm, bd), NUM_WARPS, stages)
+                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, splits[split]) <= smem_limit:
+                            return LaunchConfig(bm, bn, bd, dk, splits[split], gather_chunk(bm, bd), NUM_WARPS,
+                                                stages)
     need = smem_estimate(kind, dtype, 16, 16, bd, 1, 16, _column_splits(kind, 16, bd)[-1])
     raise ValueError(f"fecl (triton): D = {D} with {dtype} embeddings needs {need} bytes of shared memory per "
                      f"block even with 16 x 16 tiles, but this GPU allows {smem_limit}; use float16/bfloat16 "
