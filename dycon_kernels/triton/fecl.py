@@ -712,7 +712,9 @@ CHUNK_CHOICES = (128, 64, 32, 16)
 #   BLOCK_M = 16 splits a wider D over programs, larger BLOCK_M never do; with float32 keys the
 #   accumulator and the key tile's columns that g @ z_j takes in two TF32 parts (BLOCK_N x
 #   BLOCK_DC x 8 bytes) <= 80 KB (at D = 256: 16 x 32; 32 x 32 spilled 1.6 KB, 64 x 32 more);
-# - a gather's (BLOCK_M, BLOCK_DG) chunks: 64 x 64 values (32 registers each); the sparse-pair
+# - a gather's (BLOCK_M, BLOCK_DG) chunks: 64 x 32 values (16 registers each; at 64 x 64 the
+#   float32 sparse rows kernel spilled 24 B and the log-neg gathers 8 B on sm_80/86/89, and
+#   bfloat16's call took 1.3 more instructions per pair on sm_90); the sparse-pair
 #   kernels take SPARSE_BLOCK_M rows;
 # Always 4 warps: with 8, the compiled sm_90 backward evaluated every element-wise term twice
 # (the two warp groups hold replicated tiles).
@@ -721,7 +723,7 @@ MAX_HELD_SPLIT_D = 64
 MAX_CHUNK_BYTES = 16 * 1024
 MAX_SPLIT_BACKWARD_BYTES = 80 * 1024
 MAX_ACC_TILE = 64 * 256
-MAX_GATHER_TILE = 64 * 64
+MAX_GATHER_TILE = 64 * 32
 SPARSE_BLOCK_M = 64
 # - the similarity tile of the positive pass and of the backward, whose per-pair terms (three
 #   and five MUFU operations, the focal factors, both directions) hold about twice the registers
