@@ -376,17 +376,15 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
         key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
         s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
-        # reduction yields its value and index at once (one pass over the row, not two), and the
-        # buffer's minimum carries from one round to the next.
-        worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        n_better = tl.sum((s > worst[:, None]).to(tl.int32), axis=1)
+        # round's reductions yield their value and index at once (one pass over the row, not two).
+        n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
             best, best_n = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
             put = (best > worst)[:, None] & (offs_k[None, :] == worst_k[:, None])
             vals = tl.where(put, best[:, None], vals)
             idx = tl.where(put, (start_n + best_n)[:, None], idx)
             s = tl.where(tl.arange(0, BLOCK_N)[None, :] == best_n[:, None], NEG_INF, s)
-            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
     # Sort the buffer descending; every real entry (idx >= 0) is > -inf, so -1 comes last.
     vals = tl.where(idx >= 0, vals, NEG_INF)
     out = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
