@@ -85,6 +85,13 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_labels(Y, base, offs, n):
+    """Labels of rows ``offs`` of a volume at Y + base, -1 past n, as int32 (class indices and -1):
+    a label comparison per pair is then one 32-bit compare, not a 64-bit one's two."""
+    return tl.load(Y + base + offs, mask=offs < n, other=-1).to(tl.int32)
+
+
+@triton.jit
 def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DK: tl.constexpr):
     """This program's volume b and anchor block: offsets, row mask, labels (-1 past N) and, when
@@ -94,7 +101,7 @@ def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
-    yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
+    yi = _load_labels(Y, b * N, offs_m, N)
     if BLOCK_DK == BLOCK_D:
         zi = _load_rows(Z, b * N * D, offs_m, N, tl.arange(0, BLOCK_D), D, DOT_IN)
     else:
@@ -345,7 +352,7 @@ def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, D
     c = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+        yj = _load_labels(Y, b * N, offs_n, N)
         l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                       BLOCK_D, BLOCK_DK) * inv_tau
         pair = (yi[:, None] >= 0) & (yj[None, :] >= 0) & (offs_m[:, None] != offs_n[None, :])
@@ -370,17 +377,20 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yk = tl.load(KY + b * NK + offs_n, mask=offs_n < NK, other=-1)
+        yk = _load_labels(KY, b * NK, offs_n, NK)
         s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK * D, offs_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                       BLOCK_D, BLOCK_DK)
-        key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
-        s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
+        # Candidates: valid keys with another label than the anchor's; the rest -inf.
+        s = tl.where((yi[:, None] != yk[None, :]) & (yk >= 0)[None, :], s, NEG_INF)
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
-        # round's reductions yield their value and index at once (one pass over the row, not two).
+        # round's reductions yield their value and index at once (one pass over the row, not two),
+        # ties going to whichever index the reduction meets first (deterministic; a cheaper combine
+        # than the lowest index's): equal values are all inserted in turn, and which of two keys
+        # tied at the k-th value is kept is unspecified, as for torch.topk.
         n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
-            best, best_n = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            best, best_n = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=False)
+            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=False)
             put = (best > worst)[:, None] & (offs_k[None, :] == worst_k[:, None])
             vals = tl.where(put, best[:, None], vals)
             idx = tl.where(put, (start_n + best_n)[:, None], idx)
@@ -469,7 +479,7 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
     n_pos = tl.zeros([BLOCK_M], tl.int32)  # an integer count: fewer instructions than a float sum
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+        yj = _load_labels(Y, b * N, offs_n, N)
         l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                        BLOCK_D, BLOCK_DK) * scale
         if COLUMN:
@@ -544,6 +554,8 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
+        # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
+        # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
         yj = tl.load(Y + b * N + offs_n, mask=col_ok, other=-1)
         dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
                                      DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
