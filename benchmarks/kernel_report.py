@@ -505,7 +505,8 @@ def main(argv=None) -> int:
                 "compiled as launched: 16-byte-aligned pointers, the size arguments that are multiples of 16 "
                 "marked so (FeCL's N as fecl.launch_n gives it).")
     headlines = [r for r in cost if r["level"] == "call"]
-    lines = [f"# Kernel report ({'shapes' if args.shapes else 'quick' if args.quick else 'full grid'}), {time.strftime('%Y-%m-%d')}, "
+    scope = "shapes" if args.shapes else "quick" if args.quick else "full grid"
+    lines = [f"# Kernel report ({scope}), {time.strftime('%Y-%m-%d')}, "
              f"Triton {triton.__version__}", "",
              "Counted as described in docs/kernel_report.md; " + compiled + " Case: dtype/D/preset/top_k/N.", "",
              "## Whole call (forward + backward), thread-instructions and MUFU operations per pair", ""]

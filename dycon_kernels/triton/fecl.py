@@ -784,7 +784,8 @@ def _held_fits(dtype: torch.dtype, bm: int, bd: int) -> bool:
 def _backward_regs_fit(kind: str, dtype: torch.dtype, bm: int, bn: int, dc: int) -> bool:
     """The float32 backward's accumulator and split key columns within MAX_SPLIT_BACKWARD_BYTES
     (the other dtypes: MAX_ACC_TILE alone, _column_splits; the forward: no such tiles)."""
-    return kind != "backward" or _split(dtype) == 1 or (bm + bn * _split(dtype)) * dc * 4 <= MAX_SPLIT_BACKWARD_BYTES
+    split = _split(dtype)
+    return kind != "backward" or split == 1 or (bm + bn * split) * dc * 4 <= MAX_SPLIT_BACKWARD_BYTES
 
 
 def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int, dk: int | None = None,
@@ -820,19 +821,21 @@ def _column_splits(kind: str, bm: int, bd: int) -> tuple:
 def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> LaunchConfig:
     """The LaunchConfig of the ``kind`` ('forward' or 'backward') kernels of one call on a card
     with ``smem_limit`` bytes of shared memory per block: the anchor block held whole across key
-    tiles if any tiles allow it, else D in chunks (the widest first); then the largest tiles, then
-    the deepest pipeline whose estimate fits and that keep within the register budgets above. A
+    tiles if any tiles allow it, else D in chunks (the widest first); then the fewest programs
+    per row block (the backward's column split), the largest tiles, then the deepest pipeline
+    whose estimate fits and that keep within the register budgets above. A
     pure function, so that the choice is testable without a GPU. Raises ValueError for D > MAX_D
     or when not even 16 x 16 tiles with 16-wide chunks fit."""
     if D > MAX_D:
         raise ValueError(f"fecl (triton): embedding dimension D = {D} is larger than the supported {MAX_D}")
     bd = padded_d(D)
     for held in (True, False):
-        # Fewer programs per row block first (each recomputes the similarity tiles), then tiles.
-        for split in range(3):
+        # Fewer programs per row block first (each recomputes the similarity tiles), then tiles:
+        # level l takes the l-th of _column_splits' at most three widths.
+        for level in range(3):
             for bm, bn in BACKWARD_TILE_CHOICES if kind == "backward" else TILE_CHOICES:
-                splits = _column_splits(kind, bm, bd)
-                if split >= len(splits) or not _backward_regs_fit(kind, dtype, bm, bn, splits[split]):
+                widths = _column_splits(kind, bm, bd)
+                if level >= len(widths) or not _backward_regs_fit(kind, dtype, bm, bn, widths[level]):
                     continue
                 if held:
                     chunks = (bd,) if _held_fits(dtype, bm, bd) else ()
@@ -841,8 +844,8 @@ def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> Lau
                                    and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
                 for dk in chunks:
                     for stages in STAGE_CHOICES:
-                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, splits[split]) <= smem_limit:
-                            return LaunchConfig(bm, bn, bd, dk, splits[split], gather_chunk(bm, bd), NUM_WARPS,
+                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, widths[level]) <= smem_limit:
+                            return LaunchConfig(bm, bn, bd, dk, widths[level], gather_chunk(bm, bd), NUM_WARPS,
                                                 stages)
     need = smem_estimate(kind, dtype, 16, 16, bd, 1, 16, _column_splits(kind, 16, bd)[-1])
     raise ValueError(f"fecl (triton): D = {D} with {dtype} embeddings needs {need} bytes of shared memory per "
