@@ -80,8 +80,16 @@ def parse(text: str) -> tuple[list[Instr], dict]:
     return instrs, labels
 
 
+def _is_jump(ins: Instr) -> bool:
+    """BRA, or CALL.REL.NOINC to a label of the kernel: ptxas leaves some loops that way (``@P
+    CALL.REL.NOINC .L_x_2``, nothing returns to it); a CALL.REL.NOINC to a subroutine (the
+    shuffle fallback's ``$__internal_..._shflsync``) returns and falls through."""
+    return ins.op.startswith("BRA") or (ins.op.startswith("CALL.REL.NOINC") and ins.target is not None)
+
+
 def _is_branch(ins: Instr) -> bool:
-    return ins.op.startswith(("BRA", "EXIT", "RET", "BRX", "JMP")) and not ins.op.startswith("BRA.CONV")
+    return ((ins.op.startswith(("BRA", "EXIT", "RET", "BRX", "JMP")) or _is_jump(ins))
+            and not ins.op.startswith("BRA.CONV"))
 
 
 def blocks(instrs: list[Instr], labels: dict) -> list[Block]:
@@ -90,7 +98,7 @@ def blocks(instrs: list[Instr], labels: dict) -> list[Block]:
     by_addr = {ins.addr: i for i, ins in enumerate(instrs)}
     leaders = {0}
     for i, ins in enumerate(instrs):
-        if ins.op.startswith("BRA") and ins.target in labels and labels[ins.target] in by_addr:
+        if _is_jump(ins) and ins.target in labels and labels[ins.target] in by_addr:
             leaders.add(by_addr[labels[ins.target]])
         if _is_branch(ins) and i + 1 < len(instrs):
             leaders.add(i + 1)
@@ -107,7 +115,7 @@ def blocks(instrs: list[Instr], labels: dict) -> list[Block]:
         falls = not _is_branch(last) or last.predicated or last.op.startswith("BRA.DIV")
         if falls and nxt is not None:
             blk.succs.append(nxt)
-        if last.op.startswith("BRA") and last.target in labels and labels[last.target] in by_addr:
+        if _is_jump(last) and last.target in labels and labels[last.target] in by_addr:
             dest = block_of[by_addr[labels[last.target]]]
             (blk.div_succs if last.op.startswith("BRA.DIV") else blk.succs).append(dest)
     return out
@@ -155,7 +163,7 @@ def retreating_branches(instrs: list[Instr], labels: dict) -> list[tuple[int, in
     """(branch address, target address) of every branch to an earlier or equal address: what a
     loop finder reading addresses alone takes for loops."""
     return [(ins.addr, labels[ins.target]) for ins in instrs
-            if ins.op.startswith("BRA") and ins.target in labels and labels[ins.target] <= ins.addr]
+            if _is_jump(ins) and ins.target in labels and labels[ins.target] <= ins.addr]
 
 
 def natural_loops(blks: list[Block]) -> list[Loop]:

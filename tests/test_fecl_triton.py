@@ -480,12 +480,18 @@ def test_launch_config_fits_or_refuses(cc):
                 assert c.num_stages >= 1 and c.BLOCK_D % c.BLOCK_DK == 0 and c.BLOCK_D % c.BLOCK_DC == 0
                 assert fecl.smem_estimate(kind, dtype, c.BLOCK_M, c.BLOCK_N, c.BLOCK_D, c.num_stages, c.BLOCK_DK,
                                           c.BLOCK_DC) <= limit
-                # Register budgets: the backward's accumulator, a gather's chunks, a held anchor block.
+                # Register budgets: the backward's accumulator (and float32's split key columns), a
+                # gather's chunks, a held anchor block (float32: only up to MAX_HELD_SPLIT_D).
                 assert c.BLOCK_M * c.BLOCK_DC <= fecl.MAX_ACC_TILE or kind == "forward"
+                if kind == "backward" and dtype == torch.float32:
+                    assert (c.BLOCK_M + 2 * c.BLOCK_N) * c.BLOCK_DC * 4 <= fecl.MAX_SPLIT_BACKWARD_BYTES
                 assert c.BLOCK_M * c.BLOCK_DG <= fecl.MAX_GATHER_TILE
-                assert (c.BLOCK_M * c.BLOCK_D <= fecl.MAX_HELD_ANCHOR if c.BLOCK_DK == c.BLOCK_D else
-                        (c.BLOCK_M + c.BLOCK_N) * c.BLOCK_DK * fecl._dot_bytes(dtype) <= fecl.MAX_CHUNK_BYTES
-                        or c.BLOCK_DK == 16)
+                if c.BLOCK_DK == c.BLOCK_D:
+                    assert c.BLOCK_M * c.BLOCK_D <= fecl.MAX_HELD_ANCHOR
+                    assert dtype != torch.float32 or c.BLOCK_D <= fecl.MAX_HELD_SPLIT_D
+                else:
+                    assert ((c.BLOCK_M + c.BLOCK_N) * c.BLOCK_DK * fecl._dot_bytes(dtype) <= fecl.MAX_CHUNK_BYTES
+                            or c.BLOCK_DK == 16)
     with pytest.raises(ValueError, match="larger than the supported 1024"):
         fecl.launch_config(limit, torch.bfloat16, 1025, "forward")
 

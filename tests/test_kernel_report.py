@@ -23,26 +23,41 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import kernel_report  # noqa: E402
 
 TARGET = ("bf16", 256, "dycon", 32, 13824)
+# float32 at D = 256 with chunked dots (the presets' two paths: dense negatives with the threshold
+# teacher; top-k with the teacher top-k and the sparse-pair kernels), on the cards whose held
+# float32 blocks spilled most (sm_80) and the budget's card.
+FP32_CASES = [("fp32", 256, "official", 0, 13824), ("fp32", 256, "dycon", 32, 13824)]
 
 _SCRIPT = """
 import json, sys
 import kernel_report as kr
-rows = kr.run(False, 1, [90], ["fecl"], ns=(13824,), cases=[tuple(json.loads(sys.argv[1]))])
+cases, ccs = json.loads(sys.argv[1])
+rows = kr.run(False, 1, ccs, ["fecl"], ns=(13824,), cases=[tuple(c) for c in cases])
 print(json.dumps(dict(rows=rows, cost=kr.call_cost(rows)), default=str))
 """
 
 
-@pytest.fixture(scope="module")
-def report():
-    """The report's kernel rows (with their SASS analysis) and cost rows of the target case."""
+def _compile_report(cases, ccs):
+    """The report's kernel rows (with their SASS analysis) and cost rows of ``cases`` on ``ccs``."""
     if DEVICE.type == "cuda":
         pytest.skip("compiled on CPU-only machines (the GPU runs the kernels themselves)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks")])
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(TARGET)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps([cases, ccs])], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+    """The target case on sm_90."""
+    return _compile_report([TARGET], [90])
+
+
+@pytest.fixture(scope="module")
+def fp32_report():
+    return _compile_report(FP32_CASES, [80, 90])
 
 
 def test_report_compiles_every_launch_of_the_call(report):
@@ -65,10 +80,11 @@ def test_rows_add_up_to_the_headline(report):
     assert call["triton"] == __import__("triton").__version__
 
 
-def test_no_loop_of_a_compiled_kernel_is_left_out(report):
+def _every_loop_attributed(report):
     """Every back edge of each kernel's control-flow graph belongs to a loop of the report with its
     Python `for` and a finite trip count; every branch to an earlier address in code a converged
-    warp runs is such a back edge (those in the BRA.DIV fallbacks are not loops)."""
+    warp runs is such a back edge (those in the BRA.DIV fallbacks are not loops). Returns the
+    loop rows of the cost."""
     for row in report["rows"]:
         code = row["code"]
         attributed = sorted(tuple(e) for lp in code["loops"] for e in lp["back_edges"])
@@ -77,6 +93,11 @@ def test_no_loop_of_a_compiled_kernel_is_left_out(report):
         assert set(map(tuple, code["hot_retreating"])) <= set(map(tuple, code["back_edges"])), row["kernel"]
     loops = [r for r in report["cost"] if r["level"] == "loop" and r["part"] != "outside loops"]
     assert all(0 < r["trips"] < float("inf") for r in loops)
+    return loops
+
+
+def test_no_loop_of_a_compiled_kernel_is_left_out(report):
+    loops = _every_loop_attributed(report)
     # The kernels' every `for`: the tile loops, the insertion rounds, the sort, every gather and
     # the D chunks of the gathers (log-neg and coefficients: 2 gathers x (slots, chunks)), the
     # key side's entries.
@@ -105,6 +126,50 @@ def test_trip_counts_from_the_range_source():
     sizes, ce = dict(N=100, K=7), dict(BLOCK_N=32, BLOCK_M=16)
     assert kernel_report.trip_count("range(0, N, BLOCK_N)", sizes, ce) == 4
     assert kernel_report.trip_count("range(0, K)", sizes, ce) == 7
+
+
+# SASS as nvdisasm prints it: a loop left through CALL.REL.NOINC (ptxas does so on sm_80/86 for
+# the D-chunk loops and the top-k rounds) and a subroutine call that returns.
+_NOINC_SASS = """
+.L_x_0:
+        /*0000*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0010*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm70_shflsync_bfly) ;
+        /*0020*/              @P0 CALL.REL.NOINC `(.L_x_1) ;
+        /*0030*/                   BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   EXIT ;
+"""
+
+
+def test_loop_left_through_call_rel_noinc():
+    """A CALL.REL.NOINC to a label of the kernel is a jump (the loop's exit: without it the code
+    after the loop looked unreachable and the loop around it was missed); one to a subroutine
+    falls through."""
+    import sass_loops
+
+    instrs, labels = sass_loops.parse(_NOINC_SASS)
+    blks = sass_loops.blocks(instrs, labels)
+    assert [b.succs for b in blks] == [[1, 2], [0], []]
+    assert sass_loops.back_edges(blks) == [(1, 0)]
+    assert sass_loops.reachable(blks, with_div=False) == {0, 1, 2}
+
+
+def test_float32_kernels_do_not_spill_and_every_loop_is_counted(fp32_report):
+    """float32 at D = 256: no kernel of either preset's call spills on sm_80 or sm_90 (issue 21,
+    item 4), and the chunked dots' loops (D chunks inside the key-tile loops, which ptxas leaves
+    through CALL.REL.NOINC on sm_80) are each attributed to their `for`; on the pinned Triton,
+    the budget."""
+    spills = {(r["case"], r["target"], r["kernel"]): r["spill"] for r in fp32_report["rows"]}
+    assert spills and not any(spills.values()), spills
+    loops = _every_loop_attributed(fp32_report)
+    chunk_loops = [r for r in loops if "range(0, D, BLOCK_DK)" in r["part"]]
+    assert {r["target"] for r in chunk_loops} == {"sm_80", "sm_90"}
+    # Nested in a key-tile loop: D / BLOCK_DK chunks per key tile, not D / BLOCK_DK in all.
+    assert all(r["trips"] > 256 // 16 for r in chunk_loops), chunk_loops
+    import triton
+
+    if triton.__version__ == kernel_report.PINNED_TRITON:
+        assert kernel_report.over_budget(fp32_report["cost"]) == []
 
 
 def test_budget_on_the_pinned_triton(report):

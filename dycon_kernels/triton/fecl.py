@@ -85,6 +85,13 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_labels(Y, base, offs, n):
+    """Labels of rows ``offs`` of a volume at Y + base, -1 past n, as int32 (class indices and -1):
+    a label comparison per pair is then one 32-bit compare, not a 64-bit one's two."""
+    return tl.load(Y + base + offs, mask=offs < n, other=-1).to(tl.int32)
+
+
+@triton.jit
 def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DK: tl.constexpr):
     """This program's volume b and anchor block: offsets, row mask, labels (-1 past N) and, when
@@ -94,7 +101,7 @@ def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
-    yi = tl.load(Y + b * N + offs_m, mask=row_ok, other=-1)
+    yi = _load_labels(Y, b * N, offs_m, N)
     if BLOCK_DK == BLOCK_D:
         zi = _load_rows(Z, b * N * D, offs_m, N, tl.arange(0, BLOCK_D), D, DOT_IN)
     else:
@@ -345,7 +352,7 @@ def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, D
     c = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+        yj = _load_labels(Y, b * N, offs_n, N)
         l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                       BLOCK_D, BLOCK_DK) * inv_tau
         pair = (yi[:, None] >= 0) & (yj[None, :] >= 0) & (offs_m[:, None] != offs_n[None, :])
@@ -370,18 +377,20 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yk = tl.load(KY + b * NK + offs_n, mask=offs_n < NK, other=-1)
+        yk = _load_labels(KY, b * NK, offs_n, NK)
         s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK * D, offs_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                       BLOCK_D, BLOCK_DK)
-        key_bias = tl.where(yk >= 0, 0.0, NEG_INF)  # ignored keys: -inf
-        s = tl.where(yi[:, None] != yk[None, :], s, NEG_INF) + key_bias[None, :]
-        # Rounds needed: per row, how many tile values beat the current k-th value (<= K).
+        # Candidates: valid keys with another label than the anchor's; the rest -inf.
+        s = tl.where((yi[:, None] != yk[None, :]) & (yk >= 0)[None, :], s, NEG_INF)
+        # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
+        # round's reductions yield their value and index at once (one pass over the row, not two),
+        # ties going to whichever index the reduction meets first (deterministic; a cheaper combine
+        # than the lowest index's): equal values are all inserted in turn, and which of two keys
+        # tied at the k-th value is kept is unspecified, as for torch.topk.
         n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
-            best = tl.max(s, axis=1)
-            best_n = tl.argmax(s, axis=1, tie_break_left=True)
-            worst = tl.min(vals, axis=1)
-            worst_k = tl.argmin(vals, axis=1, tie_break_left=True)
+            best, best_n = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=False)
+            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=False)
             put = (best > worst)[:, None] & (offs_k[None, :] == worst_k[:, None])
             vals = tl.where(put, best[:, None], vals)
             idx = tl.where(put, (start_n + best_n)[:, None], idx)
@@ -465,12 +474,15 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
     scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)  # l log2(e) = dot scale
     b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     log2_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0) * log2e
-    f_sum = tl.zeros([BLOCK_M], ACC)
-    r_sum = tl.zeros([BLOCK_M], ACC)
+    # The float sums accumulate per element and are reduced over the row once after the loop (a
+    # row reduction per tile cost 2.2 instructions per pair more on sm_90); the count stays a
+    # reduction per tile (as an element-wise int32 accumulator it cost 0.7 more).
+    f_acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    r_acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     n_pos = tl.zeros([BLOCK_M], tl.int32)  # an integer count: fewer instructions than a float sum
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+        yj = _load_labels(Y, b * N, offs_n, N)
         l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                        BLOCK_D, BLOCK_DK) * scale
         if COLUMN:
@@ -478,12 +490,12 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.co
         # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop.
         pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
         f, r = _pos_terms(l2 - log2_neg[:, None], GAMMA_POS, FAST_LOG)
-        f_sum += tl.sum(tl.where(pos, f, 0.0), axis=1)
-        r_sum += tl.sum(tl.where(pos, r, 0.0), axis=1)
+        f_acc += tl.where(pos, f, 0.0)
+        r_acc += tl.where(pos, r, 0.0)
         n_pos += tl.sum(pos.to(tl.int32), axis=1)
     vi = yi >= 0
-    f_sum = tl.where(vi, f_sum, 0.0)
-    r_sum = tl.where(vi, r_sum, 0.0)
+    f_sum = tl.where(vi, tl.sum(f_acc, axis=1), 0.0)
+    r_sum = tl.where(vi, tl.sum(r_acc, axis=1), 0.0)
     n_pos = tl.where(vi, n_pos.to(ACC), 0.0)
     u = tl.load(U + b * N + offs_m, mask=row_ok, other=0.0).to(ACC)
     loss = tl.where(n_pos > 0, -u * (f_sum * _scalar(LN2, ACC)) / tl.maximum(n_pos, 1.0), 0.0)
@@ -545,6 +557,8 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
+        # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
+        # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
         yj = tl.load(Y + b * N + offs_n, mask=col_ok, other=-1)
         dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
                                      DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
@@ -689,25 +703,40 @@ def dot_precision(dtype) -> str:
 MAX_D = 1024
 # Tile shapes (BLOCK_M, BLOCK_N), largest first, and pipeline depths tried for each.
 TILE_CHOICES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 16))
+# The backward's: within MAX_PAIR_TILE, and 16 x 32 before 32 x 16: with 4 warps the 32 x 16 tile
+# evaluated its element-wise terms twice (bfloat16, D = 256, sm_86: 178 instructions and 10 MUFU
+# per pair against 117 and 5 at 16 x 32; float32 on sm_90: 16 MUFU against 8).
+BACKWARD_TILE_CHOICES = ((64, 32), (32, 64), (32, 32), (16, 32), (32, 16), (16, 16))
 STAGE_CHOICES = (3, 2, 1)
 # D chunks of the similarity dots when the anchor block is not held across key tiles (_sim_tile).
 CHUNK_CHOICES = (128, 64, 32, 16)
 # Register budgets, per program of NUM_WARPS warps (128 threads; a thread has at most 255 registers):
-# - the anchor block held across key tiles (BLOCK_DK = BLOCK_D): at most 64 x 256 values, as
-#   before D was tiled (float32 blocks of that size still spill in the forward; not yet changed);
+# - the anchor block held across key tiles (BLOCK_DK = BLOCK_D): at most 64 x 256 values, and
+#   for float32 (tf32x3, whose high and low parts of both blocks sit in registers) only up to
+#   BLOCK_D = MAX_HELD_SPLIT_D: every held float32 tile at D = 256 spilled (sm_90: 64 x 32 1.2 KB
+#   in the log-neg pass, 32 x 32 4.9 KB, 16 x 64 1.5 KB; sm_80/86 likewise), at D = 128 too
+#   (64 x 64: 196 B, 64 x 32: 1.3 KB on sm_86); 64 x 64 x 64 did not;
 # - a D chunk's two operands when D is chunked: (BLOCK_M + BLOCK_N) x BLOCK_DK x bytes (float32
-#   counted twice, tf32x3's two parts) <= 32 KB: the Ampere-style dot holds its operands in
-#   registers (float32 64 x 64 x 128 chunks made ptxas spill 30 KB on sm_80);
+#   counted twice, tf32x3's two parts) <= 16 KB: the Ampere-style dot holds its operands in
+#   registers (float32 64 x 64 x 32 chunks, 32 KB, spilled 40-140 B on sm_80/86, and the float32
+#   backward's 16 x 32 x 64, 24 KB, 32 B on sm_80 at 3 stages; 64 x 64 x 16 and 16 x 32 x 32
+#   did not, on any card);
 # - the backward's float32 accumulator (BLOCK_M, BLOCK_DC): 64 x 256 values (128 registers);
-#   BLOCK_M = 16 splits a wider D over programs, larger BLOCK_M never do;
-# - a gather's (BLOCK_M, BLOCK_DG) chunks: 64 x 64 values (32 registers each); the sparse-pair
+#   BLOCK_M = 16 splits a wider D over programs, larger BLOCK_M never do; with float32 keys the
+#   accumulator and the key tile's columns that g @ z_j takes in two TF32 parts (BLOCK_N x
+#   BLOCK_DC x 8 bytes) <= 80 KB (at D = 256: 16 x 32; 32 x 32 spilled 1.6 KB, 64 x 32 more);
+# - a gather's (BLOCK_M, BLOCK_DG) chunks: 64 x 32 values (16 registers each; at 64 x 64 the
+#   float32 sparse rows kernel spilled 24 B and the log-neg gathers 8 B on sm_80/86/89, and
+#   bfloat16's call took 1.3 more instructions per pair on sm_90); the sparse-pair
 #   kernels take SPARSE_BLOCK_M rows;
 # Always 4 warps: with 8, the compiled sm_90 backward evaluated every element-wise term twice
 # (the two warp groups hold replicated tiles).
 MAX_HELD_ANCHOR = 64 * 256
-MAX_CHUNK_BYTES = 32 * 1024
+MAX_HELD_SPLIT_D = 64
+MAX_CHUNK_BYTES = 16 * 1024
+MAX_SPLIT_BACKWARD_BYTES = 80 * 1024
 MAX_ACC_TILE = 64 * 256
-MAX_GATHER_TILE = 64 * 64
+MAX_GATHER_TILE = 64 * 32
 SPARSE_BLOCK_M = 64
 # - the similarity tile of the positive pass and of the backward, whose per-pair terms (three
 #   and five MUFU operations, the focal factors, both directions) hold about twice the registers
@@ -740,10 +769,26 @@ def padded_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def _split(dtype: torch.dtype) -> int:
+    """Parts each dot operand is split into on the GPU: 2 for float32 under tf32x3, else 1."""
+    return 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
+
+
 def _dot_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of the similarity dots' operands on the GPU, times tf32x3's two parts."""
-    split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
-    return torch.empty(0, dtype=dtype).element_size() * split
+    return torch.empty(0, dtype=dtype).element_size() * _split(dtype)
+
+
+def _held_fits(dtype: torch.dtype, bm: int, bd: int) -> bool:
+    """Whether an anchor block of bm x bd may be held across key tiles (the register budgets above)."""
+    return bm * bd <= MAX_HELD_ANCHOR and (_split(dtype) == 1 or bd <= MAX_HELD_SPLIT_D)
+
+
+def _backward_regs_fit(kind: str, dtype: torch.dtype, bm: int, bn: int, dc: int) -> bool:
+    """The float32 backward's accumulator and split key columns within MAX_SPLIT_BACKWARD_BYTES
+    (the other dtypes: MAX_ACC_TILE alone, _column_splits; the forward: no such tiles)."""
+    split = _split(dtype)
+    return kind != "backward" or split == 1 or (bm + bn * split) * dc * 4 <= MAX_SPLIT_BACKWARD_BYTES
 
 
 def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int, dk: int | None = None,
@@ -755,8 +800,7 @@ def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stag
     backward's second dot (g @ z_j) adds the (BLOCK_M, BLOCK_N) coefficients and the key tile's
     ``dc`` columns. tests/test_fecl_triton.py checks it against the compiled kernels."""
     dk, dc = dk or bd, dc or bd
-    acc = 8 if dtype == torch.float64 else 4
-    split = 2 if dtype == torch.float32 and FP32_DOT_PRECISION == "tf32x3" else 1
+    acc, split = (8 if dtype == torch.float64 else 4), _split(dtype)
     piped = bn + (bm if dk < bd else 0)
     total = (bm + bn) * dk * acc * split + (stages - 1) * piped * dk * torch.empty(0, dtype=dtype).element_size()
     if kind == "backward":
@@ -780,27 +824,32 @@ def _column_splits(kind: str, bm: int, bd: int) -> tuple:
 def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> LaunchConfig:
     """The LaunchConfig of the ``kind`` ('forward' or 'backward') kernels of one call on a card
     with ``smem_limit`` bytes of shared memory per block: the anchor block held whole across key
-    tiles if any tiles allow it, else D in chunks (the widest first); then the largest tiles, then
-    the deepest pipeline whose estimate fits and that keep within the register budgets above. A
+    tiles if any tiles allow it, else D in chunks (the widest first); then the fewest programs
+    per row block (the backward's column split), the largest tiles, then the deepest pipeline
+    whose estimate fits and that keep within the register budgets above. A
     pure function, so that the choice is testable without a GPU. Raises ValueError for D > MAX_D
     or when not even 16 x 16 tiles with 16-wide chunks fit."""
     if D > MAX_D:
         raise ValueError(f"fecl (triton): embedding dimension D = {D} is larger than the supported {MAX_D}")
     bd = padded_d(D)
     for held in (True, False):
-        for bm, bn in TILE_CHOICES:
-            if kind == "backward" and bm * bn > MAX_PAIR_TILE:
-                continue
-            if held:
-                chunks = (bd,) if bm * bd <= MAX_HELD_ANCHOR else ()
-            else:
-                chunks = tuple(c for c in CHUNK_CHOICES if c < bd
-                               and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
-            for dc in _column_splits(kind, bm, bd):
+        # Fewer programs per row block first (each recomputes the similarity tiles), then tiles:
+        # level l takes the l-th of _column_splits' at most three widths.
+        for level in range(3):
+            for bm, bn in BACKWARD_TILE_CHOICES if kind == "backward" else TILE_CHOICES:
+                widths = _column_splits(kind, bm, bd)
+                if level >= len(widths) or not _backward_regs_fit(kind, dtype, bm, bn, widths[level]):
+                    continue
+                if held:
+                    chunks = (bd,) if _held_fits(dtype, bm, bd) else ()
+                else:
+                    chunks = tuple(c for c in CHUNK_CHOICES if c < bd
+                                   and (bm + bn) * c * _dot_bytes(dtype) <= MAX_CHUNK_BYTES) or (16,)
                 for dk in chunks:
                     for stages in STAGE_CHOICES:
-                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, dc) <= smem_limit:
-                            return LaunchConfig(bm, bn, bd, dk, dc, gather_chunk(bm, bd), NUM_WARPS, stages)
+                        if smem_estimate(kind, dtype, bm, bn, bd, stages, dk, widths[level]) <= smem_limit:
+                            return LaunchConfig(bm, bn, bd, dk, widths[level], gather_chunk(bm, bd), NUM_WARPS,
+                                                stages)
     need = smem_estimate(kind, dtype, 16, 16, bd, 1, 16, _column_splits(kind, 16, bd)[-1])
     raise ValueError(f"fecl (triton): D = {D} with {dtype} embeddings needs {need} bytes of shared memory per "
                      f"block even with 16 x 16 tiles, but this GPU allows {smem_limit}; use float16/bfloat16 "
