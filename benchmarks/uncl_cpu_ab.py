@@ -5,9 +5,12 @@ the tile loops themselves, against what they do for a whole step.
 
 On a shared machine, wall times move with the load; ratios of cases timed in turn within one
 process do not (much). bench_uncl.py times each case in a fresh process to measure its memory,
-which makes the reference slower than here. Usage: python benchmarks/uncl_cpu_ab.py [ROUNDS]
+which makes the reference slower than here. The page faults per call say how much of a case's
+time went to fresh memory: when the allocator has returned the gradient buffer to the system,
+each call touches ~2 700 new pages (11 MB), and on a VM that moves the medians more than threads do. Usage: python benchmarks/uncl_cpu_ab.py [ROUNDS]
 """
 import os
+import resource
 import statistics
 import sys
 import time
@@ -36,25 +39,29 @@ def main(rounds: int) -> None:
     teacher = torch.randn(2, 2, 96, 96, 96, generator=g) * 2
     runnable = cpu_isa.runnable()
     cases = [c for c in CASES if not c[2] or c[2] in runnable]
-    times = {c: [] for c in cases}
+    times, faults = {c: [] for c in cases}, {c: [] for c in cases}
     for warm_up in (True, False):
         for _ in range(1 if warm_up else rounds):
             for case in cases:
                 backend, threads, variant = case
                 torch.set_num_threads(threads)
                 os.environ[cpu_isa.ENV] = variant
+                faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 step(student, teacher, backend)
                 if not warm_up:
                     times[case].append((time.perf_counter() - start) * 1e3)
+                    faults[case].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     os.environ.pop(cpu_isa.ENV)
     print(cpu_isa.summary())
     print(f"UnCL fwd+bwd, B=2, C=2, 96^3, float32, {rounds} interleaved rounds; load average {os.getloadavg()}")
     reference = statistics.median(times[cases[0]])
     for (backend, threads, variant), values in times.items():
         median = statistics.median(values)
+        case = (backend, threads, variant)
         print(f"{backend:9s} threads={threads} variant={variant or 'auto':8s} median {median:7.1f} ms "
-              f"(min {min(values):7.1f})  reference/this {reference / median:5.2f}x")
+              f"(min {min(values):7.1f})  reference/this {reference / median:5.2f}x  "
+              f"page faults/call {statistics.mean(faults[case]):6.0f}")
 
 
 if __name__ == "__main__":
