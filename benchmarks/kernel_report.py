@@ -494,6 +494,9 @@ def main(argv=None) -> int:
     if args.shapes:
         if args.ops != ["fecl"]:
             parser.error("--shapes are FeCL shapes: pass --ops fecl")
+        bad = [s for s in args.shapes if len(s.split("/")) != 4 or not all(v.isdigit() for v in s.split("/")[1::2])]
+        if bad:
+            parser.error(f"--shapes {' '.join(bad)}: each must be DTYPE/D/PRESET/TOP_K, e.g. fp32/256/dycon/32")
         cases = [tuple(int(v) if v.isdigit() else v for v in shape.split("/")) + (n,)
                  for shape in args.shapes for n in args.n]
     rows = run(args.quick, args.jobs, args.cc, args.ops, not args.unspecialized, tuple(args.n), cases)
