@@ -171,18 +171,19 @@ def load_grid(path: str | Path) -> Grid:
 
 def cell_configs(grid: Grid, selected: list[Cell]) -> dict[Cell, dict]:
     """Every selected cell's full trainer config, all built and checked before anything runs."""
-    # the grid's own overrides first: they may name the data set (e.g. data.demo_set)
+    # the grid's own overrides first, then the cell's: either may name the data set (a draw may
+    # be data.demo_set), so each cell's set is prepared after both
     base = C.apply_overrides(C.load_config(grid.config), grid.overrides)
-    C.prepare_demo_data(base)            # once, here: not by every cell or process at once
-    if base["data"]["root"] is not None:
-        base["data"]["root"] = str(Path(base["data"]["root"]).resolve())
     configs, problems = {}, []
     for cell in selected:
         try:
             cfg = C.apply_overrides(copy.deepcopy(base), cell.overrides(grid))
+            C.prepare_demo_data(cfg)     # here, once per set: not by every cell or process at once
             C.check_config(cfg)
+            if cfg["data"]["root"] is not None:
+                cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())
             configs[cell] = cfg
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:
             problems.append(f"cell {cell.name}: {err}")
     if problems:
         raise ValueError("some cells cannot run (select others with --variants):\n  " + "\n  ".join(problems))

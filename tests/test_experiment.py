@@ -213,6 +213,27 @@ def test_ssl_bench_grid_builds_every_cell_with_the_methods_references(tmp_path, 
     assert all(cfg["views"]["strong"] and cfg["test"]["checkpoint"] == "last" for cfg in configs.values())
 
 
+def test_a_draw_over_the_demo_set_prepares_each_cells_own_set(tmp_path, monkeypatch):
+    """--draw_key data.demo_set: every cell trains on its draw's set, in its own default folder
+    (the base set's folder holds another set, which the trainer would refuse)."""
+    small = {"train": 5, "val": 1, "test": 1}
+    for kind in ("ssl_bench", "ssl_bench_draw2"):
+        ensure_demo_data(tmp_path / kind, size=32, splits=small, kind=kind)
+        monkeypatch.setenv(f"DYCON_DATA_{kind.upper()}", str(tmp_path / kind))
+    grid = E.load_grid(ROOT / "benchmarks" / "grids" / "ssl_bench.yaml")
+    grid.seeds, grid.draw_key, grid.draws = [1], "data.demo_set", [None, "ssl_bench_draw2"]
+    configs = E.cell_configs(grid, [c for c in E.cells(grid) if c.variant == "supervised"])
+    roots = {cfg["data"]["demo_set"]: cfg["data"]["root"] for cfg in configs.values()}
+    assert roots == {kind: str((tmp_path / kind).resolve()) for kind in ("ssl_bench", "ssl_bench_draw2")}
+
+    # one named root cannot hold both draws: the error names the cell and the set it holds
+    grid.overrides["data.root"] = str(tmp_path / "ssl_bench_draw2")
+    with pytest.raises(ValueError, match=r"cell supervised/seed1: .*holds the demo set 'ssl_bench_draw2'"):
+        E.cell_configs(grid, [c for c in E.cells(grid) if c.variant == "supervised"])
+    grid.draws = ["ssl_bench_draw2"]                      # the draw alone in its named root: runs
+    assert len(E.cell_configs(grid, [c for c in E.cells(grid) if c.variant == "supervised"])) == 1
+
+
 # ------------------------------------------------------------------------------ demo_hard
 
 def test_demo_hard_is_deterministic_faint_and_small():
