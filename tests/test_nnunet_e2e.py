@@ -165,6 +165,9 @@ def test_every_trainer_takes_a_step(planned, monkeypatch, tmp_path, name):
     assert trainer.dycon_step == 1
     # the step's unsupervised terms are recorded for the epoch's log line (one step each)
     assert trainer.epoch_terms and all(n == 1 for _, _, n in trainer.epoch_terms.values())
+    # summed without the graph (a step's graph must not live until the epoch's log line)
+    assert all(not raw.requires_grad and not w.requires_grad and np.isfinite(float(w))
+               for raw, w, _ in trainer.epoch_terms.values())
     # the first EMA update (alpha = 0) makes the teacher the student after its step
     after, student = trainer.teacher.state_dict(), trainer.network.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

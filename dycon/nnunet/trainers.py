@@ -283,15 +283,17 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
         return sum(weighted.values(), torch.zeros((), device=logits.device))
 
     def _record_terms(self, terms: dict, weighted: dict) -> None:
+        # summed on the device: the host reads them once an epoch, not twice per term and step
+        # (each .item() would wait for the GPU)
         for name, value in weighted.items():
             raw_sum, weighted_sum, count = self.epoch_terms.get(name, (0.0, 0.0, 0))
-            self.epoch_terms[name] = (raw_sum + terms[name].item(), weighted_sum + value.item(), count + 1)
+            self.epoch_terms[name] = (raw_sum + terms[name].detach(), weighted_sum + value.detach(), count + 1)
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
         # the log shows that the unsupervised terms took part, and with which weight
         if self.epoch_terms:
-            means = ", ".join(f"{name} {raw / n:.4g} -> {weighted / n:.4g}"
+            means = ", ".join(f"{name} {float(raw) / n:.4g} -> {float(weighted) / n:.4g}"
                               for name, (raw, weighted, n) in self.epoch_terms.items())
             self.print_to_log_file(f"DyCON: the epoch's mean unsupervised terms (raw -> weighted): {means}")
         self.epoch_terms = {}
