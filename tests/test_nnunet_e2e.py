@@ -207,9 +207,15 @@ def test_checkpoint_restores_teacher_heads_step_and_optimiser(planned, monkeypat
     trainer.train_step(next(trainer.dataloader_train))
     path = str(tmp_path / "checkpoint.pth")
     trainer.save_checkpoint(path)
+    monkeypatch.setenv("DYCON_NNUNET_SEED", "7")
     fresh = get_trainer_from_args(DATASET, "3d_fullres", 0, "nnUNetTrainerDyCON", device=torch.device("cpu"))
+    first_epoch_draw = np.random.rand()              # the seeded run's first draw
     fresh.load_checkpoint(path)
-    assert fresh.dycon_step == trainer.dycon_step == 2
+    assert fresh.dycon_step == trainer.dycon_step == 2 and fresh.current_epoch == 1
+    # the resumed run samples on from its epoch's own stream, not the first epoch's again
+    resumed_draw = np.random.rand()
+    fresh.load_checkpoint(path)
+    assert resumed_draw == np.random.rand() != first_epoch_draw
     for name in ("teacher", "head", "teacher_head"):
         want, got = getattr(trainer, name).state_dict(), getattr(fresh, name).state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want), name

@@ -75,19 +75,23 @@ def apply_budget(trainer: nnUNetTrainer) -> None:
         trainer.num_val_iterations_per_epoch = max(1, iterations // 5)
 
 
-def apply_seed() -> None:
+def apply_seed(epoch: int = 0) -> None:
     """Seed Python, numpy and torch from DYCON_NNUNET_SEED, where set.
 
     nnU-Net seeds none of them: the network's initialisation (torch), the patch sampling
     (numpy's global generator in nnUNetDataLoader) and the augmentation (numpy and torch) differ
     from run to run. Called before initialize() builds the network, so one seed fixes the
     initialisation; with nnUNet_n_proc_DA=0 the loaders run in this process and draw from the
-    same seeded generators (worker processes would not)."""
+    same seeded generators (worker processes would not). A run resumed at ``epoch`` > 0 draws
+    from a stream of its own (seed, epoch), so it does not replay the first epochs' patches."""
     seed = _env_int(SEED_ENV)
-    if seed is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    if seed is None:
+        return
+    if epoch:
+        seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _bare(network: torch.nn.Module) -> torch.nn.Module:
@@ -104,6 +108,10 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget(self)
         apply_seed()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        apply_seed(self.current_epoch)      # --c: on from the resumed epoch's own stream
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerBudget):
