@@ -119,11 +119,12 @@ def is_expected(exc: BaseException) -> bool:
     return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PROJECT_DIRS)
 
 
-def run(main: Callable[[Sequence[str] | None], object], prog: str, argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)`` as a command: an expected error is one line on stderr and exit status 2."""
+def run(main: Callable[[Sequence[str] | None], object], prog: str, argv: Sequence[str] | None = None) -> object:
+    """Run ``main(argv)`` as a command and return what it returns: an expected error is one line
+    on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        main(argv)
+        return main(argv)
     except Exception as exc:
         if "--debug" in argv or not is_expected(exc):
             raise

@@ -28,8 +28,9 @@ def main(argv=None) -> int:
 
 
 def console_main() -> int:
-    """The dycon-env command (setup.py's console scripts): the report's exit status."""
-    return main(sys.argv[1:])
+    """The dycon-env command (setup.py's console scripts): the report's exit status; errors as
+    every dycon command gives them (one line, the traceback with --debug)."""
+    return cli.run(main, PROG)
 
 
 if __name__ == "__main__":

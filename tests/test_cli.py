@@ -275,3 +275,15 @@ def test_train_records_its_thread_count_and_generates_the_demo_only_when_asked(t
     assert (root / "demo_version.txt").is_file()
     assert seen == {"threads": 2, "note": "torch threads: 2 (--threads / train.threads)"}
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["threads"] == 2
+
+
+def test_dycon_env_exits_with_the_reports_status_through_the_common_runner(monkeypatch):
+    """dycon-env runs like every command (cli.run: one-line errors, --debug) and still exits 1
+    when the report finds no fused kernels on a device."""
+    import dycon_kernels.__main__ as report
+    from dycon import env
+    monkeypatch.setattr(report, "main", lambda: 1)
+    monkeypatch.setattr(sys, "argv", ["dycon-env"])
+    assert env.console_main() == 1
+    monkeypatch.setattr(sys, "argv", ["dycon-env", "--debug"])
+    assert env.console_main() == 1
