@@ -115,6 +115,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty): the fused backward has no derivative of its own,
+        # and torch's "no autograd formula" error would not say what to do
+        raise RuntimeError("fecl: second-order gradients (create_graph=True) need backend='reference'; the "
+                           f"fused {ctx.params[-1]!r} backend's backward cannot be differentiated again")
     grad_loss, grad_cross = grads[0], grads[1]
     z, y, zt, yt, u, *saved = ctx.saved_tensors
     dz = _fecl_backward_op(grad_loss, grad_cross, z, y, zt, yt, u, *saved, *ctx.params)

@@ -188,6 +188,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, step(z, y, zt))
 
 
+@pytest.mark.parametrize("backend", FECL_BACKENDS)
+def test_create_graph_on_a_fused_backend_names_the_way_out(backend):
+    """A gradient penalty through FeCL: one error saying which backend differentiates twice."""
+    z, y, zt, _, _ = make_inputs(N=16, D=16, seed=5)
+    z.requires_grad_()
+    with pytest.raises(RuntimeError, match=f"create_graph=True.*backend='reference'.*'{backend}'"):
+        torch.autograd.grad(dk.fecl(z, y, zt, backend=backend), z, create_graph=True)
+    grad, = torch.autograd.grad(dk.fecl(z, y, zt, backend="reference"), z, create_graph=True)
+    assert grad.requires_grad                        # the reference's gradient differentiates again
+
+
 def _official_step(backend):
     def step(z, y, zt, teacher_threshold):
         return dk.fecl(z, y, zt, preset="official", teacher_threshold=teacher_threshold, reduction="none",
