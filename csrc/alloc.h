@@ -7,11 +7,11 @@
 // CPU outputs of 2 MiB or more (UnCL's logit gradients, FeCL's dz) are 2 MiB-aligned and marked
 // MADV_HUGEPAGE, as torch's own allocator does under THP_MEM_ALLOC_ENABLE=1. Why: glibc hands
 // large freed blocks back to the OS, so such an output is often fresh memory, and the first
-// touch of each 4 KiB page is a page fault. On the development VM (KVM, AMD EPYC) those faults
-// cost 5.4 ms per 14 MB (UnCL's 2x2x96^3 gradient; the fused kernel takes ~7 ms) at 1 and at 2
-// threads alike: they did not scale, and they were most of what kept 2 threads from 2x. The
-// same 14 MB in 2 MiB pages: 0.4 ms (docs/engineering.md, "CPU kernels and the vector ISA").
-// Memory that glibc reuses without returning it costs nothing either way.
+// touch of each 4 KiB page is a page fault. On the development VM (KVM, AMD EPYC) writing 14 MB
+// of fresh memory (UnCL's 2x2x96^3 gradient; the fused kernel takes ~6-7 ms) and unmapping it
+// took 5.9 ms at 1 thread and 3.4 ms at 2 in 4 KiB pages, 0.8 and 0.4 ms in 2 MiB pages
+// (docs/engineering.md, "CPU kernels and the vector ISA"). Memory that glibc reuses without
+// returning it costs nothing either way.
 #pragma once
 
 #include <atomic>
