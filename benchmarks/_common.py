@@ -361,6 +361,38 @@ def _load_average() -> str:
         return "unknown"
 
 
+class OtherCpu:
+    """``with OtherCpu() as other:`` -> ``other.cores``: the CPU that other processes used while the
+    block ran, in cores on average (``/proc/stat``'s busy time minus this process's). A 2-thread
+    wall time on a 2-core machine means something only when this is near 0: one busy core makes
+    every parallel region wait for the descheduled thread. None where ``/proc/stat`` is missing."""
+
+    cores: Optional[float] = None
+
+    @staticmethod
+    def _busy_s() -> Optional[float]:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        idle = fields[3] + fields[4]  # idle, iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> "OtherCpu":
+        self._start = (self._busy_s(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = self._busy_s(), time.process_time(), time.perf_counter()
+        if busy is not None and self._start[0] is not None:
+            other = (busy - self._start[0]) - (own - self._start[1])
+            self.cores = max(other, 0.0) / max(wall - self._start[2], 1e-9)
+
+    def __str__(self) -> str:
+        return "unknown" if self.cores is None else f"{self.cores:.2f} cores"
+
+
 def header(title: str, device: torch.device, dtypes: str, extra: Sequence[str] = ()) -> list[str]:
     import dycon_kernels
     from dycon_kernels import backends

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import dycon_kernels
+from _common import OtherCpu
 from dycon_kernels.backends import cpu_isa
 
 CLOCKS = (("wall", time.perf_counter), ("cpu", time.process_time))
@@ -44,19 +45,20 @@ def main(rounds: int, preset: str, top_k: int, thread_counts: list) -> None:
         torch.bmm(z.detach(), z.detach().transpose(1, 2))
 
     times = {}
-    for warm_up in (True, False):
-        for _ in range(1 if warm_up else rounds):
-            for threads in thread_counts:
-                torch.set_num_threads(threads)
-                for name, fn in (("fwd", fwd), ("bwd", bwd), ("bmm", bmm)):
-                    t = timed(fn)
-                    if not warm_up:
-                        for clock, seconds in t.items():
-                            times.setdefault((name, threads, clock), []).append(seconds)
+    with OtherCpu() as other:
+        for warm_up in (True, False):
+            for _ in range(1 if warm_up else rounds):
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for name, fn in (("fwd", fwd), ("bwd", bwd), ("bmm", bmm)):
+                        t = timed(fn)
+                        if not warm_up:
+                            for clock, seconds in t.items():
+                                times.setdefault((name, threads, clock), []).append(seconds)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(cpu_isa.summary())
     print(f"FeCL {preset} fwd+bwd, top_k={top_k or 'none'}, B=2, N=4096, D=256, {rounds} rounds; "
-          f"load average {os.getloadavg()}")
+          f"load average {os.getloadavg()}; other processes used {other} meanwhile")
     for threads in thread_counts:
         for clock, _ in CLOCKS:
             f, b, m = (med[name, threads, clock] for name in ("fwd", "bwd", "bmm"))

@@ -1,7 +1,8 @@
 // FeCL on the CPU (docs/fecl_kernels.md): anchors are processed in tiles of TI rows; the tile's
 // similarities against all keys of its volume come from one BLAS product into a TI x N buffer
-// (never N x N), and the rows of a tile are processed in parallel (at::parallel_for). The
-// per-pair math is fecl_math.h, the same functions the CUDA kernels call.
+// (never N x N), and its rows are processed by the same thread: each pass is one parallel region
+// in which the threads take whole tiles (cpu_parallel.h), not one region per tile. The per-pair
+// math is fecl_math.h, the same functions the CUDA kernels call.
 //
 // The keys of a volume are taken in label order (KeyOrder), so that each similarity row splits
 // into contiguous blocks: a row's positives and negatives are whole ranges, processed by
@@ -19,24 +20,34 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
+#include "alloc.h"
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "fecl_common.h"
 #include "fecl_math.h"
 
 namespace dycon {
 namespace {
 
-// Elements of one tile buffer (4 MiB in float32): rows per tile = kTileElems / N.
+// Elements of the tile buffers of all threads together (4 MiB in float32).
 constexpr int64_t kTileElems = int64_t(1) << 20;
 
-// Rows per parallel_for task: about 32k pairs, so that small problems run on one thread.
+// Rows per parallel task: about 32k pairs, so that small problems run on one thread.
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(width, 1)); }
 
-int64_t tile_rows(int64_t N, int64_t Nt) {
+// The threads for the row passes over N anchors of `width` keys.
+int64_t row_threads(int64_t N, int64_t width) { return threads_for(N, row_grain(width)); }
+
+// Rows per tile (forward) or strip (backward), each taken whole by one thread (cpu_parallel.h):
+// the threads' buffers of TI x width elements hold kTileElems together, and each thread gets
+// about 4 tiles of a volume to take in turn; within [16, 1024] rows.
+int64_t tile_rows(int64_t N, int64_t Nt, int64_t threads) {
   const int64_t width = std::max<int64_t>({N, Nt, 1});
-  int64_t t = std::max<int64_t>(16, std::min<int64_t>(1024, kTileElems / width));
+  int64_t t = std::min<int64_t>(kTileElems / (width * threads), (N + 4 * threads - 1) / (4 * threads));
+  t = std::max<int64_t>(16, std::min<int64_t>(1024, t));
   return std::max<int64_t>(1, std::min<int64_t>(t, N));
 }
 
@@ -105,15 +116,6 @@ FeclKeyOrderView key_order_view(const KeyOrder& ko) {
   return {ko.perm.data_ptr<int64_t>(), ko.pos.data(), ko.start.data(), ko.valid_begin()};
 }
 
-// rows(ctx, heap, r0, r1) over the rows of a tile in parallel; each task owns its heap buffer.
-template <typename A, typename Rows>
-void tile_rows_parallel(const FeclRowsFwd<A>& f, int64_t rows, int64_t width, int64_t heap, Rows fn) {
-  at::parallel_for(0, rows, row_grain(width), [&](int64_t r0, int64_t r1) {
-    std::vector<A> heap_val(heap);
-    fn(f, heap_val.data(), r0, r1);
-  });
-}
-
 // The similarities of the keys at positions [p0, p0 + R) against those at [q0, q0 + W) (key order),
 // an R x W matrix at the front of the flat buffer buf.
 at::Tensor key_similarities(const at::Tensor& buf, const at::Tensor& zk, int64_t p0, int64_t R, int64_t q0, int64_t W) {
@@ -126,36 +128,68 @@ at::Tensor key_similarities(const at::Tensor& buf, const at::Tensor& zk, int64_t
 // index). A column's maximum is also a row's (l is symmetric), so as in the backward the
 // similarities come in upper strips, rows [p0, p0 + R) against columns [p0, N) in key order, each
 // entry counted for its row and for its column: half the products of whole rows. The ignored keys
-// are never rows; their columns get one product of each strip's rows against them.
+// are never rows; their columns get one product of each strip's rows against them. Each thread
+// takes whole strips and keeps its own maxima; a maximum does not depend on the order, so their
+// maximum is the same whichever thread took which strip.
 template <typename A>
-void column_shift_volume(const at::Tensor& zk, const KeyOrder& ko, int64_t TI, const at::Tensor& Lbuf, A tau, A* c) {
+void column_shift_volume(const at::Tensor& zk, const KeyOrder& ko, int64_t TI, int64_t threads, A tau, A* c) {
   const int64_t N = zk.size(0), v0 = ko.valid_begin();
   const FeclCpuKernels<A>& kern = fecl_table<A>();
-  std::vector<A> m(N, A(0));  // in key order
-  for (int64_t p0 = v0; p0 < N; p0 += TI) {
-    const int64_t R = std::min(TI, N - p0), W = N - p0;
-    const A* Lp = key_similarities(Lbuf, zk, p0, R, p0, W).data_ptr<A>();
-    A* mp = m.data() + p0;
-    at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.strip_row_max(Lp, W, r0, r1, mp); });
-    at::parallel_for(R, W, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lp, R, W, q0, q1, mp); });
-    if (v0 > 0) {
-      const A* Lip = key_similarities(Lbuf, zk, p0, R, 0, v0).data_ptr<A>();
-      at::parallel_for(0, v0, row_grain(R), [&](int64_t q0, int64_t q1) { kern.strip_col_max(Lip, R, v0, q0, q1, m.data()); });
-    }
-  }
+  std::vector<std::vector<A>> m_of(threads);  // per thread, in key order
+  std::atomic<int64_t> next_thread{0};
+  parallel_blocks(N - v0, TI, threads, [&] {
+    std::vector<A>& mine = m_of[next_thread++];
+    mine.assign(N, A(0));
+    return [&, m = mine.data(), buf = at::empty({TI * std::max<int64_t>(N - v0, v0)}, zk.options())](int64_t lo,
+                                                                                                       int64_t hi) {
+      const int64_t p0 = v0 + lo, R = hi - lo, W = N - p0;
+      const A* Lp = key_similarities(buf, zk, p0, R, p0, W).template data_ptr<A>();
+      kern.strip_row_max(Lp, W, 0, R, m + p0);
+      kern.strip_col_max(Lp, R, W, R, W, m + p0);
+      if (v0 > 0) kern.strip_col_max(key_similarities(buf, zk, p0, R, 0, v0).template data_ptr<A>(), R, v0, 0, v0, m);
+    };
+  });
   const int64_t* perm = ko.perm.data_ptr<int64_t>();
-  for (int64_t p = 0; p < N; ++p) c[perm[p]] = m[p] / tau;
+  for (int64_t p = 0; p < N; ++p) {
+    A mp = A(0);
+    for (const std::vector<A>& m : m_of)
+      if (!m.empty()) mp = std::max(mp, m[p]);
+    c[perm[p]] = mp / tau;
+  }
+}
+
+// Pass 2 of one volume: tiles of TI anchors, each taken whole by one thread: its BLAS products
+// (z z_k^T, and z zt^T with a teacher) into the thread's own buffers, then the row loop. Every
+// anchor's outputs are written by the tile that holds it.
+template <typename A>
+void main_pass_volume(const FeclRowsFwd<A>& f, const at::Tensor& zb, const at::Tensor& zk, const at::Tensor& ztb,
+                      int64_t TI, int64_t threads, int64_t heap) {
+  const FeclCpuKernels<A>& kern = fecl_table<A>();
+  parallel_blocks(f.N, TI, threads, [&] {
+    at::Tensor L = at::empty({TI, f.N}, zb.options());
+    at::Tensor Lt = ztb.defined() ? at::empty({TI, f.Nt}, zb.options()) : at::Tensor();
+    return [&, fw = f, L, Lt, heap_val = std::vector<A>(heap)](int64_t i0, int64_t i1) mutable {
+      const int64_t rows = i1 - i0;
+      const at::Tensor zr = zb.narrow(0, i0, rows);
+      at::Tensor Lv = L.narrow(0, 0, rows);
+      at::mm_out(Lv, zr, zk.t());
+      if (Lt.defined()) {
+        at::Tensor Ltv = Lt.narrow(0, 0, rows);
+        at::mm_out(Ltv, zr, ztb.t());
+        fw.Lt = Lt.template data_ptr<A>();
+      }
+      fw.L = L.template data_ptr<A>(), fw.i0 = i0;
+      kern.forward_rows(fw, heap_val.data(), 0, rows);
+    };
+  });
 }
 
 template <typename A>
 void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc, FeclOutputs& o) {
   const int64_t B = a.B, N = a.N, Nt = a.Nt, K = a.top_k, TK = a.teacher_top_k;
   const bool teacher = a.teacher != kTeacherNone;
-  const int64_t TI = tile_rows(N, teacher ? Nt : 0);
-  const FeclCpuKernels<A>& kern = fecl_table<A>();
-  auto opts = zc.options();
-  at::Tensor L = at::empty({TI, N}, opts);
-  at::Tensor Lt = teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
+  const int64_t threads = row_threads(N, N + (teacher ? Nt : 0));
+  const int64_t TI = tile_rows(N, teacher ? Nt : 0, threads);
 
   const LabelCodes codes = label_codes(a);
   A* cs = a.column_shift ? o.col_shift.data_ptr<A>() : nullptr;
@@ -187,22 +221,10 @@ void forward_impl(const FeclArgs& a, const at::Tensor& zc, const at::Tensor& ztc
     static_cast<FeclKeyOrderView&>(f) = key_order_view(ko);
     const at::Tensor zk = zb.index_select(0, ko.perm);
 
-    if (cs) column_shift_volume(zk, ko, TI, L.view({-1}), f.tau, cs + off);
+    if (cs) column_shift_volume(zk, ko, TI, threads, f.tau, cs + off);
     const std::vector<A> ck = in_key_order(f.c_anchor, ko);  // the keys' offsets c in key order
     f.c_key = ck.data();
-
-    // Pass 2: everything else, one BLAS product (two with a teacher) per tile.
-    for (int64_t i0 = 0; i0 < N; i0 += TI) {
-      const int64_t rows = std::min(TI, N - i0);
-      at::Tensor Lv = L.narrow(0, 0, rows);
-      at::mm_out(Lv, zb.narrow(0, i0, rows), zk.t());
-      if (teacher) {
-        at::Tensor Ltv = Lt.narrow(0, 0, rows);
-        at::mm_out(Ltv, zb.narrow(0, i0, rows), ztc[b].t());
-      }
-      f.L = L.data_ptr<A>(), f.Lt = teacher ? Lt.data_ptr<A>() : nullptr, f.i0 = i0;
-      tile_rows_parallel(f, rows, N + (teacher ? Nt : 0), heap, kern.forward_rows);
-    }
+    main_pass_volume(f, zb, zk, teacher ? ztc[b] : at::Tensor(), TI, threads, heap);
   }
 }
 
@@ -313,13 +335,16 @@ TopkPairs<A> topk_pairs(const FeclArgs& a, const BwdInputs<A>& in, const FeclCpu
 // G_strip[:, R:]^T z_k[p0 : p0 + R]; so each similarity G_pq with p < q is computed once and used
 // twice (1.5 N^2 D multiply-adds instead of 2). Strips start at the first valid key (the ignored
 // keys' rows and columns are zero); with top_k, G holds only the positives (same label: diagonal
-// blocks in key order), so a strip ends with its last row's label block. The strips run in a
-// fixed order, each product and row range in parallel: the result does not depend on how rows are
-// split among threads (BLAS's own order aside).
+// blocks in key order), so a strip ends with its last row's label block.
+//
+// Each thread takes whole strips and adds them to its own dz_k; the strips go to the threads in a
+// fixed pattern (below) and the threads' dz_k are added in thread order, so the result is the same
+// bits run to run for one thread count. (Taking strips in turn, as the forward takes its tiles,
+// would add them in a different grouping each run.)
 template <typename A>
 void dense_volume_grad(const FeclArgs& a, const BwdInputs<A>& in, bool thr_teacher, int64_t b, const at::Tensor& zc,
-                       const at::Tensor& ztc, at::Tensor& dzk, const KeyOrder& ko, FeclRowsBwd<A>& g,
-                       const at::Tensor& Gbuf, const at::Tensor& Gtbuf) {
+                       const at::Tensor& ztc, at::Tensor& dzk, const KeyOrder& ko, FeclRowsBwd<A> g, int64_t TI,
+                       int64_t threads) {
   const int64_t N = a.N, Nt = a.Nt;
   const FeclCpuKernels<A>& kern = fecl_table<A>();
   const at::Tensor zk = zc[b].index_select(0, ko.perm);
@@ -336,29 +361,44 @@ void dense_volume_grad(const FeclArgs& a, const BwdInputs<A>& in, bool thr_teach
   g.grad_cross = thr_teacher ? gck.data() : nullptr;
   const at::Tensor ztb = thr_teacher ? ztc[b] : at::Tensor();
   const A inv_tau = A(1) / A(a.tau);
-  const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0);
-  for (int64_t p0 = ko.valid_begin(); p0 < N; p0 += TI) {
-    const int64_t R = std::min(TI, N - p0);
-    const int64_t W = a.top_k > 0 ? ko.start[yk[p0 + R - 1] + 1] - p0 : N - p0;
-    const at::Tensor zr = zk.narrow(0, p0, R), zw = zk.narrow(0, p0, W);
-    at::Tensor G = key_similarities(Gbuf, zk, p0, R, p0, W);
-    g.G = G.data_ptr<A>(), g.p0 = p0, g.W = W;
-    at::parallel_for(0, R, row_grain(W), [&](int64_t r0, int64_t r1) { kern.grad_rows(g, r0, r1); });
-    at::Tensor dzr = dzk.narrow(0, p0, R);
-    dzr.addmm_(G, zw, /*beta=*/1, /*alpha=*/inv_tau);
-    if (W > R) {
-      at::Tensor dzw = dzk.narrow(0, p0 + R, W - R);
-      dzw.addmm_(G.narrow(1, R, W - R).t(), zr, /*beta=*/1, /*alpha=*/inv_tau);
+  const int64_t v0 = ko.valid_begin(), strips = (N - v0 + TI - 1) / TI;
+  threads = std::max<int64_t>(1, std::min(threads, strips));
+  std::vector<at::Tensor> acc(threads);  // each thread's dz_k; thread 0's is dzk
+  acc[0] = dzk.zero_();
+
+  // Strip s = p0 / TI of thread t: the strips' widths fall with s, so they are dealt out in a
+  // snake (0, 1, ..., T-1, T-1, ..., 1, 0, 0, 1, ...) to even out the threads' work.
+  const auto owner = [threads](int64_t s) {
+    const int64_t r = s % threads;
+    return (s / threads) % 2 == 0 ? r : threads - 1 - r;
+  };
+  parallel_threads(threads, [&](int64_t t) {
+    const at::Tensor Gbuf = at::empty({TI * (N - v0)}, zk.options());
+    const at::Tensor Gtbuf = thr_teacher ? at::empty({TI, Nt}, zk.options()) : at::Tensor();
+    FeclRowsBwd<A> gl = g;
+    if (t > 0) acc[t] = at::zeros_like(dzk);
+    for (int64_t s = 0; s < strips; ++s) {
+      if (owner(s) != t) continue;
+      const int64_t p0 = v0 + s * TI, R = std::min(TI, N - p0);
+      const int64_t W = a.top_k > 0 ? ko.start[yk[p0 + R - 1] + 1] - p0 : N - p0;
+      const at::Tensor zr = zk.narrow(0, p0, R), zw = zk.narrow(0, p0, W);
+      at::Tensor G = key_similarities(Gbuf, zk, p0, R, p0, W);
+      gl.G = G.template data_ptr<A>(), gl.p0 = p0, gl.W = W;
+      kern.grad_rows(gl, 0, R);
+      at::Tensor dzr = acc[t].narrow(0, p0, R);
+      dzr.addmm_(G, zw, /*beta=*/1, /*alpha=*/inv_tau);
+      if (W > R) acc[t].narrow(0, p0 + R, W - R).addmm_(G.narrow(1, R, W - R).t(), zr, /*beta=*/1, /*alpha=*/inv_tau);
+      // Threshold teacher: d cross_i / d c_ik = 1 / (1 - c_ik + eps), no temperature.
+      if (thr_teacher) {
+        at::Tensor Gt = Gtbuf.narrow(0, 0, R);
+        at::mm_out(Gt, zr, ztb.t());
+        gl.Gt = Gt.template data_ptr<A>();
+        kern.teacher_grad_rows(gl, 0, R);
+        dzr.addmm_(Gt, ztb);
+      }
     }
-    // Threshold teacher: d cross_i / d c_ik = 1 / (1 - c_ik + eps), no temperature.
-    if (thr_teacher) {
-      at::Tensor Gt = Gtbuf.narrow(0, 0, R);
-      at::mm_out(Gt, zr, ztb.t());
-      g.Gt = Gt.data_ptr<A>();
-      at::parallel_for(0, R, row_grain(Nt), [&](int64_t r0, int64_t r1) { kern.teacher_grad_rows(g, r0, r1); });
-      dzr.addmm_(Gt, ztb);
-    }
-  }
+  });
+  for (int64_t t = 1; t < threads; ++t) dzk.add_(acc[t]);
 }
 
 // The sparse pairs of anchors [g0, g1) (global indices), each adding to its own row of dz: the
@@ -402,7 +442,8 @@ template <typename A>
 at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tensor& zc, const at::Tensor& ztc) {
   const int64_t B = a.B, N = a.N, D = a.D, Nt = a.Nt, K = a.top_k;
   const bool thr_teacher = a.teacher == kTeacherThreshold && s.grad_cross.defined();
-  const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0);
+  const int64_t threads = row_threads(N, N + (thr_teacher ? Nt : 0));
+  const int64_t TI = tile_rows(N, thr_teacher ? Nt : 0, threads);
   auto opts = zc.options();
   const LabelCodes codes = label_codes(a);
   const BwdInputs<A> in = bwd_inputs<A>(a, s, codes, zc, ztc, thr_teacher);
@@ -412,14 +453,11 @@ at::Tensor backward_impl(const FeclArgs& a, const FeclSavedIn& s, const at::Tens
   g.N = N, g.Nt = Nt, g.K = K;
   g.tau = A(a.tau), g.inv_tau = A(1) / g.tau, g.gp = A(a.gamma_pos), g.gn = A(a.gamma_neg);
   g.thr = A(a.teacher_threshold);
-  const at::Tensor Gbuf = at::empty({TI * N}, opts);
-  const at::Tensor Gtbuf = thr_teacher ? at::empty({TI, Nt}, opts) : at::Tensor();
-  at::Tensor dz = at::empty({B, N, D}, opts);
+  at::Tensor dz = new_output({B, N, D}, opts);
   at::Tensor dzk = at::empty({N, D}, opts);
   for (int64_t b = 0; b < B; ++b) {
     const KeyOrder ko = key_order(codes.y.data_ptr<label_t>() + b * N, N);
-    dzk.zero_();
-    dense_volume_grad(a, in, thr_teacher, b, zc, ztc, dzk, ko, g, Gbuf, Gtbuf);
+    dense_volume_grad(a, in, thr_teacher, b, zc, ztc, dzk, ko, g, TI, threads);
     dz[b].index_copy_(0, ko.perm, dzk);
   }
   if (K > 0 || in.teacher_idx) {

@@ -7,6 +7,7 @@
 
 #include "alloc.h"
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "uncl_common.h"
 
 namespace dycon {
@@ -18,12 +19,19 @@ template <typename A> const UnclCpuKernels<A>& uncl_table();
 template <> const UnclCpuKernels<float>& uncl_table<float>() { return cpu_kernels().uncl_f32; }
 template <> const UnclCpuKernels<double>& uncl_table<double>() { return cpu_kernels().uncl_f64; }
 
-// This CPU's tile kernel over every tile, in parallel; each task owns its scratch.
+// Tiles per block that a thread takes (cpu_parallel.h): 16384 voxels, ~60 us at C = 2, long
+// enough runs of each logit row for the prefetchers and short next to a scheduler time slice, which
+// is what a descheduled thread costs anyway; and the fewest tiles worth a thread of their own.
+constexpr int64_t kUnclBlockTiles = 64, kUnclTilesPerThread = 8;
+
+// This CPU's tile kernel over every tile, in parallel; each thread owns its scratch.
 template <typename A> void for_tiles(const UnclCpuArgs<A>& args) {
   const auto tiles = uncl_table<A>().tiles;
-  at::parallel_for(0, uncl_tiles(args.B, args.V), 8, [&](int64_t k0, int64_t k1) {
-    std::vector<A> scratch(uncl_scratch_elems(args.C));
-    tiles(args, scratch.data(), k0, k1);
+  const int64_t n = uncl_tiles(args.B, args.V);
+  parallel_blocks(n, kUnclBlockTiles, threads_for(n, kUnclTilesPerThread), [&] {
+    return [&tiles, &args, scratch = std::vector<A>(uncl_scratch_elems(args.C))](int64_t k0, int64_t k1) mutable {
+      tiles(args, scratch.data(), k0, k1);
+    };
   });
 }
 

@@ -1,5 +1,6 @@
 """Benchmark output: the CSV and the Markdown report are written before the optional plot, and a
-missing plotting library costs only the PNG."""
+missing plotting library costs only the PNG; the CPU that other processes used during a timing."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +34,11 @@ def test_without_matplotlib_the_table_survives(tmp_path, monkeypatch, capsys):
     assert "| a table |" in (tmp_path / "b.md").read_text()
     assert "1.5" in (tmp_path / "b.csv").read_text()
     assert "no plot" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="no /proc/stat")
+def test_other_cpu_counts_another_process():
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 0.4: pass"
+    with bc.OtherCpu() as busy:
+        subprocess.run([sys.executable, "-c", spin], check=True)
+    assert busy.cores >= 0.4 and str(busy).endswith(" cores")

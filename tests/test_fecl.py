@@ -252,11 +252,12 @@ def deterministic_algorithms(warn_only=False):
 @pytest.mark.parametrize("preset", ["dycon", "official"])
 @pytest.mark.parametrize("top_k", [None, 5])
 def test_cpu_backend_is_deterministic(preset, top_k):
-    """Two runs under use_deterministic_algorithms(True) give the same bits: every parallel task of
-    the CPU kernels writes its own rows, and the top-k scatter goes through a transposed index
-    built serially. Not asserted across thread counts: the similarity tiles come from MKL's GEMM,
-    which does not promise the same summation order for every thread count."""
-    # N = 300: row_grain(300) = 109 rows per task, so the rows of a tile are split over threads.
+    """Two runs under use_deterministic_algorithms(True) give the same bits: each forward tile writes
+    its own rows, the backward's strips are added per thread in a fixed order, and the top-k scatter
+    goes through a transposed index built serially. Not asserted across thread counts: the tile and
+    strip heights, and the grouping of the backward's sums, depend on the thread count."""
+    # N = 300: tiles and strips of a few dozen rows (csrc/fecl_cpu.cpp, tile_rows), several for each
+    # of 2 threads: the forward's tiles go to whichever thread asks, the backward's strips in a fixed order.
     z, y, zt, yt, u = on_device(make_inputs(N=300, D=16, seed=seed_of(preset, top_k)), "cpu")
     params = dict(preset=preset, top_k=top_k, **({"teacher_threshold": 0.1} if preset == "official" else {}))
     with deterministic_algorithms():

@@ -256,8 +256,9 @@ def test_shapes(device, shape, name):
     check(device, make_cfg(**CONFIGS[name]), dtype=torch.float64, **shape)
 
 
-# Enough keys for several strips in the CPU backward and column shift (csrc/fecl_cpu.cpp: 2^20 / N
-# rows a strip, each strip used for its rows and, transposed, for the columns after it): 4 here.
+# Enough keys for several strips in the CPU backward and column shift (csrc/fecl_cpu.cpp: 2^20 /
+# (N x threads) rows a strip, each strip used for its rows and, transposed, for the columns after
+# it): about 5 at one thread, 9 at two.
 STRIPS_SHAPE = dict(B=1, N=2101, D=8, Nt=300)
 
 

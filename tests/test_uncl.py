@@ -281,12 +281,12 @@ def deterministic_algorithms(num_threads):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cpu_backend_is_deterministic(reduction):
     """Bitwise-equal loss and gradients run to run, and with 1 or 2 threads: the kernels write
-    fixed 256-voxel tiles (and one partial sum per tile) whatever the thread count. The sums that
+    fixed 256-voxel tiles (and one partial sum per tile) whichever thread takes them. The sums that
     torch adds on top (the tiles; the weights of 'mean') split their work by the thread count
     above 32768 elements, so thread-count independence holds for problems below that size only."""
-    shape = (2, 3, 9, 13, 11)  # 2574 voxels: 12 tiles, with a partial one per volume
+    shape = (2, 3, 30, 20, 25)  # 30000 voxels: 118 tiles (a partial one per volume), 2 blocks for 2 threads
     s, t = random_logits(shape, torch.float32, 81, device="cpu"), random_logits(shape, torch.float32, 82, device="cpu")
-    w = torch.rand((2, 9, 13, 11), generator=torch.Generator().manual_seed(83))
+    w = torch.rand((2,) + shape[2:], generator=torch.Generator().manual_seed(83))
     runs = []
     for num_threads in (2, 2, 1):
         with deterministic_algorithms(num_threads):
@@ -294,6 +294,31 @@ def test_cpu_backend_is_deterministic(reduction):
     for run in runs[1:]:
         for g, r in zip(run, runs[0]):
             assert torch.equal(g, r)
+
+
+@pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_outputs_of_2_mib_in_huge_pages_match_reference(reduction):
+    """Outputs of 2 MiB or more (here the logit gradients and the 'none' loss map) come from the
+    2 MiB-aligned huge-page allocation of csrc/alloc.h, NaN-filled under DYCON_POISON, and 2 threads
+    taking blocks of tiles in turn must write every element of them."""
+    shape = (2, 3, 64, 64, 64)  # 2 x 262144 voxels: the loss map is 2 MiB, the gradients 6 MiB
+    s, t = random_logits(shape, torch.float32, 91, device="cpu"), random_logits(shape, torch.float32, 92, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _run(dk.uncl, s, t, beta=0.9, reduction=reduction, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    want = _run(reference.uncl, s, t, beta=0.9, reduction=reduction)
+    huge = got[1:] if reduction == "mean" else got
+    assert all(x.data_ptr() % (2 << 20) == 0 for x in huge)
+    for g, r in zip(got, want):
+        _assert_close(g, r, torch.float32)
+    # torch's memory profiler sees these allocations, as it sees its own allocator's.
+    from test_fecl_cpp import _largest_allocation
+    flat = (s.view(2, 3, -1), t.view(2, 3, -1))
+    assert _largest_allocation(lambda: torch.ops.dycon_C.uncl_forward_grad(*flat, 0.9, None, True, False)) >= 6 << 20
 
 
 def test_module_form():
