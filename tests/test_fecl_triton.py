@@ -298,13 +298,13 @@ def _schedule_steps(launches):
     return out
 
 
-@pytest.mark.parametrize("cfg, N, groups, nsb", [
+@pytest.mark.parametrize("cfg, N, supers, nsb", [
     (config(), 37, (), 3),                                                        # GROUP 1, odd: step 1
     (config(top_k=3, teacher="topk", teacher_top_k=3), 60, (), 4),                 # GROUP 1, even: steps 1, 2 (half)
-    (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 90, (2,), 3),  # GROUP 2, odd
-    (config(top_k=4), 100, (2,), 4),                # GROUP 2, even, last super-block partial (112 = 3 x 32 + 16)
+    (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 90, (32,), 3),  # GROUP 2, odd
+    (config(top_k=4), 100, (32,), 4),               # GROUP 2, even, last super-block partial (112 = 3 x 32 + 16)
 ], ids=["g1-odd", "g1-even", "g2-odd", "g2-even-ragged"])
-def test_symmetric_schedule(monkeypatch, cfg, N, groups, nsb):
+def test_symmetric_schedule(monkeypatch, cfg, N, supers, nsb):
     """The backward's schedule (each pair once: docs/fecl_kernels.md, "Gradient") with super-blocks
     of GROUP 16-anchor blocks, nsb odd and even (its last step pairs only the first half with the
     second), against the dense computation (poisoned outputs, ignored labels, padded N); and the
@@ -312,7 +312,7 @@ def test_symmetric_schedule(monkeypatch, cfg, N, groups, nsb):
     from dycon_kernels.triton import fecl
     from triton_aot import record_launches
 
-    monkeypatch.setattr(fecl, "SCHEDULE_GROUPS", groups)
+    monkeypatch.setattr(fecl, "SCHEDULE_SUPER", supers)
     monkeypatch.setattr(fecl, "MIN_SUPER_BLOCKS", 1)
     launches = record_launches(monkeypatch, fecl, ["fecl_backward_pairs_kernel"])
     use_t = cfg.teacher != "none"

@@ -1236,19 +1236,21 @@ def _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags):
 
 
 # The schedule pairs super-blocks of GROUP anchor blocks: fecl_backward_keys_kernel's sums into
-# dz (a read-modify-write of BLOCK_M x BLOCK_DC values per program) are then amortised over
-# GROUP x BLOCK_M anchors (bfloat16, D = 256, N = 13 824, sm_90: 10.7 instructions per pair at
-# GROUP 8, 37.9 at GROUP 1 for N = 1960), and a call takes 2 (nsb // 2) + 1 launches. GROUP is
-# the largest of SCHEDULE_GROUPS that leaves at least MIN_SUPER_BLOCKS super-blocks, 1 below
-# that; at most 8 (x 64 anchors): the slabs hold N x GROUP x BLOCK_M coefficients per volume.
-SCHEDULE_GROUPS = (8, 4, 2)
+# dz (a read-modify-write per program) are amortised over a super-block's anchors (bfloat16,
+# D = 256, sm_90: 10.7 instructions per pair with 512 anchors at N = 13 824, 37.9 with 64 at
+# N = 1960), and a call takes 2 (nsb // 2) + 1 launches for nsb super-blocks. A super-block
+# has the largest of SCHEDULE_SUPER anchors that leaves at least MIN_SUPER_BLOCKS super-blocks,
+# whatever BLOCK_M (the 99 KB cards' 16 would otherwise multiply the launches by 4), else one
+# block. At most 512: the slabs hold N x SUPER coefficients per volume.
+SCHEDULE_SUPER = (512, 256, 128)
 MIN_SUPER_BLOCKS = 8
 
 
 def schedule_group(N: int, block_m: int) -> int:
-    """GROUP, the anchor blocks per super-block of the backward's schedule, for N (launched) patches."""
-    blocks = triton.cdiv(N, block_m)
-    return next((g for g in SCHEDULE_GROUPS if blocks // g >= MIN_SUPER_BLOCKS), 1)
+    """GROUP, the anchor blocks per super-block of the backward's schedule, for N (launched)
+    patches in blocks of block_m."""
+    return next((sup // block_m for sup in SCHEDULE_SUPER
+                 if sup >= block_m and triton.cdiv(N, sup) >= MIN_SUPER_BLOCKS), 1)
 
 
 
