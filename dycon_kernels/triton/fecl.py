@@ -1292,11 +1292,10 @@ def keys_launch(cfg: LaunchConfig, dtype: torch.dtype, group: int, smem_limit: i
     per step) within the schedule's super-block of group x cfg.BLOCK_M (GROUP: its blocks per
     super-block), independent of the backward's BLOCK_M (float32's 16 made its tiles small);
     at most MAX_KEYS_DC columns (at 64 x 256 the sm_90 bfloat16 kernel spilled 2.6 KB, at
-    32 x 256 the sm_80 float32 one 248 bytes); the
-    deepest pipeline up to the backward's that keys_smem_estimate fits in ``smem_limit``
-    (None: the interpreter, no options). 64 x 128 blocks, but for float32/float64 only where
-    they get 2 stages (sm_90): at 1 stage the sm_80 float32 kernel spilled 1.6 KB; else 32 x
-    128 (sm_80 float32: no spill, 130 instructions per pair at 2 stages)."""
+    32 x 256 the sm_80 float32 one 248 bytes); the deepest pipeline up to the backward's that
+    keys_smem_estimate fits in ``smem_limit`` (None: the interpreter, no options). 64 x 128 blocks, but for float32/float64 only where
+    they get 2 stages (sm_90; the sm_80 float32 kernel spilled 27 KB at 1 stage, 2 KB at 2);
+    else 32 x 128 (sm_80 float32: no spill)."""
     super_block = group * cfg.BLOCK_M
     blocks = [b for b in KEYS_BLOCKS if b <= super_block] or [super_block]
     for bm in blocks:
