@@ -289,22 +289,13 @@ KERNELS = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fe
            "fecl_sparse_coef_kernel", "fecl_sparse_rows_kernel"]
 
 
-def _schedule_steps(launches):
-    """(STEP, NB, programs) of the recorded fecl_backward_pairs_kernel launches, in launch order."""
-    out = []
-    for kernel, args, _ in launches:
-        if getattr(kernel, "fn", kernel).__name__ == "fecl_backward_pairs_kernel":
-            out.append((args[-2], args[-1]))
-    return out
-
-
-@pytest.mark.parametrize("cfg, N, supers, nsb", [
-    (config(), 37, (), 3),                                                        # GROUP 1, odd: step 1
-    (config(top_k=3, teacher="topk", teacher_top_k=3), 60, (), 4),                 # GROUP 1, even: steps 1, 2 (half)
-    (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 90, (32,), 3),  # GROUP 2, odd
-    (config(top_k=4), 100, (32,), 4),               # GROUP 2, even, last super-block partial (112 = 3 x 32 + 16)
+@pytest.mark.parametrize("cfg, B, N, supers, nsb", [
+    (config(), 2, 37, (), 3),                                                        # GROUP 1, odd: step 1
+    (config(top_k=3, teacher="topk", teacher_top_k=3), 1, 60, (), 4),                # GROUP 1, even: steps 1, 2 (half)
+    (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 2, 90, (32,), 3),  # GROUP 2, odd
+    (config(top_k=4), 1, 100, (32,), 4),         # GROUP 2, even, last super-block partial (112 = 3 x 32 + 16)
 ], ids=["g1-odd", "g1-even", "g2-odd", "g2-even-ragged"])
-def test_symmetric_schedule(monkeypatch, cfg, N, supers, nsb):
+def test_symmetric_schedule(monkeypatch, cfg, B, N, supers, nsb):
     """The backward's schedule (each pair once: docs/fecl_kernels.md, "Gradient") with super-blocks
     of GROUP 16-anchor blocks, nsb odd and even (its last step pairs only the first half with the
     second), against the dense computation (poisoned outputs, ignored labels, padded N); and the
@@ -316,10 +307,10 @@ def test_symmetric_schedule(monkeypatch, cfg, N, supers, nsb):
     monkeypatch.setattr(fecl, "MIN_SUPER_BLOCKS", 1)
     launches = record_launches(monkeypatch, fecl, ["fecl_backward_pairs_kernel"])
     use_t = cfg.teacher != "none"
-    out, _ = run_case(cfg, B=2, N=N, D=19, n_classes=3, Nt=29, seed=N)
-    assert _schedule_steps(launches) == [(s, nsb) for s in range(1, nsb // 2 + 1)]
-    z, y, zt, yt, u = make_inputs(2, N, 19, 3, torch.float32, 29, seed=N)
-    grad = torch.randn(2, N, generator=torch.Generator().manual_seed(N))
+    out, _ = run_case(cfg, B=B, N=N, D=19, n_classes=3, Nt=29, seed=N)
+    assert [args[-2:] for _, args, _ in launches] == [(s, nsb) for s in range(1, nsb // 2 + 1)]  # (STEP, NB)
+    z, y, zt, yt, u = make_inputs(B, N, 19, 3, torch.float32, 29, seed=N)
+    grad = torch.randn(B, N, generator=torch.Generator().manual_seed(N))
     first, second = (fecl.fecl_backward(grad, grad, z, y, zt if use_t else None, yt if use_t else None, u, *out[3:],
                                         cfg, blocks=(16, 16)) for _ in range(2))
     assert torch.equal(first, second)
