@@ -1,9 +1,11 @@
 """FeCL in Triton: streaming kernels in the style of the fused-attention tutorial.
 
 The algorithm and the entry-point contract are ``docs/fecl_kernels.md``. Every kernel is launched
-on a grid ``(cdiv(N, BLOCK_M), B)``: one program owns a block of ``BLOCK_M`` anchors of one volume,
-loads their embeddings once and loops over key tiles of ``BLOCK_N`` keys, computing similarity
-tiles with ``tl.dot``. Only per-anchor statistics are written; nothing of size ``N x N`` exists.
+on a grid ``(cdiv(N, BLOCK_M), B)`` (the backward's pair steps: per step, see below): one program
+owns a block of ``BLOCK_M`` anchors of one volume, loads their embeddings once and loops over key
+tiles of ``BLOCK_N`` keys, computing similarity tiles with ``tl.dot``. The forward writes only
+per-anchor statistics; nothing of size ``N x N`` exists (the backward's slabs hold N x SUPER
+coefficients, SUPER <= 512).
 
 Forward, one kernel per pass of the doc (each a loop over key tiles):
 
@@ -614,12 +616,13 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     """Step 0 of the dense part of dz (the schedule: docs/fecl_kernels.md, "Gradient"): the
     pairs of this program's BLOCK_M anchors with the keys of their super-block (GROUP blocks;
     both directions, (g_ij + g_ji) z_j into dz_i, so each pair within a super-block is
-    evaluated twice: GROUP / nb of the pairs) and the threshold-teacher terms of its anchors; writes its rows of DZ (float32/float64), which the later steps
-    (fecl_backward_pairs_kernel) add to. A = grad_loss * u / n_pos (0 without positives).
-    Program (m, b, c) writes columns [c BLOCK_DC, (c + 1) BLOCK_DC): the (BLOCK_M, BLOCK_DC)
-    float32 accumulator is what bounds the registers, so a D too wide for it is split over
-    programs (each recomputing the similarity tiles). BLOCK_N divides BLOCK_M. The sparse top-k
-    and teacher top-k pairs are fecl_sparse_coef_kernel's and fecl_sparse_rows_kernel's."""
+    evaluated twice: GROUP / nb of the pairs) and the threshold-teacher terms of its anchors.
+    Writes its rows of DZ (float32/float64), which the later steps' fecl_backward_keys_kernel
+    adds to. A = grad_loss * u / n_pos (0 without positives). Program (m, b, c) writes columns
+    [c BLOCK_DC, (c + 1) BLOCK_DC): the (BLOCK_M, BLOCK_DC) float32 accumulator is what bounds
+    the registers, so a D too wide for it is split over programs (each recomputing the
+    similarity tiles). BLOCK_N divides GROUP x BLOCK_M. The sparse top-k and teacher top-k pairs
+    are fecl_sparse_coef_kernel's and fecl_sparse_rows_kernel's."""
     threshold = (THRESHOLD + tl.zeros([], ACC)).to(ACC)
     b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     offs_dc = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
