@@ -62,11 +62,13 @@ PINNED_TRITON = "3.8.0"
 # kernels) that tests/test_kernel_report.py checks on the pinned Triton: today's figures, so that
 # a change that makes the call slower fails CI until the budget is raised on purpose. The float32
 # cases (D in chunks since issue 21 removed their spills) are checked by the same test.
-BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=252, mufu_per_pair=8.1, spill=0),
-          ("fp32", 256, "official", 0, 13824, "sm_90"): dict(instr_per_pair=2336, mufu_per_pair=12.1, spill=0),
-          ("fp32", 256, "official", 0, 13824, "sm_80"): dict(instr_per_pair=2659, mufu_per_pair=12.1, spill=0),
-          ("fp32", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=1452, mufu_per_pair=8.2, spill=0),
-          ("fp32", 256, "dycon", 32, 13824, "sm_80"): dict(instr_per_pair=1705, mufu_per_pair=8.2, spill=0)}
+# Issue 21's symmetric backward (each dense pair once) lowered them from 252 / 8.1, 2336 / 12.1,
+# 2659 / 12.1, 1452 / 8.2 and 1705 / 8.2.
+BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=227, mufu_per_pair=5.7, spill=0),
+          ("fp32", 256, "official", 0, 13824, "sm_90"): dict(instr_per_pair=1984, mufu_per_pair=8.8, spill=0),
+          ("fp32", 256, "official", 0, 13824, "sm_80"): dict(instr_per_pair=2386, mufu_per_pair=8.8, spill=0),
+          ("fp32", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=1119, mufu_per_pair=5.8, spill=0),
+          ("fp32", 256, "dycon", 32, 13824, "sm_80"): dict(instr_per_pair=1449, mufu_per_pair=5.8, spill=0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +99,9 @@ def fecl_sizes(name: str, case) -> dict:
 def fecl_entries(case, cc):
     """[(name, kernel, signature, constexprs, options, sizes)] of one FeCL forward + backward call."""
     from dycon_kernels.triton import fecl
-    dtype, D, preset, top_k, _ = case
-    return [entry + (fecl_sizes(entry[0], case),) for entry in fecl.report_configs(dtype, D, preset, top_k, cc)]
+    dtype, D, preset, top_k, n = case
+    return [entry + (fecl_sizes(entry[0], case),)
+            for entry in fecl.report_configs(dtype, D, preset, top_k, cc, fecl.launch_n(n))]
 
 
 def uncl_entries(case, cc):
@@ -207,15 +210,6 @@ def occupancy(cc: int, regs: int, smem: int, warps: int) -> float:
     return blocks * warps / (card["threads"] // 32)
 
 
-def _grid_d(op, kernel, constexprs, sizes) -> int:
-    """Programs per block of anchors (the D chunks of a FeCL grid's axis 2; 1 for UnCL); the
-    same for every N of a case (D is part of the compiled case)."""
-    if op != "fecl":
-        return 1
-    from dycon_kernels.triton import fecl
-    return fecl.programs_per_row_block(kernel, constexprs, sizes["D"])
-
-
 def _analyse(job):
     """Compile one launch for one target and read it; returns a resource row with the SASS
     analysis (``code``) and what the cost needs (``sizes``, ``constexprs``)."""
@@ -239,7 +233,7 @@ def _analyse(job):
                warps=md.num_warps, stages=md.num_stages, regs=regs, spill=spill_st + spill_ld, smem=md.shared,
                smem_limit=limit, fits=md.shared <= limit,
                occupancy=round(occupancy(cc, regs, md.shared, md.num_warps), 3) if md.shared <= limit else 0.0,
-               loops=len(code["loops"]), code=code, sizes=sizes, grid_d=_grid_d(op, kernel, ce, sizes),
+               loops=len(code["loops"]), code=code, sizes=sizes,
                constexprs={k: v for k, v in ce.items() if isinstance(v, (int, float))})
     if op == "uncl":  # straight-line kernels: the whole kernel per BLOCK_V voxels
         threads = 32 * md.num_warps
@@ -316,8 +310,10 @@ def kernel_cost(row: dict, n_pairs: int) -> list[dict]:
     """Per-pair rows of one launched kernel: one per loop (its own code x the trips of it and of
     the loops around it, per program) and one for the code outside loops (once per program);
     thread-instructions (a warp instruction runs on 32 lanes) over ``n_pairs`` pairs."""
+    from dycon_kernels.triton import fecl
+
     code, sizes, ce = row["code"], row["sizes"], row["constexprs"]
-    programs = -(-sizes["N"] // ce["BLOCK_M"]) * row.get("grid_d", 1)
+    programs = fecl.programs_per_volume(row["kernel"], ce, sizes["N"], sizes["D"])
     per_pair = programs * 32 * row["warps"] / n_pairs
     loops = code["loops"]
 
@@ -336,6 +332,13 @@ def kernel_cost(row: dict, n_pairs: int) -> list[dict]:
     return out
 
 
+def launches(row: dict) -> int:
+    """Launches of a kernel row's kernel in one call (the backward's pair steps: several)."""
+    from dycon_kernels.triton import fecl
+
+    return fecl.launches_per_call(row["kernel"], row["constexprs"], row["sizes"]["N"])
+
+
 def call_cost(rows: list[dict]) -> list[dict]:
     """For each FeCL (case, target): the loop rows of every launched kernel, a row per kernel
     (the sum of its loop rows) and the headline (level 'call': the sum of the kernel rows, the
@@ -349,15 +352,17 @@ def call_cost(rows: list[dict]) -> list[dict]:
         n = int(r["case"].split("/")[-1])
         parts = kernel_cost(r, n * n)
         kernel = dict(parts[0], level="kernel", part="all", instr_per_iter=None, trips=None, spill=r["spill"],
+                      launches=launches(r),
                       instr_per_pair=sum(p["instr_per_pair"] for p in parts),
                       mufu_per_pair=sum(p["mufu_per_pair"] for p in parts))
         out += parts + [kernel]
         call = calls.setdefault((r["case"], r["target"]), dict(
             op="fecl", case=r["case"], target=r["target"], kernel="WHOLE CALL", level="call", part="all",
-            instr_per_pair=0.0, mufu_per_pair=0.0, spill=0, fits=True, triton=triton.__version__))
+            instr_per_pair=0.0, mufu_per_pair=0.0, spill=0, launches=0, fits=True, triton=triton.__version__))
         call["instr_per_pair"] += kernel["instr_per_pair"]
         call["mufu_per_pair"] += kernel["mufu_per_pair"]
         call["spill"] += r["spill"]
+        call["launches"] += kernel["launches"]
         call["fits"] = call["fits"] and r["fits"]
     return list(calls.values()) + out
 
@@ -437,13 +442,13 @@ def _demangle(name: str) -> str:
 RESOURCE_COLUMNS = ["op", "case", "kernel", "target", "tiles", "warps", "stages", "regs", "spill", "smem",
                     "smem_limit", "fits", "occupancy", "loops", "instr_per_voxel", "mufu_per_voxel", "error"]
 COST_COLUMNS = ["case", "target", "kernel", "level", "part", "instr_per_iter", "trips", "instr_per_pair",
-                "mufu_per_pair", "spill", "fits", "triton"]
+                "mufu_per_pair", "spill", "launches", "fits", "triton"]
 
 
 def run(quick: bool, jobs: int, ccs, ops=("fecl", "uncl"), specialize=True, ns=FECL_N, cases=None):
     """The kernel rows of every launch of the ops' cases (or of ``cases``) on each target. Launches
-    that compile the same (FeCL cases that differ only in N with the same sizes divisible by 16)
-    are compiled and read once."""
+    that compile the same (FeCL cases that differ only in N with the same sizes divisible by 16
+    and the same constexprs) are compiled and read once."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for the GPU")
     work, uses = {}, []
@@ -453,7 +458,8 @@ def run(quick: bool, jobs: int, ccs, ops=("fecl", "uncl"), specialize=True, ns=F
             for cc in ccs:
                 for i, entry in enumerate(entries_fn(case, cc)):
                     sizes = entry[-1]
-                    key = (op, case[:4] if op == "fecl" else case, i, cc, tuple(divisible(sizes)))
+                    # The constexprs too: the backward's schedule GROUP depends on N.
+                    key = (op, case[:4] if op == "fecl" else case, i, cc, tuple(divisible(sizes)), repr(entry[3]))
                     work.setdefault(key, (op, case, i, cc, specialize))
                     uses.append((key, case, sizes))
     if jobs > 1:

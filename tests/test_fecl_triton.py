@@ -285,7 +285,50 @@ def test_other_shapes():
 
 
 KERNELS = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
-           "fecl_backward_kernel", "fecl_sparse_coef_kernel", "fecl_sparse_rows_kernel"]
+           "fecl_backward_kernel", "fecl_backward_pairs_kernel", "fecl_backward_keys_kernel",
+           "fecl_sparse_coef_kernel", "fecl_sparse_rows_kernel"]
+
+
+@pytest.mark.parametrize("cfg, B, N, supers, nsb", [
+    (config(), 2, 37, (), 3),                                                        # GROUP 1, odd: step 1
+    (config(top_k=3, teacher="topk", teacher_top_k=3), 1, 60, (), 4),                # GROUP 1, even: steps 1, 2 (half)
+    (config(gamma_neg=0.0, column_shift=True, teacher="threshold"), 2, 90, (32,), 3),  # GROUP 2, odd
+    (config(top_k=4), 1, 100, (32,), 4),         # GROUP 2, even, last super-block partial (112 = 3 x 32 + 16)
+], ids=["g1-odd", "g1-even", "g2-odd", "g2-even-ragged"])
+def test_symmetric_schedule(monkeypatch, cfg, B, N, supers, nsb):
+    """The backward's schedule (each pair once: docs/fecl_kernels.md, "Gradient") with super-blocks
+    of GROUP 16-anchor blocks, nsb odd and even (its last step pairs only the first half with the
+    second), against the dense computation (poisoned outputs, ignored labels, padded N); and the
+    same bits on a second run."""
+    from dycon_kernels.triton import fecl
+    from triton_aot import record_launches
+
+    monkeypatch.setattr(fecl, "SCHEDULE_SUPER", supers)
+    monkeypatch.setattr(fecl, "MIN_SUPER_BLOCKS", 1)
+    launches = record_launches(monkeypatch, fecl, ["fecl_backward_pairs_kernel"])
+    use_t = cfg.teacher != "none"
+    out, _ = run_case(cfg, B=B, N=N, D=19, n_classes=3, Nt=29, seed=N)
+    assert [args[-2:] for _, args, _ in launches] == [(s, nsb) for s in range(1, nsb // 2 + 1)]  # (STEP, NB)
+    z, y, zt, yt, u = make_inputs(B, N, 19, 3, torch.float32, 29, seed=N)
+    grad = torch.randn(B, N, generator=torch.Generator().manual_seed(N))
+    first, second = (fecl.fecl_backward(grad, grad, z, y, zt if use_t else None, yt if use_t else None, u, *out[3:],
+                                        cfg, blocks=(16, 16)) for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_each_unordered_block_pair_once():
+    """The index arithmetic of the schedule's steps (fecl_backward_pairs_kernel: p with
+    q = (p + STEP) mod NB, the last step of an even NB for p < NB / 2 only; step 0 the pairs
+    within a super-block): every unordered pair of super-blocks once, and within a step each
+    super-block a source once and a target at most once (one writer per element)."""
+    for nsb in range(1, 12):
+        seen = [(p, p) for p in range(nsb)]
+        for step in range(1, nsb // 2 + 1):
+            sources = range(nsb // 2 if 2 * step == nsb else nsb)
+            targets = [(p + step) % nsb for p in sources]
+            assert len(set(targets)) == len(targets)
+            seen += [tuple(sorted((p, q))) for p, q in zip(sources, targets)]
+        assert sorted(seen) == [(p, q) for p in range(nsb) for q in range(p, nsb)]
 
 
 @pytest.mark.parametrize("cfg, N, Nt", [
@@ -371,9 +414,11 @@ def test_launch_configs_cover_launches(monkeypatch):
     from triton_aot import record_launches
 
     names = KERNELS
-    # FAST_LOG and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch).
-    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_LOG", "DOT_IN")
-    configs = [(fn, sig, {k: v for k, v in ce.items() if k not in loose})
+    # FAST_LOG and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch), and with
+    # them the slabs' parts and dtype (GS); the backward's schedule GROUP depends on N.
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_LOG", "DOT_IN",
+             "GROUP", "SLAB_PARTS")
+    configs = [(fn, {k: v for k, v in sig.items() if k != "GS"}, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]
     launches = record_launches(monkeypatch, fecl, names)
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -382,14 +427,14 @@ def test_launch_configs_cover_launches(monkeypatch):
              (config(top_k=0, gamma_neg=0.0, teacher="topk"), torch.bfloat16),
              (config(top_k=2, teacher="none"), torch.float64)]
     for cfg, dtype in cases:
-        run_case(cfg, N=9, D=5, Nt=7, dtype=dtype)
+        run_case(cfg, N=20, D=5, Nt=7, dtype=dtype)  # 2 blocks of 16: the backward's pair step runs
     seen = set()
     for kernel, args, kwargs in launches:
         params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
         runtime = [n for n, p in params.items() if "constexpr" not in str(p.annotation)]
         assert len(runtime) == len(args)
         sig = {n: (f"*{short[a.dtype]}" if isinstance(a, torch.Tensor) else "i32" if isinstance(a, int) else "fp64")
-               for n, a in zip(runtime, args)}
+               for n, a in zip(runtime, args) if n != "GS"}
         flags = {k: v for k, v in kwargs.items() if k not in loose + ("num_warps", "num_stages")}
         assert any(c[0] is kernel and c[1] == sig and c[2] == flags for c in configs), (kernel, sig, flags)
         seen.add(kernel)
@@ -486,6 +531,11 @@ def test_launch_config_fits_or_refuses(cc):
                 if kind == "backward" and dtype == torch.float32:
                     assert (c.BLOCK_M + 2 * c.BLOCK_N) * c.BLOCK_DC * 4 <= fecl.MAX_SPLIT_BACKWARD_BYTES
                 assert c.BLOCK_M * c.BLOCK_DG <= fecl.MAX_GATHER_TILE
+                for group in (1, 8) if kind == "backward" else ():  # the key sums: own blocks and stages
+                    keys, opts = fecl.keys_launch(c, dtype, group, limit)
+                    estimate = fecl.keys_smem_estimate(dtype, keys["BLOCK_M"], keys["BLOCK_DC"], opts["num_stages"])
+                    assert estimate <= limit and keys["BLOCK_M"] * keys["GROUP"] == group * c.BLOCK_M
+                    assert keys["BLOCK_DC"] <= fecl.MAX_KEYS_DC
                 if c.BLOCK_DK == c.BLOCK_D:
                     assert c.BLOCK_M * c.BLOCK_D <= fecl.MAX_HELD_ANCHOR
                     assert dtype != torch.float32 or c.BLOCK_D <= fecl.MAX_HELD_SPLIT_D

@@ -62,8 +62,18 @@ def fp32_report():
 
 def test_report_compiles_every_launch_of_the_call(report):
     names = [r["kernel"] for r in report["rows"]]
-    assert names == ["topk", "topk_teacher", "logneg", "positive", "backward", "coef", "rows"]
+    assert names == ["topk", "topk_teacher", "logneg", "positive", "backward", "pairs", "keys", "coef", "rows"]
     assert all("error" not in r for r in report["rows"]), report["rows"]
+
+
+def test_launches_of_the_call(report):
+    """The headline counts the backward's pair steps as launches: N = 13 824 in super-blocks of
+    8 x 64 anchors (27 of them) takes 13 steps of two launches; every other kernel launches once."""
+    (call,) = [r for r in report["cost"] if r["level"] == "call"]
+    kernels = {r["kernel"]: r["launches"] for r in report["cost"] if r["level"] == "kernel"}
+    assert kernels.pop("pairs") == kernels.pop("keys") == 13
+    assert set(kernels.values()) == {1}
+    assert call["launches"] == 26 + len(kernels)
 
 
 def test_rows_add_up_to_the_headline(report):
@@ -98,10 +108,10 @@ def _every_loop_attributed(report):
 
 def test_no_loop_of_a_compiled_kernel_is_left_out(report):
     loops = _every_loop_attributed(report)
-    # The kernels' every `for`: the tile loops, the insertion rounds, the sort, every gather and
-    # the D chunks of the gathers (log-neg and coefficients: 2 gathers x (slots, chunks)), the
-    # key side's entries.
-    assert len(loops) == sum(len(r["code"]["loops"]) for r in report["rows"]) == 3 + 3 + 4 + 1 + 1 + 4 + 3
+    # The kernels' every `for`: the tile loops (the backward's step 0 and pair steps), the
+    # insertion rounds, the sort, every gather and the D chunks of the gathers (log-neg and
+    # coefficients: 2 gathers x (slots, chunks)), the key sums' slab blocks, the key side's entries.
+    assert len(loops) == sum(len(r["code"]["loops"]) for r in report["rows"]) == 3 + 3 + 4 + 1 + 1 + 1 + 1 + 4 + 3
 
 
 def test_insertion_rounds_match_their_closed_form():

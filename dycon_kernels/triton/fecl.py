@@ -1,9 +1,11 @@
 """FeCL in Triton: streaming kernels in the style of the fused-attention tutorial.
 
 The algorithm and the entry-point contract are ``docs/fecl_kernels.md``. Every kernel is launched
-on a grid ``(cdiv(N, BLOCK_M), B)``: one program owns a block of ``BLOCK_M`` anchors of one volume,
-loads their embeddings once and loops over key tiles of ``BLOCK_N`` keys, computing similarity
-tiles with ``tl.dot``. Only per-anchor statistics are written; nothing of size ``N x N`` exists.
+on a grid ``(cdiv(N, BLOCK_M), B)`` (the backward's pair steps: per step, see below): one program
+owns a block of ``BLOCK_M`` anchors of one volume, loads their embeddings once and loops over key
+tiles of ``BLOCK_N`` keys, computing similarity tiles with ``tl.dot``. The forward writes only
+per-anchor statistics; nothing of size ``N x N`` exists (the backward's slabs hold N x SUPER
+coefficients, SUPER <= 512).
 
 Forward, one kernel per pass of the doc (each a loop over key tiles):
 
@@ -23,13 +25,19 @@ Forward, one kernel per pass of the doc (each a loop over key tiles):
 
 Backward:
 
-- ``fecl_backward_kernel``: row-parallel; recomputes the similarity tiles and applies
-  ``g_ij + g_ji`` (``g_ji`` from anchor ``j``'s saved statistics, the matrix being symmetric),
-  for positives and (without top_k) dense negatives, and the threshold-teacher term of its own
-  anchors. No atomics. Each program evaluates both directions of its pairs, so every unordered
-  pair is evaluated twice over the grid (once from each block); the two directions share one
-  reciprocal (``_pos_grads``). Its float32 accumulator (``BLOCK_M`` x ``BLOCK_DC``) bounds the
-  registers: a D wider than the budget is split over programs (grid axis 2).
+- The dense pairs (positives and, without top_k, dense negatives; their coefficient
+  ``g_ij + g_ji`` from both anchors' saved statistics, the matrix being symmetric; the two
+  directions share one reciprocal, ``_pos_grads``), each evaluated once, in a fixed schedule
+  over super-blocks of ``GROUP`` anchor blocks (``schedule_group``; docs/fecl_kernels.md,
+  "Gradient"): ``fecl_backward_kernel`` (step 0) takes the pairs within each super-block, both
+  directions, and the threshold-teacher terms, and writes dz; each step s = 1..nsb // 2 pairs
+  super-block p with p + s (mod nsb) in two launches: ``fecl_backward_pairs_kernel`` computes
+  the coefficients once, keeps the row side ``g @ z_q`` in registers and stores ``g`` to a slab,
+  ``fecl_backward_keys_kernel`` adds the row side and the key side ``g^T @ z_p`` (a GEMM over the
+  slab) to dz. Every element of dz has one writer per launch and the launches run in order on
+  one stream: no atomics, the same bits run to run. A float32 accumulator (``BLOCK_M`` x
+  ``BLOCK_DC``) bounds the registers: a D wider than the budget is split over programs (grid
+  axis 2).
 - With top_k or the teacher top-k, the sparse pairs: ``fecl_sparse_coef_kernel`` computes their
   coefficients ``g / tau`` once per stored index (gathered dots over D in chunks);
   ``fecl_sparse_rows_kernel`` adds to its own rows, per D chunk of ``BLOCK_DG`` columns (grid
@@ -100,13 +108,19 @@ def _anchor_block(Y, Z, N, D, DOT_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
     anchors' chunks are loaded per key tile instead and ``zi`` is a placeholder."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
+    yi, zi = _anchor_rows(Y, Z, b, offs_m, N, D, DOT_IN, BLOCK_D, BLOCK_DK)
+    return b, offs_m, offs_m < N, yi, zi
+
+
+@triton.jit
+def _anchor_rows(Y, Z, b, offs_m, N, D, DOT_IN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """Labels (int32, -1 past N) and, when held (see _anchor_block), embeddings of anchors offs_m."""
     yi = _load_labels(Y, b * N, offs_m, N)
     if BLOCK_DK == BLOCK_D:
         zi = _load_rows(Z, b * N * D, offs_m, N, tl.arange(0, BLOCK_D), D, DOT_IN)
     else:
         zi = 0
-    return b, offs_m, row_ok, yi, zi
+    return yi, zi
 
 
 @triton.jit
@@ -524,67 +538,111 @@ def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.
 
 
 @triton.jit
+def _pair_stats(LOGNEG, A, R, CS, base, offs, N, COLUMN: tl.constexpr, TAU: tl.constexpr, ACC: tl.constexpr):
+    """What the backward's pair terms take of the anchors ``offs`` (rows of a volume at base), in
+    base 2 (see _sigmoid_parts): log_neg and the column shift times log2(e); a = grad u / n_pos
+    and a R, both divided by tau here (per anchor) so that no dot product is scaled per pair; and
+    log_neg times log2(e) with -inf (no negative) as +inf, so that the negative terms vanish."""
+    ok = offs < N
+    log2e = _scalar(LOG2E, ACC)
+    ln = tl.load(LOGNEG + base + offs, mask=ok, other=NEG_INF)
+    a = tl.load(A + base + offs, mask=ok, other=0.0) * _scalar(1.0 / TAU, ACC)
+    ar = a * tl.load(R + base + offs, mask=ok, other=0.0)
+    c2 = tl.zeros(offs.shape, ACC)
+    if COLUMN:
+        c2 = tl.load(CS + base + offs, mask=ok, other=0.0) * log2e
+    return ln * log2e, c2, a, ar, tl.where(ln == NEG_INF, float("inf"), ln) * log2e
+
+
+@triton.jit
+def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
+                USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                FAST_LOG: tl.constexpr, ACC: tl.constexpr):
+    """(g_ij + g_ji) / tau for the (BLOCK_M, BLOCK_N) tile of anchors i (offs_m, labels yi) and
+    keys j (offs_n, labels yj), similarities ``dot`` = <z_i, z_j>: both directions of each pair,
+    positives and, without top_k, the dense negatives (statistics from _pair_stats, a already
+    divided by tau). The tile is symmetric in its role: it enters dz_i through z_j and dz_j
+    through z_i."""
+    l2 = dot * _scalar(LOG2E / TAU, ACC)  # l log2(e)
+    vi = yi >= 0
+    # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i).
+    pos = vi[:, None] & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+    d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
+                            GAMMA_POS, FAST_LOG)
+    g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
+    if not USE_TOPK:
+        neg = vi[:, None] & (yj[None, :] >= 0) & (yi[:, None] != yj[None, :])
+        e_ij = tl.exp2(l2 - c2_j[None, :] - lns2_i[:, None])
+        e_ji = tl.exp2(l2 - c2_i[:, None] - lns2_j[None, :])
+        g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(dot * _scalar(1.0 / TAU, ACC), TAU,
+                                                                               GAMMA_NEG)
+        g += tl.where(neg, g_neg, 0.0)
+    return g
+
+
+@triton.jit
+def _store_coefs(ptr, offs, g, PLANE: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr):
+    """g at ptr + offs, as _dot_stored_coefs takes it: for bfloat16 keys the two bfloat16 parts
+    that _dot_coef splits g into (the second PLANE elements further), else g in ACC."""
+    if DOT_IN == tl.bfloat16:
+        g_hi = g.to(tl.bfloat16)
+        tl.store(ptr + offs, g_hi)
+        tl.store(ptr + PLANE + offs, (g - g_hi.to(ACC)).to(tl.bfloat16))
+    else:
+        tl.store(ptr + offs, g)
+
+
+@triton.jit
+def _dot_stored_coefs(ptr, offs, zp, acc, PLANE: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    """acc + g^T @ zp for the coefficients g (at ptr + offs) that _store_coefs stored: the same
+    products as _dot_coef's."""
+    if DOT_IN == tl.bfloat16:
+        acc = tl.dot(tl.trans(tl.load(ptr + offs)), zp, acc)
+        acc = tl.dot(tl.trans(tl.load(ptr + PLANE + offs)), zp, acc)
+    else:
+        acc += tl.dot(tl.trans(tl.load(ptr + offs)), zp.to(ACC), input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.float64, N, NT, D,
                          COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
                          GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr,
                          FAST_LOG: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-                         BLOCK_DC: tl.constexpr):
-    """The dense part of dz: dz_i = (1/tau) sum_j (g_ij + g_ji) z_j + the threshold-teacher terms,
-    row-parallel, no atomics; A = grad_loss * u / n_pos (0 without positives), g_ji uses anchor
-    j's statistics. Program (m, b, c) writes columns [c BLOCK_DC, (c + 1) BLOCK_DC) of its rows:
-    the (BLOCK_M, BLOCK_DC) float32 accumulator is what bounds the registers, so a D too wide for
-    it is split over programs (each recomputing the similarity tiles). The sparse top-k and
-    teacher top-k pairs are fecl_sparse_coef_kernel's and fecl_sparse_rows_kernel's."""
-    inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
-    # The tile loop works in base 2 (see _sigmoid_parts): l log2(e) = dot scale.
-    scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)
+                         BLOCK_DC: tl.constexpr, GROUP: tl.constexpr):
+    """Step 0 of the dense part of dz (the schedule: docs/fecl_kernels.md, "Gradient"): the
+    pairs of this program's BLOCK_M anchors with the keys of their super-block (GROUP blocks;
+    both directions, (g_ij + g_ji) z_j into dz_i, so each pair within a super-block is
+    evaluated twice: GROUP / nb of the pairs) and the threshold-teacher terms of its anchors.
+    Writes its rows of DZ (float32/float64), which the later steps' fecl_backward_keys_kernel
+    adds to. A = grad_loss * u / n_pos (0 without positives). Program (m, b, c) writes columns
+    [c BLOCK_DC, (c + 1) BLOCK_DC): the (BLOCK_M, BLOCK_DC) float32 accumulator is what bounds
+    the registers, so a D too wide for it is split over programs (each recomputing the
+    similarity tiles). BLOCK_N divides GROUP x BLOCK_M. The sparse top-k and teacher top-k pairs
+    are fecl_sparse_coef_kernel's and fecl_sparse_rows_kernel's."""
+    threshold = (THRESHOLD + tl.zeros([], ACC)).to(ACC)
     b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     offs_dc = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     # One key tile serves both dots when neither D is split: the similarity's and g @ z_j's.
     WHOLE_D: tl.constexpr = BLOCK_DK == BLOCK_D and BLOCK_DC == BLOCK_D
-    vi = yi >= 0
-    ln_i = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=NEG_INF)
-    a_i = tl.load(A + b * N + offs_m, mask=row_ok, other=0.0)
-    ar_i = a_i * tl.load(R + b * N + offs_m, mask=row_ok, other=0.0)
-    ln_safe_i = tl.where(ln_i == NEG_INF, float("inf"), ln_i)  # no negative: negative terms vanish
-    c_i = tl.zeros([BLOCK_M], ACC)
-    if COLUMN:
-        c_i = tl.load(CS + b * N + offs_m, mask=row_ok, other=0.0)
-    ln2_i, c2_i = ln_i * log2e, c_i * log2e
+    ln2_i, c2_i, a_i, ar_i, lns2_i = _pair_stats(LOGNEG, A, R, CS, b * N, offs_m, N, COLUMN, TAU, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
+    for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
+        offs_n = tl.program_id(0) // GROUP * (GROUP * BLOCK_M) + start_n + tl.arange(0, BLOCK_N)
         # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
         # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
-        yj = tl.load(Y + b * N + offs_n, mask=col_ok, other=-1)
+        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
         dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
                                      DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-        l2 = dot * scale
-        ln_j = tl.load(LOGNEG + b * N + offs_n, mask=col_ok, other=NEG_INF)
-        a_j = tl.load(A + b * N + offs_n, mask=col_ok, other=0.0)
-        c_j = tl.zeros([BLOCK_N], ACC)
-        if COLUMN:
-            c_j = tl.load(CS + b * N + offs_n, mask=col_ok, other=0.0)
-        ln2_j, c2_j = ln_j * log2e, c_j * log2e
-        # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i).
-        pos = vi[:, None] & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
-        d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
-                                GAMMA_POS, FAST_LOG)
-        g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
-        if not USE_TOPK:
-            neg = vi[:, None] & (yj[None, :] >= 0) & (yi[:, None] != yj[None, :])
-            ar_j = a_j * tl.load(R + b * N + offs_n, mask=col_ok, other=0.0)
-            ln_safe_j = tl.where(ln_j == NEG_INF, float("inf"), ln_j)
-            e_ij = tl.exp2(l2 - c2_j[None, :] - (ln_safe_i * log2e)[:, None])
-            e_ji = tl.exp2(l2 - c2_i[:, None] - (ln_safe_j * log2e)[None, :])
-            g_neg = (ar_i[:, None] * e_ij + ar_j[None, :] * e_ji) * _neg_bracket(dot * inv_tau, TAU, GAMMA_NEG)
-            g += tl.where(neg, g_neg, 0.0)
+        ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
+        g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
+                        USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_LOG, ACC)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
-    acc = acc * inv_tau
     if TEACHER == 2:
+        vi = yi >= 0
         gc = tl.load(GC + b * N + offs_m, mask=row_ok, other=0.0)
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
@@ -597,8 +655,86 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
             coef = tl.where(hit, gc[:, None] / (tl.where(hit, 1.0 - c, 1.0) + 1e-18), 0.0)
             acc = _dot_coef(coef, zk, acc, ACC, DOT_IN, DOT_PREC)
     mask = row_ok[:, None] & (offs_dc[None, :] < D)
-    tl.store(DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :], acc.to(DZ.dtype.element_ty),
-             mask=mask)
+    tl.store(DZ + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["STEP", "NB"])
+def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
+                               COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
+                               GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, FAST_LOG: tl.constexpr,
+                               ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_DK: tl.constexpr, BLOCK_DC: tl.constexpr, GROUP: tl.constexpr,
+                               SLAB_PARTS: tl.constexpr):
+    """Step STEP >= 1 of the dense part of dz, each pair once: program t takes the pairs of its
+    block of BLOCK_M anchors (block t % GROUP of super-block p = t // GROUP; NB super-blocks of
+    GROUP blocks) with the SUPER keys of super-block q = (p + STEP) mod NB, computes
+    (g_ij + g_ji) / tau once per pair, writes the row side g @ z_q of its rows to ROWS and g to
+    its rows of super-block p's (SUPER, SUPER) slab of GS; fecl_backward_keys_kernel then adds
+    the rows to dz and the key side g^T @ z_p to the rows of q. Plain stores, one writer per
+    element (the row side is not added to dz here: an accumulator loaded before the loop spilled
+    64 bytes on sm_90). Program (t, b, c) computes columns as fecl_backward_kernel (the slab is
+    written by c = 0)."""
+    SUPER: tl.constexpr = GROUP * BLOCK_M
+    b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
+    p = tl.program_id(0) // GROUP
+    q0 = ((p + STEP) % NB) * SUPER
+    # This block's (BLOCK_M, SUPER) rows of its super-block's slab.
+    slab = GS + (b * NB + p) * (SLAB_PARTS * SUPER * SUPER) + tl.program_id(0) % GROUP * (BLOCK_M * SUPER)
+    offs_dc = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    WHOLE_D: tl.constexpr = BLOCK_DK == BLOCK_D and BLOCK_DC == BLOCK_D
+    ln2_i, c2_i, a_i, ar_i, lns2_i = _pair_stats(LOGNEG, A, R, CS, b * N, offs_m, N, COLUMN, TAU, ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
+    for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
+        offs_n = q0 + start_n + tl.arange(0, BLOCK_N)
+        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+        dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
+                                     DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+        ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
+        g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
+                        USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_LOG, ACC)
+        acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
+        # Every slab entry is written (0 for rows or keys past N: no pair there), once.
+        if tl.program_id(2) == 0:
+            _store_coefs(slab + start_n, tl.arange(0, BLOCK_M)[:, None] * SUPER + tl.arange(0, BLOCK_N)[None, :], g,
+                         SUPER * SUPER, ACC, DOT_IN)
+    mask = row_ok[:, None] & (offs_dc[None, :] < D)
+    tl.store(ROWS + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["STEP", "NB"])
+def fecl_backward_keys_kernel(Z, GS, ROWS, DZ, N, D, STEP, NB, ACC: tl.constexpr, DOT_IN: tl.constexpr,
+                              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DC: tl.constexpr,
+                              GROUP: tl.constexpr, SLAB_PARTS: tl.constexpr):
+    """Step STEP's sums into DZ, per block of BLOCK_M rows: program (t, b, c) takes block t % GROUP
+    of super-block q = t // GROUP and columns c, and adds to those rows of DZ the row side that
+    fecl_backward_pairs_kernel left in ROWS (when q was a super-block p of the step) and the key
+    side g^T @ z_p over the SUPER anchors of p = (q - STEP) mod NB from the coefficients it stored
+    in GS (when q was p + STEP of the step). With NB even the last step (2 STEP = NB) pairs p < NB/2
+    with q = p + NB/2: the first half of DZ gets rows, the second keys. One read-modify-write per
+    element and launch, the launches in a fixed order on one stream: no atomics, the same sums
+    run to run."""
+    SUPER: tl.constexpr = GROUP * BLOCK_M
+    b = tl.program_id(1).to(tl.int64)
+    q = tl.program_id(0) // GROUP
+    k0 = tl.program_id(0) % GROUP * BLOCK_M
+    p = (q + NB - STEP) % NB
+    half = 2 * STEP == NB
+    offs_dc = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
+    if not half or q >= NB - STEP:
+        slab = GS + (b * NB + p) * (SLAB_PARTS * SUPER * SUPER) + k0
+        # g: row i (an anchor of p), column k (a key of this block) at i SUPER + k of the slab.
+        offs_g = tl.arange(0, BLOCK_M)[:, None] * SUPER + tl.arange(0, BLOCK_M)[None, :]
+        for start_m in range(0, GROUP * BLOCK_M, BLOCK_M):
+            zp = _load_rows(Z, b * N * D, p * SUPER + start_m + tl.arange(0, BLOCK_M), N, offs_dc, D, DOT_IN)
+            acc = _dot_stored_coefs(slab + start_m * SUPER, offs_g, zp, acc, SUPER * SUPER, ACC, DOT_IN, DOT_PREC)
+    offs_m = q * SUPER + k0 + tl.arange(0, BLOCK_M)
+    rows = b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :]
+    mask = (offs_m < N)[:, None] & (offs_dc[None, :] < D)
+    has_rows = not half or q < STEP
+    acc += tl.load(ROWS + rows, mask=mask & has_rows, other=0.0)
+    tl.store(DZ + rows, acc + tl.load(DZ + rows, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit
@@ -744,6 +880,9 @@ SPARSE_BLOCK_M = 64
 #   spilled (positive 16 bytes, backward 384 with its 64 x 256 accumulator); at 64 x 32 they use
 #   154 and 255 registers without spilling and no more instructions per pair.
 MAX_PAIR_TILE = 64 * 32
+# fecl_backward_keys_kernel's blocks and accumulator (BLOCK_M, BLOCK_DC): see keys_launch.
+KEYS_BLOCKS = (64, 32)
+MAX_KEYS_DC = 128
 NUM_WARPS = 4
 
 
@@ -1049,16 +1188,9 @@ def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_id
     topk_idx = s.rows(topk_idx, -1).contiguous() if s.top_k else s.dummy_i
     teacher_idx = s.rows(teacher_idx, -1).contiguous() if s.teacher_k else s.dummy_i
     flags = dict(COLUMN=s.column, TAU=s.scalars["TAU"], GAMMA_NEG=s.scalars["GAMMA_NEG"])
-    sparse = bool(s.top_k or s.teacher_k)
-    # The sparse pairs are added to the dense part afterwards: accumulate in ACC.
-    dz = torch.empty(B, N, D, device=s.device, dtype=s.stat if sparse else z.dtype)
-    dense_grid = grid + (s.launch.BLOCK_D // s.launch.BLOCK_DC,)
-    fecl_backward_kernel[dense_grid](z, y, col_shift, log_neg, r, a, zt, yt, grad_cross, dz, s.threshold, N, NT, D,
-                                     USE_TOPK=s.top_k > 0, TEACHER=s.teacher, GAMMA_POS=s.scalars["GAMMA_POS"],
-                                     FAST_LOG=s.fast_log, **flags, **s.consts, **s.tiles,
-                                     BLOCK_DC=s.launch.BLOCK_DC, **s.options)
-    if not sparse:
-        return dz
+    dz = _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags)
+    if not (s.top_k or s.teacher_k):
+        return dz.to(z.dtype)
     g = s.stat_empty(B, N, s.top_k) if s.top_k else s.dummy_f
     gt = s.stat_empty(B, N, s.teacher_k) if s.teacher_k else s.dummy_f
     common = dict(USE_TOPK=s.top_k > 0, TEACHER=s.teacher, ACC=s.consts["ACC"], **s.sparse_tiles)
@@ -1068,6 +1200,62 @@ def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_id
     fecl_sparse_rows_kernel[s.grid_rows](z, zt, topk_idx, teacher_idx, g, gt, key_row, key_g, bounds, dz, N, NT, D,
                                          s.top_k, s.teacher_k, **common, **s.options)
     return dz.to(z.dtype)
+
+
+def _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags):
+    """The dense part of dz (positives, dense negatives, the threshold teacher) in the compute
+    dtype, each pair evaluated once but for the pairs within a super-block (docs/fecl_kernels.md,
+    "Gradient": the schedule). Step 0 (fecl_backward_kernel) writes every block's pairs with its
+    super-block into ``dz``; each step 1..nsb // 2 is two launches: fecl_backward_pairs_kernel
+    (super-block p with p + step mod nsb: coefficients into ``slabs``, the row side into ``rows``)
+    and fecl_backward_keys_kernel (adds the row side and the key side to ``dz``); with nsb even
+    the last step takes p < nsb / 2 only. Extra memory: ``rows`` (B, N, D) and ``slabs``, B N
+    SUPER coefficients (float32, or two bfloat16 parts)."""
+    B, N, D, cfg = s.B, s.N, s.D, s.launch
+    group = schedule_group(N, cfg.BLOCK_M)
+    common = dict(USE_TOPK=s.top_k > 0, GAMMA_POS=s.scalars["GAMMA_POS"], FAST_LOG=s.fast_log, **flags, **s.consts,
+                  BLOCK_DC=cfg.BLOCK_DC, **backward_consts(cfg, group), **s.options)
+    splits = cfg.BLOCK_D // cfg.BLOCK_DC
+    super_block = group * cfg.BLOCK_M
+    nsb = triton.cdiv(N, super_block)
+    dz = s.stat_empty(B, N, D)
+    fecl_backward_kernel[(triton.cdiv(N, cfg.BLOCK_M), B, splits)](
+        s.z, s.y, col_shift, log_neg, r, a, s.zt, s.yt, grad_cross, dz, s.threshold, N, s.NT, D, TEACHER=s.teacher,
+        **common)
+    if nsb == 1:
+        return dz
+    rows = s.stat_empty(B, N, D)
+    keys, keys_opts = keys_launch(cfg, s.z.dtype, group, device_smem_limit(s.device.index) if s.fast_log else None)
+    parts = slab_parts(s.consts["DOT_IN"])
+    slabs = torch.empty(B, nsb, parts, super_block, super_block, device=s.device,
+                        dtype=torch.bfloat16 if parts == 2 else s.stat)
+    for step in range(1, nsb // 2 + 1):
+        sources = nsb // 2 if 2 * step == nsb else nsb
+        fecl_backward_pairs_kernel[(sources * group, B, splits)](s.z, s.y, col_shift, log_neg, r, a, rows, slabs, N,
+                                                                 D, step, nsb, SLAB_PARTS=parts, **common)
+        fecl_backward_keys_kernel[(nsb * keys["GROUP"], B, cfg.BLOCK_D // keys["BLOCK_DC"])](
+            s.z, slabs, rows, dz, N, D, step, nsb, **keys, **s.consts, SLAB_PARTS=parts, **keys_opts)
+    return dz
+
+
+# The schedule pairs super-blocks of GROUP anchor blocks: fecl_backward_keys_kernel's sums into
+# dz (a read-modify-write per program) are amortised over a super-block's anchors (bfloat16,
+# D = 256, sm_90: 10.7 instructions per pair with 512 anchors at N = 13 824, 37.9 with 64 at
+# N = 1960), and a call takes 2 (nsb // 2) + 1 launches for nsb super-blocks. A super-block
+# has the largest of SCHEDULE_SUPER anchors that leaves at least MIN_SUPER_BLOCKS super-blocks,
+# whatever BLOCK_M (the 99 KB cards' 16 would otherwise multiply the launches by 4), else one
+# block. At most 512: the slabs hold N x SUPER coefficients per volume.
+SCHEDULE_SUPER = (512, 256, 128)
+MIN_SUPER_BLOCKS = 8
+
+
+def schedule_group(N: int, block_m: int) -> int:
+    """GROUP, the anchor blocks per super-block of the backward's schedule, for N (launched)
+    patches in blocks of block_m."""
+    return next((sup // block_m for sup in SCHEDULE_SUPER
+                 if sup >= block_m and triton.cdiv(N, sup) >= MIN_SUPER_BLOCKS), 1)
+
+
 
 
 def _transposed_topk(topk_idx, g, N: int):
@@ -1088,6 +1276,50 @@ def tile_consts(cfg: LaunchConfig) -> dict:
     """The tile constexprs of the tile-loop kernels (the log-neg kernel adds BLOCK_DG, the backward
     BLOCK_DC)."""
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_DK=cfg.BLOCK_DK)
+
+
+def backward_consts(cfg: LaunchConfig, group: int) -> dict:
+    """The dense backward kernels' tiles and schedule: key tiles within a super-block (BLOCK_N
+    at most GROUP x BLOCK_M, so that it divides the keys the schedule pairs a block with)."""
+    return dict(tile_consts(cfg), BLOCK_N=min(cfg.BLOCK_N, group * cfg.BLOCK_M), GROUP=group)
+
+
+def slab_parts(dot_in) -> int:
+    """Parts each coefficient of the backward's slabs is stored in: bfloat16 keys take g as two
+    bfloat16 parts (_dot_coef), the others g itself in the compute dtype."""
+    return 2 if dot_in == tl.bfloat16 else 1
+
+
+def keys_launch(cfg: LaunchConfig, dtype: torch.dtype, group: int, smem_limit: int | None) -> tuple:
+    """fecl_backward_keys_kernel's tiles and compile options: blocks of BLOCK_M keys (and anchors
+    per step) within the schedule's super-block of group x cfg.BLOCK_M (GROUP: its blocks per
+    super-block), independent of the backward's BLOCK_M (float32's 16 made its tiles small);
+    at most MAX_KEYS_DC columns (at 64 x 256 the sm_90 bfloat16 kernel spilled 2.6 KB, at
+    32 x 256 the sm_80 float32 one 248 bytes); the deepest pipeline up to the backward's that
+    keys_smem_estimate fits in ``smem_limit`` (None: the interpreter, no options). 64 x 128 blocks, but for float32/float64 only where
+    they get 2 stages (sm_90; the sm_80 float32 kernel spilled 27 KB at 1 stage, 2 KB at 2);
+    else 32 x 128 (sm_80 float32: no spill)."""
+    super_block = group * cfg.BLOCK_M
+    blocks = [b for b in KEYS_BLOCKS if b <= super_block] or [super_block]
+    for bm in blocks:
+        tiles = dict(BLOCK_M=bm, BLOCK_DC=min(cfg.BLOCK_DC, MAX_KEYS_DC), GROUP=super_block // bm)
+        if smem_limit is None:
+            return tiles, {}
+        stages = next(st for st in STAGE_CHOICES if st <= cfg.num_stages and
+                      (keys_smem_estimate(dtype, bm, tiles["BLOCK_DC"], st) <= smem_limit or st == 1))
+        if stages >= 2 or _dot_bytes(dtype) <= 2 or bm == blocks[-1]:
+            return tiles, dict(num_warps=cfg.num_warps, num_stages=stages)
+
+
+def keys_smem_estimate(dtype: torch.dtype, bm: int, dc: int, stages: int) -> int:
+    """Bytes of shared memory of fecl_backward_keys_kernel, an upper bound: per pipeline stage a
+    (bm, bm) block of coefficients (two bfloat16 parts, or the compute dtype, twice for
+    float32's tf32x3) and a (bm, dc) block of embeddings (twice for tf32x3); or, if more, the
+    (bm, dc) accumulator, which the epilogue converts through shared memory (sm_80, bfloat16,
+    16 x 512: 32 KB against 17 KB of pipeline)."""
+    acc, split = (8 if dtype == torch.float64 else 4), _split(dtype)
+    coef = 4 if dtype == torch.bfloat16 else acc * split
+    return max(stages * bm * (bm * coef + dc * torch.empty(0, dtype=dtype).element_size() * split), bm * dc * acc)
 
 
 def positive_consts(cfg: LaunchConfig) -> dict:
@@ -1127,13 +1359,17 @@ COVER_FLAGS = [
 ]
 
 
-BACKWARD_KERNELS = ("backward", "coef", "rows")
+BACKWARD_KERNELS = ("backward", "pairs", "keys", "coef", "rows")
+# The N of the compile coverage (launch_configs, fit_configs): the trainer's 96^3 crop in 4^3
+# patches, 24^3; it sets the backward's schedule GROUP (schedule_group), a loop bound only.
+DEFAULT_REPORT_N = 13824
 
 
-def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
+def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPORT_N, **flags):
     """(kernel, signature, constexprs, options) of one launch on sm_<cc>: runtime arguments in
     order, with the types that fecl_forward/fecl_backward pass (statistics in the compute dtype,
-    indices int64), the dispatcher's tiles and compile options, the presets' tau and gamma_pos."""
+    indices int64), the dispatcher's tiles and compile options, the presets' tau and gamma_pos;
+    the backward's schedule GROUP for N (launched) patches."""
     tdt = TORCH_DTYPES[dtype]
     st, zp = ("*fp64" if dtype == "fp64" else "*fp32"), f"*{dtype}"
     cfg = launch_config(SMEM_LIMITS[cc], tdt, D, "backward" if kernel in BACKWARD_KERNELS else "forward")
@@ -1153,6 +1389,11 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
                 dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_IN=dot_in,
                      DOT_PREC=prec, **positive_consts(cfg)),
                 options)
+    if kernel == "keys":
+        gs = "*bf16" if slab_parts(dot_in) == 2 else st
+        tiles, keys_opts = keys_launch(cfg, tdt, schedule_group(N, cfg.BLOCK_M), SMEM_LIMITS[cc])
+        return (fecl_backward_keys_kernel, dict(Z=zp, GS=gs, ROWS=st, DZ=st, N="i32", D="i32", STEP="i32", NB="i32"),
+                dict(ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles, SLAB_PARTS=slab_parts(dot_in)), keys_opts)
     column, use_topk, gn_on, teacher = flags["flags"]
     sparse = dict(USE_TOPK=use_topk, TEACHER=teacher, ACC=acc, **sparse_consts(cfg))
     if kernel == "rows":
@@ -1170,11 +1411,17 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, **flags):
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
                                          LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
                                          D="i32", K="i32", TK="i32"), dict(consts, BLOCK_DG=cfg.BLOCK_DG), options)
+    consts = dict(consts, GAMMA_POS=2.0, FAST_LOG=True, **backward_consts(cfg, schedule_group(N, cfg.BLOCK_M)),
+                  BLOCK_DC=cfg.BLOCK_DC)
+    if kernel == "pairs":
+        del consts["TEACHER"]
+        gs = "*bf16" if slab_parts(dot_in) == 2 else st
+        return (fecl_backward_pairs_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, R=st, A=st, ROWS=st, GS=gs,
+                                                 N="i32", D="i32", STEP="i32", NB="i32"),
+                dict(consts, SLAB_PARTS=slab_parts(dot_in)), options)
     assert kernel == "backward"
-    consts = dict(consts, GAMMA_POS=2.0, FAST_LOG=True, BLOCK_DC=cfg.BLOCK_DC)
     return (fecl_backward_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, R=st, A=st, ZT=zp, YT="*i64", GC=st,
-                                       DZ=st if use_topk or teacher == 1 else zp, THRESHOLD="fp64", N="i32",
-                                       NT="i32", D="i32"), consts, options)
+                                       DZ=st, THRESHOLD="fp64", N="i32", NT="i32", D="i32"), consts, options)
 
 
 def _sparse(flags) -> bool:
@@ -1188,8 +1435,9 @@ def _kernel_set(dtype, D, flag_sets, k_pads, cc):
     configs = [_config("colshift", dtype, D, cc)] if any(f[0] for f in flag_sets) else []
     configs += [_config("topk", dtype, D, cc, K_PAD=kp) for kp in k_pads]
     configs += [_config("positive", dtype, D, cc, COLUMN=c) for c in sorted({f[0] for f in flag_sets})]
+    configs.append(_config("keys", dtype, D, cc))
     for f in flag_sets:
-        configs += [_config("logneg", dtype, D, cc, flags=f), _config("backward", dtype, D, cc, flags=f)]
+        configs += [_config(k, dtype, D, cc, flags=f) for k in ("logneg", "backward", "pairs")]
         if _sparse(f):
             configs += [_config("coef", dtype, D, cc, flags=f), _config("rows", dtype, D, cc, flags=f)]
     return configs
@@ -1211,13 +1459,13 @@ def launch_configs(full: bool = False, cc: int = 90):
     ``full=True``: every launched combination for float32/float16/bfloat16/float64, the tiles of
     D in {16, 32, ..., 1024} that the dispatcher accepts on this card, K_PAD in {1, ..., 64} and
     every flag set (thousands of configs, hours of compiling: ptxas takes seconds per kernel).
-    Default: a covering set (38 configs) in which every kernel, dtype and code path appears: at
+    Default: a covering set (51 configs) in which every kernel, dtype and code path appears: at
     D = 64 every kernel for float32 (every flag set of the forward; for the backward both presets
     and the all-on set, which contain the other sets' code; the sparse-pair kernels with the
     all-on set and with top-k plus teacher top-k), the presets and the all-on set for
-    bfloat16/float64 (the sparse-pair kernels for bfloat16), the 'dycon' preset for float16;
-    other tile shapes for bfloat16 (D = 16, 512, 1024: the chunked dots and the backward's column
-    split) and float32 (D = 1024)."""
+    bfloat16/float64 (the sparse-pair kernels for bfloat16), the 'dycon' preset for float16; the
+    backward's pair steps for each dtype; other tile shapes for bfloat16 (D = 16, 512, 1024: the
+    chunked dots and the backward's column split) and float32 (D = 1024)."""
     if full:
         configs = []
         for dtype in TORCH_DTYPES:
@@ -1230,24 +1478,31 @@ def launch_configs(full: bool = False, cc: int = 90):
                _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True)]
     configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
     configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
+    # The pair steps: fecl_backward_pairs_kernel's terms are the backward's (_pair_coefs), so the
+    # 'dycon' and all-on sets; fecl_backward_keys_kernel has no flags.
+    configs += [_config("pairs", "fp32", 64, cc, flags=f) for f in (dycon, all_on)]
+    configs += [_config("keys", dtype, 64, cc) for dtype in ("fp32", "bf16", "fp16", "fp64")]
     configs += [_config(k, "fp32", 64, cc, flags=f) for k in ("coef", "rows") for f in (all_on, topk_teacher)]
     for dtype in ("bf16", "fp64"):
         configs += [_config("topk", dtype, 64, cc, K_PAD=32), _config("positive", dtype, 64, cc, COLUMN=True),
                     _config("logneg", dtype, 64, cc, flags=all_on),
-                    _config("backward", dtype, 64, cc, flags=dycon), _config("backward", dtype, 64, cc, flags=all_on)]
+                    _config("backward", dtype, 64, cc, flags=dycon), _config("backward", dtype, 64, cc, flags=all_on),
+                    _config("pairs", dtype, 64, cc, flags=dycon if dtype == "bf16" else all_on)]
     configs += [_config("coef", "bf16", 64, cc, flags=topk_teacher), _config("rows", "bf16", 64, cc, flags=topk_teacher)]
-    configs += [_config("logneg", "fp16", 64, cc, flags=dycon), _config("backward", "fp16", 64, cc, flags=dycon)]
+    configs += [_config(k, "fp16", 64, cc, flags=dycon) for k in ("logneg", "backward", "pairs")]
     # Other tile shapes: D = 16 (one 16-wide block), 512, and the chunked dots and split D of 1024.
     for D in (16, 512, 1024):
         configs += [_config("topk", "bf16", D, cc, K_PAD=32), _config("backward", "bf16", D, cc, flags=dycon)]
-    configs += [_config("logneg", "fp32", 1024, cc, flags=all_on), _config("backward", "fp32", 1024, cc, flags=all_on)]
+    configs += [_config("pairs", "bf16", 1024, cc, flags=dycon), _config("keys", "bf16", 1024, cc)]
+    configs += [_config(k, "fp32", 1024, cc, flags=all_on) for k in ("logneg", "backward", "pairs")]
+    configs.append(_config("keys", "fp32", 1024, cc))
     return configs
 
 
 def fit_configs(cc: int, full: bool = False):
     """For tests/triton_aot.py --fit: ``(kernel, signature, constexprs, options, bounds)`` on
-    sm_<cc>. Shared memory: the kernels that need the most (column shift, the all-on log-neg and
-    backward) at the configurations the dispatcher returns for (dtype, D), bounded by the card's
+    sm_<cc>. Shared memory: the kernels that need the most (column shift, the all-on log-neg,
+    backward and pair steps, the key sums) at the configurations the dispatcher returns for (dtype, D), bounded by the card's
     limit and by the dispatcher's own estimate; by default float32/bfloat16 at D = 256 and at the
     largest D accepted (the tightest fits), ``full``: every dtype and D in {16, ..., 1024}.
     (Spills: benchmarks/kernel_report.py lists them; tests/test_kernel_report.py bounds them.)"""
@@ -1257,11 +1512,16 @@ def fit_configs(cc: int, full: bool = False):
         dims = [D for D in (16, 32, 64, 128, 256, 512, 1024) if _fits(dtype, D, cc)]
         for D in (dims if full else sorted({256, dims[-1]} & set(dims))):
             for kernel, flags in (("colshift", {}), ("logneg", dict(flags=COVER_FLAGS[2])),
-                                  ("backward", dict(flags=COVER_FLAGS[2]))):
+                                  ("backward", dict(flags=COVER_FLAGS[2])), ("pairs", dict(flags=COVER_FLAGS[2])),
+                                  ("keys", {})):
                 fn, sig, ce, opts = _config(kernel, dtype, D, cc, **flags)
-                kind = "backward" if kernel == "backward" else "forward"
-                estimate = smem_estimate(kind, TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_D"],
-                                         opts["num_stages"], ce["BLOCK_DK"], ce.get("BLOCK_DC"))
+                kind = "backward" if kernel in BACKWARD_KERNELS else "forward"
+                if kernel == "keys":
+                    estimate = keys_smem_estimate(TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_DC"],
+                                                  opts["num_stages"])
+                else:
+                    estimate = smem_estimate(kind, TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_D"],
+                                             opts["num_stages"], ce["BLOCK_DK"], ce.get("BLOCK_DC"))
                 out.append((fn, sig, ce, opts, dict(smem=SMEM_LIMITS[cc], smem_estimate=estimate)))
     return out
 
@@ -1272,10 +1532,10 @@ PRESET_FLAGS = {"dycon": (False, True, 1), "official": (True, False, 2)}
 PRESET_TEACHER_K = {"dycon": 32, "official": 0}
 
 
-def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int):
+def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int, N: int = DEFAULT_REPORT_N):
     """The launches of one forward + backward call of ``preset`` with ``top_k`` (0 = dense) on
-    sm_<cc>: ``(name, kernel, signature, constexprs, options)``; [] when the dispatcher refuses
-    (dtype, D) on that card."""
+    sm_<cc> for N (launched) patches: ``(name, kernel, signature, constexprs, options)``; [] when
+    the dispatcher refuses (dtype, D) on that card."""
     if not _fits(dtype, D, cc):
         return []
     column, gn_on, teacher = PRESET_FLAGS[preset]
@@ -1289,18 +1549,36 @@ def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int):
         launches.append(("topk_teacher", _config("topk", dtype, D, cc, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
     launches += [("logneg", _config("logneg", dtype, D, cc, flags=flags)),
                  ("positive", _config("positive", dtype, D, cc, COLUMN=column)),
-                 ("backward", _config("backward", dtype, D, cc, flags=flags))]
+                 ("backward", _config("backward", dtype, D, cc, N, flags=flags)),
+                 ("pairs", _config("pairs", dtype, D, cc, N, flags=flags)), ("keys", _config("keys", dtype, D, cc, N))]
     if _sparse(flags):
         launches += [("coef", _config("coef", dtype, D, cc, flags=flags)),
                      ("rows", _config("rows", dtype, D, cc, flags=flags))]
     return [(name, *config) for name, config in launches]
 
 
-def programs_per_row_block(kernel, constexprs: dict, D: int) -> int:
-    """Programs a launch runs per block of BLOCK_M anchors: the D chunks of the grid's axis 2 (the
-    backward's BLOCK_D / BLOCK_DC, the sparse rows' cdiv(D, BLOCK_DG)), else 1."""
-    if kernel is fecl_backward_kernel:
-        return constexprs["BLOCK_D"] // constexprs["BLOCK_DC"]
-    if kernel is fecl_sparse_rows_kernel:
-        return triton.cdiv(D, constexprs["BLOCK_DG"])
+def programs_per_volume(name: str, constexprs: dict, N: int, D: int) -> int:
+    """Programs a call runs per volume of N (launched) patches over all its launches of the
+    kernel ``name`` (of report_configs): one per block of BLOCK_M anchors, times the D chunks of
+    the grid's axis 2 (the backward's BLOCK_D / BLOCK_DC, the sparse rows' cdiv(D, BLOCK_DG));
+    the backward's pair steps (nb // 2 launches) one per unordered pair of distinct super-blocks."""
+    nb = triton.cdiv(N, constexprs["BLOCK_M"])
+    if name in ("pairs", "keys"):
+        # Pairs: a program per block of the step's super-blocks p; keys: per block of every
+        # super-block (nb of them) at each of the nb // 2 steps.
+        nsb = triton.cdiv(N, constexprs["GROUP"] * constexprs["BLOCK_M"])
+        launched = nsb * (nsb - 1) // 2 if name == "pairs" else nsb * (nsb // 2)
+        return launched * constexprs["GROUP"] * (padded_d(D) // constexprs["BLOCK_DC"])
+    if name == "backward":
+        return nb * (constexprs["BLOCK_D"] // constexprs["BLOCK_DC"])
+    if name == "rows":
+        return nb * triton.cdiv(D, constexprs["BLOCK_DG"])
+    return nb
+
+
+def launches_per_call(name: str, constexprs: dict, N: int) -> int:
+    """Launches of the kernel ``name`` (of report_configs) in one call for N (launched) patches:
+    nsb // 2 for the backward's pair steps (pairs, keys), else 1."""
+    if name in ("pairs", "keys"):
+        return triton.cdiv(N, constexprs["GROUP"] * constexprs["BLOCK_M"]) // 2
     return 1
