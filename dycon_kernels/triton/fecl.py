@@ -581,6 +581,26 @@ def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2
 
 
 @triton.jit
+def _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, offs_n, offs_dc,
+                    ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D: tl.constexpr, COLUMN: tl.constexpr,
+                    USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                    FAST_LOG: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """One key tile of the backward's dense part: the pair coefficients (g_ij + g_ji) / tau of the
+    anchors offs_m (labels yi, block zi, statistics from _pair_stats) with the keys offs_n of
+    volume b, and the keys' columns offs_dc that g multiplies (both kernels that walk key tiles)."""
+    # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
+    # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
+    yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+    dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
+                                 DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+    ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
+    g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
+                    USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_LOG, ACC)
+    return g, zj
+
+
+@triton.jit
 def _store_coefs(ptr, offs, g, PLANE: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr):
     """g at ptr + offs, as _dot_stored_coefs takes it: for bfloat16 keys the two bfloat16 parts
     that _dot_coef splits g into (the second PLANE elements further), else g in ACC."""
@@ -632,14 +652,9 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
         offs_n = tl.program_id(0) // GROUP * (GROUP * BLOCK_M) + start_n + tl.arange(0, BLOCK_N)
-        # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
-        # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
-        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-        dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
-                                     DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-        ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
-        g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                        USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_LOG, ACC)
+        g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, offs_n, offs_dc,
+                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
+                                GAMMA_NEG, FAST_LOG, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
     if TEACHER == 2:
         vi = yi >= 0
@@ -687,12 +702,9 @@ def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
         offs_n = q0 + start_n + tl.arange(0, BLOCK_N)
-        yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-        dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
-                                     DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-        ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
-        g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                        USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_LOG, ACC)
+        g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, offs_n, offs_dc,
+                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
+                                GAMMA_NEG, FAST_LOG, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
         # Every slab entry is written (0 for rows or keys past N: no pair there), once.
         if tl.program_id(2) == 0:
