@@ -14,10 +14,12 @@
 //
 // Freed blocks are kept for the next output of the same size (a training step allocates the same
 // gradients every step), a few and a bounded number of bytes, as torch's CUDA allocator caches its
-// blocks. Why: even a fresh huge page is zeroed by the kernel on its first touch, and when two
-// threads write the same fresh 2 MiB page (blocks of 64 KiB taken in turn), the second waits for
-// the first's fault: at 2 threads UnCL's kernel took 4.2-4.5 ms with fresh pages, 3.8-4.0 ms with
-// the block reused (7.3-7.6 ms at 1 thread either way).
+// blocks. Why: glibc unmapped UnCL's 14 MB gradient at every free, and even a fresh huge page is
+// zeroed by the OS at its first touch, by whichever thread touches it first (with 64 KiB blocks
+// taken in turn, both threads write every page: 15-16 faults per call at 2 threads, 9 at 1). In
+// one process, UnCL's kernel at 2x2x96^3 took 7.3-7.6 ms at 1 thread with fresh pages or the block
+// reused, and at 2 threads 4.2-4.5 ms fresh, 3.8-4.0 ms reused: the fresh pages were the part of
+// the call that did not halve (docs/engineering.md, "Threads").
 #pragma once
 
 #include <atomic>
