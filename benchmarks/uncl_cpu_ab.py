@@ -9,13 +9,11 @@ other processes used meanwhile, and a 2-thread figure means little unless that i
 bench_uncl.py times each case in a fresh process to measure its memory, which makes the
 reference slower than here. The page faults per call say how much of a case's time went to
 fresh memory: the fused op's outputs of 2 MiB or more are huge pages (csrc/alloc.h), about 8
-faults for the 14 MB gradient when it is fresh, instead of ~3 500, and none when the block of
-the previous call's gradient is reused.
-
-Each case runs WARM_S seconds untimed before its CALLS timed calls in every round. Why: a case
-timed right after another thread count finds the second thread asleep (torch's worker stops
-spinning, and on the development VM its vCPU then halts; waking it took up to ~0.5 s), so a
-2-thread case timed cold measured the wake-up, not the kernel.
+faults for the 14 MB gradient when it is fresh, instead of ~3 500, and none when the freed block
+of the previous call's gradient is reused. The 2-thread cases are timed right after the 1-thread
+ones without warming their second thread; on the idle development VM, warming each case 0.2 s
+first gave the same step ratio (1.81x warmed; 1.80x, 1.84x and 1.87x as here, in runs minutes
+apart; issue 24).
 Usage: python benchmarks/uncl_cpu_ab.py [ROUNDS]
 """
 import os
@@ -30,7 +28,6 @@ import dycon_kernels
 from _common import OtherCpu
 from dycon_kernels.backends import cpu_isa
 
-WARM_S, CALLS = 0.2, 5
 CASES = [("reference", 1, ""), ("cpu", 1, ""), ("cpu", 2, ""), ("kernel", 1, ""), ("kernel", 2, ""),
          ("cpu", 1, "avx2"), ("cpu", 1, "baseline")]
 
@@ -55,8 +52,7 @@ def main(rounds: int) -> None:
         run_rounds(student, teacher, cases, rounds, times, faults)
     os.environ.pop(cpu_isa.ENV)
     print(cpu_isa.summary())
-    print(f"UnCL fwd+bwd, B=2, C=2, 96^3, float32, {rounds} interleaved rounds of {CALLS} calls per case, each case "
-          f"warmed {WARM_S} s first; load average {os.getloadavg()}; "
+    print(f"UnCL fwd+bwd, B=2, C=2, 96^3, float32, {rounds} interleaved rounds; load average {os.getloadavg()}; "
           f"other processes used {other} meanwhile")
     reference = statistics.median(times[cases[0]])
     for (backend, threads, variant), values in times.items():
@@ -72,22 +68,19 @@ def main(rounds: int) -> None:
 
 
 def run_rounds(student, teacher, cases, rounds, times, faults) -> None:
-    """ROUNDS rounds, each case in turn: WARM_S seconds untimed (at least one call), then CALLS timed calls."""
-    for _ in range(rounds):
-        for case in cases:
-            backend, threads, variant = case
-            torch.set_num_threads(threads)
-            os.environ[cpu_isa.ENV] = variant
-            warm_until = time.perf_counter() + WARM_S
-            step(student, teacher, backend)
-            while time.perf_counter() < warm_until:
-                step(student, teacher, backend)
-            for _ in range(CALLS):
+    """One untimed round, then ROUNDS timed ones, each case in turn."""
+    for warm_up in (True, False):
+        for _ in range(1 if warm_up else rounds):
+            for case in cases:
+                backend, threads, variant = case
+                torch.set_num_threads(threads)
+                os.environ[cpu_isa.ENV] = variant
                 faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 step(student, teacher, backend)
-                times[case].append((time.perf_counter() - start) * 1e3)
-                faults[case].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+                if not warm_up:
+                    times[case].append((time.perf_counter() - start) * 1e3)
+                    faults[case].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
 
 
 if __name__ == "__main__":
