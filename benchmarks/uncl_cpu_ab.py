@@ -9,7 +9,11 @@ other processes used meanwhile, and a 2-thread figure means little unless that i
 bench_uncl.py times each case in a fresh process to measure its memory, which makes the
 reference slower than here. The page faults per call say how much of a case's time went to
 fresh memory: the fused op's outputs of 2 MiB or more are huge pages (csrc/alloc.h), about 8
-faults for the 14 MB gradient when it is fresh, instead of ~3 500.
+faults for the 14 MB gradient when it is fresh, instead of ~3 500, and none when the freed block
+of the previous call's gradient is reused. The 2-thread cases are timed right after the 1-thread
+ones without warming their second thread; on the idle development VM, warming each case 0.2 s
+first gave the same step ratio (1.81x warmed; 1.80x, 1.84x and 1.87x as here, in runs minutes
+apart; issue 24).
 Usage: python benchmarks/uncl_cpu_ab.py [ROUNDS]
 """
 import os

@@ -10,14 +10,25 @@
 // touch of each 4 KiB page is a page fault. On the development VM (KVM, AMD EPYC) writing 14 MB
 // of fresh memory (UnCL's 2x2x96^3 gradient; the fused kernel takes ~6-7 ms) and unmapping it
 // took 5.9 ms at 1 thread and 3.4 ms at 2 in 4 KiB pages, 0.8 and 0.4 ms in 2 MiB pages
-// (docs/engineering.md, "CPU kernels and the vector ISA"). Memory that glibc reuses without
-// returning it costs nothing either way.
+// (docs/engineering.md, "CPU kernels and the vector ISA").
+//
+// Freed blocks are kept for the next output of the same size (a training step allocates the same
+// gradients every step), a few and a bounded number of bytes, as torch's CUDA allocator caches its
+// blocks. Why: glibc unmapped UnCL's 14 MB gradient at every free, and even a fresh huge page is
+// zeroed by the OS at its first touch, by whichever thread touches it first (with 64 KiB blocks
+// taken in turn, both threads write every page: 15-16 faults per call at 2 threads, 9 at 1). In
+// one process, UnCL's kernel at 2x2x96^3 took 7.3-7.6 ms at 1 thread with fresh pages or the block
+// reused, and at 2 threads 4.2-4.5 ms fresh, 3.8-4.0 ms reused: the fresh pages were the part of
+// the call that did not halve (docs/engineering.md, "Threads").
 #pragma once
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <iterator>
 #include <limits>
+#include <mutex>
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -39,20 +50,58 @@ inline bool poison_outputs() {
 
 constexpr size_t kHugePageBytes = size_t(2) << 20;
 
-// posix_memalign at 2 MiB and the MADV_HUGEPAGE hint (ignored where THP is off); freed by free().
-// Allocations and frees are reported to torch's profiler, as its own CPU allocator does.
+// The freed blocks kept for reuse: at most kMaxBlocks and kMaxBytes in all (the oldest is freed
+// first), each taken again by an output of exactly its size, the most recently freed first (the
+// likeliest to be still in the caches).
+class FreeBlockCache {
+ public:
+  static constexpr size_t kMaxBlocks = 4, kMaxBytes = size_t(256) << 20;
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it)
+      if (it->bytes == bytes) {
+        void* p = it->data;
+        total_ -= bytes;
+        blocks_.erase(std::next(it).base());
+        return p;
+      }
+    return nullptr;
+  }
+  // Keeps the block, or frees it when it alone is over the byte bound.
+  void put(void* data, size_t bytes) {
+    if (bytes > kMaxBytes) return std::free(data);
+    std::lock_guard<std::mutex> lock(mutex_);
+    blocks_.push_back({data, bytes});
+    total_ += bytes;
+    while (blocks_.size() > kMaxBlocks || total_ > kMaxBytes) {
+      std::free(blocks_.front().data);
+      total_ -= blocks_.front().bytes;
+      blocks_.pop_front();
+    }
+  }
+
+ private:
+  struct Entry {
+    void* data;
+    size_t bytes;
+  };
+  std::mutex mutex_;
+  std::deque<Entry> blocks_;
+  size_t total_ = 0;
+};
+
+// posix_memalign at 2 MiB and the MADV_HUGEPAGE hint (ignored where THP is off); freed blocks go
+// to the FreeBlockCache. Allocations and frees are reported to torch's profiler, as its own CPU
+// allocator does (a cached block counts as freed).
 class HugePageCpuAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
     // Whole 2 MiB pages: a 4 KiB tail would fault page by page (UnCL's 14 MB: 392 faults, 0.6 ms).
     const size_t padded = (nbytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-    void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, kHugePageBytes, padded) == 0, "dycon: not enough memory for a ", nbytes,
-                "-byte CPU output");
-#ifdef __linux__
-    madvise(p, padded, MADV_HUGEPAGE);  // a hint: failure only means 4 KiB pages
-#endif
+    void* p = cache().take(padded);
+    if (p == nullptr) p = fresh(nbytes, padded);
     report(p, int64_t(padded));
     return {p, new Block{p, padded}, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -65,6 +114,20 @@ class HugePageCpuAllocator final : public c10::Allocator {
     void* data;
     size_t bytes;
   };
+  static void* fresh(size_t nbytes, size_t padded) {
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kHugePageBytes, padded) == 0, "dycon: not enough memory for a ", nbytes,
+                "-byte CPU output");
+#ifdef __linux__
+    madvise(p, padded, MADV_HUGEPAGE);  // a hint: failure only means 4 KiB pages
+#endif
+    return p;
+  }
+  // Never destroyed: outputs may be freed after static destructors have run (at exit).
+  static FreeBlockCache& cache() {
+    static auto* c = new FreeBlockCache;
+    return *c;
+  }
   static std::atomic<int64_t>& allocated() {
     static std::atomic<int64_t> total{0};
     return total;
@@ -78,7 +141,7 @@ class HugePageCpuAllocator final : public c10::Allocator {
     if (ctx == nullptr) return;
     const Block* b = static_cast<const Block*>(ctx);
     report(b->data, -int64_t(b->bytes));
-    std::free(b->data);
+    cache().put(b->data, b->bytes);
     delete b;
   }
 };

@@ -321,6 +321,27 @@ def test_cpu_outputs_of_2_mib_in_huge_pages_match_reference(reduction):
     assert _largest_allocation(lambda: torch.ops.dycon_C.uncl_forward_grad(*flat, 0.9, None, True, False)) >= 6 << 20
 
 
+@pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
+def test_cpu_freed_huge_output_is_reused_and_rewritten():
+    """A freed output of 2 MiB or more is kept (csrc/alloc.h) and handed to the next output of its
+    size, so that a step's gradient does not fault in fresh pages every step. The size is above
+    glibc's largest mmap threshold (32 MiB), where glibc itself would unmap the block at free and
+    the next call would fault in 18 or more pages (a huge page each at best). The reused block is
+    poisoned again and rewritten in full: the second call's gradients are the first's bits."""
+    resource = pytest.importorskip("resource")
+    shape = (1, 2, 9 << 19)  # the gradient: 36 MiB
+    s, t = random_logits(shape, torch.float32, 95, device="cpu"), random_logits(shape, torch.float32, 96, device="cpu")
+    first = torch.ops.dycon_C.uncl_forward_grad(s, t, 0.7, None, True, False)[1]
+    ptr, want = first.data_ptr(), first.clone()
+    del first
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    again = torch.ops.dycon_C.uncl_forward_grad(s, t, 0.7, None, True, False)[1]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert again.data_ptr() == ptr
+    assert faults < 9, f"{faults} page faults: the freed gradient was not reused"
+    assert torch.equal(again, want)
+
+
 def test_module_form():
     s = random_logits((1, 2, 3, 3, 3), torch.float32, 41)
     t = random_logits((1, 2, 3, 3, 3), torch.float32, 42)
