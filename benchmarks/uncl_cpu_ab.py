@@ -13,7 +13,7 @@ faults for the 14 MB gradient when it is fresh, instead of ~3 500, and none when
 of the previous call's gradient is reused. The 2-thread cases are timed right after the 1-thread
 ones without warming their second thread; on the idle development VM, warming each case 0.2 s
 first gave the same step ratio (1.81x warmed; 1.80x, 1.84x and 1.87x as here, in runs minutes
-apart; issue 24).
+apart; a re-run at the merge gave 1.62-1.70x: docs/engineering.md, "Threads"; issue 24).
 Usage: python benchmarks/uncl_cpu_ab.py [ROUNDS]
 """
 import os
