@@ -34,8 +34,7 @@ CASES = [("reference", 1, ""), ("cpu", 1, ""), ("cpu", 2, ""), ("kernel", 1, "")
 
 def step(student, teacher, backend):
     if backend == "kernel":
-        flat = student.detach().view(2, 2, -1)
-        torch.ops.dycon_C.uncl_forward_grad(flat, teacher.view(2, 2, -1), 2.0, None, True, False)
+        torch.ops.dycon_C.uncl_forward_grad(student.detach(), teacher, 2.0, None, "mean", False)
         return
     student.grad = None
     dycon_kernels.uncl(student, teacher, 2.0, backend=backend).backward()

@@ -8,11 +8,13 @@ TORCH_LIBRARY(dycon_C, m) {
   // s, t: (B, C, V) contiguous logits; weight: (B, V) float32 or None.
   // reduce=True returns the 0-dim weighted sum of the voxel losses, else the (B, V) map.
   m.def("uncl_forward(Tensor s, Tensor t, float beta, Tensor? weight, bool reduce) -> Tensor");
-  // The forward and the gradients of the (unreduced, weighted) loss sum: (loss, ds, dt), ds and dt
-  // in the accumulation dtype, dt empty unless need_t_grad. CPU only (uncl_cpu.cpp): on the GPU the
-  // backward recomputes the softmaxes instead of keeping B x C x V floats.
+  // The forward and the gradients of the weighted loss sum (over the mean's divisor for reduction
+  // "mean"): (loss, ds, dt). s, t: (B, C, *spatial); weight: (B, *spatial) or None; the loss as
+  // dycon_kernels/uncl.py returns it (reduced, in the logits' dtype, or the (B, *spatial) map); ds
+  // and dt in the logits' shape and the accumulation dtype, dt empty unless need_t_grad. CPU only
+  // (uncl_cpu.cpp): on the GPU the backward recomputes the softmaxes instead of keeping B x C x V floats.
   m.def(
-      "uncl_forward_grad(Tensor s, Tensor t, float beta, Tensor? weight, bool reduce, bool need_t_grad) -> "
+      "uncl_forward_grad(Tensor s, Tensor t, float beta, Tensor? weight, str reduction, bool need_t_grad) -> "
       "(Tensor, Tensor, Tensor)");
   // grad: 0-dim (one value for every voxel) or (B, V) float32. Returns (ds, dt); dt is an empty
   // tensor when need_t_grad is false.

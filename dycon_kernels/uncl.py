@@ -64,22 +64,19 @@ def _no_grad(x: Tensor) -> Tensor:
 def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
              reduction: str, backend: str, save_grad: bool = False,
              save_teacher_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, ds, dt): ds and dt are the unit gradients d(sum_v w_v l_v)/d(logits) in the
-    accumulation dtype when save_grad (dt: and save_teacher_grad), else empty."""
+    """(loss, ds, dt): ds and dt are the unit gradients d(sum_v w_v l_v)/d(logits), over the
+    mean's divisor for reduction='mean', in the accumulation dtype when save_grad (dt: and
+    save_teacher_grad), else empty."""
     be = backends.load(backend)
+    if save_grad:  # the loss finished and the unit gradients scaled by the mean's divisor, in C++
+        return be.uncl_forward_grad(student, teacher, float(beta), weight, reduction, save_teacher_grad)
     s, t, w, reduce = _flat(student), _flat(teacher), _flat_weight(weight), _REDUCE[reduction]
-    ds, dt = _no_grad(student), _no_grad(teacher)
-    if save_grad:
-        out, ds, dt = be.uncl_forward_grad(s, t, float(beta), w, reduce, save_teacher_grad)
-        ds = ds.view(student.shape)
-        dt = dt.view(teacher.shape) if save_teacher_grad else _no_grad(teacher)
-    else:
-        out = be.uncl_forward(s, t, float(beta), w, reduce)
+    out = be.uncl_forward(s, t, float(beta), w, reduce)
     if reduction == "none":
         out = out.view((student.shape[0],) + tuple(student.shape[2:]))
     elif reduction == "mean":
         out = out / _mean_divisor(student, weight)
-    return out.to(student.dtype), ds, dt
+    return out.to(student.dtype), _no_grad(student), _no_grad(teacher)
 
 
 @_uncl_op.register_fake
@@ -91,14 +88,16 @@ def _(student, teacher, beta, weight, reduction, backend, save_grad=False, save_
     return student.new_empty(shape), ds, dt
 
 
+def _voxel_grad(grad: Tensor, student: Tensor, reduction: str) -> Tensor:
+    """The loss's grad in the accumulation dtype: 0-dim, or (B, V) for reduction='none'."""
+    grad = grad.to(_acc_dtype(student))
+    return grad.reshape(student.shape[0], -1).contiguous() if reduction == "none" else grad
+
+
 def _upstream(grad: Tensor, student: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
     """The gradient of each voxel's w_v l_v: 0-dim, or (B, V) for reduction='none'."""
-    grad = grad.to(_acc_dtype(student))
-    if reduction == "none":
-        return grad.reshape(student.shape[0], -1).contiguous()
-    if reduction == "mean":
-        return grad / _mean_divisor(student, weight)
-    return grad
+    grad = _voxel_grad(grad, student, reduction)
+    return grad / _mean_divisor(student, weight) if reduction == "mean" else grad
 
 
 @torch.library.custom_op("dycon::uncl_backward", mutates_args=())
@@ -178,7 +177,7 @@ def _backward(ctx, grad, _grad_ds_unit, _grad_dt_unit):
     traced = ds_saved is not None and ds_saved.numel() > 0
     unit = (ds_saved, dt_saved) if traced else _unit_grads(ctx, student, teacher, weight, need_t)
     if unit is not None:
-        g = _upstream(grad, student, weight, ctx.reduction)
+        g = _voxel_grad(grad, student, ctx.reduction)  # the unit gradients include the mean's divisor
         ds = _scaled(unit[0], g, student, in_place=not traced)
         dt = _scaled(unit[1], g, teacher, in_place=not traced) if need_t else None
     else:

@@ -175,13 +175,13 @@ def test_cpu_forward_saves_the_unit_gradients_only_when_a_backward_can_follow():
         (2, 3, 4, 5, 3), torch.float32, 29, device="cpu")
     op = torch.ops.dycon.uncl.default
     beta = torch.tensor(1.0, dtype=torch.float64)
-    _, ds, dt = op(s, t, beta, None, "mean", "cpu", True, True)
-    assert ds.shape == s.shape and dt.shape == t.shape
-    # d(sum_v l_v)/ds, summed by the reference's autograd.
-    s_ref, t_ref = s.clone().requires_grad_(), t.clone().requires_grad_()
-    reference.uncl(s_ref, t_ref, 1.0, reduction="sum").backward()
-    _assert_close(ds, s_ref.grad, torch.float32)
-    _assert_close(dt, t_ref.grad, torch.float32)
+    for reduction in ("sum", "mean"):  # d(sum_v l_v)/ds, and for the mean over the voxel count
+        _, ds, dt = op(s, t, beta, None, reduction, "cpu", True, True)
+        assert ds.shape == s.shape and dt.shape == t.shape
+        s_ref, t_ref = s.clone().requires_grad_(), t.clone().requires_grad_()
+        reference.uncl(s_ref, t_ref, 1.0, reduction=reduction).backward()
+        _assert_close(ds, s_ref.grad, torch.float32)
+        _assert_close(dt, t_ref.grad, torch.float32)
     from dycon_kernels.uncl import _grads_to_save
     assert _grads_to_save("cpu", s.requires_grad_(), t) == (True, False)
     assert _grads_to_save("cpu", s, t.requires_grad_()) == (True, True)
@@ -318,7 +318,7 @@ def test_cpu_outputs_of_2_mib_in_huge_pages_match_reference(reduction):
     # torch's memory profiler sees these allocations, as it sees its own allocator's.
     from test_fecl_cpp import _largest_allocation
     flat = (s.view(2, 3, -1), t.view(2, 3, -1))
-    assert _largest_allocation(lambda: torch.ops.dycon_C.uncl_forward_grad(*flat, 0.9, None, True, False)) >= 6 << 20
+    assert _largest_allocation(lambda: torch.ops.dycon_C.uncl_forward_grad(*flat, 0.9, None, "sum", False)) >= 6 << 20
 
 
 @pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
@@ -331,11 +331,11 @@ def test_cpu_freed_huge_output_is_reused_and_rewritten():
     resource = pytest.importorskip("resource")
     shape = (1, 2, 9 << 19)  # the gradient: 36 MiB
     s, t = random_logits(shape, torch.float32, 95, device="cpu"), random_logits(shape, torch.float32, 96, device="cpu")
-    first = torch.ops.dycon_C.uncl_forward_grad(s, t, 0.7, None, True, False)[1]
+    first = torch.ops.dycon_C.uncl_forward_grad(s, t, 0.7, None, "sum", False)[1]
     ptr, want = first.data_ptr(), first.clone()
     del first
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    again = torch.ops.dycon_C.uncl_forward_grad(s, t, 0.7, None, True, False)[1]
+    again = torch.ops.dycon_C.uncl_forward_grad(s, t, 0.7, None, "sum", False)[1]
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     assert again.data_ptr() == ptr
     assert faults < 9, f"{faults} page faults: the freed gradient was not reused"

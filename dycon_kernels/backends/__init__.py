@@ -14,10 +14,11 @@ UnCL
     gradient for every voxel) or ``(B, V)``, in the forward's output dtype. Returns
     ``(ds, dt)`` in the logits' dtype; ``dt`` is None unless ``need_t_grad``.
 
-    ``uncl_forward_grad(s, t, beta, weight, reduce, need_t_grad)`` (the ``cpu`` backend only):
-    ``uncl_forward``'s output and the unit gradients ``(ds, dt)`` of ``sum_v weight_v l_v`` in
-    the output's dtype (``dt`` empty unless ``need_t_grad``), which the backward then only scales
-    (dycon_kernels/uncl.py).
+    ``uncl_forward_grad(s, t, beta, weight, reduction, need_t_grad)`` (the ``cpu`` backend only):
+    ``s, t`` of shape ``(B, C, *spatial)``, ``weight`` ``(B, *spatial)``; the loss as the public op
+    returns it and the unit gradients ``(ds, dt)`` of ``sum_v weight_v l_v`` (over the mean's
+    divisor for ``reduction="mean"``) in the logits' shape and the output's dtype (``dt`` empty
+    unless ``need_t_grad``), which the backward then only scales (dycon_kernels/uncl.py).
 """
 from __future__ import annotations
 

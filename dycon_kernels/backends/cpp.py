@@ -13,9 +13,10 @@ def uncl_forward(s, t, beta, weight, reduce):
     return _ops.uncl_forward(s, t, beta, weight, reduce)
 
 
-def uncl_forward_grad(s, t, beta, weight, reduce, need_t_grad):
-    """CPU tensors only (the op has no CUDA kernel): -> (loss, ds, dt), dt empty unless need_t_grad."""
-    return tuple(_ops.uncl_forward_grad(s, t, beta, weight, reduce, need_t_grad))
+def uncl_forward_grad(s, t, beta, weight, reduction, need_t_grad):
+    """CPU tensors only (the op has no CUDA kernel): -> (loss, ds, dt), dt empty unless need_t_grad
+    (csrc/ops.cpp says what each is)."""
+    return tuple(_ops.uncl_forward_grad(s, t, beta, weight, reduction, need_t_grad))
 
 
 def uncl_backward(grad, s, t, beta, weight, need_t_grad):
