@@ -414,9 +414,9 @@ def test_launch_configs_cover_launches(monkeypatch):
     from triton_aot import record_launches
 
     names = KERNELS
-    # FAST_LOG and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch), and with
+    # FAST_MATH and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch), and with
     # them the slabs' parts and dtype (GS); the backward's schedule GROUP depends on N.
-    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_LOG", "DOT_IN",
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_MATH", "DOT_IN",
              "GROUP", "SLAB_PARTS")
     configs = [(fn, {k: v for k, v in sig.items() if k != "GS"}, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]
