@@ -207,7 +207,9 @@ def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, offs
     columns offs_dc (the operand of coefficients @ z_k). Where the dots and the columns both span
     all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
     if WHOLE_D:
-        zk = _load_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N)
+        # Row offsets per vector here (_load_rows): with _load_tile's hoisted offsets the sm_80
+        # backward (255 registers) spilled 8 bytes.
+        zk = _load_rows(KEYS, k_rows * D, start_k + tl.arange(0, BLOCK_N), NK, offs_dc, D, DOT_IN)
         sims = _sim(zi, zk, DOT_PREC)
     else:
         sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
@@ -780,7 +782,7 @@ def fecl_backward_keys_kernel(Z, GS, ROWS, DZ, N, D, STEP, NB, ACC: tl.constexpr
         # g: row i (an anchor of p), column k (a key of this block) at i SUPER + k of the slab.
         offs_g = tl.arange(0, BLOCK_M)[:, None] * SUPER + tl.arange(0, BLOCK_M)[None, :]
         for start_m in range(0, GROUP * BLOCK_M, BLOCK_M):
-            zp = _load_rows(Z, b * N * D, p * SUPER + start_m + tl.arange(0, BLOCK_M), N, offs_dc, D, DOT_IN)
+            zp = _load_tile(Z, b * N, p * SUPER + start_m, N, offs_dc, D, DOT_IN, BLOCK_M)
             acc = _dot_stored_coefs(slab + start_m * SUPER, offs_g, zp, acc, SUPER * SUPER, ACC, DOT_IN, DOT_PREC)
     offs_m = q * SUPER + k0 + tl.arange(0, BLOCK_M)
     rows = b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :]
