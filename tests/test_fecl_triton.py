@@ -284,6 +284,21 @@ def test_other_shapes():
              noncontiguous=True)
 
 
+def test_positive_counts_from_sorted_labels():
+    """n_pos from the sorted labels (fecl.positive_counts) is the dense count of same-label valid
+    keys other than the anchor: several classes, a class of one patch, ignored patches (-1) and
+    label values that are not 0..C-1."""
+    from dycon_kernels.triton import fecl
+    gen = torch.Generator().manual_seed(7)
+    y = torch.randint(-1, 5, (3, 53), generator=gen) * 3
+    y[0, 5] = 99  # alone in its class: 0 positives
+    dense = ((y[:, :, None] == y[:, None, :]) & (y[:, None, :] >= 0)).sum(-1) - 1
+    expected = torch.where(y >= 0, dense, 0).to(torch.float32)
+    got = fecl.positive_counts(y, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert got[0, 5] == 0 and (got[y < 0] == 0).all()
+
+
 KERNELS = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
            "fecl_backward_kernel", "fecl_backward_pairs_kernel", "fecl_backward_keys_kernel",
            "fecl_sparse_coef_kernel", "fecl_sparse_rows_kernel"]
