@@ -609,8 +609,10 @@ def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2
     through z_i."""
     l2 = dot * _scalar(LOG2E / TAU, ACC)  # l log2(e)
     vi = yi >= 0
-    # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i).
-    pos = vi[:, None] & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+    # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i). Two
+    # ignored patches (equal labels -1) need no validity test: their a is 0 and their log_neg
+    # -inf, so x = +inf and both directions' terms are exactly 0 (_sigmoid_parts).
+    pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
     d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
                             GAMMA_POS, FAST_MATH)
     g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
