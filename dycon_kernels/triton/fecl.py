@@ -151,22 +151,37 @@ def _sim(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN: tl.constexpr, BLOCK_N: tl.constexpr,
+              HOISTED: tl.constexpr):
+    """Key rows start .. start + BLOCK_N - 1 (of the volume at row k_rows of KEYS), columns offs_d:
+    with HOISTED from one offset per tile (_load_tile, the forward's loops), else with a row
+    offset per loaded vector (_load_rows: the backward's kernels, at 255 registers, spilled with
+    the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes)."""
+    if HOISTED:
+        t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N)
+    else:
+        t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN)
+    return t
+
+
+@triton.jit
 def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_n, NK, D, ACC: tl.constexpr, DOT_IN: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DK: tl.constexpr):
+              BLOCK_DK: tl.constexpr, HOISTED: tl.constexpr):
     """<z_i, key_j> for the (BLOCK_M, BLOCK_N) tile of anchors offs_m (rows of Z at z_base) and keys
-    start_n .. start_n + BLOCK_N - 1 (of the volume starting at row k_rows of KEYS): one dot with
-    the anchor block ``zi`` held across key tiles when BLOCK_DK == BLOCK_D, else a loop over D in
-    chunks of BLOCK_DK that loads both operands per chunk (shared memory and registers then scale
-    with BLOCK_DK, not D)."""
+    start_n .. start_n + BLOCK_N - 1 (of the volume starting at row k_rows of KEYS; _key_tile): one
+    dot with the anchor block ``zi`` held across key tiles when BLOCK_DK == BLOCK_D, else a loop
+    over D in chunks of BLOCK_DK that loads both operands per chunk (shared memory and registers
+    then scale with BLOCK_DK, not D)."""
     if BLOCK_DK == BLOCK_D:
-        s = _sim(zi, _load_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N), DOT_PREC)
+        s = _sim(zi, _key_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N, HOISTED),
+                 DOT_PREC)
     else:
         s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         for d0 in range(0, D, BLOCK_DK):
             offs_d = d0 + tl.arange(0, BLOCK_DK)
             s = tl.dot(_load_rows(Z, z_base, offs_m, N, offs_d, D, DOT_IN),
-                       tl.trans(_load_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N)), s,
+                       tl.trans(_key_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N, HOISTED)), s,
                        input_precision=DOT_PREC)
     return s
 
@@ -209,14 +224,12 @@ def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, offs
     columns offs_dc (the operand of coefficients @ z_k). Where the dots and the columns both span
     all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
     if WHOLE_D:
-        # Row offsets per vector here (_load_rows): with _load_tile's hoisted offsets the sm_80
-        # backward (255 registers) spilled 8 bytes.
-        zk = _load_rows(KEYS, k_rows * D, start_k + tl.arange(0, BLOCK_N), NK, offs_dc, D, DOT_IN)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
         sims = _sim(zi, zk, DOT_PREC)
     else:
         sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
-                         BLOCK_N, BLOCK_D, BLOCK_DK)
-        zk = _load_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N)
+                         BLOCK_N, BLOCK_D, BLOCK_DK, False)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
     return sims, zk
 
 
@@ -405,7 +418,7 @@ def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, D
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = _load_labels(Y, b * N, offs_n, N)
         l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                      BLOCK_D, BLOCK_DK) * inv_tau
+                      BLOCK_D, BLOCK_DK, True) * inv_tau
         pair = (yi[:, None] >= 0) & (yj[None, :] >= 0) & (offs_m[:, None] != offs_n[None, :])
         c = tl.maximum(c, tl.max(tl.where(pair, l, 0.0), axis=1))
     tl.store(CS + b * N + offs_m, c, mask=offs_m < N)
@@ -430,7 +443,7 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yk = _load_labels(KY, b * NK, offs_n, NK)
         s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK, start_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                      BLOCK_D, BLOCK_DK)
+                      BLOCK_D, BLOCK_DK, True)
         # Candidates: valid keys with another label than the anchor's; the rest -inf.
         s = tl.where((yi[:, None] != yk[None, :]) & (yk >= 0)[None, :], s, NEG_INF)
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
@@ -484,7 +497,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
             offs_n = start_n + tl.arange(0, BLOCK_N)
             yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
             l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                          BLOCK_D, BLOCK_DK) * inv_tau
+                          BLOCK_D, BLOCK_DK, True) * inv_tau
             t = l
             if COLUMN:
                 t = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
@@ -505,7 +518,7 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
             c = _sim_tile(Z, b * N * D, offs_m, N, zi, ZT, b * NT, start_k, NT, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                          BLOCK_D, BLOCK_DK)
+                          BLOCK_D, BLOCK_DK, True)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # -log(max(1 - c, 0) + eps): rounding can give c > 1.
             cross += tl.sum(tl.where(hit, -tl.log(tl.maximum(1.0 - c, 0.0) + 1e-18), 0.0), axis=1)
@@ -533,7 +546,7 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, NPOS, LOSS, R, N, D, COLUMN: tl.co
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = _load_labels(Y, b * N, offs_n, N)
         l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                       BLOCK_D, BLOCK_DK) * scale
+                       BLOCK_D, BLOCK_DK, True) * scale
         if COLUMN:
             l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
         # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop. A
