@@ -284,6 +284,21 @@ def test_other_shapes():
              noncontiguous=True)
 
 
+def test_positive_counts_from_sorted_labels():
+    """n_pos from the sorted labels (fecl.positive_counts) is the dense count of same-label valid
+    keys other than the anchor: several classes, a class of one patch, ignored patches (-1) and
+    label values that are not 0..C-1."""
+    from dycon_kernels.triton import fecl
+    gen = torch.Generator().manual_seed(7)
+    y = torch.randint(-1, 5, (3, 53), generator=gen) * 3
+    y[0, 5] = 99  # alone in its class: 0 positives
+    dense = ((y[:, :, None] == y[:, None, :]) & (y[:, None, :] >= 0)).sum(-1) - 1
+    expected = torch.where(y >= 0, dense, 0).to(torch.float32)
+    got = fecl.positive_counts(y, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert got[0, 5] == 0 and (got[y < 0] == 0).all()
+
+
 KERNELS = ["fecl_colshift_kernel", "fecl_topk_kernel", "fecl_logneg_kernel", "fecl_positive_kernel",
            "fecl_backward_kernel", "fecl_backward_pairs_kernel", "fecl_backward_keys_kernel",
            "fecl_sparse_coef_kernel", "fecl_sparse_rows_kernel"]
@@ -414,9 +429,9 @@ def test_launch_configs_cover_launches(monkeypatch):
     from triton_aot import record_launches
 
     names = KERNELS
-    # FAST_LOG and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch), and with
+    # FAST_MATH and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch), and with
     # them the slabs' parts and dtype (GS); the backward's schedule GROUP depends on N.
-    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_LOG", "DOT_IN",
+    loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_MATH", "DOT_IN",
              "GROUP", "SLAB_PARTS")
     configs = [(fn, {k: v for k, v in sig.items() if k != "GS"}, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]

@@ -21,7 +21,7 @@ Forward, one kernel per pass of the doc (each a loop over key tiles):
    negatives or over the stored top-k indices (a gather), plus the teacher top-k terms (a gather)
    and the threshold-teacher sums ``cross``/``cross_count`` (a loop over teacher tiles).
 4. ``fecl_positive_kernel``: ``S_ij = sigmoid(l_ij - c_j - log_neg_i)`` over positives ->
-   ``loss``, ``r``, ``n_pos``.
+   ``loss``, ``r`` (``n_pos`` from the sorted labels, ``positive_counts``).
 
 Backward:
 
@@ -93,6 +93,19 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(P, vol_rows, start, n_rows, offs_d, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows start .. start + BLOCK - 1 of a volume's (n_rows, D) matrix that begins at row vol_rows
+    of P, as _load_rows loads them: the tile's offset is one 64-bit scalar per tile and the
+    offsets within it do not depend on ``start``, so a loop over tiles keeps them (hoisted)
+    instead of recomputing a 64-bit row offset per loaded vector (2.2 instructions per pair in
+    the top-k pass on sm_90, 2.6 in the positive pass)."""
+    rows = tl.arange(0, BLOCK)
+    mask = ((start + rows) < n_rows)[:, None] & (offs_d[None, :] < D)
+    within = rows[:, None].to(tl.int64) * D + offs_d[None, :]
+    return tl.load(P + (vol_rows + start) * D + within, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _load_labels(Y, base, offs, n):
     """Labels of rows ``offs`` of a volume at Y + base, -1 past n, as int32 (class indices and -1):
     a label comparison per pair is then one 32-bit compare, not a 64-bit one's two."""
@@ -138,21 +151,38 @@ def _sim(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_n, NK, D, ACC: tl.constexpr, DOT_IN: tl.constexpr,
+def _key_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN: tl.constexpr, BLOCK_N: tl.constexpr,
+              HOISTED: tl.constexpr):
+    """Key rows start .. start + BLOCK_N - 1 (of the volume at row k_rows of KEYS), columns offs_d:
+    with HOISTED from one offset per tile (_load_tile, the forward's loops), else with a row
+    offset per loaded vector (_load_rows: the backward's kernels, at 255 registers, spilled with
+    the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes)."""
+    if HOISTED:
+        t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N)
+    else:
+        t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN)
+    return t
+
+
+@triton.jit
+def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_n, NK, D, ACC: tl.constexpr, DOT_IN: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DK: tl.constexpr):
+              BLOCK_DK: tl.constexpr, HOISTED: tl.constexpr):
     """<z_i, key_j> for the (BLOCK_M, BLOCK_N) tile of anchors offs_m (rows of Z at z_base) and keys
-    offs_n (rows of KEYS at k_base): one dot with the anchor block ``zi`` held across key tiles
-    when BLOCK_DK == BLOCK_D, else a loop over D in chunks of BLOCK_DK that loads both operands
-    per chunk (shared memory and registers then scale with BLOCK_DK, not D)."""
+    start_n .. start_n + BLOCK_N - 1 (of the volume starting at row k_rows of KEYS; _key_tile): one
+    dot with the anchor block ``zi`` held across key tiles when BLOCK_DK == BLOCK_D, else a loop
+    over D in chunks of BLOCK_DK that loads both operands per chunk (shared memory and registers
+    then scale with BLOCK_DK, not D)."""
     if BLOCK_DK == BLOCK_D:
-        s = _sim(zi, _load_rows(KEYS, k_base, offs_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN), DOT_PREC)
+        s = _sim(zi, _key_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N, HOISTED),
+                 DOT_PREC)
     else:
         s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         for d0 in range(0, D, BLOCK_DK):
             offs_d = d0 + tl.arange(0, BLOCK_DK)
             s = tl.dot(_load_rows(Z, z_base, offs_m, N, offs_d, D, DOT_IN),
-                       tl.trans(_load_rows(KEYS, k_base, offs_n, NK, offs_d, D, DOT_IN)), s, input_precision=DOT_PREC)
+                       tl.trans(_key_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N, HOISTED)), s,
+                       input_precision=DOT_PREC)
     return s
 
 
@@ -160,13 +190,15 @@ def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_n, NK, D, ACC: tl.con
 def _gather_dot(Z, z_base, offs_m, KEYS, k_base, idx, ok, D, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_DG: tl.constexpr):
     """<z_i, key_idx_i> for each anchor row i of offs_m and its gathered key row idx_i (0 where not
-    ``ok``), over D in chunks of BLOCK_DG: no (rows, D) block is held in registers."""
-    dot = tl.zeros([BLOCK_M], ACC)
+    ``ok``), over D in chunks of BLOCK_DG: no (rows, D) block is held in registers. The products
+    accumulate per element and the row is reduced once after the chunks (a reduction across the
+    threads per chunk cost ~12 of its ~100 warp instructions on sm_90)."""
+    prods = tl.zeros([BLOCK_M, BLOCK_DG], ACC)
     for d0 in range(0, D, BLOCK_DG):
         offs_d = d0 + tl.arange(0, BLOCK_DG)
         zi = _gather_rows(Z, z_base, offs_m, ok, offs_d, D, ACC)
-        dot += tl.sum(zi * _gather_rows(KEYS, k_base, idx, ok, offs_d, D, ACC), axis=1)
-    return dot
+        prods += zi * _gather_rows(KEYS, k_base, idx, ok, offs_d, D, ACC)
+    return tl.sum(prods, axis=1)
 
 
 @triton.jit
@@ -184,19 +216,20 @@ def _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, C
 
 
 @triton.jit
-def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_k, NK, offs_dc, D, WHOLE_D: tl.constexpr,
+def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, offs_dc, D, WHOLE_D: tl.constexpr,
                        ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
-    """The backward's key tile: the similarities of the anchor rows offs_m with the key rows offs_k,
-    and the key rows' columns offs_dc (the operand of coefficients @ z_k). Where the dots and the
-    columns both span all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
+    """The backward's key tile: the similarities of the anchor rows offs_m with the key rows
+    start_k .. start_k + BLOCK_N - 1 (of the volume at row k_rows of KEYS), and those rows'
+    columns offs_dc (the operand of coefficients @ z_k). Where the dots and the columns both span
+    all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
     if WHOLE_D:
-        zk = _load_rows(KEYS, k_base, offs_k, NK, offs_dc, D, DOT_IN)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
         sims = _sim(zi, zk, DOT_PREC)
     else:
-        sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_base, offs_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                         BLOCK_D, BLOCK_DK)
-        zk = _load_rows(KEYS, k_base, offs_k, NK, offs_dc, D, DOT_IN)
+        sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
+                         BLOCK_N, BLOCK_D, BLOCK_DK, False)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
     return sims, zk
 
 
@@ -272,15 +305,29 @@ def _lse_update(m, s, t, w):
 
 
 @triton.jit
-def _log2(x, FAST_LOG: tl.constexpr):
-    """log2; with FAST_LOG (GPU, float32) the hardware lg2.approx (one MUFU op, absolute error
+def _log2(x, FAST_MATH: tl.constexpr):
+    """log2; with FAST_MATH (GPU, float32) the hardware lg2.approx (one MUFU op, absolute error
     ~1e-7 on [0.5, 2]) instead of libdevice's (~20 instructions). The interpreter has no inline
     PTX, so CPU runs take tl.log2."""
-    if FAST_LOG and x.dtype == tl.float32:
+    if FAST_MATH and x.dtype == tl.float32:
         y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                       pack=1)
     else:
         y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _recip(x, FAST_MATH: tl.constexpr):
+    """1 / x for x in [1, 4] (the sigmoid's 1 + a and products of two of them); with FAST_MATH
+    (GPU, float32) the hardware rcp.approx (one MUFU op, at most 1 ulp off) instead of the
+    full-range division's 6 instructions (a range test, a scaling and a select around the same
+    MUFU.RCP, which [1, 4] never needs)."""
+    if FAST_MATH and x.dtype == tl.float32:
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        y = 1.0 / x
     return y
 
 
@@ -293,14 +340,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 # hardware's exp2/lg2 without a multiplication per element; ln 2 is folded into the constants.
 
 @triton.jit
-def _sigmoid_parts(x2, a, inv_u, FAST_LOG: tl.constexpr):
+def _sigmoid_parts(x2, a, inv_u, FAST_MATH: tl.constexpr):
     """S = sigmoid(x) for x = x2 ln 2, from a = 2^-|x2| and inv_u = 1 / (1 + a): S and 1 - S (1/u
     and a/u, which is which: the sign of x), log2 S = -(max(-x2, 0) + log2(1 + a)) and
-    log2(1 + a). log2(1 + a) is log2(u) corrected by (a - (u - 1)) / u / ln 2, the part of a lost
+    log2(1 + a). log2(1 + a) is log2(u) corrected by (a - (u - 1)) / ln 2, the part of a lost
     in rounding u (exact to first order, so tiny a keep their relative accuracy); finite for any
-    x (x = +inf: S = 1)."""
+    x (x = +inf: S = 1, 1 - S = 0, log S = 0, so every term of the pair is 0)."""
     u = 1.0 + a
-    log1p_a = _log2(u, FAST_LOG) + (a - (u - 1.0)) * inv_u * _scalar(LOG2E, a.dtype)
+    # a - (u - 1) is exactly the rounding error e of u (|e| <= ulp(u) / 2) and ln(1 + a) =
+    # ln(u) + ln(1 + e / u); taking e for e / u errs by e a / u <= 2^-24 a: relative 2^-24 of
+    # log2(1 + a) ~ a log2(e), so no division by u is needed here.
+    log1p_a = _log2(u, FAST_MATH) + (a - (u - 1.0)) * _scalar(LOG2E, a.dtype)
     log2_s = -(tl.maximum(-x2, 0.0) + log1p_a)
     a_u = a * inv_u
     s = tl.where(x2 >= 0, inv_u, a_u)
@@ -326,17 +376,17 @@ def _pos_coef(x2, s, one_ms, log2_s, log1p_a, GAMMA_POS: tl.constexpr):
 
 
 @triton.jit
-def _pos_terms(x2, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
+def _pos_terms(x2, GAMMA_POS: tl.constexpr, FAST_MATH: tl.constexpr):
     """For S = sigmoid(x), x = x2 ln 2: f / ln 2 = (1 - S)^gp log2 S (the caller multiplies the
     sum by ln 2) and f'(S) S (1 - S), from one exp2, one log2 and one reciprocal."""
     a = tl.exp2(-tl.abs(x2))  # in (0, 1]
-    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2, a, 1.0 / (1.0 + a), FAST_LOG)
+    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2, a, _recip(1.0 + a, FAST_MATH), FAST_MATH)
     pw, d = _pos_coef(x2, s, one_ms, log2_s, log1p_a, GAMMA_POS)
     return pw * log2_s, d
 
 
 @triton.jit
-def _pos_grads(x2_ij, x2_ji, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
+def _pos_grads(x2_ij, x2_ji, GAMMA_POS: tl.constexpr, FAST_MATH: tl.constexpr):
     """f'(S) S (1 - S) for the two directions of a pair (anchor i with key j and anchor j with key
     i), from two exp2, two log2 and one reciprocal: 1/u_ij = u_ji / (u_ij u_ji) (both u in [1, 2],
     so the product cannot overflow)."""
@@ -344,10 +394,10 @@ def _pos_grads(x2_ij, x2_ji, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr):
     a_ji = tl.exp2(-tl.abs(x2_ji))
     u_ij = 1.0 + a_ij
     u_ji = 1.0 + a_ji
-    inv = 1.0 / (u_ij * u_ji)
-    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2_ij, a_ij, u_ji * inv, FAST_LOG)
+    inv = _recip(u_ij * u_ji, FAST_MATH)
+    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2_ij, a_ij, u_ji * inv, FAST_MATH)
     _, d_ij = _pos_coef(x2_ij, s, one_ms, log2_s, log1p_a, GAMMA_POS)
-    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2_ji, a_ji, u_ij * inv, FAST_LOG)
+    s, one_ms, log2_s, log1p_a = _sigmoid_parts(x2_ji, a_ji, u_ij * inv, FAST_MATH)
     _, d_ji = _pos_coef(x2_ji, s, one_ms, log2_s, log1p_a, GAMMA_POS)
     return d_ij, d_ji
 
@@ -367,8 +417,8 @@ def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, D
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = _load_labels(Y, b * N, offs_n, N)
-        l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                      BLOCK_D, BLOCK_DK) * inv_tau
+        l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                      BLOCK_D, BLOCK_DK, True) * inv_tau
         pair = (yi[:, None] >= 0) & (yj[None, :] >= 0) & (offs_m[:, None] != offs_n[None, :])
         c = tl.maximum(c, tl.max(tl.where(pair, l, 0.0), axis=1))
     tl.store(CS + b * N + offs_m, c, mask=offs_m < N)
@@ -392,8 +442,8 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yk = _load_labels(KY, b * NK, offs_n, NK)
-        s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK * D, offs_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                      BLOCK_D, BLOCK_DK)
+        s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK, start_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                      BLOCK_D, BLOCK_DK, True)
         # Candidates: valid keys with another label than the anchor's; the rest -inf.
         s = tl.where((yi[:, None] != yk[None, :]) & (yk >= 0)[None, :], s, NEG_INF)
         # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
@@ -446,8 +496,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-            l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                          BLOCK_D, BLOCK_DK) * inv_tau
+            l = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                          BLOCK_D, BLOCK_DK, True) * inv_tau
             t = l
             if COLUMN:
                 t = l - tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
@@ -467,8 +517,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            c = _sim_tile(Z, b * N * D, offs_m, N, zi, ZT, b * NT * D, offs_k, NT, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                          BLOCK_D, BLOCK_DK)
+            c = _sim_tile(Z, b * N * D, offs_m, N, zi, ZT, b * NT, start_k, NT, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                          BLOCK_D, BLOCK_DK, True)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # -log(max(1 - c, 0) + eps): rounding can give c > 1.
             cross += tl.sum(tl.where(hit, -tl.log(tl.maximum(1.0 - c, 0.0) + 1e-18), 0.0), axis=1)
@@ -478,44 +528,51 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
 
 
 @triton.jit
-def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, LOSS, R, NPOS, N, D, COLUMN: tl.constexpr,
-                         TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_LOG: tl.constexpr,
+def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, NPOS, LOSS, R, N, D, COLUMN: tl.constexpr,
+                         TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_MATH: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
-    L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S),  n_pos_i = |P(i)|.
-    In base 2 (see _sigmoid_parts): x2 = x log2(e)."""
+    L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S), with n_pos_i = |P(i)|
+    given (NPOS: positive_counts). In base 2 (see _sigmoid_parts): x2 = x log2(e)."""
     scale, log2e = _scalar(LOG2E / TAU, ACC), _scalar(LOG2E, ACC)  # l log2(e) = dot scale
     b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     log2_neg = tl.load(LOGNEG + b * N + offs_m, mask=row_ok, other=0.0) * log2e
     # The float sums accumulate per element and are reduced over the row once after the loop (a
-    # row reduction per tile cost 2.2 instructions per pair more on sm_90); the count stays a
-    # reduction per tile (as an element-wise int32 accumulator it cost 0.7 more).
+    # row reduction per tile cost 2.2 instructions per pair more on sm_90).
     f_acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     r_acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    n_pos = tl.zeros([BLOCK_M], tl.int32)  # an integer count: fewer instructions than a float sum
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yj = _load_labels(Y, b * N, offs_n, N)
-        l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                       BLOCK_D, BLOCK_DK) * scale
+        l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
+                       BLOCK_D, BLOCK_DK, True) * scale
         if COLUMN:
             l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
-        # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop.
+        # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop. A
+        # pair that is no positive gets x = +inf, whose terms are exactly 0 (_sigmoid_parts): one
+        # select per pair instead of one per sum.
         pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
-        f, r = _pos_terms(l2 - log2_neg[:, None], GAMMA_POS, FAST_LOG)
-        f_acc += tl.where(pos, f, 0.0)
-        r_acc += tl.where(pos, r, 0.0)
-        n_pos += tl.sum(pos.to(tl.int32), axis=1)
+        f, r = _pos_terms(tl.where(pos, l2 - log2_neg[:, None], float("inf")), GAMMA_POS, FAST_MATH)
+        f_acc += f
+        r_acc += r
     vi = yi >= 0
     f_sum = tl.where(vi, tl.sum(f_acc, axis=1), 0.0)
     r_sum = tl.where(vi, tl.sum(r_acc, axis=1), 0.0)
-    n_pos = tl.where(vi, n_pos.to(ACC), 0.0)
+    n_pos = tl.load(NPOS + b * N + offs_m, mask=row_ok, other=0.0)
     u = tl.load(U + b * N + offs_m, mask=row_ok, other=0.0).to(ACC)
     loss = tl.where(n_pos > 0, -u * (f_sum * _scalar(LN2, ACC)) / tl.maximum(n_pos, 1.0), 0.0)
     tl.store(LOSS + b * N + offs_m, loss, mask=row_ok)
     tl.store(R + b * N + offs_m, r_sum, mask=row_ok)
-    tl.store(NPOS + b * N + offs_m, n_pos, mask=row_ok)
+
+
+def positive_counts(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """n_pos_i = |P(i)| = (keys of the volume with label y_i) - 1 for valid i, 0 for ignored i,
+    from the sorted labels (O(N log N) per volume, deterministic), so that the positive pass does
+    not count positives per pair (3.3 instructions per pair on sm_90, bfloat16)."""
+    ys = torch.sort(y, dim=1).values
+    same = torch.searchsorted(ys, y, right=True) - torch.searchsorted(ys, y, right=False)
+    return torch.where(y >= 0, same - 1, 0).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +614,7 @@ def _pair_stats(LOGNEG, A, R, CS, base, offs, N, COLUMN: tl.constexpr, TAU: tl.c
 @triton.jit
 def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
                 USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
-                FAST_LOG: tl.constexpr, ACC: tl.constexpr):
+                FAST_MATH: tl.constexpr, ACC: tl.constexpr):
     """(g_ij + g_ji) / tau for the (BLOCK_M, BLOCK_N) tile of anchors i (offs_m, labels yi) and
     keys j (offs_n, labels yj), similarities ``dot`` = <z_i, z_j>: both directions of each pair,
     positives and, without top_k, the dense negatives (statistics from _pair_stats, a already
@@ -565,10 +622,12 @@ def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2
     through z_i."""
     l2 = dot * _scalar(LOG2E / TAU, ACC)  # l log2(e)
     vi = yi >= 0
-    # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i).
-    pos = vi[:, None] & (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+    # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i). Two
+    # ignored patches (equal labels -1) need no validity test: their a is 0 and their log_neg
+    # -inf, so x = +inf and both directions' terms are exactly 0 (_sigmoid_parts).
+    pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
     d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
-                            GAMMA_POS, FAST_LOG)
+                            GAMMA_POS, FAST_MATH)
     g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
     if not USE_TOPK:
         neg = vi[:, None] & (yj[None, :] >= 0) & (yi[:, None] != yj[None, :])
@@ -581,22 +640,24 @@ def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2
 
 
 @triton.jit
-def _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, offs_n, offs_dc,
+def _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, start_n, offs_dc,
                     ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D: tl.constexpr, COLUMN: tl.constexpr,
                     USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
-                    FAST_LOG: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
+                    FAST_MATH: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """One key tile of the backward's dense part: the pair coefficients (g_ij + g_ji) / tau of the
-    anchors offs_m (labels yi, block zi, statistics from _pair_stats) with the keys offs_n of
-    volume b, and the keys' columns offs_dc that g multiplies (both kernels that walk key tiles)."""
+    anchors offs_m (labels yi, block zi, statistics from _pair_stats) with the keys start_n ..
+    start_n + BLOCK_N - 1 of volume b, and the keys' columns offs_dc that g multiplies (both
+    kernels that walk key tiles)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
     # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
     yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
-    dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N * D, offs_n, N, offs_dc, D, WHOLE_D, ACC,
+    dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, offs_dc, D, WHOLE_D, ACC,
                                  DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
     ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
     g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                    USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_LOG, ACC)
+                    USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_MATH, ACC)
     return g, zj
 
 
@@ -629,7 +690,7 @@ def _dot_stored_coefs(ptr, offs, zp, acc, PLANE: tl.constexpr, ACC: tl.constexpr
 def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.float64, N, NT, D,
                          COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
                          GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr,
-                         FAST_LOG: tl.constexpr,
+                         FAST_MATH: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
                          BLOCK_DC: tl.constexpr, GROUP: tl.constexpr):
@@ -651,10 +712,10 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     ln2_i, c2_i, a_i, ar_i, lns2_i = _pair_stats(LOGNEG, A, R, CS, b * N, offs_m, N, COLUMN, TAU, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
-        offs_n = tl.program_id(0) // GROUP * (GROUP * BLOCK_M) + start_n + tl.arange(0, BLOCK_N)
-        g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, offs_n, offs_dc,
+        g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi,
+                                tl.program_id(0) // GROUP * (GROUP * BLOCK_M) + start_n, offs_dc,
                                 ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
-                                GAMMA_NEG, FAST_LOG, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+                                GAMMA_NEG, FAST_MATH, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
     if TEACHER == 2:
         vi = yi >= 0
@@ -662,7 +723,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
         for start_k in range(0, NT, BLOCK_N):
             offs_k = start_k + tl.arange(0, BLOCK_N)
             yk = tl.load(YT + b * NT + offs_k, mask=offs_k < NT, other=-1)
-            c, zk = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, ZT, b * NT * D, offs_k, NT, offs_dc, D, WHOLE_D,
+            c, zk = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, ZT, b * NT, start_k, NT, offs_dc, D, WHOLE_D,
                                        ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
             hit = vi[:, None] & (yk[None, :] >= 0) & (yi[:, None] != yk[None, :]) & (c > threshold)
             # d cross / d c = 1 / (1 - c + eps), 0 where the clamp max(1 - c, 0) is active.
@@ -676,7 +737,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
 @triton.jit(do_not_specialize=["STEP", "NB"])
 def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
                                COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
-                               GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, FAST_LOG: tl.constexpr,
+                               GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr, FAST_MATH: tl.constexpr,
                                ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_DK: tl.constexpr, BLOCK_DC: tl.constexpr, GROUP: tl.constexpr,
@@ -701,10 +762,9 @@ def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
     ln2_i, c2_i, a_i, ar_i, lns2_i = _pair_stats(LOGNEG, A, R, CS, b * N, offs_m, N, COLUMN, TAU, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
-        offs_n = q0 + start_n + tl.arange(0, BLOCK_N)
-        g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, offs_n, offs_dc,
+        g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, q0 + start_n, offs_dc,
                                 ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
-                                GAMMA_NEG, FAST_LOG, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
+                                GAMMA_NEG, FAST_MATH, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
         # Every slab entry is written (0 for rows or keys past N: no pair there), once.
         if tl.program_id(2) == 0:
@@ -739,7 +799,7 @@ def fecl_backward_keys_kernel(Z, GS, ROWS, DZ, N, D, STEP, NB, ACC: tl.constexpr
         # g: row i (an anchor of p), column k (a key of this block) at i SUPER + k of the slab.
         offs_g = tl.arange(0, BLOCK_M)[:, None] * SUPER + tl.arange(0, BLOCK_M)[None, :]
         for start_m in range(0, GROUP * BLOCK_M, BLOCK_M):
-            zp = _load_rows(Z, b * N * D, p * SUPER + start_m + tl.arange(0, BLOCK_M), N, offs_dc, D, DOT_IN)
+            zp = _load_tile(Z, b * N, p * SUPER + start_m, N, offs_dc, D, DOT_IN, BLOCK_M)
             acc = _dot_stored_coefs(slab + start_m * SUPER, offs_g, zp, acc, SUPER * SUPER, ACC, DOT_IN, DOT_PREC)
     offs_m = q * SUPER + k0 + tl.arange(0, BLOCK_M)
     rows = b * N * D + offs_m[:, None].to(tl.int64) * D + offs_dc[None, :]
@@ -1095,7 +1155,7 @@ class _Launch:
         # preset ramps every epoch: a float64 kernel argument.
         self.threshold = float(cfg.teacher_threshold) if self.teacher == 2 else 0.0
         self.scalars = dict(TAU=float(cfg.tau), GAMMA_POS=float(cfg.gamma_pos), GAMMA_NEG=float(cfg.gamma_neg))
-        self.fast_log = self.device.type == "cuda"  # see _log; the interpreter has no inline PTX
+        self.fast_math = self.device.type == "cuda"  # see _log2, _recip: the interpreter has no inline PTX
         self.launch = _tiles(self.device, z.dtype, self.D, kind, blocks)
         self.tiles = tile_consts(self.launch)
         self.sparse_tiles = sparse_consts(self.launch, self.device.type != "cuda")
@@ -1105,7 +1165,7 @@ class _Launch:
         # D chunk.
         self.grid_sparse = (triton.cdiv(self.N, self.sparse_tiles["BLOCK_M"]), self.B)
         self.grid_rows = self.grid_sparse + (triton.cdiv(self.D, self.sparse_tiles["BLOCK_DG"]),)
-        self.consts = dict(ACC=compute_dtype(z.dtype), DOT_IN=dot_operand_dtype(z.dtype, self.fast_log),
+        self.consts = dict(ACC=compute_dtype(z.dtype), DOT_IN=dot_operand_dtype(z.dtype, self.fast_math),
                            DOT_PREC=dot_precision(z.dtype))
         self.dummy_f = torch.empty(1, device=self.device, dtype=self.stat)  # pointers never read
         self.dummy_i = torch.empty(1, device=self.device, dtype=torch.int64)
@@ -1169,9 +1229,9 @@ def _forward(s, u):
         u = torch.ones(B, N, device=s.device, dtype=torch.float32)
     else:
         u = s.rows(u.to(torch.float32).contiguous(), 0.0)
-    loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), s.stat_empty(B, N)
-    fecl_positive_kernel[grid](z, y, cs, log_neg, u, loss, r, n_pos, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
-                               FAST_LOG=s.fast_log, **s.consts, **positive_consts(s.launch), **opts)
+    loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), positive_counts(y, s.stat)
+    fecl_positive_kernel[grid](z, y, cs, log_neg, u, n_pos, loss, r, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
+                               FAST_MATH=s.fast_math, **s.consts, **positive_consts(s.launch), **opts)
     return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx
 
 
@@ -1225,7 +1285,7 @@ def _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags):
     SUPER coefficients (float32, or two bfloat16 parts)."""
     B, N, D, cfg = s.B, s.N, s.D, s.launch
     group = schedule_group(N, cfg.BLOCK_M)
-    common = dict(USE_TOPK=s.top_k > 0, GAMMA_POS=s.scalars["GAMMA_POS"], FAST_LOG=s.fast_log, **flags, **s.consts,
+    common = dict(USE_TOPK=s.top_k > 0, GAMMA_POS=s.scalars["GAMMA_POS"], FAST_MATH=s.fast_math, **flags, **s.consts,
                   BLOCK_DC=cfg.BLOCK_DC, **backward_consts(cfg, group), **s.options)
     splits = cfg.BLOCK_D // cfg.BLOCK_DC
     super_block = group * cfg.BLOCK_M
@@ -1237,7 +1297,7 @@ def _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags):
     if nsb == 1:
         return dz
     rows = s.stat_empty(B, N, D)
-    keys, keys_opts = keys_launch(cfg, s.z.dtype, group, device_smem_limit(s.device.index) if s.fast_log else None)
+    keys, keys_opts = keys_launch(cfg, s.z.dtype, group, device_smem_limit(s.device.index) if s.fast_math else None)
     parts = slab_parts(s.consts["DOT_IN"])
     slabs = torch.empty(B, nsb, parts, super_block, super_block, device=s.device,
                         dtype=torch.bfloat16 if parts == 2 else s.stat)
@@ -1396,9 +1456,9 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
                                        K="i32"),
                 dict(ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
     if kernel == "positive":
-        return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", LOSS=st, R=st, NPOS=st,
+        return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", NPOS=st, LOSS=st, R=st,
                                            N="i32", D="i32"),
-                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_LOG=True, ACC=acc, DOT_IN=dot_in,
+                dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_MATH=True, ACC=acc, DOT_IN=dot_in,
                      DOT_PREC=prec, **positive_consts(cfg)),
                 options)
     if kernel == "keys":
@@ -1423,7 +1483,7 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
                                          LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
                                          D="i32", K="i32", TK="i32"), dict(consts, BLOCK_DG=cfg.BLOCK_DG), options)
-    consts = dict(consts, GAMMA_POS=2.0, FAST_LOG=True, **backward_consts(cfg, schedule_group(N, cfg.BLOCK_M)),
+    consts = dict(consts, GAMMA_POS=2.0, FAST_MATH=True, **backward_consts(cfg, schedule_group(N, cfg.BLOCK_M)),
                   BLOCK_DC=cfg.BLOCK_DC)
     if kernel == "pairs":
         del consts["TEACHER"]
