@@ -495,6 +495,8 @@ def main(argv=None) -> int:
     parser.add_argument("--unspecialized", action="store_true",
                         help="compile without a launch's specialisation (aligned pointers, sizes that are multiples "
                              "of 16), as the report did before issue 10")
+    parser.add_argument("--brief", action="store_true",
+                        help="write the whole-call and per-kernel rows only (no per-loop rows): a small record")
     args = parser.parse_args(argv)
     start = time.time()
     cases = None
@@ -521,12 +523,14 @@ def main(argv=None) -> int:
              "Counted as described in docs/kernel_report.md; " + compiled + " Case: dtype/D/preset/top_k/N.", "",
              "## Whole call (forward + backward), thread-instructions and MUFU operations per pair", ""]
     lines += table(_rounded(headlines), COST_COLUMNS) + ["", "## Resources per kernel", ""]
-    lines += table(rows, RESOURCE_COLUMNS) + ["", "## Per kernel and loop (rows add up to the whole call)", ""]
-    lines += table(_rounded([r for r in cost if r["level"] != "call"]), COST_COLUMNS)
+    per = "Per kernel" if args.brief else "Per kernel and loop"
+    lines += table(rows, RESOURCE_COLUMNS) + ["", f"## {per} (rows add up to the whole call)", ""]
+    parts = [r for r in cost if r["level"] != "call" and not (args.brief and r["level"] == "loop")]
+    lines += table(_rounded(parts), COST_COLUMNS)
     print("\n".join(lines))
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(str(out / f"{args.name}.csv"), _rounded(headlines) + rows + _rounded(cost[len(headlines):]))
+    write_csv(str(out / f"{args.name}.csv"), _rounded(headlines) + rows + _rounded(parts))
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     over = [r for r in rows if r.get("fits") is False or "error" in r]
     print(f"\n{len(rows)} kernel rows in {time.time() - start:.0f} s; {len(over)} over the limit or failed")

@@ -528,14 +528,14 @@ def test_launch_config_fits_or_refuses(cc):
     """For every dtype and D up to 1024 the dispatcher returns tiles within the card's shared
     memory (by its estimate, which test_compiled_kernels_fit_every_card checks against the
     compiler) and the register budgets (D in chunks, the backward's D split over programs);
-    D > 1024 is refused."""
+    D > 1024 is refused. The backward with dense negatives takes tiles of at most 32 x 32."""
     from dycon_kernels.triton import fecl
 
     limit = fecl.SMEM_LIMITS[cc]
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for D in (1, 16, 19, 64, 100, 128, 256, 300, 512, 700, 1024):
-            for kind in ("forward", "backward"):
-                c = fecl.launch_config(limit, dtype, D, kind)
+            for kind, dense in (("forward", False), ("backward", False), ("backward", True)):
+                c = fecl.launch_config(limit, dtype, D, kind, dense)
                 assert c.BLOCK_D >= D and c.BLOCK_M >= 16 and c.BLOCK_N >= 16 and c.num_warps == 4
                 assert c.num_stages >= 1 and c.BLOCK_D % c.BLOCK_DK == 0 and c.BLOCK_D % c.BLOCK_DC == 0
                 assert fecl.smem_estimate(kind, dtype, c.BLOCK_M, c.BLOCK_N, c.BLOCK_D, c.num_stages, c.BLOCK_DK,
@@ -543,8 +543,12 @@ def test_launch_config_fits_or_refuses(cc):
                 # Register budgets: the backward's accumulator (and float32's split key columns), a
                 # gather's chunks, a held anchor block (float32: only up to MAX_HELD_SPLIT_D).
                 assert c.BLOCK_M * c.BLOCK_DC <= fecl.MAX_ACC_TILE or kind == "forward"
-                if kind == "backward" and dtype == torch.float32:
-                    assert (c.BLOCK_M + 2 * c.BLOCK_N) * c.BLOCK_DC * 4 <= fecl.MAX_SPLIT_BACKWARD_BYTES
+                # (float32 and float16 take the key columns of g @ z_j in float32, float32 in two parts.)
+                if kind == "backward" and dtype in (torch.float32, torch.float16):
+                    parts = 2 if dtype == torch.float32 else 1
+                    assert (c.BLOCK_M + parts * c.BLOCK_N) * c.BLOCK_DC * 4 <= fecl.MAX_SPLIT_BACKWARD_BYTES
+                # The dense negatives' terms (top_k 0) on top of the accumulator: smaller tiles.
+                assert not dense or c.BLOCK_M * c.BLOCK_N <= fecl.MAX_DENSE_PAIR_TILE
                 assert c.BLOCK_M * c.BLOCK_DG <= fecl.MAX_GATHER_TILE
                 for group in (1, 8) if kind == "backward" else ():  # the key sums: own blocks and stages
                     keys, opts = fecl.keys_launch(c, dtype, group, limit)

@@ -952,6 +952,13 @@ SPARSE_BLOCK_M = 64
 #   spilled (positive 16 bytes, backward 384 with its 64 x 256 accumulator); at 64 x 32 they use
 #   154 and 255 registers without spilling and no more instructions per pair.
 MAX_PAIR_TILE = 64 * 32
+# - the backward's tile when it also evaluates the dense negatives (top_k 0: the exponentials
+#   e_ij, e_ji and the bracket of both directions on top of the positive terms): BLOCK_M x BLOCK_N
+#   <= 32 x 32. bfloat16 `official` at 64 x 32 with its 64 x 256 accumulator spilled in step 0
+#   and the pair steps (sm_90 8 + 180 bytes, sm_80 144 + 100); 64 x 16 still spilled 96 on sm_80
+#   (and evaluated each term twice there), 32 x 64 used all 255 registers; 32 x 32 takes 175
+#   (sm_90) and 237 (sm_80) without spilling.
+MAX_DENSE_PAIR_TILE = 32 * 32
 # fecl_backward_keys_kernel's blocks and accumulator (BLOCK_M, BLOCK_DC): see keys_launch.
 KEYS_BLOCKS = (64, 32)
 MAX_KEYS_DC = 128
@@ -996,10 +1003,14 @@ def _held_fits(dtype: torch.dtype, bm: int, bd: int) -> bool:
 
 
 def _backward_regs_fit(kind: str, dtype: torch.dtype, bm: int, bn: int, dc: int) -> bool:
-    """The float32 backward's accumulator and split key columns within MAX_SPLIT_BACKWARD_BYTES
-    (the other dtypes: MAX_ACC_TILE alone, _column_splits; the forward: no such tiles)."""
+    """The backward's accumulator and the key columns that g @ z_j takes in float32 within
+    MAX_SPLIT_BACKWARD_BYTES where it converts them: float32 (two TF32 parts) and float16
+    (_dot_coef: its range is too narrow for g; at 64 x 32 x 256, 96 KB, its backward spilled
+    56-604 bytes per kernel on sm_90 and sm_80 in every preset). bfloat16 keeps its keys as
+    loaded (MAX_ACC_TILE alone, _column_splits); the forward has no such tiles."""
     split = _split(dtype)
-    return kind != "backward" or split == 1 or (bm + bn * split) * dc * 4 <= MAX_SPLIT_BACKWARD_BYTES
+    converted = split > 1 or dtype == torch.float16
+    return kind != "backward" or not converted or (bm + bn * split) * dc * 4 <= MAX_SPLIT_BACKWARD_BYTES
 
 
 def smem_estimate(kind: str, dtype: torch.dtype, bm: int, bn: int, bd: int, stages: int, dk: int | None = None,
@@ -1032,9 +1043,17 @@ def _column_splits(kind: str, bm: int, bd: int) -> tuple:
     return tuple(dc for dc in (widest, widest // 2, widest // 4) if dc >= min(64, bd))
 
 
-def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> LaunchConfig:
+def _tile_choices(kind: str, dense: bool) -> tuple:
+    """(BLOCK_M, BLOCK_N) candidates of a launch, largest first (the register budgets above)."""
+    if kind == "forward":
+        return TILE_CHOICES
+    return tuple((bm, bn) for bm, bn in BACKWARD_TILE_CHOICES if not dense or bm * bn <= MAX_DENSE_PAIR_TILE)
+
+
+def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str, dense: bool = False) -> LaunchConfig:
     """The LaunchConfig of the ``kind`` ('forward' or 'backward') kernels of one call on a card
-    with ``smem_limit`` bytes of shared memory per block: the anchor block held whole across key
+    with ``smem_limit`` bytes of shared memory per block (``dense``: a backward that evaluates
+    the dense negatives, top_k 0, within MAX_DENSE_PAIR_TILE): the anchor block held whole across key
     tiles if any tiles allow it, else D in chunks (the widest first); then the fewest programs
     per row block (the backward's column split), the largest tiles, then the deepest pipeline
     whose estimate fits and that keep within the register budgets above. A
@@ -1047,7 +1066,7 @@ def launch_config(smem_limit: int, dtype: torch.dtype, D: int, kind: str) -> Lau
         # Fewer programs per row block first (each recomputes the similarity tiles), then tiles:
         # level l takes the l-th of _column_splits' at most three widths.
         for level in range(3):
-            for bm, bn in BACKWARD_TILE_CHOICES if kind == "backward" else TILE_CHOICES:
+            for bm, bn in _tile_choices(kind, dense):
                 widths = _column_splits(kind, bm, bd)
                 if level >= len(widths) or not _backward_regs_fit(kind, dtype, bm, bn, widths[level]):
                     continue
@@ -1078,14 +1097,14 @@ def device_smem_limit(index: int) -> int:
 INTERPRETER_TILES = (32, 32, 16, None, 16)
 
 
-def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks) -> LaunchConfig:
+def _tiles(device: torch.device, dtype: torch.dtype, D: int, kind: str, blocks, dense: bool) -> LaunchConfig:
     """The launch configuration on ``device``, or under the interpreter INTERPRETER_TILES (the
     compile options do not apply). ``blocks`` (tests) overrides (BLOCK_M, BLOCK_N[, BLOCK_DK[,
     BLOCK_DC[, BLOCK_DG]]]); None (or a missing entry) keeps the default, a chunk above BLOCK_D
     is BLOCK_D."""
     bd = padded_d(D)
     if device.type == "cuda":
-        base = launch_config(device_smem_limit(device.index), dtype, D, kind)
+        base = launch_config(device_smem_limit(device.index), dtype, D, kind, dense)
     else:
         base = LaunchConfig(*INTERPRETER_TILES[:2], bd, INTERPRETER_TILES[2], bd, INTERPRETER_TILES[4], NUM_WARPS, 1)
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG")
@@ -1156,7 +1175,7 @@ class _Launch:
         self.threshold = float(cfg.teacher_threshold) if self.teacher == 2 else 0.0
         self.scalars = dict(TAU=float(cfg.tau), GAMMA_POS=float(cfg.gamma_pos), GAMMA_NEG=float(cfg.gamma_neg))
         self.fast_math = self.device.type == "cuda"  # see _log2, _recip: the interpreter has no inline PTX
-        self.launch = _tiles(self.device, z.dtype, self.D, kind, blocks)
+        self.launch = _tiles(self.device, z.dtype, self.D, kind, blocks, dense=not self.top_k)
         self.tiles = tile_consts(self.launch)
         self.sparse_tiles = sparse_consts(self.launch, self.device.type != "cuda")
         self.options = compile_options(self.launch) if self.device.type == "cuda" else {}
@@ -1444,7 +1463,11 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
     the backward's schedule GROUP for N (launched) patches."""
     tdt = TORCH_DTYPES[dtype]
     st, zp = ("*fp64" if dtype == "fp64" else "*fp32"), f"*{dtype}"
-    cfg = launch_config(SMEM_LIMITS[cc], tdt, D, "backward" if kernel in BACKWARD_KERNELS else "forward")
+    kind = "backward" if kernel in BACKWARD_KERNELS else "forward"
+    # The backward's tiles: smaller where it evaluates the dense negatives (no top_k; the key sums
+    # have no flags and are told).
+    dense = kind == "backward" and flags.get("dense", "flags" in flags and not flags["flags"][1])
+    cfg = launch_config(SMEM_LIMITS[cc], tdt, D, kind, dense)
     options = compile_options(cfg)
     acc, prec, dot_in = compute_dtype(tdt), dot_precision(tdt), dot_operand_dtype(tdt)
     tiles = tile_consts(cfg)
@@ -1507,7 +1530,7 @@ def _kernel_set(dtype, D, flag_sets, k_pads, cc):
     configs = [_config("colshift", dtype, D, cc)] if any(f[0] for f in flag_sets) else []
     configs += [_config("topk", dtype, D, cc, K_PAD=kp) for kp in k_pads]
     configs += [_config("positive", dtype, D, cc, COLUMN=c) for c in sorted({f[0] for f in flag_sets})]
-    configs.append(_config("keys", dtype, D, cc))
+    configs += [_config("keys", dtype, D, cc, dense=dense) for dense in sorted({not f[1] for f in flag_sets})]
     for f in flag_sets:
         configs += [_config(k, dtype, D, cc, flags=f) for k in ("logneg", "backward", "pairs")]
         if _sparse(f):
@@ -1574,10 +1597,10 @@ def launch_configs(full: bool = False, cc: int = 90):
 def fit_configs(cc: int, full: bool = False):
     """For tests/triton_aot.py --fit: ``(kernel, signature, constexprs, options, bounds)`` on
     sm_<cc>. Shared memory: the kernels that need the most (column shift, the all-on log-neg,
-    backward and pair steps, the key sums) at the configurations the dispatcher returns for (dtype, D), bounded by the card's
-    limit and by the dispatcher's own estimate; by default float32/bfloat16 at D = 256 and at the
-    largest D accepted (the tightest fits), ``full``: every dtype and D in {16, ..., 1024}.
-    (Spills: benchmarks/kernel_report.py lists them; tests/test_kernel_report.py bounds them.)"""
+    backward and pair steps, the key sums) at the configurations the dispatcher returns for
+    (dtype, D), bounded by the card's limit and by the dispatcher's own estimate; by default
+    float32/bfloat16 at D = 256 and at the largest D accepted (the tightest fits), ``full``: every
+    dtype and D in {16, ..., 1024}. Spills: 0 bytes at D = 256 (spill_configs)."""
     dtypes = list(TORCH_DTYPES) if full else ["fp32", "bf16"]
     out = []
     for dtype in dtypes:
@@ -1586,16 +1609,52 @@ def fit_configs(cc: int, full: bool = False):
             for kernel, flags in (("colshift", {}), ("logneg", dict(flags=COVER_FLAGS[2])),
                                   ("backward", dict(flags=COVER_FLAGS[2])), ("pairs", dict(flags=COVER_FLAGS[2])),
                                   ("keys", {})):
-                fn, sig, ce, opts = _config(kernel, dtype, D, cc, **flags)
-                kind = "backward" if kernel in BACKWARD_KERNELS else "forward"
-                if kernel == "keys":
-                    estimate = keys_smem_estimate(TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_DC"],
-                                                  opts["num_stages"])
-                else:
-                    estimate = smem_estimate(kind, TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_D"],
-                                             opts["num_stages"], ce["BLOCK_DK"], ce.get("BLOCK_DC"))
-                out.append((fn, sig, ce, opts, dict(smem=SMEM_LIMITS[cc], smem_estimate=estimate)))
-    return out
+                out.append(_fit_entry(kernel, dtype, D, cc, dict(spill=0) if D == 256 else {}, **flags))
+    return out + spill_configs(cc, full)
+
+
+def _fit_entry(kernel: str, dtype: str, D: int, cc: int, bounds: dict, **flags):
+    """One entry of fit_configs: _config's launch with the card's shared memory and the
+    dispatcher's estimate of it as bounds, and ``bounds``."""
+    fn, sig, ce, opts = _config(kernel, dtype, D, cc, **flags)
+    if kernel == "keys":
+        estimate = keys_smem_estimate(TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_DC"], opts["num_stages"])
+    else:
+        kind = "backward" if kernel in BACKWARD_KERNELS else "forward"
+        estimate = smem_estimate(kind, TORCH_DTYPES[dtype], ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_D"],
+                                 opts["num_stages"], ce["BLOCK_DK"], ce.get("BLOCK_DC"))
+    return fn, sig, ce, opts, dict(smem=SMEM_LIMITS[cc], smem_estimate=estimate, **bounds)
+
+
+# What spill_configs adds to fit_configs' entries in CI: the backward's step 0 and pair steps
+# (the kernels that hold the (BLOCK_M, BLOCK_DC) accumulator with the pair terms) with the dense
+# negatives of top_k 0 (the `official` preset's flags) for bfloat16 and float16, and float16's
+# with top_k (the all-on flags), on the cards whose tiles are the largest (sm_80, sm_90; the
+# 99 KB cards take 16-row tiles). Before the dispatcher's MAX_DENSE_PAIR_TILE and float16 rule
+# every one of them spilled (docs/kernel_report.md, "Spills at D = 256 in every preset").
+SPILL_CI_CARDS = (80, 90)
+SPILL_CI = (("bf16", COVER_FLAGS[1]), ("fp16", COVER_FLAGS[1]), ("fp16", COVER_FLAGS[2]))
+
+
+def spill_configs(cc: int, full: bool = False):
+    """fit_configs entries bounded to 0 spill bytes at D = 256 besides its own: ``full``, every
+    kernel of every call report_configs compiles (float32/bfloat16/float16 x both presets x
+    top_k 0 and 32) on every card; else SPILL_CI."""
+    if full:
+        seen, out = set(), []
+        for dtype in ("fp32", "bf16", "fp16"):
+            for preset in PRESET_FLAGS:
+                for top_k in (0, 32):
+                    for _, fn, sig, ce, opts in report_configs(dtype, 256, preset, top_k, cc):
+                        key = (fn, repr(sig), repr(ce), repr(opts))
+                        if key not in seen:
+                            seen.add(key)
+                            out.append((fn, sig, ce, opts, dict(smem=SMEM_LIMITS[cc], spill=0)))
+        return out
+    if cc not in SPILL_CI_CARDS:
+        return []
+    return [_fit_entry(kernel, dtype, 256, cc, dict(spill=0), flags=flags)
+            for dtype, flags in SPILL_CI for kernel in ("backward", "pairs")]
 
 
 # The flags (COLUMN, USE_TOPK is per case, GN_ON, TEACHER) of the two presets
@@ -1622,7 +1681,8 @@ def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int, N: int 
     launches += [("logneg", _config("logneg", dtype, D, cc, flags=flags)),
                  ("positive", _config("positive", dtype, D, cc, COLUMN=column)),
                  ("backward", _config("backward", dtype, D, cc, N, flags=flags)),
-                 ("pairs", _config("pairs", dtype, D, cc, N, flags=flags)), ("keys", _config("keys", dtype, D, cc, N))]
+                 ("pairs", _config("pairs", dtype, D, cc, N, flags=flags)),
+                 ("keys", _config("keys", dtype, D, cc, N, dense=not top_k))]
     if _sparse(flags):
         launches += [("coef", _config("coef", dtype, D, cc, flags=flags)),
                      ("rows", _config("rows", dtype, D, cc, flags=flags))]
