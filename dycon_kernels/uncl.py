@@ -60,10 +60,9 @@ def _no_grad(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=_acc_dtype(x))
 
 
-@torch.library.custom_op("dycon::uncl", mutates_args=())
-def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
-             reduction: str, backend: str, save_grad: bool = False,
-             save_teacher_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _uncl_forward(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
+                  reduction: str, backend: str, save_grad: bool = False,
+                  save_teacher_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, ds, dt): ds and dt are the unit gradients d(sum_v w_v l_v)/d(logits), over the
     mean's divisor for reduction='mean', in the accumulation dtype when save_grad (dt: and
     save_teacher_grad), else empty."""
@@ -77,6 +76,9 @@ def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Te
     elif reduction == "mean":
         out = out / _mean_divisor(student, weight)
     return out.to(student.dtype), _no_grad(student), _no_grad(teacher)
+
+
+_uncl_op = torch.library.custom_op("dycon::uncl", _uncl_forward, mutates_args=())
 
 
 @_uncl_op.register_fake
@@ -188,6 +190,29 @@ def _backward(ctx, grad, _grad_ds_unit, _grad_dt_unit):
 _uncl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerUncl(torch.autograd.Function):
+    """The custom op's forward and autograd without torch.library's dispatch, for eager calls
+    on plain tensors: that dispatch (argument binding, the autograd wrapper, dynamo guards) cost
+    ~60 us a fwd+bwd with warm caches, several times the kernel's own at small sizes and part of
+    the serial time of every step (docs/engineering.md, "Threads"). torch.compile, tensor
+    subclasses and dispatch modes (FakeTensorMode, make_fx) get the custom op, which they trace."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # not a separate setup_context: Function.apply then binds arguments with inspect
+        output = _uncl_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on these tensors can skip the custom op (_EagerUncl)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(x is None or type(x) is Tensor for x in tensors)
+
+
 def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tensor], *, weight: Optional[Tensor] = None,
          reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Uncertainty-aware consistency loss between student and teacher logits (losses.md section 1).
@@ -206,8 +231,9 @@ def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tens
     name = backends.resolve(backend, student_logits.device, "uncl")
     if name == "reference":
         return reference.uncl(student_logits, teacher_logits, beta, weight=weight, reduction=reduction)
-    loss, _, _ = _uncl_op(student_logits, teacher_logits, beta, weight, reduction, name,
-                          *_grads_to_save(name, student_logits, teacher_logits))
+    op = _EagerUncl.apply if _eager(student_logits, teacher_logits, weight) else _uncl_op
+    loss, _, _ = op(student_logits, teacher_logits, beta, weight, reduction, name,
+                    *_grads_to_save(name, student_logits, teacher_logits))
     return loss
 
 
