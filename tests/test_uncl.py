@@ -408,6 +408,17 @@ def test_bad_input_raises_value_error(make, message):
         make(s, t)
 
 
+def test_beta_tensors_made_from_numbers_keep_value_and_sign():
+    """scalar_tensor reuses the tensors of the last few numbers (a torch call saved per step):
+    every answer is still the number's own float64, -0.0 included, across more numbers than it keeps."""
+    from dycon_kernels._checks import scalar_tensor
+    values = [0.0, -0.0, 0.7, 2, 1e-300] + [0.1 * k for k in range(12)] + [0.0, -0.0, 0.7]
+    for value in values:
+        got = scalar_tensor(value, "beta")
+        assert got.dtype == torch.float64 and got.dim() == 0 and not got.requires_grad
+        assert got.item() == float(value) and math.copysign(1, got.item()) == math.copysign(1, value)
+
+
 def test_explicit_backend_that_cannot_run_is_an_error():
     other = "cpu" if DEVICE.type == "cuda" else "cuda"
     s = random_logits((1, 2, 3, 3, 3), torch.float32, 71)
