@@ -119,14 +119,15 @@ def _(grad, student, teacher, beta, weight, reduction, need_teacher_grad, backen
     return torch.empty_like(student), (torch.empty_like(teacher) if need_teacher_grad else teacher.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, traced: Optional[bool] = None):
+    """traced: whether the outputs are fake tensors (torch.compile); None: find out."""
     student, teacher, beta, weight, reduction, backend = inputs[:6]
     _, ds_unit, dt_unit = output
     ctx.mark_non_differentiable(ds_unit, dt_unit)  # internal: the backward's input, never a loss
     ctx.set_materialize_grads(False)
     ctx.beta, ctx.reduction, ctx.backend = beta, reduction, backend
     ctx.unit = None
-    if not ds_unit.numel() or is_fake(ds_unit):
+    if not ds_unit.numel() or (is_fake(ds_unit) if traced is None else traced):
         # No unit gradients (empty placeholders), or traced (torch.compile): AOTAutograd needs
         # every tensor the backward reads saved.
         ctx.save_for_backward(student, teacher, weight, ds_unit, dt_unit)
@@ -200,7 +201,7 @@ class _EagerUncl(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):  # not a separate setup_context: Function.apply then binds arguments with inspect
         output = _uncl_forward(*inputs)
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs, output, traced=False)
         return output
 
     backward = staticmethod(_backward)
