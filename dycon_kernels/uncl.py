@@ -92,7 +92,9 @@ def _(student, teacher, beta, weight, reduction, backend, save_grad=False, save_
 
 def _voxel_grad(grad: Tensor, student: Tensor, reduction: str) -> Tensor:
     """The loss's grad in the accumulation dtype: 0-dim, or (B, V) for reduction='none'."""
-    grad = grad.to(_acc_dtype(student))
+    acc = _acc_dtype(student)
+    if grad.dtype != acc:  # each torch call, even a no-op, costs 5-10 us with cold caches
+        grad = grad.to(acc)
     return grad.reshape(student.shape[0], -1).contiguous() if reduction == "none" else grad
 
 
@@ -157,7 +159,8 @@ def _scaled(unit: Tensor, g: Tensor, like: Tensor, in_place: bool) -> Tensor:
     """unit * g in like's dtype, g 0-dim or (B, V) (one value per voxel, for every channel)."""
     if g.dim():
         g = g.view((g.shape[0], 1) + tuple(unit.shape[2:]))
-    return (unit.mul_(g) if in_place else unit * g).to(like.dtype)
+    out = unit.mul_(g) if in_place else unit * g
+    return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
 def _differentiable_grads(ctx, grad: Tensor, student: Tensor, teacher: Tensor, weight: Optional[Tensor]):
