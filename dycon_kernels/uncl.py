@@ -4,6 +4,8 @@ The op is registered with ``torch.library`` (``dycon::uncl`` and its backward
 ``dycon::uncl_backward``) so that ``torch.compile`` traces through it without graph breaks.
 ``beta`` enters the ops as a 0-dim tensor, so that a compiled step does not recompile when the
 schedule changes it (``_checks.scalar_tensor``).
+Eager calls on plain tensors run the same functions through a plain ``autograd.Function``
+(``_EagerUncl``), without the custom op's Python dispatch.
 Which backend computes it is decided by ``dycon_kernels.backends.resolve``; the kernels
 themselves live in ``csrc/uncl_*`` and ``dycon_kernels/triton/uncl.py``.
 """
@@ -196,9 +198,9 @@ _uncl_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerUncl(torch.autograd.Function):
     """The custom op's forward and autograd without torch.library's dispatch, for eager calls
-    on plain tensors: that dispatch (argument binding, the autograd wrapper, dynamo guards) cost
-    ~60 us a fwd+bwd with warm caches, several times the kernel's own at small sizes and part of
-    the serial time of every step (docs/engineering.md, "Threads"). torch.compile, tensor
+    on plain tensors: that dispatch (binding the arguments to the schema, the autograd wrapper,
+    the wrapper that keeps dynamo out) was ~45 us of a warm fwd+bwd of 83 us at 2 x 2 x 8^3, in
+    the serial part of every step (docs/engineering.md, "Threads"). torch.compile, tensor
     subclasses and dispatch modes (FakeTensorMode, make_fx) get the custom op, which they trace."""
 
     @staticmethod
