@@ -199,7 +199,7 @@ _uncl_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerUncl(torch.autograd.Function):
     """The custom op's forward and autograd without torch.library's dispatch, for eager calls
     on plain tensors: that dispatch (binding the arguments to the schema, the autograd wrapper,
-    the wrapper that keeps dynamo out) was ~45 us of a warm fwd+bwd of 83 us at 2 x 2 x 8^3, in
+    the wrapper that keeps dynamo out) was 35-45 us of a warm fwd+bwd of 83 us at 2 x 2 x 8^3, in
     the serial part of every step (docs/engineering.md, "Threads"). torch.compile, tensor
     subclasses and dispatch modes (FakeTensorMode, make_fx) get the custom op, which they trace."""
 
