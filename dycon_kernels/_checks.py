@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: every problem becomes a ValueError that names it."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -48,6 +49,26 @@ def non_negative(value, name: str) -> float:
     return value
 
 
+# The last few numbers scalar_tensor made tensors of (eager only): creating a 0-dim tensor is a
+# torch call of ~3 us with warm caches, in the serial part of every step. The tensors are the
+# ops' inputs only, never handed to the caller, so sharing them is safe. Keyed with the sign, so
+# that -0.0 keeps its own.
+_SCALARS: dict = {}
+_SCALARS_KEPT = 8
+
+
+def _float64_tensor(value: float) -> Tensor:
+    if torch.compiler.is_compiling():  # a cache read under dynamo would be a guard
+        return torch.tensor(value, dtype=torch.float64)
+    key = (value, math.copysign(1.0, value))
+    out = _SCALARS.get(key)
+    if out is None:
+        if len(_SCALARS) >= _SCALARS_KEPT:
+            _SCALARS.clear()
+        out = _SCALARS[key] = torch.tensor(value, dtype=torch.float64)
+    return out
+
+
 def scalar_tensor(value, name: str) -> Tensor:
     """A number or a 0-dim real tensor as a 0-dim CPU float64 tensor without gradient.
 
@@ -62,7 +83,7 @@ def scalar_tensor(value, name: str) -> Tensor:
         return value.detach().to("cpu", torch.float64)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number or a 0-dim tensor, got {value!r}")
-    return torch.tensor(float(value), dtype=torch.float64)
+    return _float64_tensor(float(value))
 
 
 def non_negative_scalar(value, name: str) -> Tensor:
@@ -98,5 +119,7 @@ def check_uncl_inputs(student: Tensor, teacher: Tensor, beta, weight: Optional[T
             weight = weight.squeeze(1)
         if tuple(weight.shape) != want:
             raise ValueError(f"weight must be (B, *spatial) = {want}, got {tuple(weight.shape)}")
-    same_device([("student_logits", student), ("teacher_logits", teacher), ("weight", weight)])
+    device = student.device
+    if teacher.device != device or (weight is not None and weight.device != device):
+        same_device([("student_logits", student), ("teacher_logits", teacher), ("weight", weight)])
     return beta, weight

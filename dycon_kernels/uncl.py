@@ -4,6 +4,8 @@ The op is registered with ``torch.library`` (``dycon::uncl`` and its backward
 ``dycon::uncl_backward``) so that ``torch.compile`` traces through it without graph breaks.
 ``beta`` enters the ops as a 0-dim tensor, so that a compiled step does not recompile when the
 schedule changes it (``_checks.scalar_tensor``).
+Eager calls on plain tensors run the same functions through a plain ``autograd.Function``
+(``_EagerUncl``), without the custom op's Python dispatch.
 Which backend computes it is decided by ``dycon_kernels.backends.resolve``; the kernels
 themselves live in ``csrc/uncl_*`` and ``dycon_kernels/triton/uncl.py``.
 """
@@ -60,10 +62,9 @@ def _no_grad(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=_acc_dtype(x))
 
 
-@torch.library.custom_op("dycon::uncl", mutates_args=())
-def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
-             reduction: str, backend: str, save_grad: bool = False,
-             save_teacher_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _uncl_forward(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Tensor],
+                  reduction: str, backend: str, save_grad: bool = False,
+                  save_teacher_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, ds, dt): ds and dt are the unit gradients d(sum_v w_v l_v)/d(logits), over the
     mean's divisor for reduction='mean', in the accumulation dtype when save_grad (dt: and
     save_teacher_grad), else empty."""
@@ -79,6 +80,9 @@ def _uncl_op(student: Tensor, teacher: Tensor, beta: Tensor, weight: Optional[Te
     return out.to(student.dtype), _no_grad(student), _no_grad(teacher)
 
 
+_uncl_op = torch.library.custom_op("dycon::uncl", _uncl_forward, mutates_args=())
+
+
 @_uncl_op.register_fake
 def _(student, teacher, beta, weight, reduction, backend, save_grad=False, save_teacher_grad=False):
     shape = (student.shape[0],) + tuple(student.shape[2:]) if reduction == "none" else ()
@@ -90,7 +94,9 @@ def _(student, teacher, beta, weight, reduction, backend, save_grad=False, save_
 
 def _voxel_grad(grad: Tensor, student: Tensor, reduction: str) -> Tensor:
     """The loss's grad in the accumulation dtype: 0-dim, or (B, V) for reduction='none'."""
-    grad = grad.to(_acc_dtype(student))
+    acc = _acc_dtype(student)
+    if grad.dtype != acc:  # each torch call, even a no-op, costs 5-10 us with cold caches
+        grad = grad.to(acc)
     return grad.reshape(student.shape[0], -1).contiguous() if reduction == "none" else grad
 
 
@@ -117,14 +123,15 @@ def _(grad, student, teacher, beta, weight, reduction, need_teacher_grad, backen
     return torch.empty_like(student), (torch.empty_like(teacher) if need_teacher_grad else teacher.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, traced: Optional[bool] = None):
+    """traced: whether the outputs are fake tensors (torch.compile); None: find out."""
     student, teacher, beta, weight, reduction, backend = inputs[:6]
     _, ds_unit, dt_unit = output
     ctx.mark_non_differentiable(ds_unit, dt_unit)  # internal: the backward's input, never a loss
     ctx.set_materialize_grads(False)
     ctx.beta, ctx.reduction, ctx.backend = beta, reduction, backend
     ctx.unit = None
-    if not ds_unit.numel() or is_fake(ds_unit):
+    if not ds_unit.numel() or (is_fake(ds_unit) if traced is None else traced):
         # No unit gradients (empty placeholders), or traced (torch.compile): AOTAutograd needs
         # every tensor the backward reads saved.
         ctx.save_for_backward(student, teacher, weight, ds_unit, dt_unit)
@@ -154,7 +161,8 @@ def _scaled(unit: Tensor, g: Tensor, like: Tensor, in_place: bool) -> Tensor:
     """unit * g in like's dtype, g 0-dim or (B, V) (one value per voxel, for every channel)."""
     if g.dim():
         g = g.view((g.shape[0], 1) + tuple(unit.shape[2:]))
-    return (unit.mul_(g) if in_place else unit * g).to(like.dtype)
+    out = unit.mul_(g) if in_place else unit * g
+    return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
 def _differentiable_grads(ctx, grad: Tensor, student: Tensor, teacher: Tensor, weight: Optional[Tensor]):
@@ -188,6 +196,29 @@ def _backward(ctx, grad, _grad_ds_unit, _grad_dt_unit):
 _uncl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerUncl(torch.autograd.Function):
+    """The custom op's forward and autograd without torch.library's dispatch, for eager calls
+    on plain tensors: that dispatch (binding the arguments to the schema, the autograd wrapper,
+    the wrapper that keeps dynamo out) was 35-45 us of a warm fwd+bwd of 83 us at 2 x 2 x 8^3, in
+    the serial part of every step (docs/engineering.md, "Threads"). torch.compile, tensor
+    subclasses and dispatch modes (FakeTensorMode, make_fx) get the custom op, which they trace."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # not a separate setup_context: Function.apply then binds arguments with inspect
+        output = _uncl_forward(*inputs)
+        _setup_context(ctx, inputs, output, traced=False)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on these tensors can skip the custom op (_EagerUncl)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(x is None or type(x) is Tensor for x in tensors)
+
+
 def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tensor], *, weight: Optional[Tensor] = None,
          reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Uncertainty-aware consistency loss between student and teacher logits (losses.md section 1).
@@ -206,8 +237,9 @@ def uncl(student_logits: Tensor, teacher_logits: Tensor, beta: Union[float, Tens
     name = backends.resolve(backend, student_logits.device, "uncl")
     if name == "reference":
         return reference.uncl(student_logits, teacher_logits, beta, weight=weight, reduction=reduction)
-    loss, _, _ = _uncl_op(student_logits, teacher_logits, beta, weight, reduction, name,
-                          *_grads_to_save(name, student_logits, teacher_logits))
+    op = _EagerUncl.apply if _eager(student_logits, teacher_logits, weight) else _uncl_op
+    loss, _, _ = op(student_logits, teacher_logits, beta, weight, reduction, name,
+                    *_grads_to_save(name, student_logits, teacher_logits))
     return loss
 
 

@@ -168,6 +168,37 @@ def test_create_graph_gives_gradients_that_differentiate_like_the_reference(back
         torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_eager_calls_skip_the_custom_op_and_give_its_bits(backend, reduction, monkeypatch):
+    """Eager calls on plain tensors run the op's code without torch.library's dispatch
+    (_EagerUncl); the loss and both gradients are the custom op's, bit for bit. Under a dispatch
+    mode (FakeTensorMode, make_fx; here one that passes every op on) the call is the custom op again."""
+    uncl_module = sys.modules["dycon_kernels.uncl"]
+    w = random_logits((2, 4, 5, 3), torch.float32, 34, scale=1.0).abs()
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(uncl_module, "_eager", lambda *tensors, eager=eager: eager)
+        s = random_logits((2, 3, 4, 5, 3), torch.float32, 32).requires_grad_()
+        t = random_logits((2, 3, 4, 5, 3), torch.float32, 33).requires_grad_()
+        out = dk.uncl(s, t, 0.6, weight=w, reduction=reduction, backend=backend)
+        assert (out.grad_fn.name() == "_EagerUnclBackward") == eager
+        (out * random_logits(out.shape, torch.float32, 35)).sum().backward()
+        results.append((out.detach(), s.grad, t.grad))
+    for eager, custom_op in zip(*results):
+        assert torch.equal(eager, custom_op)
+    monkeypatch.undo()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not uncl_module._eager(s, t, None)
+    assert uncl_module._eager(s, t, None)
+
+
 @pytest.mark.skipif(not backends.can_run("cpu", torch.device("cpu")), reason="dycon_kernels._C not built")
 def test_cpu_forward_saves_the_unit_gradients_only_when_a_backward_can_follow():
     """What the op's forward returns besides the loss, per the gradients the call needs."""
@@ -375,6 +406,17 @@ def test_bad_input_raises_value_error(make, message):
     s, t = random_logits((2, 2, 3, 3, 3), torch.float32, 61), random_logits((2, 2, 3, 3, 3), torch.float32, 62)
     with pytest.raises(ValueError, match=message):
         make(s, t)
+
+
+def test_beta_tensors_made_from_numbers_keep_value_and_sign():
+    """scalar_tensor reuses the tensors of the last few numbers (a torch call saved per step):
+    every answer is still the number's own float64, -0.0 included, across more numbers than it keeps."""
+    from dycon_kernels._checks import scalar_tensor
+    values = [0.0, -0.0, 0.7, 2, 1e-300] + [0.1 * k for k in range(12)] + [0.0, -0.0, 0.7]
+    for value in values:
+        got = scalar_tensor(value, "beta")
+        assert got.dtype == torch.float64 and got.dim() == 0 and not got.requires_grad
+        assert got.item() == float(value) and math.copysign(1, got.item()) == math.copysign(1, value)
 
 
 def test_explicit_backend_that_cannot_run_is_an_error():

@@ -290,6 +290,18 @@ def choose(backend: str, device: torch.device, op: str, dense=None) -> tuple[str
     return backend, why
 
 
+# resolve's answers without a memory guard (dense=None), keyed on everything they depend on that
+# can change in a process: the environment variables read, and extension_state (tests replace it).
+# Deciding costs ~5 us with warm caches (the extension's dispatch table, the environment), paid
+# on every call of an op and in its serial part.
+_RESOLVED: dict = {}
+
+
+def _resolve_key(backend: str, device: torch.device, op: str) -> tuple:
+    env = os.environ
+    return (backend, device.type, op, env.get("DYCON_BACKEND"), env.get("TRITON_INTERPRET"), extension_state)
+
+
 @torch.compiler.assume_constant_result  # torch.compile: a constant, not code to trace
 def resolve(backend: str, device: torch.device, op: str, dense=None) -> str:
     """The backend that runs ``op`` on ``device``: 'auto' picks the fastest one available.
@@ -297,7 +309,13 @@ def resolve(backend: str, device: torch.device, op: str, dense=None) -> str:
     ``DYCON_BACKEND`` in the environment replaces 'auto'. An explicit backend that cannot run
     on the device is an error, never a silent fallback. See :func:`choose` for ``dense``.
     """
-    return choose(backend, device, op, dense)[0]
+    if dense is not None:  # the guard reads the free memory of the moment
+        return choose(backend, device, op, dense)[0]
+    key = _resolve_key(backend, device, op)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = choose(backend, device, op)[0]
+    return name
 
 
 def report(device: torch.device, backend: str = "auto") -> dict:
@@ -355,4 +373,5 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 def load(name: str) -> ModuleType:
     """The module of a fused backend (not 'reference', which the ops call directly)."""
-    return importlib.import_module(_MODULES[name])
+    module = sys.modules.get(_MODULES[name])  # import_module costs ~3 us even when imported
+    return module if module is not None else importlib.import_module(_MODULES[name])
