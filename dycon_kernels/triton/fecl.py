@@ -499,7 +499,7 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, 
         prev = tl.full([BLOCK_M], -1, IT) ^ lowest  # the highest key
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
             gap = tl.min((prev[:, None] - 1 - key).to(UT, bitcast=True), axis=1)
-            found = gap <= (prev - 1 - lowest).to(UT, bitcast=True)  # else no key below prev
+            found = gap <= (prev - 1 - lowest).to(UT, bitcast=True)  # no key below prev: only with NaN keys
             best = prev - 1 - gap.to(IT, bitcast=True)
             worst = tl.min(vals, axis=1)
             put = (found & (best > (worst | LOW)))[:, None] & (vals == worst[:, None])
