@@ -64,12 +64,13 @@ PINNED_TRITON = "3.8.0"
 # cases (D in chunks since issue 21 removed their spills) are checked by the same test.
 # Issue 21's symmetric backward (each dense pair once) lowered them from 252 / 8.1, 2336 / 12.1,
 # 2659 / 12.1, 1452 / 8.2 and 1705 / 8.2; its per-pair arithmetic (rcp.approx, n_pos from the
-# labels, key tiles from one offset per tile, ...) from 227, 1984, 2386, 1119 and 1449.
-BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=195, mufu_per_pair=5.7, spill=0),
+# labels, key tiles from one offset per tile, ...) from 227, 1984, 2386, 1119 and 1449; the top-k passes on
+# packed keys (docs/fecl_kernels.md, "Per-pair arithmetic") from 195, 1094 and 1429.
+BUDGET = {("bf16", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=173, mufu_per_pair=5.7, spill=0),
           ("fp32", 256, "official", 0, 13824, "sm_90"): dict(instr_per_pair=1972, mufu_per_pair=8.8, spill=0),
           ("fp32", 256, "official", 0, 13824, "sm_80"): dict(instr_per_pair=2376, mufu_per_pair=8.8, spill=0),
-          ("fp32", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=1094, mufu_per_pair=5.8, spill=0),
-          ("fp32", 256, "dycon", 32, 13824, "sm_80"): dict(instr_per_pair=1429, mufu_per_pair=5.8, spill=0)}
+          ("fp32", 256, "dycon", 32, 13824, "sm_90"): dict(instr_per_pair=1068, mufu_per_pair=5.8, spill=0),
+          ("fp32", 256, "dycon", 32, 13824, "sm_80"): dict(instr_per_pair=1411, mufu_per_pair=5.8, spill=0)}
 
 
 # ----------------------------------------------------------------------------------------------

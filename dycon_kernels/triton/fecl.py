@@ -425,48 +425,97 @@ def fecl_colshift_kernel(Z, Y, CS, N, D, TAU: tl.constexpr, ACC: tl.constexpr, D
 
 
 @triton.jit
-def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
-                     K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+def _insert_low(bits, low_bits, LOW: tl.constexpr, FAST_MATH: tl.constexpr):
+    """(bits & ~LOW) | low_bits; on the GPU (32 bits) as the one logic operation it is: ptxas
+    emits the AND and the OR apart (1 instruction per pair more in the top-k passes)."""
+    if FAST_MATH and bits.dtype == tl.int32:
+        t = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                      [bits, tl.full(bits.shape, ~LOW, tl.int32), low_bits], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        t = (bits & ~LOW) | low_bits
+    return t
+
+
+@triton.jit
+def _packed_keys(s, low_bits, ACC: tl.constexpr, LOW: tl.constexpr, FAST_MATH: tl.constexpr):
+    """Integers whose signed order is the float order of ``s`` to within its low bits LOW, which
+    are ``low_bits`` instead: s's bits with the low bits replaced, then the magnitude bits above
+    them flipped where negative. A ``low_bits`` with every bit above LOW set gives the lowest
+    key (the sign bit alone, plus the low bits) whatever s is."""
+    IT: tl.constexpr = tl.int64 if ACC == tl.float64 else tl.int32
+    SIGN: tl.constexpr = IT.primitive_bitwidth - 1
+    t = _insert_low(s.to(IT, bitcast=True), low_bits, LOW, FAST_MATH)
+    return t ^ ((t >> SIGN) & (((1 << SIGN) - 1) & ~LOW))
+
+
+@triton.jit
+def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, ACC: tl.constexpr,
+                     DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
-    Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT)."""
+    Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT).
+
+    Similarities are compared as packed keys (docs/fecl_kernels.md, "Per-pair arithmetic"): the
+    similarity's order-preserving integer with its low bits LOW replaced by the tile column (tile
+    values) or by the buffer slot (buffer values), so that a row's maximum or minimum and where
+    it is are one integer reduction, every packed value of a row being distinct. Values closer
+    than the low bits (2^-17 relative for float32 at 64 columns) compare equal, and among them
+    the column or the slot decides. The keys only select and order: the loss re-reads the
+    selected keys' similarities from the stored indices, so the packing does not reach it."""
+    IT: tl.constexpr = tl.int64 if ACC == tl.float64 else tl.int32  # keys: signed, of ACC's width
+    UT: tl.constexpr = tl.uint64 if ACC == tl.float64 else tl.uint32
+    SIGN: tl.constexpr = IT.primitive_bitwidth - 1
+    LOW: tl.constexpr = (BLOCK_N - 1) | (K_PAD - 1)  # both powers of two
     b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     offs_k = tl.arange(0, K_PAD)
-    # Unsorted running top-k: slots past K hold +inf so that they are never the minimum; so do all
-    # slots of an ignored anchor, which then takes no key (its row stays -1). Validity is thus
-    # per row and per column, not tested per pair.
+    cols = tl.arange(0, BLOCK_N).to(IT)
+    lowest = tl.full([], -(1 << SIGN), IT)  # the sign bit alone: below every float's key
+    # Unsorted running top-k: slots past K hold the highest key so that they are never the
+    # minimum; so do all slots of an ignored anchor, which then takes no key (its row stays -1).
+    # Validity is thus per row and per column, not tested per pair.
     open_slot = (offs_k[None, :] < K) & (yi[:, None] >= 0)
-    vals = tl.where(open_slot, NEG_INF, float("inf")) + tl.zeros([BLOCK_M, K_PAD], ACC)
+    vals = tl.where(open_slot, lowest, ~lowest & ~LOW) | offs_k[None, :].to(IT)
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         yk = _load_labels(KY, b * NK, offs_n, NK)
         s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK, start_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
                       BLOCK_D, BLOCK_DK, True)
-        # Candidates: valid keys with another label than the anchor's; the rest -inf.
-        s = tl.where((yi[:, None] != yk[None, :]) & (yk >= 0)[None, :], s, NEG_INF)
-        # Rounds needed: per row, how many tile values beat the current k-th value (<= K). Each
-        # round's reductions yield their value and index at once (one pass over the row, not two),
-        # ties going to whichever index the reduction meets first (deterministic; a cheaper combine
-        # than the lowest index's): equal values are all inserted in turn, and which of two keys
-        # tied at the k-th value is kept is unspecified, as for torch.topk.
-        n_better = tl.sum((s > tl.min(vals, axis=1)[:, None]).to(tl.int32), axis=1)
+        # Candidates: valid keys (an invalid key's column bits give the lowest key, a select per
+        # column, not per pair) with another label than the anchor's (the rest the lowest key).
+        key = _packed_keys(s, tl.where(yk >= 0, cols, cols | ~LOW)[None, :], ACC, LOW, FAST_MATH)
+        key = tl.where(yi[:, None] != yk[None, :], key, lowest)
+        # Rounds needed: per row, how many tile values beat the current k-th value (<= K), the
+        # low bits aside. A round takes each row's next value below the previous round's (prev),
+        # without removing anything: the largest key < prev is prev - 1 - d for the smallest
+        # d = prev - 1 - key taken as unsigned (the keys >= prev wrap above every key < prev), a
+        # subtraction and a minimum per value instead of a maximum, a compare and a select. It
+        # enters where it beats the row's worst (of two values that compare equal the one held
+        # stays); equal values are all inserted in turn, and which of two keys tied at the k-th
+        # value is kept is unspecified, as for torch.topk.
+        n_better = tl.sum((key > (tl.min(vals, axis=1) | LOW)[:, None]).to(tl.int32), axis=1)
+        prev = tl.full([BLOCK_M], -1, IT) ^ lowest  # the highest key
         for rnd in range(0, tl.max(tl.minimum(n_better, K), axis=0)):
-            best, best_n = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=False)
-            worst, worst_k = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=False)
-            put = (best > worst)[:, None] & (offs_k[None, :] == worst_k[:, None])
-            vals = tl.where(put, best[:, None], vals)
-            idx = tl.where(put, (start_n + best_n)[:, None], idx)
-            s = tl.where(tl.arange(0, BLOCK_N)[None, :] == best_n[:, None], NEG_INF, s)
-    # Sort the buffer descending; every real entry (idx >= 0) is > -inf, so -1 comes last.
-    vals = tl.where(idx >= 0, vals, NEG_INF)
+            gap = tl.min((prev[:, None] - 1 - key).to(UT, bitcast=True), axis=1)
+            found = gap <= (prev - 1 - lowest).to(UT, bitcast=True)  # no key below prev: only with NaN keys
+            best = prev - 1 - gap.to(IT, bitcast=True)
+            worst = tl.min(vals, axis=1)
+            put = (found & (best > (worst | LOW)))[:, None] & (vals == worst[:, None])
+            vals = tl.where(put, ((best & ~LOW) | (worst & LOW))[:, None], vals)
+            idx = tl.where(put, (start_n + (best & LOW).to(tl.int32))[:, None], idx)
+            prev = tl.where(found, tl.maximum(best, lowest + 1), prev)
+    # Sort the buffer descending; slots without a key (idx < 0) take the lowest key and come last
+    # (a real entry's key is above it and distinct, so the maximum is one slot until only those
+    # are left, whose indices are all -1).
+    vals = tl.where(idx >= 0, vals, lowest)
     out = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for r in range(0, K):
-        top = tl.argmax(vals, axis=1, tie_break_left=True)
-        at_top = offs_k[None, :] == top[:, None]
-        out = tl.where(offs_k[None, :] == r, tl.sum(tl.where(at_top, idx, 0), axis=1)[:, None], out)
-        vals = tl.where(at_top, NEG_INF, vals)
+        top = tl.max(vals, axis=1)
+        at_top = vals == top[:, None]
+        out = tl.where(offs_k[None, :] == r, tl.max(tl.where(at_top, idx, -1), axis=1)[:, None], out)
+        vals = tl.where(at_top, lowest, vals)
         idx = tl.where(at_top, -1, idx)
     mask = (offs_m[:, None] < N) & (offs_k[None, :] < K)
     tl.store(IDX + (b * N + offs_m[:, None]) * K + offs_k[None, :], out.to(tl.int64), mask=mask)
@@ -1226,11 +1275,11 @@ def _forward(s, u):
     topk_idx = teacher_idx = torch.empty(0, device=s.device, dtype=torch.int64)
     if s.top_k:
         topk_idx = torch.empty(B, N, s.top_k, device=s.device, dtype=torch.int64)
-        fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, **s.consts, K_PAD=k_pad(s.top_k), **s.tiles,
-                               **opts)
+        fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, FAST_MATH=s.fast_math, **s.consts,
+                               K_PAD=k_pad(s.top_k), **s.tiles, **opts)
     if s.teacher_k:
         teacher_idx = torch.empty(B, N, s.teacher_k, device=s.device, dtype=torch.int64)
-        fecl_topk_kernel[grid](z, y, zt, yt, teacher_idx, N, NT, D, s.teacher_k, **s.consts,
+        fecl_topk_kernel[grid](z, y, zt, yt, teacher_idx, N, NT, D, s.teacher_k, FAST_MATH=s.fast_math, **s.consts,
                                K_PAD=k_pad(s.teacher_k), **s.tiles, **opts)
 
     log_neg = s.stat_empty(B, N)
@@ -1477,7 +1526,7 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
     if kernel == "topk":
         return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
                                        K="i32"),
-                dict(ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
+                dict(FAST_MATH=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
     if kernel == "positive":
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", NPOS=st, LOSS=st, R=st,
                                            N="i32", D="i32"),
