@@ -344,12 +344,20 @@ def launches(row: dict) -> int:
 def call_cost(rows: list[dict]) -> list[dict]:
     """For each FeCL (case, target): the loop rows of every launched kernel, a row per kernel
     (the sum of its loop rows) and the headline (level 'call': the sum of the kernel rows, the
-    call's spill bytes, whether every kernel fits, the Triton version)."""
+    call's spill bytes, whether every kernel fits, the Triton version). A kernel that did not
+    compile makes its headline NaN, with the error: a call's count never leaves a kernel out."""
     import triton
 
     out, calls = [], {}
     for r in rows:
-        if r["op"] != "fecl" or "code" not in r:
+        if r["op"] != "fecl":
+            continue
+        call = calls.setdefault((r["case"], r["target"]), dict(
+            op="fecl", case=r["case"], target=r["target"], kernel="WHOLE CALL", level="call", part="all",
+            instr_per_pair=0.0, mufu_per_pair=0.0, spill=0, launches=0, fits=True, triton=triton.__version__))
+        if "code" not in r:  # a kernel that did not compile: the call has no count, not a smaller one
+            call.update(instr_per_pair=float("nan"), mufu_per_pair=float("nan"), fits=False,
+                        error=f"{r['kernel']}: {r.get('error', 'no machine code')}")
             continue
         n = int(r["case"].split("/")[-1])
         parts = kernel_cost(r, n * n)
@@ -358,9 +366,6 @@ def call_cost(rows: list[dict]) -> list[dict]:
                       instr_per_pair=sum(p["instr_per_pair"] for p in parts),
                       mufu_per_pair=sum(p["mufu_per_pair"] for p in parts))
         out += parts + [kernel]
-        call = calls.setdefault((r["case"], r["target"]), dict(
-            op="fecl", case=r["case"], target=r["target"], kernel="WHOLE CALL", level="call", part="all",
-            instr_per_pair=0.0, mufu_per_pair=0.0, spill=0, launches=0, fits=True, triton=triton.__version__))
         call["instr_per_pair"] += kernel["instr_per_pair"]
         call["mufu_per_pair"] += kernel["mufu_per_pair"]
         call["spill"] += r["spill"]
@@ -378,7 +383,9 @@ def over_budget(cost: list[dict]) -> list[str]:
     fails = []
     for r in cost:
         case = tuple(int(v) if v.isdigit() else v for v in r["case"].split("/")) + (r["target"],)
-        if r["level"] == "call" and case in BUDGET:
+        if r["level"] == "call" and case in BUDGET and "error" in r:
+            fails.append(f"{r['case']} {r['target']}: not counted, {r['error']}")
+        elif r["level"] == "call" and case in BUDGET:
             fails += [f"{r['case']} {r['target']}: {key} {r[key]:.1f} > budget {limit}"
                       for key, limit in BUDGET[case].items() if limit is not None and r[key] > limit]
     return fails
@@ -523,7 +530,9 @@ def main(argv=None) -> int:
              f"Triton {triton.__version__}", "",
              "Counted as described in docs/kernel_report.md; " + compiled + " Case: dtype/D/preset/top_k/N.", "",
              "## Whole call (forward + backward), thread-instructions and MUFU operations per pair", ""]
-    lines += table(_rounded(headlines), COST_COLUMNS) + ["", "## Resources per kernel", ""]
+    lines += table(_rounded(headlines), COST_COLUMNS)
+    lines += [f"- {r['case']} {r['target']}: NOT COUNTED, {r['error']}" for r in headlines if "error" in r]
+    lines += ["", "## Resources per kernel", ""]
     per = "Per kernel" if args.brief else "Per kernel and loop"
     lines += table(rows, RESOURCE_COLUMNS) + ["", f"## {per} (rows add up to the whole call)", ""]
     parts = [r for r in cost if r["level"] != "call" and not (args.brief and r["level"] == "loop")]

@@ -191,3 +191,16 @@ def test_budget_on_the_pinned_triton(report):
         pytest.skip(f"the budget is measured with Triton {kernel_report.PINNED_TRITON}, this is {triton.__version__}")
     assert kernel_report.BUDGET[TARGET + ("sm_90",)]
     assert kernel_report.over_budget(report["cost"]) == []
+
+
+def test_a_kernel_that_did_not_compile_leaves_its_call_uncounted(monkeypatch):
+    """A failed compile must not shrink the headline: the call's count is NaN, the error is kept,
+    and the budget check reports it (on any Triton)."""
+    monkeypatch.setattr(kernel_report, "PINNED_TRITON", __import__("triton").__version__)
+    failed = dict(op="fecl", case="/".join(map(str, TARGET)), target="sm_90", kernel="fecl_topk_kernel",
+                  error="CompilationError: out of resources")
+    (call,) = kernel_report.call_cost([failed])
+    assert call["level"] == "call" and call["instr_per_pair"] != call["instr_per_pair"]  # NaN
+    assert call["fits"] is False and "fecl_topk_kernel" in call["error"]
+    (fail,) = kernel_report.over_budget([call])
+    assert "not counted" in fail and "out of resources" in fail
