@@ -93,23 +93,34 @@ def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(P, vol_rows, start, n_rows, offs_d, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _load_tile(P, vol_rows, start, n_rows, offs_d, D, ACC: tl.constexpr, BLOCK: tl.constexpr,
+               EVEN: tl.constexpr = False):
     """Rows start .. start + BLOCK - 1 of a volume's (n_rows, D) matrix that begins at row vol_rows
     of P, as _load_rows loads them: the tile's offset is one 64-bit scalar per tile and the
     offsets within it do not depend on ``start``, so a loop over tiles keeps them (hoisted)
     instead of recomputing a 64-bit row offset per loaded vector (2.2 instructions per pair in
-    the top-k pass on sm_90, 2.6 in the positive pass)."""
+    the top-k pass on sm_90, 2.6 in the positive pass). EVEN: the caller knows the tile within
+    the matrix (see tiles_even), and the load is unmasked."""
     rows = tl.arange(0, BLOCK)
-    mask = ((start + rows) < n_rows)[:, None] & (offs_d[None, :] < D)
     within = rows[:, None].to(tl.int64) * D + offs_d[None, :]
-    return tl.load(P + (vol_rows + start) * D + within, mask=mask, other=0.0).to(ACC)
+    if EVEN:
+        t = tl.load(P + (vol_rows + start) * D + within)
+    else:
+        mask = ((start + rows) < n_rows)[:, None] & (offs_d[None, :] < D)
+        t = tl.load(P + (vol_rows + start) * D + within, mask=mask, other=0.0)
+    return t.to(ACC)
 
 
 @triton.jit
-def _load_labels(Y, base, offs, n):
+def _load_labels(Y, base, offs, n, EVEN: tl.constexpr = False):
     """Labels of rows ``offs`` of a volume at Y + base, -1 past n, as int32 (class indices and -1):
-    a label comparison per pair is then one 32-bit compare, not a 64-bit one's two."""
-    return tl.load(Y + base + offs, mask=offs < n, other=-1).to(tl.int32)
+    a label comparison per pair is then one 32-bit compare, not a 64-bit one's two. EVEN: every
+    offs < n (tiles_even), unmasked."""
+    if EVEN:
+        y = tl.load(Y + base + offs)
+    else:
+        y = tl.load(Y + base + offs, mask=offs < n, other=-1)
+    return y.to(tl.int32)
 
 
 @triton.jit
@@ -152,13 +163,14 @@ def _sim(a, b, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _key_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN: tl.constexpr, BLOCK_N: tl.constexpr,
-              HOISTED: tl.constexpr):
+              HOISTED: tl.constexpr, EVEN: tl.constexpr = False):
     """Key rows start .. start + BLOCK_N - 1 (of the volume at row k_rows of KEYS), columns offs_d:
     with HOISTED from one offset per tile (_load_tile, the forward's loops), else with a row
     offset per loaded vector (_load_rows: the backward's kernels, at 255 registers, spilled with
-    the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes)."""
+    the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes);
+    EVEN (hoisted only): unmasked (tiles_even)."""
     if HOISTED:
-        t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N)
+        t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N, EVEN)
     else:
         t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN)
     return t
@@ -167,21 +179,21 @@ def _key_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN: tl.constexpr, BLOCK_N:
 @triton.jit
 def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_n, NK, D, ACC: tl.constexpr, DOT_IN: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DK: tl.constexpr, HOISTED: tl.constexpr):
+              BLOCK_DK: tl.constexpr, HOISTED: tl.constexpr, EVEN: tl.constexpr = False):
     """<z_i, key_j> for the (BLOCK_M, BLOCK_N) tile of anchors offs_m (rows of Z at z_base) and keys
     start_n .. start_n + BLOCK_N - 1 (of the volume starting at row k_rows of KEYS; _key_tile): one
     dot with the anchor block ``zi`` held across key tiles when BLOCK_DK == BLOCK_D, else a loop
     over D in chunks of BLOCK_DK that loads both operands per chunk (shared memory and registers
-    then scale with BLOCK_DK, not D)."""
+    then scale with BLOCK_DK, not D). EVEN: the key tiles unmasked (tiles_even)."""
     if BLOCK_DK == BLOCK_D:
-        s = _sim(zi, _key_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N, HOISTED),
+        s = _sim(zi, _key_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N, HOISTED, EVEN),
                  DOT_PREC)
     else:
         s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         for d0 in range(0, D, BLOCK_DK):
             offs_d = d0 + tl.arange(0, BLOCK_DK)
             s = tl.dot(_load_rows(Z, z_base, offs_m, N, offs_d, D, DOT_IN),
-                       tl.trans(_key_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N, HOISTED)), s,
+                       tl.trans(_key_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N, HOISTED, EVEN)), s,
                        input_precision=DOT_PREC)
     return s
 
@@ -452,7 +464,7 @@ def _packed_keys(s, low_bits, ACC: tl.constexpr, LOW: tl.constexpr, FAST_MATH: t
 @triton.jit
 def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, ACC: tl.constexpr,
                      DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, EVEN: tl.constexpr):
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT).
@@ -480,9 +492,9 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, 
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yk = _load_labels(KY, b * NK, offs_n, NK)
+        yk = _load_labels(KY, b * NK, offs_n, NK, EVEN)
         s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK, start_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                      BLOCK_D, BLOCK_DK, True)
+                      BLOCK_D, BLOCK_DK, True, EVEN)
         # Candidates: valid keys (an invalid key's column bits give the lowest key, a select per
         # column, not per pair) with another label than the anchor's (the rest the lowest key).
         key = _packed_keys(s, tl.where(yk >= 0, cols, cols | ~LOW)[None, :], ACC, LOW, FAST_MATH)
@@ -580,7 +592,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
 def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, NPOS, LOSS, R, N, D, COLUMN: tl.constexpr,
                          TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_MATH: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                         EVEN: tl.constexpr):
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
     L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S), with n_pos_i = |P(i)|
     given (NPOS: positive_counts). In base 2 (see _sigmoid_parts): x2 = x log2(e)."""
@@ -593,9 +606,9 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, NPOS, LOSS, R, N, D, COLUMN: tl.co
     r_acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yj = _load_labels(Y, b * N, offs_n, N)
+        yj = _load_labels(Y, b * N, offs_n, N, EVEN)
         l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                       BLOCK_D, BLOCK_DK, True) * scale
+                       BLOCK_D, BLOCK_DK, True, EVEN) * scale
         if COLUMN:
             l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
         # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop. A
@@ -1283,11 +1296,11 @@ def _forward(s, u):
     if s.top_k:
         topk_idx = torch.empty(B, N, s.top_k, device=s.device, dtype=torch.int64)
         fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, FAST_MATH=s.fast_math, **s.consts,
-                               K_PAD=k_pad(s.top_k), **s.tiles, **opts)
+                               K_PAD=k_pad(s.top_k), **s.tiles, EVEN=tiles_even(N, D, s.tiles), **opts)
     if s.teacher_k:
         teacher_idx = torch.empty(B, N, s.teacher_k, device=s.device, dtype=torch.int64)
         fecl_topk_kernel[grid](z, y, zt, yt, teacher_idx, N, NT, D, s.teacher_k, FAST_MATH=s.fast_math, **s.consts,
-                               K_PAD=k_pad(s.teacher_k), **s.tiles, **opts)
+                               K_PAD=k_pad(s.teacher_k), **s.tiles, EVEN=tiles_even(NT, D, s.tiles), **opts)
 
     log_neg = s.stat_empty(B, N)
     cross = cross_count = s.stat_empty(0)
@@ -1305,8 +1318,10 @@ def _forward(s, u):
     else:
         u = s.rows(u.to(torch.float32).contiguous(), 0.0)
     loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), positive_counts(y, s.stat)
+    pos_tiles = positive_consts(s.launch)
     fecl_positive_kernel[grid](z, y, cs, log_neg, u, n_pos, loss, r, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
-                               FAST_MATH=s.fast_math, **s.consts, **positive_consts(s.launch), **opts)
+                               FAST_MATH=s.fast_math, **s.consts, **pos_tiles, EVEN=tiles_even(N, D, pos_tiles),
+                               **opts)
     return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx
 
 
@@ -1469,6 +1484,14 @@ def keys_smem_estimate(dtype: torch.dtype, bm: int, dc: int, stages: int) -> int
     return max(stages * bm * (bm * coef + dc * torch.empty(0, dtype=dtype).element_size() * split), bm * dc * acc)
 
 
+def tiles_even(nk: int, D: int, tiles: dict) -> bool:
+    """EVEN of the loops over key tiles (fecl_topk_kernel, fecl_positive_kernel): every key tile
+    lies within the nk keys and D columns (nk a multiple of BLOCK_N, D = BLOCK_D), so that its
+    loads need no mask (the masks' compares and selects were 2.5 instructions per pair of each
+    top-k pass on sm_90, bfloat16 D = 256). Anchor rows past N stay masked."""
+    return nk % tiles["BLOCK_N"] == 0 and D == tiles["BLOCK_D"]
+
+
 def positive_consts(cfg: LaunchConfig) -> dict:
     """fecl_positive_kernel's tiles: BLOCK_N cut to MAX_HELD_POSITIVE_TILE with the anchor block
     held across key tiles, else to MAX_PAIR_TILE."""
@@ -1535,12 +1558,14 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
     if kernel == "topk":
         return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
                                        K="i32"),
-                dict(FAST_MATH=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
+                dict(FAST_MATH=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles,
+                     EVEN=tiles_even(N, D, tiles)), options)
     if kernel == "positive":
+        pos_tiles = positive_consts(cfg)
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", NPOS=st, LOSS=st, R=st,
                                            N="i32", D="i32"),
                 dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_MATH=True, ACC=acc, DOT_IN=dot_in,
-                     DOT_PREC=prec, **positive_consts(cfg)),
+                     DOT_PREC=prec, **pos_tiles, EVEN=tiles_even(N, D, pos_tiles)),
                 options)
     if kernel == "keys":
         gs = "*bf16" if slab_parts(dot_in) == 2 else st
@@ -1627,8 +1652,10 @@ def launch_configs(full: bool = False, cc: int = 90):
                     configs += _kernel_set(dtype, D, ALL_FLAGS, (1, 2, 4, 8, 16, 32, 64), cc)
         return configs
     dycon, official, all_on, topk_teacher = COVER_FLAGS[:4]
-    configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, K_PAD=1),
-               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True)]
+    # The loops over key tiles with their masks (EVEN False, tiles_even): the LA crop's N = 1960.
+    uneven = launch_n(1960)
+    configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, uneven, K_PAD=1),
+               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, uneven, COLUMN=True)]
     configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
     configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
     # The pair steps: fecl_backward_pairs_kernel's terms are the backward's (_pair_coefs), so the
@@ -1736,11 +1763,11 @@ def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int, N: int 
     if column:
         launches.append(("colshift", _config("colshift", dtype, D, cc)))
     if top_k:
-        launches.append(("topk", _config("topk", dtype, D, cc, K_PAD=k_pad(top_k))))
+        launches.append(("topk", _config("topk", dtype, D, cc, N, K_PAD=k_pad(top_k))))
     if PRESET_TEACHER_K[preset]:
-        launches.append(("topk_teacher", _config("topk", dtype, D, cc, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
+        launches.append(("topk_teacher", _config("topk", dtype, D, cc, N, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
     launches += [("logneg", _config("logneg", dtype, D, cc, flags=flags)),
-                 ("positive", _config("positive", dtype, D, cc, COLUMN=column)),
+                 ("positive", _config("positive", dtype, D, cc, N, COLUMN=column)),
                  ("backward", _config("backward", dtype, D, cc, N, flags=flags)),
                  ("pairs", _config("pairs", dtype, D, cc, N, flags=flags)),
                  ("keys", _config("keys", dtype, D, cc, N, dense=not top_k))]
