@@ -85,11 +85,16 @@ SIZE_ARGS = ("N", "NT", "NK", "D", "K", "TK")
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
+def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr, EVEN: tl.constexpr = False):
     """(len(rows), BLOCK_D) embeddings of rows ``rows`` of a (n_rows, D) matrix at P + base, in ACC;
-    rows past n_rows and columns past D load as zeros (harmless in the dots, never stored)."""
-    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < D)
-    return tl.load(P + base + rows[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    rows past n_rows and columns past D load as zeros (harmless in the dots, never stored).
+    EVEN: the caller knows every row and column within the matrix, unmasked."""
+    ptrs = P + base + rows[:, None].to(tl.int64) * D + offs_d[None, :]
+    if EVEN:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+    return t.to(ACC)
 
 
 @triton.jit
@@ -168,11 +173,11 @@ def _key_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN: tl.constexpr, BLOCK_N:
     with HOISTED from one offset per tile (_load_tile, the forward's loops), else with a row
     offset per loaded vector (_load_rows: the backward's kernels, at 255 registers, spilled with
     the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes);
-    EVEN (hoisted only): unmasked (tiles_even)."""
+    EVEN: unmasked (tiles_even, pair_tiles_even)."""
     if HOISTED:
         t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N, EVEN)
     else:
-        t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN)
+        t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN, EVEN)
     return t
 
 
@@ -230,18 +235,20 @@ def _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, C
 @triton.jit
 def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, offs_dc, D, WHOLE_D: tl.constexpr,
                        ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                       EVEN: tl.constexpr = False):
     """The backward's key tile: the similarities of the anchor rows offs_m with the key rows
     start_k .. start_k + BLOCK_N - 1 (of the volume at row k_rows of KEYS), and those rows'
     columns offs_dc (the operand of coefficients @ z_k). Where the dots and the columns both span
-    all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
+    all of D (WHOLE_D), one load serves both; else the dots run over D in chunks. EVEN: the key
+    rows' loads unmasked (pair_tiles_even)."""
     if WHOLE_D:
-        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False, EVEN)
         sims = _sim(zi, zk, DOT_PREC)
     else:
         sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
                          BLOCK_N, BLOCK_D, BLOCK_DK, False)
-        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False, EVEN)
     return sims, zk
 
 
@@ -657,37 +664,51 @@ def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.
 
 
 @triton.jit
-def _pair_stats(LOGNEG, A, R, CS, base, offs, N, COLUMN: tl.constexpr, TAU: tl.constexpr, ACC: tl.constexpr):
+def _load_stat(ptrs, ok, other, EVEN: tl.constexpr):
+    """A per-patch statistic at ``ptrs``, ``other`` where not ``ok``; EVEN: all ok, unmasked."""
+    if EVEN:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=ok, other=other)
+    return v
+
+
+@triton.jit
+def _pair_stats(LOGNEG, A, R, CS, base, offs, N, COLUMN: tl.constexpr, TAU: tl.constexpr, ACC: tl.constexpr,
+                EVEN: tl.constexpr = False):
     """What the backward's pair terms take of the anchors ``offs`` (rows of a volume at base), in
     base 2 (see _sigmoid_parts): log_neg and the column shift times log2(e); a = grad u / n_pos
     and a R, both divided by tau here (per anchor) so that no dot product is scaled per pair; and
-    log_neg times log2(e) with -inf (no negative) as +inf, so that the negative terms vanish."""
-    ok = offs < N
+    log_neg times log2(e) with -inf (no negative) as +inf, so that the negative terms vanish.
+    EVEN: every offs < N, unmasked."""
     log2e = _scalar(LOG2E, ACC)
-    ln = tl.load(LOGNEG + base + offs, mask=ok, other=NEG_INF)
-    a = tl.load(A + base + offs, mask=ok, other=0.0) * _scalar(1.0 / TAU, ACC)
-    ar = a * tl.load(R + base + offs, mask=ok, other=0.0)
+    ln = _load_stat(LOGNEG + base + offs, offs < N, NEG_INF, EVEN)
+    a = _load_stat(A + base + offs, offs < N, 0.0, EVEN) * _scalar(1.0 / TAU, ACC)
+    ar = a * _load_stat(R + base + offs, offs < N, 0.0, EVEN)
     c2 = tl.zeros(offs.shape, ACC)
     if COLUMN:
-        c2 = tl.load(CS + base + offs, mask=ok, other=0.0) * log2e
+        c2 = _load_stat(CS + base + offs, offs < N, 0.0, EVEN) * log2e
     return ln * log2e, c2, a, ar, tl.where(ln == NEG_INF, float("inf"), ln) * log2e
 
 
 @triton.jit
 def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                DIAGONAL: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
                 FAST_MATH: tl.constexpr, ACC: tl.constexpr):
     """(g_ij + g_ji) / tau for the (BLOCK_M, BLOCK_N) tile of anchors i (offs_m, labels yi) and
     keys j (offs_n, labels yj), similarities ``dot`` = <z_i, z_j>: both directions of each pair,
     positives and, without top_k, the dense negatives (statistics from _pair_stats, a already
     divided by tau). The tile is symmetric in its role: it enters dz_i through z_j and dz_j
-    through z_i."""
+    through z_i. Without DIAGONAL the caller's anchors and keys are disjoint (the pair steps'
+    super-blocks p != q), so no pair is an anchor with itself and that test is left out."""
     l2 = dot * _scalar(LOG2E / TAU, ACC)  # l log2(e)
     vi = yi >= 0
     # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i). Two
     # ignored patches (equal labels -1) need no validity test: their a is 0 and their log_neg
     # -inf, so x = +inf and both directions' terms are exactly 0 (_sigmoid_parts).
-    pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+    pos = yi[:, None] == yj[None, :]
+    if DIAGONAL:
+        pos = pos & (offs_m[:, None] != offs_n[None, :])
     d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
                             GAMMA_POS, FAST_MATH)
     g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
@@ -703,23 +724,24 @@ def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2
 
 @triton.jit
 def _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, start_n, offs_dc,
-                    ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D: tl.constexpr, COLUMN: tl.constexpr,
+                    ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D: tl.constexpr, DIAGONAL: tl.constexpr,
+                    EVEN: tl.constexpr, COLUMN: tl.constexpr,
                     USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
                     FAST_MATH: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """One key tile of the backward's dense part: the pair coefficients (g_ij + g_ji) / tau of the
     anchors offs_m (labels yi, block zi, statistics from _pair_stats) with the keys start_n ..
     start_n + BLOCK_N - 1 of volume b, and the keys' columns offs_dc that g multiplies (both
-    kernels that walk key tiles)."""
+    kernels that walk key tiles; EVEN: its loads unmasked, pair_tiles_even)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
     # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
-    yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+    yj = _load_stat(Y + b * N + offs_n, offs_n < N, -1, EVEN)
     dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, offs_dc, D, WHOLE_D, ACC,
-                                 DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-    ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
+                                 DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, EVEN)
+    ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC, EVEN)
     g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                    USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_MATH, ACC)
+                    DIAGONAL, USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_MATH, ACC)
     return g, zj
 
 
@@ -755,7 +777,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
                          FAST_MATH: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-                         BLOCK_DC: tl.constexpr, GROUP: tl.constexpr):
+                         BLOCK_DC: tl.constexpr, GROUP: tl.constexpr, EVEN: tl.constexpr):
     """Step 0 of the dense part of dz (the schedule: docs/fecl_kernels.md, "Gradient"): the
     pairs of this program's BLOCK_M anchors with the keys of their super-block (GROUP blocks;
     both directions, (g_ij + g_ji) z_j into dz_i, so each pair within a super-block is
@@ -776,7 +798,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
         g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi,
                                 tl.program_id(0) // GROUP * (GROUP * BLOCK_M) + start_n, offs_dc,
-                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
+                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, True, EVEN, COLUMN, USE_TOPK, TAU, GAMMA_POS,
                                 GAMMA_NEG, FAST_MATH, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
     if TEACHER == 2:
@@ -803,7 +825,7 @@ def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
                                ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_DK: tl.constexpr, BLOCK_DC: tl.constexpr, GROUP: tl.constexpr,
-                               SLAB_PARTS: tl.constexpr):
+                               SLAB_PARTS: tl.constexpr, EVEN: tl.constexpr):
     """Step STEP >= 1 of the dense part of dz, each pair once: program t takes the pairs of its
     block of BLOCK_M anchors (block t % GROUP of super-block p = t // GROUP; NB super-blocks of
     GROUP blocks) with the SUPER keys of super-block q = (p + STEP) mod NB, computes
@@ -825,7 +847,7 @@ def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
         g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, q0 + start_n, offs_dc,
-                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
+                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, False, EVEN, COLUMN, USE_TOPK, TAU, GAMMA_POS,
                                 GAMMA_NEG, FAST_MATH, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
         # Every slab entry is written (0 for rows or keys past N: no pair there), once.
@@ -1376,7 +1398,8 @@ def _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags):
     B, N, D, cfg = s.B, s.N, s.D, s.launch
     group = schedule_group(N, cfg.BLOCK_M)
     common = dict(USE_TOPK=s.top_k > 0, GAMMA_POS=s.scalars["GAMMA_POS"], FAST_MATH=s.fast_math, **flags, **s.consts,
-                  BLOCK_DC=cfg.BLOCK_DC, **backward_consts(cfg, group), **s.options)
+                  BLOCK_DC=cfg.BLOCK_DC, **backward_consts(cfg, group), EVEN=pair_tiles_even(N, D, cfg, group),
+                  **s.options)
     splits = cfg.BLOCK_D // cfg.BLOCK_DC
     super_block = group * cfg.BLOCK_M
     nsb = triton.cdiv(N, super_block)
@@ -1444,6 +1467,15 @@ def backward_consts(cfg: LaunchConfig, group: int) -> dict:
     """The dense backward kernels' tiles and schedule: key tiles within a super-block (BLOCK_N
     at most GROUP x BLOCK_M, so that it divides the keys the schedule pairs a block with)."""
     return dict(tile_consts(cfg), BLOCK_N=min(cfg.BLOCK_N, group * cfg.BLOCK_M), GROUP=group)
+
+
+def pair_tiles_even(N: int, D: int, cfg: LaunchConfig, group: int) -> bool:
+    """EVEN of the dense backward's kernels (step 0, the pair steps): every key tile of every
+    super-block lies within the N keys and D columns (N a multiple of GROUP x BLOCK_M, D =
+    BLOCK_D), so that the key rows, their labels and statistics load unmasked (the masks'
+    compares and selects were ~0.5 instructions per pair of the pair steps on sm_90, bfloat16
+    D = 256). The threshold teacher's loop stays masked."""
+    return N % (group * cfg.BLOCK_M) == 0 and D == cfg.BLOCK_D
 
 
 def slab_parts(dot_in) -> int:
@@ -1589,8 +1621,9 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
                                          LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
                                          D="i32", K="i32", TK="i32"), dict(consts, BLOCK_DG=cfg.BLOCK_DG), options)
-    consts = dict(consts, GAMMA_POS=2.0, FAST_MATH=True, **backward_consts(cfg, schedule_group(N, cfg.BLOCK_M)),
-                  BLOCK_DC=cfg.BLOCK_DC)
+    group = schedule_group(N, cfg.BLOCK_M)
+    consts = dict(consts, GAMMA_POS=2.0, FAST_MATH=True, **backward_consts(cfg, group), BLOCK_DC=cfg.BLOCK_DC,
+                  EVEN=pair_tiles_even(N, D, cfg, group))
     if kernel == "pairs":
         del consts["TEACHER"]
         gs = "*bf16" if slab_parts(dot_in) == 2 else st
@@ -1652,15 +1685,18 @@ def launch_configs(full: bool = False, cc: int = 90):
                     configs += _kernel_set(dtype, D, ALL_FLAGS, (1, 2, 4, 8, 16, 32, 64), cc)
         return configs
     dycon, official, all_on, topk_teacher = COVER_FLAGS[:4]
-    # The loops over key tiles with their masks (EVEN False, tiles_even): the LA crop's N = 1960.
+    # The loops over key tiles with their masks (EVEN False, tiles_even, pair_tiles_even): the LA
+    # crop's N = 1960.
     uneven = launch_n(1960)
     configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, uneven, K_PAD=1),
                _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, uneven, COLUMN=True)]
     configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
-    configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
+    configs += [_config("backward", "fp32", 64, cc, uneven if f == official else DEFAULT_REPORT_N, flags=f)
+                for f in (dycon, official, all_on)]
     # The pair steps: fecl_backward_pairs_kernel's terms are the backward's (_pair_coefs), so the
-    # 'dycon' and all-on sets; fecl_backward_keys_kernel has no flags.
-    configs += [_config("pairs", "fp32", 64, cc, flags=f) for f in (dycon, all_on)]
+    # 'dycon' and all-on sets (the latter masked, pair_tiles_even); fecl_backward_keys_kernel has no flags.
+    configs += [_config("pairs", "fp32", 64, cc, uneven if f == all_on else DEFAULT_REPORT_N, flags=f)
+                for f in (dycon, all_on)]
     configs += [_config("keys", dtype, 64, cc) for dtype in ("fp32", "bf16", "fp16", "fp64")]
     configs += [_config(k, "fp32", 64, cc, flags=f) for k in ("coef", "rows") for f in (all_on, topk_teacher)]
     for dtype in ("bf16", "fp64"):
