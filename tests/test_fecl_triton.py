@@ -368,6 +368,24 @@ def test_every_n_is_launched_padded_to_16(monkeypatch, cfg, N, Nt):
         assert sizes.get("N", fecl.launch_n(N)) == fecl.launch_n(N)
 
 
+@pytest.mark.parametrize("N, Nt, even", [(64, 32, (True, True)), (37, 64, (False, True)), (64, 40, (True, False))],
+                         ids=["both-even", "student-uneven", "teacher-uneven"])
+def test_key_tiles_unmasked_when_even(monkeypatch, N, Nt, even):
+    """The top-k passes and the positive pass load their key tiles and labels unmasked (EVEN)
+    exactly when the launched key count is a multiple of BLOCK_N and D = BLOCK_D
+    (fecl.tiles_even): with 32-key tiles, N = 37 and NT = 40 (both launched as 48) take the masked
+    loads, 64 and 32 the unmasked ones; both equal the dense computation, with ignored patches
+    and poisoned outputs (run_case)."""
+    from dycon_kernels.triton import fecl
+    from triton_aot import record_launches
+
+    launches = record_launches(monkeypatch, fecl, ["fecl_topk_kernel", "fecl_positive_kernel"])
+    run_case(config(top_k=5, teacher="topk", teacher_top_k=3), B=1, N=N, D=16, Nt=Nt, n_classes=3,
+             blocks=(16, 32))
+    # Launch order: student top-k (keys N), teacher top-k (keys NT), positive pass (keys N).
+    assert [kw["EVEN"] for _, _, kw in launches] == [even[0], even[1], even[0]]
+
+
 @pytest.mark.parametrize("cfg, blocks", [
     (config(top_k=4, column_shift=True, teacher="threshold"), (16, 16, 64, 16, 16)),
     (config(top_k=3, teacher="topk", teacher_top_k=5), (16, 16, 16, 32, 64)),
@@ -430,9 +448,10 @@ def test_launch_configs_cover_launches(monkeypatch):
 
     names = KERNELS
     # FAST_MATH and DOT_IN (bfloat16 dots) take their GPU values only on a GPU (_Launch), and with
-    # them the slabs' parts and dtype (GS); the backward's schedule GROUP depends on N.
+    # them the slabs' parts and dtype (GS); the backward's schedule GROUP depends on N, and so
+    # does whether the key tiles' loads are masked (EVEN, fecl.tiles_even).
     loose = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DK", "BLOCK_DC", "BLOCK_DG", "K_PAD", "FAST_MATH", "DOT_IN",
-             "GROUP", "SLAB_PARTS")
+             "GROUP", "SLAB_PARTS", "EVEN")
     configs = [(fn, {k: v for k, v in sig.items() if k != "GS"}, {k: v for k, v in ce.items() if k not in loose})
                for fn, sig, ce, _ in fecl.launch_configs(full=True)]
     launches = record_launches(monkeypatch, fecl, names)

@@ -85,31 +85,47 @@ SIZE_ARGS = ("N", "NT", "NK", "D", "K", "TK")
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr):
+def _load_rows(P, base, rows, n_rows, offs_d, D, ACC: tl.constexpr, EVEN: tl.constexpr = False):
     """(len(rows), BLOCK_D) embeddings of rows ``rows`` of a (n_rows, D) matrix at P + base, in ACC;
-    rows past n_rows and columns past D load as zeros (harmless in the dots, never stored)."""
-    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < D)
-    return tl.load(P + base + rows[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    rows past n_rows and columns past D load as zeros (harmless in the dots, never stored).
+    EVEN: the caller knows every row and column within the matrix, unmasked."""
+    ptrs = P + base + rows[:, None].to(tl.int64) * D + offs_d[None, :]
+    if EVEN:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+    return t.to(ACC)
 
 
 @triton.jit
-def _load_tile(P, vol_rows, start, n_rows, offs_d, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _load_tile(P, vol_rows, start, n_rows, offs_d, D, ACC: tl.constexpr, BLOCK: tl.constexpr,
+               EVEN: tl.constexpr = False):
     """Rows start .. start + BLOCK - 1 of a volume's (n_rows, D) matrix that begins at row vol_rows
     of P, as _load_rows loads them: the tile's offset is one 64-bit scalar per tile and the
     offsets within it do not depend on ``start``, so a loop over tiles keeps them (hoisted)
     instead of recomputing a 64-bit row offset per loaded vector (2.2 instructions per pair in
-    the top-k pass on sm_90, 2.6 in the positive pass)."""
+    the top-k pass on sm_90, 2.6 in the positive pass). EVEN: the caller knows the tile within
+    the matrix (see tiles_even), and the load is unmasked."""
     rows = tl.arange(0, BLOCK)
-    mask = ((start + rows) < n_rows)[:, None] & (offs_d[None, :] < D)
     within = rows[:, None].to(tl.int64) * D + offs_d[None, :]
-    return tl.load(P + (vol_rows + start) * D + within, mask=mask, other=0.0).to(ACC)
+    if EVEN:
+        t = tl.load(P + (vol_rows + start) * D + within)
+    else:
+        mask = ((start + rows) < n_rows)[:, None] & (offs_d[None, :] < D)
+        t = tl.load(P + (vol_rows + start) * D + within, mask=mask, other=0.0)
+    return t.to(ACC)
 
 
 @triton.jit
-def _load_labels(Y, base, offs, n):
+def _load_labels(Y, base, offs, n, EVEN: tl.constexpr = False):
     """Labels of rows ``offs`` of a volume at Y + base, -1 past n, as int32 (class indices and -1):
-    a label comparison per pair is then one 32-bit compare, not a 64-bit one's two."""
-    return tl.load(Y + base + offs, mask=offs < n, other=-1).to(tl.int32)
+    a label comparison per pair is then one 32-bit compare, not a 64-bit one's two. EVEN: every
+    offs < n (tiles_even), unmasked."""
+    if EVEN:
+        y = tl.load(Y + base + offs)
+    else:
+        y = tl.load(Y + base + offs, mask=offs < n, other=-1)
+    return y.to(tl.int32)
 
 
 @triton.jit
@@ -152,36 +168,37 @@ def _sim(a, b, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _key_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN: tl.constexpr, BLOCK_N: tl.constexpr,
-              HOISTED: tl.constexpr):
+              HOISTED: tl.constexpr, EVEN: tl.constexpr = False):
     """Key rows start .. start + BLOCK_N - 1 (of the volume at row k_rows of KEYS), columns offs_d:
     with HOISTED from one offset per tile (_load_tile, the forward's loops), else with a row
     offset per loaded vector (_load_rows: the backward's kernels, at 255 registers, spilled with
-    the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes)."""
+    the hoisted offsets held: bfloat16 8 bytes on sm_80, float32 `official` 176-592 bytes);
+    EVEN: unmasked (tiles_even, pair_tiles_even)."""
     if HOISTED:
-        t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N)
+        t = _load_tile(KEYS, k_rows, start, NK, offs_d, D, DOT_IN, BLOCK_N, EVEN)
     else:
-        t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN)
+        t = _load_rows(KEYS, k_rows * D, start + tl.arange(0, BLOCK_N), NK, offs_d, D, DOT_IN, EVEN)
     return t
 
 
 @triton.jit
 def _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_n, NK, D, ACC: tl.constexpr, DOT_IN: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DK: tl.constexpr, HOISTED: tl.constexpr):
+              BLOCK_DK: tl.constexpr, HOISTED: tl.constexpr, EVEN: tl.constexpr = False):
     """<z_i, key_j> for the (BLOCK_M, BLOCK_N) tile of anchors offs_m (rows of Z at z_base) and keys
     start_n .. start_n + BLOCK_N - 1 (of the volume starting at row k_rows of KEYS; _key_tile): one
     dot with the anchor block ``zi`` held across key tiles when BLOCK_DK == BLOCK_D, else a loop
     over D in chunks of BLOCK_DK that loads both operands per chunk (shared memory and registers
-    then scale with BLOCK_DK, not D)."""
+    then scale with BLOCK_DK, not D). EVEN: the key tiles unmasked (tiles_even)."""
     if BLOCK_DK == BLOCK_D:
-        s = _sim(zi, _key_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N, HOISTED),
+        s = _sim(zi, _key_tile(KEYS, k_rows, start_n, NK, tl.arange(0, BLOCK_D), D, DOT_IN, BLOCK_N, HOISTED, EVEN),
                  DOT_PREC)
     else:
         s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         for d0 in range(0, D, BLOCK_DK):
             offs_d = d0 + tl.arange(0, BLOCK_DK)
             s = tl.dot(_load_rows(Z, z_base, offs_m, N, offs_d, D, DOT_IN),
-                       tl.trans(_key_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N, HOISTED)), s,
+                       tl.trans(_key_tile(KEYS, k_rows, start_n, NK, offs_d, D, DOT_IN, BLOCK_N, HOISTED, EVEN)), s,
                        input_precision=DOT_PREC)
     return s
 
@@ -218,18 +235,20 @@ def _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, C
 @triton.jit
 def _sims_and_key_cols(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, offs_dc, D, WHOLE_D: tl.constexpr,
                        ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                       EVEN: tl.constexpr = False):
     """The backward's key tile: the similarities of the anchor rows offs_m with the key rows
     start_k .. start_k + BLOCK_N - 1 (of the volume at row k_rows of KEYS), and those rows'
     columns offs_dc (the operand of coefficients @ z_k). Where the dots and the columns both span
-    all of D (WHOLE_D), one load serves both; else the dots run over D in chunks."""
+    all of D (WHOLE_D), one load serves both; else the dots run over D in chunks. EVEN: the key
+    rows' loads unmasked (pair_tiles_even)."""
     if WHOLE_D:
-        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False, EVEN)
         sims = _sim(zi, zk, DOT_PREC)
     else:
         sims = _sim_tile(Z, z_base, offs_m, N, zi, KEYS, k_rows, start_k, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M,
                          BLOCK_N, BLOCK_D, BLOCK_DK, False)
-        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False)
+        zk = _key_tile(KEYS, k_rows, start_k, NK, offs_dc, D, DOT_IN, BLOCK_N, False, EVEN)
     return sims, zk
 
 
@@ -452,7 +471,7 @@ def _packed_keys(s, low_bits, ACC: tl.constexpr, LOW: tl.constexpr, FAST_MATH: t
 @triton.jit
 def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, ACC: tl.constexpr,
                      DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, EVEN: tl.constexpr):
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT).
@@ -480,9 +499,9 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, 
     idx = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yk = _load_labels(KY, b * NK, offs_n, NK)
+        yk = _load_labels(KY, b * NK, offs_n, NK, EVEN)
         s = _sim_tile(Z, b * N * D, offs_m, N, zi, KEYS, b * NK, start_n, NK, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                      BLOCK_D, BLOCK_DK, True)
+                      BLOCK_D, BLOCK_DK, True, EVEN)
         # Candidates: valid keys (an invalid key's column bits give the lowest key, a select per
         # column, not per pair) with another label than the anchor's (the rest the lowest key).
         key = _packed_keys(s, tl.where(yk >= 0, cols, cols | ~LOW)[None, :], ACC, LOW, FAST_MATH)
@@ -580,7 +599,8 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
 def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, NPOS, LOSS, R, N, D, COLUMN: tl.constexpr,
                          TAU: tl.constexpr, GAMMA_POS: tl.constexpr, FAST_MATH: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                         EVEN: tl.constexpr):
     """Pass 4: over positives j, x = l_ij - c_j - log_neg_i, S = sigmoid(x):
     L_i = -u_i / |P(i)| sum (1 - S)^gp log S,  R_i = sum f'(S) S (1 - S), with n_pos_i = |P(i)|
     given (NPOS: positive_counts). In base 2 (see _sigmoid_parts): x2 = x log2(e)."""
@@ -593,9 +613,9 @@ def fecl_positive_kernel(Z, Y, CS, LOGNEG, U, NPOS, LOSS, R, N, D, COLUMN: tl.co
     r_acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        yj = _load_labels(Y, b * N, offs_n, N)
+        yj = _load_labels(Y, b * N, offs_n, N, EVEN)
         l2 = _sim_tile(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, D, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N,
-                       BLOCK_D, BLOCK_DK, True) * scale
+                       BLOCK_D, BLOCK_DK, True, EVEN) * scale
         if COLUMN:
             l2 = l2 - (tl.load(CS + b * N + offs_n, mask=offs_n < N, other=0.0) * log2e)[None, :]
         # yi == yj implies a valid j for a valid i; ignored anchors are zeroed after the loop. A
@@ -644,37 +664,51 @@ def _dot_coef(g, zj, acc, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.
 
 
 @triton.jit
-def _pair_stats(LOGNEG, A, R, CS, base, offs, N, COLUMN: tl.constexpr, TAU: tl.constexpr, ACC: tl.constexpr):
+def _load_stat(ptrs, ok, other, EVEN: tl.constexpr):
+    """A per-patch statistic at ``ptrs``, ``other`` where not ``ok``; EVEN: all ok, unmasked."""
+    if EVEN:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=ok, other=other)
+    return v
+
+
+@triton.jit
+def _pair_stats(LOGNEG, A, R, CS, base, offs, N, COLUMN: tl.constexpr, TAU: tl.constexpr, ACC: tl.constexpr,
+                EVEN: tl.constexpr = False):
     """What the backward's pair terms take of the anchors ``offs`` (rows of a volume at base), in
     base 2 (see _sigmoid_parts): log_neg and the column shift times log2(e); a = grad u / n_pos
     and a R, both divided by tau here (per anchor) so that no dot product is scaled per pair; and
-    log_neg times log2(e) with -inf (no negative) as +inf, so that the negative terms vanish."""
-    ok = offs < N
+    log_neg times log2(e) with -inf (no negative) as +inf, so that the negative terms vanish.
+    EVEN: every offs < N, unmasked."""
     log2e = _scalar(LOG2E, ACC)
-    ln = tl.load(LOGNEG + base + offs, mask=ok, other=NEG_INF)
-    a = tl.load(A + base + offs, mask=ok, other=0.0) * _scalar(1.0 / TAU, ACC)
-    ar = a * tl.load(R + base + offs, mask=ok, other=0.0)
+    ln = _load_stat(LOGNEG + base + offs, offs < N, NEG_INF, EVEN)
+    a = _load_stat(A + base + offs, offs < N, 0.0, EVEN) * _scalar(1.0 / TAU, ACC)
+    ar = a * _load_stat(R + base + offs, offs < N, 0.0, EVEN)
     c2 = tl.zeros(offs.shape, ACC)
     if COLUMN:
-        c2 = tl.load(CS + base + offs, mask=ok, other=0.0) * log2e
+        c2 = _load_stat(CS + base + offs, offs < N, 0.0, EVEN) * log2e
     return ln * log2e, c2, a, ar, tl.where(ln == NEG_INF, float("inf"), ln) * log2e
 
 
 @triton.jit
 def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
+                DIAGONAL: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
                 FAST_MATH: tl.constexpr, ACC: tl.constexpr):
     """(g_ij + g_ji) / tau for the (BLOCK_M, BLOCK_N) tile of anchors i (offs_m, labels yi) and
     keys j (offs_n, labels yj), similarities ``dot`` = <z_i, z_j>: both directions of each pair,
     positives and, without top_k, the dense negatives (statistics from _pair_stats, a already
     divided by tau). The tile is symmetric in its role: it enters dz_i through z_j and dz_j
-    through z_i."""
+    through z_i. Without DIAGONAL the caller's anchors and keys are disjoint (the pair steps'
+    super-blocks p != q), so no pair is an anchor with itself and that test is left out."""
     l2 = dot * _scalar(LOG2E / TAU, ACC)  # l log2(e)
     vi = yi >= 0
     # Positives: anchor i with key j (offset c_j), and anchor j with key i (offset c_i). Two
     # ignored patches (equal labels -1) need no validity test: their a is 0 and their log_neg
     # -inf, so x = +inf and both directions' terms are exactly 0 (_sigmoid_parts).
-    pos = (yi[:, None] == yj[None, :]) & (offs_m[:, None] != offs_n[None, :])
+    pos = yi[:, None] == yj[None, :]
+    if DIAGONAL:
+        pos = pos & (offs_m[:, None] != offs_n[None, :])
     d_ij, d_ji = _pos_grads(l2 - c2_j[None, :] - ln2_i[:, None], l2 - c2_i[:, None] - ln2_j[None, :],
                             GAMMA_POS, FAST_MATH)
     g = tl.where(pos, -(a_i[:, None] * d_ij + a_j[None, :] * d_ji), 0.0)
@@ -690,23 +724,24 @@ def _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2
 
 @triton.jit
 def _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, start_n, offs_dc,
-                    ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D: tl.constexpr, COLUMN: tl.constexpr,
+                    ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D: tl.constexpr, DIAGONAL: tl.constexpr,
+                    EVEN: tl.constexpr, COLUMN: tl.constexpr,
                     USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_POS: tl.constexpr, GAMMA_NEG: tl.constexpr,
                     FAST_MATH: tl.constexpr, ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr):
     """One key tile of the backward's dense part: the pair coefficients (g_ij + g_ji) / tau of the
     anchors offs_m (labels yi, block zi, statistics from _pair_stats) with the keys start_n ..
     start_n + BLOCK_N - 1 of volume b, and the keys' columns offs_dc that g multiplies (both
-    kernels that walk key tiles)."""
+    kernels that walk key tiles; EVEN: its loads unmasked, pair_tiles_even)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # Labels as stored (int64), as in the log-neg pass's loops: with _load_labels' int32 the
     # sm_90 backward (255 registers) spilled 32 bytes, the float32 log-neg pass 24 on sm_80/86.
-    yj = tl.load(Y + b * N + offs_n, mask=offs_n < N, other=-1)
+    yj = _load_stat(Y + b * N + offs_n, offs_n < N, -1, EVEN)
     dot, zj = _sims_and_key_cols(Z, b * N * D, offs_m, N, zi, Z, b * N, start_n, N, offs_dc, D, WHOLE_D, ACC,
-                                 DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
-    ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC)
+                                 DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, EVEN)
+    ln2_j, c2_j, a_j, ar_j, lns2_j = _pair_stats(LOGNEG, A, R, CS, b * N, offs_n, N, COLUMN, TAU, ACC, EVEN)
     g = _pair_coefs(dot, yi, yj, offs_m, offs_n, ln2_i, c2_i, a_i, ar_i, lns2_i, ln2_j, c2_j, a_j, ar_j, lns2_j,
-                    USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_MATH, ACC)
+                    DIAGONAL, USE_TOPK, TAU, GAMMA_POS, GAMMA_NEG, FAST_MATH, ACC)
     return g, zj
 
 
@@ -742,7 +777,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
                          FAST_MATH: tl.constexpr,
                          ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-                         BLOCK_DC: tl.constexpr, GROUP: tl.constexpr):
+                         BLOCK_DC: tl.constexpr, GROUP: tl.constexpr, EVEN: tl.constexpr):
     """Step 0 of the dense part of dz (the schedule: docs/fecl_kernels.md, "Gradient"): the
     pairs of this program's BLOCK_M anchors with the keys of their super-block (GROUP blocks;
     both directions, (g_ij + g_ji) z_j into dz_i, so each pair within a super-block is
@@ -763,7 +798,7 @@ def fecl_backward_kernel(Z, Y, CS, LOGNEG, R, A, ZT, YT, GC, DZ, THRESHOLD: tl.f
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
         g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi,
                                 tl.program_id(0) // GROUP * (GROUP * BLOCK_M) + start_n, offs_dc,
-                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
+                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, True, EVEN, COLUMN, USE_TOPK, TAU, GAMMA_POS,
                                 GAMMA_NEG, FAST_MATH, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
     if TEACHER == 2:
@@ -790,7 +825,7 @@ def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
                                ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_DK: tl.constexpr, BLOCK_DC: tl.constexpr, GROUP: tl.constexpr,
-                               SLAB_PARTS: tl.constexpr):
+                               SLAB_PARTS: tl.constexpr, EVEN: tl.constexpr):
     """Step STEP >= 1 of the dense part of dz, each pair once: program t takes the pairs of its
     block of BLOCK_M anchors (block t % GROUP of super-block p = t // GROUP; NB super-blocks of
     GROUP blocks) with the SUPER keys of super-block q = (p + STEP) mod NB, computes
@@ -812,7 +847,7 @@ def fecl_backward_pairs_kernel(Z, Y, CS, LOGNEG, R, A, ROWS, GS, N, D, STEP, NB,
     acc = tl.zeros([BLOCK_M, BLOCK_DC], ACC)
     for start_n in range(0, GROUP * BLOCK_M, BLOCK_N):
         g, zj = _key_tile_coefs(Z, Y, LOGNEG, A, R, CS, b, N, D, offs_m, yi, zi, q0 + start_n, offs_dc,
-                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, COLUMN, USE_TOPK, TAU, GAMMA_POS,
+                                ln2_i, c2_i, a_i, ar_i, lns2_i, WHOLE_D, False, EVEN, COLUMN, USE_TOPK, TAU, GAMMA_POS,
                                 GAMMA_NEG, FAST_MATH, ACC, DOT_IN, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK)
         acc = _dot_coef(g, zj, acc, ACC, DOT_IN, DOT_PREC)
         # Every slab entry is written (0 for rows or keys past N: no pair there), once.
@@ -1001,6 +1036,13 @@ SPARSE_BLOCK_M = 64
 #   spilled (positive 16 bytes, backward 384 with its 64 x 256 accumulator); at 64 x 32 they use
 #   154 and 255 registers without spilling and no more instructions per pair.
 MAX_PAIR_TILE = 64 * 32
+# - the positive pass's tile when its anchor block is held (BLOCK_DK = BLOCK_D): 64 x 64, which
+#   halves the per-tile work (the dot's descriptors, key tile and label loads, loop) per pair:
+#   bfloat16 D = 256 `dycon` on sm_90 32.3 -> 29.2 instructions per pair (187 registers), sm_80
+#   35.0 -> 34.5 (255), 0 spills at D = 256 for float16/bfloat16 with and without the column
+#   shift on sm_80/90 (the 99 KB cards' forward tiles are 64 x 32). With D in chunks (float32)
+#   64 x 64 spilled 36-52 bytes with the column shift on sm_80/86/89: those keep MAX_PAIR_TILE.
+MAX_HELD_POSITIVE_TILE = 64 * 64
 # - the backward's tile when it also evaluates the dense negatives (top_k 0: the exponentials
 #   e_ij, e_ji and the bracket of both directions on top of the positive terms): BLOCK_M x BLOCK_N
 #   <= 32 x 32. bfloat16 `official` at 64 x 32 with its 64 x 256 accumulator spilled in step 0
@@ -1276,11 +1318,11 @@ def _forward(s, u):
     if s.top_k:
         topk_idx = torch.empty(B, N, s.top_k, device=s.device, dtype=torch.int64)
         fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, FAST_MATH=s.fast_math, **s.consts,
-                               K_PAD=k_pad(s.top_k), **s.tiles, **opts)
+                               K_PAD=k_pad(s.top_k), **s.tiles, EVEN=tiles_even(N, D, s.tiles), **opts)
     if s.teacher_k:
         teacher_idx = torch.empty(B, N, s.teacher_k, device=s.device, dtype=torch.int64)
         fecl_topk_kernel[grid](z, y, zt, yt, teacher_idx, N, NT, D, s.teacher_k, FAST_MATH=s.fast_math, **s.consts,
-                               K_PAD=k_pad(s.teacher_k), **s.tiles, **opts)
+                               K_PAD=k_pad(s.teacher_k), **s.tiles, EVEN=tiles_even(NT, D, s.tiles), **opts)
 
     log_neg = s.stat_empty(B, N)
     cross = cross_count = s.stat_empty(0)
@@ -1298,8 +1340,10 @@ def _forward(s, u):
     else:
         u = s.rows(u.to(torch.float32).contiguous(), 0.0)
     loss, r, n_pos = s.stat_empty(B, N), s.stat_empty(B, N), positive_counts(y, s.stat)
+    pos_tiles = positive_consts(s.launch)
     fecl_positive_kernel[grid](z, y, cs, log_neg, u, n_pos, loss, r, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
-                               FAST_MATH=s.fast_math, **s.consts, **positive_consts(s.launch), **opts)
+                               FAST_MATH=s.fast_math, **s.consts, **pos_tiles, EVEN=tiles_even(N, D, pos_tiles),
+                               **opts)
     return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx
 
 
@@ -1354,7 +1398,8 @@ def _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags):
     B, N, D, cfg = s.B, s.N, s.D, s.launch
     group = schedule_group(N, cfg.BLOCK_M)
     common = dict(USE_TOPK=s.top_k > 0, GAMMA_POS=s.scalars["GAMMA_POS"], FAST_MATH=s.fast_math, **flags, **s.consts,
-                  BLOCK_DC=cfg.BLOCK_DC, **backward_consts(cfg, group), **s.options)
+                  BLOCK_DC=cfg.BLOCK_DC, **backward_consts(cfg, group), EVEN=pair_tiles_even(N, D, cfg, group),
+                  **s.options)
     splits = cfg.BLOCK_D // cfg.BLOCK_DC
     super_block = group * cfg.BLOCK_M
     nsb = triton.cdiv(N, super_block)
@@ -1424,6 +1469,15 @@ def backward_consts(cfg: LaunchConfig, group: int) -> dict:
     return dict(tile_consts(cfg), BLOCK_N=min(cfg.BLOCK_N, group * cfg.BLOCK_M), GROUP=group)
 
 
+def pair_tiles_even(N: int, D: int, cfg: LaunchConfig, group: int) -> bool:
+    """EVEN of the dense backward's kernels (step 0, the pair steps): every key tile of every
+    super-block lies within the N keys and D columns (N a multiple of GROUP x BLOCK_M, D =
+    BLOCK_D), so that the key rows, their labels and statistics load unmasked (the masks'
+    compares and selects were ~0.5 instructions per pair of the pair steps on sm_90, bfloat16
+    D = 256). The threshold teacher's loop stays masked."""
+    return N % (group * cfg.BLOCK_M) == 0 and D == cfg.BLOCK_D
+
+
 def slab_parts(dot_in) -> int:
     """Parts each coefficient of the backward's slabs is stored in: bfloat16 keys take g as two
     bfloat16 parts (_dot_coef), the others g itself in the compute dtype."""
@@ -1462,9 +1516,19 @@ def keys_smem_estimate(dtype: torch.dtype, bm: int, dc: int, stages: int) -> int
     return max(stages * bm * (bm * coef + dc * torch.empty(0, dtype=dtype).element_size() * split), bm * dc * acc)
 
 
+def tiles_even(nk: int, D: int, tiles: dict) -> bool:
+    """EVEN of the loops over key tiles (fecl_topk_kernel, fecl_positive_kernel): every key tile
+    lies within the nk keys and D columns (nk a multiple of BLOCK_N, D = BLOCK_D), so that its
+    loads need no mask (the masks' compares and selects were 2.5 instructions per pair of each
+    top-k pass on sm_90, bfloat16 D = 256). Anchor rows past N stay masked."""
+    return nk % tiles["BLOCK_N"] == 0 and D == tiles["BLOCK_D"]
+
+
 def positive_consts(cfg: LaunchConfig) -> dict:
-    """fecl_positive_kernel's tiles: BLOCK_N cut to MAX_PAIR_TILE."""
-    return dict(tile_consts(cfg), BLOCK_N=max(16, min(cfg.BLOCK_N, MAX_PAIR_TILE // cfg.BLOCK_M)))
+    """fecl_positive_kernel's tiles: BLOCK_N cut to MAX_HELD_POSITIVE_TILE with the anchor block
+    held across key tiles, else to MAX_PAIR_TILE."""
+    limit = MAX_HELD_POSITIVE_TILE if cfg.BLOCK_DK == cfg.BLOCK_D else MAX_PAIR_TILE
+    return dict(tile_consts(cfg), BLOCK_N=max(16, min(cfg.BLOCK_N, limit // cfg.BLOCK_M)))
 
 
 def sparse_consts(cfg: LaunchConfig, interpreted: bool = False) -> dict:
@@ -1526,12 +1590,14 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
     if kernel == "topk":
         return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
                                        K="i32"),
-                dict(FAST_MATH=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles), options)
+                dict(FAST_MATH=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles,
+                     EVEN=tiles_even(N, D, tiles)), options)
     if kernel == "positive":
+        pos_tiles = positive_consts(cfg)
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", NPOS=st, LOSS=st, R=st,
                                            N="i32", D="i32"),
                 dict(COLUMN=flags["COLUMN"], TAU=0.6, GAMMA_POS=2.0, FAST_MATH=True, ACC=acc, DOT_IN=dot_in,
-                     DOT_PREC=prec, **positive_consts(cfg)),
+                     DOT_PREC=prec, **pos_tiles, EVEN=tiles_even(N, D, pos_tiles)),
                 options)
     if kernel == "keys":
         gs = "*bf16" if slab_parts(dot_in) == 2 else st
@@ -1555,8 +1621,9 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
                                          LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
                                          D="i32", K="i32", TK="i32"), dict(consts, BLOCK_DG=cfg.BLOCK_DG), options)
-    consts = dict(consts, GAMMA_POS=2.0, FAST_MATH=True, **backward_consts(cfg, schedule_group(N, cfg.BLOCK_M)),
-                  BLOCK_DC=cfg.BLOCK_DC)
+    group = schedule_group(N, cfg.BLOCK_M)
+    consts = dict(consts, GAMMA_POS=2.0, FAST_MATH=True, **backward_consts(cfg, group), BLOCK_DC=cfg.BLOCK_DC,
+                  EVEN=pair_tiles_even(N, D, cfg, group))
     if kernel == "pairs":
         del consts["TEACHER"]
         gs = "*bf16" if slab_parts(dot_in) == 2 else st
@@ -1618,13 +1685,18 @@ def launch_configs(full: bool = False, cc: int = 90):
                     configs += _kernel_set(dtype, D, ALL_FLAGS, (1, 2, 4, 8, 16, 32, 64), cc)
         return configs
     dycon, official, all_on, topk_teacher = COVER_FLAGS[:4]
-    configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, K_PAD=1),
-               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, COLUMN=True)]
+    # The loops over key tiles with their masks (EVEN False, tiles_even, pair_tiles_even): the LA
+    # crop's N = 1960.
+    uneven = launch_n(1960)
+    configs = [_config("colshift", "fp32", 64, cc), _config("topk", "fp32", 64, cc, uneven, K_PAD=1),
+               _config("topk", "fp32", 64, cc, K_PAD=32), _config("positive", "fp32", 64, cc, uneven, COLUMN=True)]
     configs += [_config("logneg", "fp32", 64, cc, flags=f) for f in COVER_FLAGS]
-    configs += [_config("backward", "fp32", 64, cc, flags=f) for f in (dycon, official, all_on)]
+    configs += [_config("backward", "fp32", 64, cc, uneven if f == official else DEFAULT_REPORT_N, flags=f)
+                for f in (dycon, official, all_on)]
     # The pair steps: fecl_backward_pairs_kernel's terms are the backward's (_pair_coefs), so the
-    # 'dycon' and all-on sets; fecl_backward_keys_kernel has no flags.
-    configs += [_config("pairs", "fp32", 64, cc, flags=f) for f in (dycon, all_on)]
+    # 'dycon' and all-on sets (the latter masked, pair_tiles_even); fecl_backward_keys_kernel has no flags.
+    configs += [_config("pairs", "fp32", 64, cc, uneven if f == all_on else DEFAULT_REPORT_N, flags=f)
+                for f in (dycon, all_on)]
     configs += [_config("keys", dtype, 64, cc) for dtype in ("fp32", "bf16", "fp16", "fp64")]
     configs += [_config(k, "fp32", 64, cc, flags=f) for k in ("coef", "rows") for f in (all_on, topk_teacher)]
     for dtype in ("bf16", "fp64"):
@@ -1680,7 +1752,9 @@ def _fit_entry(kernel: str, dtype: str, D: int, cc: int, bounds: dict, **flags):
 # negatives of top_k 0 (the `official` preset's flags) for bfloat16 and float16, and float16's
 # with top_k (the all-on flags), on the cards whose tiles are the largest (sm_80, sm_90; the
 # 99 KB cards take 16-row tiles). Before the dispatcher's MAX_DENSE_PAIR_TILE and float16 rule
-# every one of them spilled (docs/kernel_report.md, "Spills at D = 256 in every preset").
+# every one of them spilled (docs/kernel_report.md, "Spills at D = 256 in every preset"). And the
+# positive pass of bfloat16 `dycon` at its 64 x 64 tile (MAX_HELD_POSITIVE_TILE): 255 registers
+# on sm_80, the fullest of the held tiles.
 SPILL_CI_CARDS = (80, 90)
 SPILL_CI = (("bf16", COVER_FLAGS[1]), ("fp16", COVER_FLAGS[1]), ("fp16", COVER_FLAGS[2]))
 
@@ -1703,7 +1777,8 @@ def spill_configs(cc: int, full: bool = False):
     if cc not in SPILL_CI_CARDS:
         return []
     return [_fit_entry(kernel, dtype, 256, cc, dict(spill=0), flags=flags)
-            for dtype, flags in SPILL_CI for kernel in ("backward", "pairs")]
+            for dtype, flags in SPILL_CI for kernel in ("backward", "pairs")] + [
+        _fit_entry("positive", "bf16", 256, cc, dict(spill=0), COLUMN=False)]
 
 
 # The flags (COLUMN, USE_TOPK is per case, GN_ON, TEACHER) of the two presets
@@ -1724,11 +1799,11 @@ def report_configs(dtype: str, D: int, preset: str, top_k: int, cc: int, N: int 
     if column:
         launches.append(("colshift", _config("colshift", dtype, D, cc)))
     if top_k:
-        launches.append(("topk", _config("topk", dtype, D, cc, K_PAD=k_pad(top_k))))
+        launches.append(("topk", _config("topk", dtype, D, cc, N, K_PAD=k_pad(top_k))))
     if PRESET_TEACHER_K[preset]:
-        launches.append(("topk_teacher", _config("topk", dtype, D, cc, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
+        launches.append(("topk_teacher", _config("topk", dtype, D, cc, N, K_PAD=k_pad(PRESET_TEACHER_K[preset]))))
     launches += [("logneg", _config("logneg", dtype, D, cc, flags=flags)),
-                 ("positive", _config("positive", dtype, D, cc, COLUMN=column)),
+                 ("positive", _config("positive", dtype, D, cc, N, COLUMN=column)),
                  ("backward", _config("backward", dtype, D, cc, N, flags=flags)),
                  ("pairs", _config("pairs", dtype, D, cc, N, flags=flags)),
                  ("keys", _config("keys", dtype, D, cc, N, dense=not top_k))]
