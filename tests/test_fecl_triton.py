@@ -169,7 +169,7 @@ def run_case(cfg, B=2, N=37, D=19, n_classes=3, dtype=torch.float32, Nt=None, ig
         assert not zd.is_contiguous()
     out = poisoned(fecl_forward, zd, y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
                    None if u is None else u.to(dev), cfg, blocks=blocks)
-    loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx = out
+    loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim, teacher_sim = out
 
     z64 = z.to(torch.float64).requires_grad_(True)
     ref = dense_fecl(z64, y, zt.to(torch.float64), yt, u, cfg)
@@ -205,8 +205,8 @@ def run_case(cfg, B=2, N=37, D=19, n_classes=3, dtype=torch.float32, Nt=None, ig
     grad_cross = torch.randn(B, N, generator=g, dtype=stat) if cfg.teacher == "threshold" else None
     dz = poisoned(fecl_backward, grad_loss.to(dev), None if grad_cross is None else grad_cross.to(dev), zd,
                   y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
-                  None if u is None else u.to(dev), log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, cfg,
-                  blocks=blocks)
+                  None if u is None else u.to(dev), log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim,
+                  teacher_sim, cfg, blocks=blocks)
     assert dz.dtype == dtype and dz.shape == z.shape
     objective = (grad_loss.to(torch.float64) * ref["loss"]).sum()
     if grad_cross is not None:
@@ -232,7 +232,7 @@ def test_dense_negatives(column, gamma_neg):
 def test_topk_negatives(k, N):
     # k = 24 >= #negatives of every anchor (N = 21): all of Q(i), -1 padded at the end.
     cfg = config(top_k=k, column_shift=k == 7, gamma_neg=0.0 if k == 1 else 2.0)
-    (*_, idx, _), ref = run_case(cfg, N=N, weights=True)
+    (*_, idx, _, _, _), ref = run_case(cfg, N=N, weights=True)
     assert (idx[..., N - 1:] == -1).all()
     # Sorted by decreasing similarity, -1 after every selected key.
     z = make_inputs(2, N, 19, 3, torch.float32)[0].double()
@@ -516,14 +516,15 @@ def test_float64_scalars_reach_kernels_in_float64():
     code = ("from tests.triton_aot import compile_one\n"
             "from dycon_kernels.triton import fecl\n"
             "fn, sig, ce, opts = fecl._config('logneg', 'fp64', 32, 90, flags=(True, False, True, 2))\n"
+            "print(list(sig).index('THRESHOLD'))\n"
             "print(compile_one(fn, sig, ce, 90, opts).asm['ptx'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ptx = proc.stdout
-    assert ".param .f64 fecl_logneg_kernel_param_10" in ptx
+    position, ptx = proc.stdout.split("\n", 1)
+    assert f".param .f64 fecl_logneg_kernel_param_{position}" in ptx
     assert "0d3FFAAAAAAAAAAAAB" in ptx
 
 
