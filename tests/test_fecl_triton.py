@@ -257,6 +257,38 @@ def test_dtypes(dtype):
     run_case(config(top_k=5, teacher="topk", teacher_top_k=3), dtype=dtype, Nt=21)
 
 
+@pytest.mark.parametrize("dtype, block_n", [(torch.bfloat16, 64), (torch.float16, 16)])
+def test_stored_similarities_are_the_selected_keys(dtype, block_n):
+    """16-bit embeddings: next to each selected index the top-k passes store the similarity its
+    packed key stands for, the middle of its bucket (its low bits LOW, 6 at 64-wide tiles, 4 at
+    16, 10...0), within 2^-(24 - bits) relative of the exact dot of that index's row (plus the
+    float32 dot's own rounding), slot for slot; float32 stores none. The loss and dz from them:
+    test_dtypes."""
+    from dycon_kernels.triton.fecl import fecl_forward, k_pad
+
+    B, N, Nt, D = 1, 37, 29, 24
+    cfg = config(top_k=6, teacher="topk", teacher_top_k=4)
+    z, y, zt, yt, _ = make_inputs(B, N, D, 3, dtype, Nt=Nt, seed=4)
+    out = poisoned(fecl_forward, z.to(DEVICE), y.to(DEVICE), zt.to(DEVICE), yt.to(DEVICE), None, cfg,
+                   blocks=(16, block_n))
+    for idx, sims, keys, k in ((out[7], out[9], z, cfg.top_k), (out[8], out[10], zt, cfg.teacher_top_k)):
+        idx, sims = idx.cpu(), sims.cpu()
+        low = max(block_n, k_pad(k)) - 1
+        bits = low.bit_length()
+        assert sims.shape == idx.shape and sims.dtype == torch.float32
+        ok = idx >= 0
+        assert ok.sum() > B * N  # most slots hold a key
+        zi, zq = z.double()[:, :, None, :], keys.double()[torch.arange(B)[:, None, None], idx.clamp_min(0)]
+        exact = (zi * zq).sum(-1)[ok]
+        dot_error = D * 2.0 ** -24 * (zi.norm(dim=-1) * zq.norm(dim=-1))[ok]  # float32 sums, exact products
+        err = (sims.double()[ok] - exact).abs()
+        assert (err <= 2.0 ** -(24 - bits) * exact.abs() + dot_error).all()
+        assert ((sims[ok].view(torch.int32) & low) == (low + 1) // 2).all()
+    z32 = z.float()
+    out = fecl_forward(z32.to(DEVICE), y.to(DEVICE), z32.to(DEVICE), yt.to(DEVICE), None, cfg, blocks=(16, 16))
+    assert out[9].numel() == 0 and out[10].numel() == 0
+
+
 def test_gamma_pos_zero_and_tau():
     run_case(config(gamma_pos=0.0, gamma_neg=1.0, tau=0.1), n_classes=2)
 
