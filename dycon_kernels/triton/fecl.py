@@ -1022,8 +1022,8 @@ def dot_operand_dtype(dtype, on_gpu: bool = True):
 def stored_sims(dtype) -> bool:
     """Whether the top-k passes store each selected key's similarity (to its packed key's
     resolution, 2^-18 relative) for the log-neg pass and the sparse coefficients, which then need
-    no gather: for 16-bit embeddings, whose outputs round to 2^-9 (bfloat16) or 2^-12 (float16);
-    float32 and float64 recompute it exactly (docs/fecl_kernels.md, "What the stored
+    no gather: for 16-bit embeddings, whose outputs round to 2^-8 (bfloat16) or 2^-11 (float16)
+    relative; float32 and float64 recompute it exactly (docs/fecl_kernels.md, "What the stored
     similarities change")."""
     return dtype in (torch.float16, torch.bfloat16)
 
@@ -1327,8 +1327,8 @@ class _Launch:
         self.dummy_i = torch.empty(1, device=self.device, dtype=torch.int64)
 
     def pointers(self, topk_idx, teacher_idx, topk_sim, teacher_sim):
-        """TOPK, TIDX, SIMS, TSIMS of the kernels that read the stored top-k: the dummies where
-        unused (an empty tensor's pointer may be null, which a launch refuses)."""
+        """TOPK, TIDX, SIMS, TSIMS of the kernels that read the stored top-k, the dummy pointers
+        where they are not read."""
         used = (self.top_k, self.teacher_k, self.top_k and self.stored_sims, self.teacher_k and self.stored_sims)
         dummies = (self.dummy_i, self.dummy_i, self.dummy_f, self.dummy_f)
         return [t if u else d for t, u, d in zip((topk_idx, teacher_idx, topk_sim, teacher_sim), used, dummies)]
@@ -1409,7 +1409,8 @@ def _topk(s, zt, yt, NT: int, k: int):
 def fecl_backward(grad_loss, grad_cross, z, y, zt, yt, u, log_neg, r, n_pos, col_shift, topk_idx,
                   teacher_idx, topk_sim, teacher_sim, cfg, *, blocks=None):
     """dz (z's dtype) from the upstream (B, N) gradients of ``loss`` and ``cross`` and the saved
-    statistics; ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
+    statistics (fecl_forward's; topk_sim and teacher_sim are read with stored_sims only);
+    ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "backward")
     with device_guard(s.device):
         return s.unpad(_backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx,
