@@ -289,6 +289,18 @@ def test_stored_similarities_are_the_selected_keys(dtype, block_n):
     assert out[9].numel() == 0 and out[10].numel() == 0
 
 
+def test_op_carries_the_stored_similarities():
+    """dycon::fecl on the Triton backend with 16-bit embeddings: 11 outputs, the fake
+    implementation's topk_sim/teacher_sim shapes and dtypes those of the kernels, forward and
+    backward through torch.library.opcheck."""
+    z, y, zt, yt, _ = make_inputs(2, 16, 16, 3, torch.bfloat16, seed=5)
+    args = (z.to(DEVICE).requires_grad_(), y.to(DEVICE), zt.to(DEVICE), yt.to(DEVICE), None, 0.6, 2.0, 2.0, 5,
+            False, "topk", 3, torch.tensor(0.0, dtype=torch.float64), "triton")
+    torch.library.opcheck(torch.ops.dycon.fecl.default, args)
+    outs = torch.ops.dycon.fecl.default(*args)
+    assert [(tuple(o.shape), o.dtype) for o in outs[-2:]] == [((2, 16, 5), torch.float32), ((2, 16, 3), torch.float32)]
+
+
 def test_gamma_pos_zero_and_tau():
     run_case(config(gamma_pos=0.0, gamma_neg=1.0, tau=0.1), n_classes=2)
 
