@@ -38,7 +38,8 @@ class FeclConfig:
 
 # ------------------------------------------------------------------------------------------
 # The custom ops. Outputs: (loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx,
-# teacher_idx); only loss and cross are differentiable, the rest are saved statistics.
+# teacher_idx, topk_sim, teacher_sim); only loss and cross are differentiable, the rest are saved
+# statistics.
 
 def _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold):
     return FeclConfig(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, teacher_threshold)
@@ -48,11 +49,25 @@ def _stat_dtype(z: Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
-def _needed_outputs(column_shift: bool, teacher: str, top_k: int, teacher_top_k: int):
-    """Which of the 9 outputs carry data for this configuration; the others are empty (0,)."""
+def _stores_sims(module) -> bool:
+    """Whether a backend's forward also returns the selected keys' similarities (topk_sim,
+    teacher_sim, empty unless its ``stored_sims(dtype)``) and its backward takes them
+    (docs/fecl_kernels.md, "Entry points"): the Triton backend. The C++ one returns 9 outputs."""
+    return hasattr(module, "stored_sims")
+
+
+def _needed_outputs(column_shift: bool, teacher: str, top_k: int, teacher_top_k: int, sims: bool):
+    """Which of the 11 outputs carry data for this configuration; the others are empty (0,).
+    ``sims``: the backend stores the selected keys' similarities for these embeddings."""
     threshold = teacher == "threshold"
-    return [True, threshold, threshold, True, True, True, column_shift, top_k > 0,
-            teacher == "topk" and teacher_top_k > 0]
+    teacher_topk = teacher == "topk" and teacher_top_k > 0
+    return [True, threshold, threshold, True, True, True, column_shift, top_k > 0, teacher_topk,
+            top_k > 0 and sims, teacher_topk and sims]
+
+
+def _backend_sims(backend: str, dtype: torch.dtype) -> bool:
+    module = backends.load(backend)
+    return _stores_sims(module) and module.stored_sims(dtype)
 
 
 @torch.library.custom_op("dycon::fecl", mutates_args=())
@@ -60,18 +75,22 @@ def _fecl_op(z: Tensor, y: Tensor, zt: Optional[Tensor], yt: Optional[Tensor], u
              tau: float, gamma_pos: float, gamma_neg: float, top_k: int, column_shift: bool, teacher: str,
              teacher_top_k: int, teacher_threshold: Tensor, backend: str) -> list[Tensor]:
     cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, float(teacher_threshold))
-    outs = backends.load(backend).fecl_forward(z, y, zt, yt, u, cfg)
+    module = backends.load(backend)
+    outs = module.fecl_forward(z, y, zt, yt, u, cfg)
+    if not _stores_sims(module):
+        outs = (*outs, z.new_empty(0, dtype=_stat_dtype(z)), z.new_empty(0, dtype=_stat_dtype(z)))
     # One convention for every backend (and for the fake impl below): unused outputs are (0,).
-    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k)
+    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k, _backend_sims(backend, z.dtype))
     return [o if need else o.new_empty(0) for o, need in zip(outs, needed)]
 
 
 @_fecl_op.register_fake
 def _(z, y, zt, yt, u, tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k,
       teacher_threshold, backend):
-    shapes = [z.shape[:2]] * 7 + [(z.shape[0], z.shape[1], top_k), (z.shape[0], z.shape[1], teacher_top_k)]
-    dtypes = [_stat_dtype(z)] * 7 + [torch.int64] * 2
-    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k)
+    selected = [(z.shape[0], z.shape[1], top_k), (z.shape[0], z.shape[1], teacher_top_k)]
+    shapes = [z.shape[:2]] * 7 + selected * 2
+    dtypes = [_stat_dtype(z)] * 7 + [torch.int64] * 2 + [_stat_dtype(z)] * 2
+    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k, _backend_sims(backend, z.dtype))
     return [z.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needed)]
 
 
@@ -86,15 +105,17 @@ def _needs_atomics(backend: str, device_type: str, top_k: int) -> bool:
 @torch.library.custom_op("dycon::fecl_backward", mutates_args=())
 def _fecl_backward_op(grad_loss: Tensor, grad_cross: Tensor, z: Tensor, y: Tensor, zt: Optional[Tensor],
                       yt: Optional[Tensor], u: Optional[Tensor], log_neg: Tensor, r: Tensor, n_pos: Tensor,
-                      col_shift: Tensor, topk_idx: Tensor, teacher_idx: Tensor, tau: float, gamma_pos: float,
-                      gamma_neg: float, top_k: int, column_shift: bool, teacher: str, teacher_top_k: int,
-                      teacher_threshold: Tensor, backend: str) -> Tensor:
+                      col_shift: Tensor, topk_idx: Tensor, teacher_idx: Tensor, topk_sim: Tensor,
+                      teacher_sim: Tensor, tau: float, gamma_pos: float, gamma_neg: float, top_k: int,
+                      column_shift: bool, teacher: str, teacher_top_k: int, teacher_threshold: Tensor,
+                      backend: str) -> Tensor:
     if _needs_atomics(backend, z.device.type, top_k):
         alert_not_deterministic(f"dycon::fecl_backward with top_k on the {backend} backend")
     cfg = _config(tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, teacher_top_k, float(teacher_threshold))
-    return backends.load(backend).fecl_backward(
-        grad_loss.contiguous(), grad_cross.contiguous(), z, y, zt, yt, u, log_neg, r, n_pos, col_shift,
-        topk_idx, teacher_idx, cfg)
+    module = backends.load(backend)
+    sims = (topk_sim, teacher_sim) if _stores_sims(module) else ()
+    return module.fecl_backward(grad_loss.contiguous(), grad_cross.contiguous(), z, y, zt, yt, u, log_neg, r, n_pos,
+                                col_shift, topk_idx, teacher_idx, *sims, cfg)
 
 
 @_fecl_backward_op.register_fake
@@ -109,8 +130,7 @@ _PARAMS = ("tau", "gamma_pos", "gamma_neg", "top_k", "column_shift", "teacher", 
 def _setup_context(ctx, inputs, output):
     z, y, zt, yt, u = inputs[:5]
     ctx.params = inputs[5:]
-    log_neg, r, n_pos, col_shift, topk_idx, teacher_idx = output[3:]
-    ctx.save_for_backward(z, y, zt, yt, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx)
+    ctx.save_for_backward(z, y, zt, yt, u, *output[3:])  # log_neg .. teacher_sim
     ctx.mark_non_differentiable(*output[2:])
 
 

@@ -145,3 +145,80 @@ def emulate(n: int, d: int, rows: int = 16, n_classes: int = 4, seed: int = 0):
     want, scale = backward_rows(z, y, stats, rows, exact=True)
     err = (got - want).abs()
     return (err.max() / want.abs().max()).item(), (err / scale.clamp_min(1e-300)).max().item(), error_bound(n, d)
+
+
+PACK_LOW_BITS = 6  # the top-k passes' packed keys at 64-wide key tiles and top_k <= 64
+
+
+def stored_similarity(s: torch.Tensor, low_bits: int = PACK_LOW_BITS) -> torch.Tensor:
+    """float32 similarities (as float64) as the top-k pass stores them for 16-bit embeddings
+    (fecl_topk_kernel, _bucket_value): the bits above the packed key's low bits kept, the low bits
+    set to their bucket's middle."""
+    low = (1 << low_bits) - 1
+    bits = s.float().view(torch.int32)
+    return ((bits & ~low) | ((low + 1) >> 1)).view(torch.float32).double()
+
+
+def _topk_coefficients(s, ln_i, ar_i, tau, gn, dtype):
+    """g_iq / tau = a_i R_i exp(s / tau - log_neg_i) bracket(s) / tau (fecl_sparse_coef_kernel) and
+    |d log g / d s| = 1 / tau + bracket'(s) / bracket(s), in ``dtype``."""
+    s = s.to(dtype)
+    base = (1 + s) / 2  # (1 + tau l) / 2 with l = s / tau
+    bracket = base ** gn + gn * tau / 2 * base ** (gn - 1)
+    slope = (gn / 2 * base ** (gn - 1) + gn * (gn - 1) * tau / 4 * base ** (gn - 2)) / bracket
+    g = ar_i[:, None].to(dtype) * torch.exp(s / tau - ln_i[:, None].to(dtype)) * bracket / tau
+    return g, 1 / tau + slope
+
+
+def sparse_rows(z, y, stats, rows: int, k: int, exact: bool, tau=0.6, gn=2.0, low_bits: int = PACK_LOW_BITS):
+    """The top-k negatives' row side of dz, sum_q g_iq z_q / tau, for the first ``rows`` anchors
+    ('dycon' top-k: each anchor's k negatives of largest similarity). Emulated: the similarity the
+    top-k pass stored (its tensor-core dot, blocks of 16 truncated into float32, at its packed
+    key's bucket middle: stored_similarity), g in float32 (fecl_sparse_coef_kernel), the sum over
+    the slots in float32 (fecl_sparse_rows_kernel's row side). Exact: float64 from the exact
+    similarity (``low_bits``: another packing, to show what the bound catches). Also returns the scale sum_q |g_iq| |z_q| and the largest |d log g / d s|."""
+    log_neg, _, ar = stats
+    zi = z[:rows]
+    s_exact = zi @ z.T
+    neg = (y[:rows, None] != y[None, :]) & (y[:rows, None] >= 0) & (y[None, :] >= 0)
+    idx = torch.where(neg, s_exact, -math.inf).topk(k, dim=1).indices
+    zq = z[idx]  # (rows, k, D)
+    if exact:
+        s = s_exact.gather(1, idx)
+    else:
+        s = mma(zi, z.T, torch.zeros(rows, z.shape[0], dtype=torch.float64), exact=False)
+        s = stored_similarity(s, low_bits).gather(1, idx)
+    dtype = torch.float64 if exact else torch.float32
+    g, slope = _topk_coefficients(s, log_neg[:rows], ar[:rows], tau, gn, dtype)
+    acc = torch.zeros(rows, z.shape[1], dtype=dtype)
+    for slot in range(k):
+        acc = acc + g[:, slot, None] * zq[:, slot].to(dtype)
+    scale = (g.double().abs()[:, :, None] * zq.abs()).sum(1)
+    return acc.double(), scale, slope.abs().max().item()
+
+
+def sparse_error_bound(d: int, k: int, slope: float) -> float:
+    """The model's bound on the sparse row side's error / (sum_q |g_iq| |z_q|), per element: the
+    stored similarity errs by at most half a bucket, 2^(PACK_LOW_BITS - 1) ulps = 2^-18 relative
+    (|s| <= 1 for unit vectors, so 2^-18 absolute), plus its D / 16 truncating blocks, (D / 16) 2u,
+    times |d log g / d s| (slope; exp of an error e is 1 + e (1 + e)); ~32u of float32 element-wise
+    rounding; 2u for each of the k float32 additions and products of the sum."""
+    ds = 2.0 ** -(24 - PACK_LOW_BITS) + (d / 16) * 2 * F32_EPS
+    return slope * ds * (1 + slope * ds) + 32 * F32_EPS + 2 * k * F32_EPS
+
+
+def emulate_sparse(n: int, d: int, k: int = 32, rows: int = 16, n_classes: int = 4, seed: int = 0,
+                   low_bits: int = PACK_LOW_BITS):
+    """As emulate, for the top-k negatives' row side: (max error relative to max |row side|,
+    max error relative to the scale, bound)."""
+    g = torch.Generator().manual_seed(seed)
+    z = bf16(torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1))
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.1] = -1
+    y[:rows] = torch.arange(rows) % n_classes
+    stats = statistics(z, y, 0.6, 2.0, seed=seed)
+    got, _, slope = sparse_rows(z, y, stats, rows, k, exact=False, low_bits=low_bits)
+    want, scale, _ = sparse_rows(z, y, stats, rows, k, exact=True)
+    err = (got - want).abs()
+    return (err.max() / want.abs().max()).item(), (err / scale.clamp_min(1e-300)).max().item(), \
+        sparse_error_bound(d, k, slope)

@@ -3,6 +3,8 @@
 CI runs N = 2048 (a few seconds); DYCON_BF16_EMULATION_FULL=1 adds N = 13 824 and 110 592
 (minutes). The error of dz is bounded by the rounding model of fecl_bf16_emulation.error_bound
 and, relative to max |dz|, stays below half a bfloat16 ulp (the rounding of the returned dz).
+The top-k negatives' row side, from the similarities the top-k pass stores at its packed keys'
+resolution, likewise (sparse_error_bound).
 """
 import os
 
@@ -53,3 +55,25 @@ def test_the_bound_catches_a_one_part_coefficient():
     want, scale = emu.backward_rows(z, y, stats, 8, exact=True)
     got, _ = emu.backward_rows(z, y, stats, 8, exact=False, split=False)
     assert ((got - want).abs() / scale).max() > emu.error_bound(512, 64)
+
+
+@pytest.mark.parametrize("n", [2048] + ([13824, 110592] if FULL else []))
+def test_bf16_topk_rows_from_stored_similarities_within_their_bound(n):
+    rel_max, rel_scale, bound = emu.emulate_sparse(n, 256)
+    assert rel_scale <= bound, (n, rel_scale, bound)
+    assert rel_max < 2.0 ** -9, (n, rel_max)
+    assert rel_max > 0
+
+
+def test_stored_similarity_is_its_buckets_middle():
+    s = torch.tensor([0.3, -0.7, 1e-3, 0.99, -1.0], dtype=torch.float32).double()
+    got = emu.stored_similarity(s)
+    assert ((got.float().view(torch.int32) & 63) == 32).all()
+    assert ((got - s).abs() <= 2.0 ** -18 * s.abs()).all() and (got != s).all()
+
+
+def test_the_sparse_bound_catches_a_coarser_packing():
+    """Stored similarities with 12 low bits replaced (2^-12 relative) are past the bound of the
+    kernel's 6: the test above can fail."""
+    _, rel_scale, bound = emu.emulate_sparse(512, 64, low_bits=12)
+    assert rel_scale > bound

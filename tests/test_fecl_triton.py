@@ -169,7 +169,7 @@ def run_case(cfg, B=2, N=37, D=19, n_classes=3, dtype=torch.float32, Nt=None, ig
         assert not zd.is_contiguous()
     out = poisoned(fecl_forward, zd, y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
                    None if u is None else u.to(dev), cfg, blocks=blocks)
-    loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx = out
+    loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim, teacher_sim = out
 
     z64 = z.to(torch.float64).requires_grad_(True)
     ref = dense_fecl(z64, y, zt.to(torch.float64), yt, u, cfg)
@@ -205,8 +205,8 @@ def run_case(cfg, B=2, N=37, D=19, n_classes=3, dtype=torch.float32, Nt=None, ig
     grad_cross = torch.randn(B, N, generator=g, dtype=stat) if cfg.teacher == "threshold" else None
     dz = poisoned(fecl_backward, grad_loss.to(dev), None if grad_cross is None else grad_cross.to(dev), zd,
                   y.to(dev), zt.to(dev) if use_t else None, yt.to(dev) if use_t else None,
-                  None if u is None else u.to(dev), log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, cfg,
-                  blocks=blocks)
+                  None if u is None else u.to(dev), log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim,
+                  teacher_sim, cfg, blocks=blocks)
     assert dz.dtype == dtype and dz.shape == z.shape
     objective = (grad_loss.to(torch.float64) * ref["loss"]).sum()
     if grad_cross is not None:
@@ -232,7 +232,7 @@ def test_dense_negatives(column, gamma_neg):
 def test_topk_negatives(k, N):
     # k = 24 >= #negatives of every anchor (N = 21): all of Q(i), -1 padded at the end.
     cfg = config(top_k=k, column_shift=k == 7, gamma_neg=0.0 if k == 1 else 2.0)
-    (*_, idx, _), ref = run_case(cfg, N=N, weights=True)
+    (*_, idx, _, _, _), ref = run_case(cfg, N=N, weights=True)
     assert (idx[..., N - 1:] == -1).all()
     # Sorted by decreasing similarity, -1 after every selected key.
     z = make_inputs(2, N, 19, 3, torch.float32)[0].double()
@@ -255,6 +255,50 @@ def test_teacher_threshold(column):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(dtype):
     run_case(config(top_k=5, teacher="topk", teacher_top_k=3), dtype=dtype, Nt=21)
+
+
+@pytest.mark.parametrize("dtype, block_n", [(torch.bfloat16, 64), (torch.float16, 16)])
+def test_stored_similarities_are_the_selected_keys(dtype, block_n):
+    """16-bit embeddings: next to each selected index the top-k passes store the similarity its
+    packed key stands for, the middle of its bucket (its low bits LOW, 6 at 64-wide tiles, 4 at
+    16, 10...0), within 2^-(24 - bits) relative of the exact dot of that index's row (plus the
+    float32 dot's own rounding), slot for slot; float32 stores none. The loss and dz from them:
+    test_dtypes."""
+    from dycon_kernels.triton.fecl import fecl_forward, k_pad
+
+    B, N, Nt, D = 1, 37, 29, 24
+    cfg = config(top_k=6, teacher="topk", teacher_top_k=4)
+    z, y, zt, yt, _ = make_inputs(B, N, D, 3, dtype, Nt=Nt, seed=4)
+    out = poisoned(fecl_forward, z.to(DEVICE), y.to(DEVICE), zt.to(DEVICE), yt.to(DEVICE), None, cfg,
+                   blocks=(16, block_n))
+    for idx, sims, keys, k in ((out[7], out[9], z, cfg.top_k), (out[8], out[10], zt, cfg.teacher_top_k)):
+        idx, sims = idx.cpu(), sims.cpu()
+        low = max(block_n, k_pad(k)) - 1
+        bits = low.bit_length()
+        assert sims.shape == idx.shape and sims.dtype == torch.float32
+        ok = idx >= 0
+        assert ok.sum() > B * N  # most slots hold a key
+        zi, zq = z.double()[:, :, None, :], keys.double()[torch.arange(B)[:, None, None], idx.clamp_min(0)]
+        exact = (zi * zq).sum(-1)[ok]
+        dot_error = D * 2.0 ** -24 * (zi.norm(dim=-1) * zq.norm(dim=-1))[ok]  # float32 sums, exact products
+        err = (sims.double()[ok] - exact).abs()
+        assert (err <= 2.0 ** -(24 - bits) * exact.abs() + dot_error).all()
+        assert ((sims[ok].view(torch.int32) & low) == (low + 1) // 2).all()
+    z32 = z.float()
+    out = fecl_forward(z32.to(DEVICE), y.to(DEVICE), z32.to(DEVICE), yt.to(DEVICE), None, cfg, blocks=(16, 16))
+    assert out[9].numel() == 0 and out[10].numel() == 0
+
+
+def test_op_carries_the_stored_similarities():
+    """dycon::fecl on the Triton backend with 16-bit embeddings: 11 outputs, the fake
+    implementation's topk_sim/teacher_sim shapes and dtypes those of the kernels, forward and
+    backward through torch.library.opcheck."""
+    z, y, zt, yt, _ = make_inputs(2, 16, 16, 3, torch.bfloat16, seed=5)
+    args = (z.to(DEVICE).requires_grad_(), y.to(DEVICE), zt.to(DEVICE), yt.to(DEVICE), None, 0.6, 2.0, 2.0, 5,
+            False, "topk", 3, torch.tensor(0.0, dtype=torch.float64), "triton")
+    torch.library.opcheck(torch.ops.dycon.fecl.default, args)
+    outs = torch.ops.dycon.fecl.default(*args)
+    assert [(tuple(o.shape), o.dtype) for o in outs[-2:]] == [((2, 16, 5), torch.float32), ((2, 16, 3), torch.float32)]
 
 
 def test_gamma_pos_zero_and_tau():
@@ -516,14 +560,15 @@ def test_float64_scalars_reach_kernels_in_float64():
     code = ("from tests.triton_aot import compile_one\n"
             "from dycon_kernels.triton import fecl\n"
             "fn, sig, ce, opts = fecl._config('logneg', 'fp64', 32, 90, flags=(True, False, True, 2))\n"
+            "print(list(sig).index('THRESHOLD'))\n"
             "print(compile_one(fn, sig, ce, 90, opts).asm['ptx'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ptx = proc.stdout
-    assert ".param .f64 fecl_logneg_kernel_param_10" in ptx
+    position, ptx = proc.stdout.split("\n", 1)
+    assert f".param .f64 fecl_logneg_kernel_param_{position}" in ptx
     assert "0d3FFAAAAAAAAAAAAB" in ptx
 
 

@@ -219,13 +219,28 @@ def _gather_dot(Z, z_base, offs_m, KEYS, k_base, idx, ok, D, ACC: tl.constexpr, 
 
 
 @triton.jit
-def _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DG: tl.constexpr):
-    """For the top-k slot of each anchor row: whether it holds a key q (-1: none), the logit
-    l_iq = <z_i, z_q> / tau (a gather over D in chunks) and t_iq = l_iq - c_q (with COLUMN; else l_iq)."""
-    q = tl.load(TOPK + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
+def _selected_sim(IDX, SIMS, Z, KEYS, b, N, NK, D, K, slot, offs_m, row_ok, STORED: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DG: tl.constexpr):
+    """For slot ``slot`` of each anchor row's stored top-k (IDX (B, N, K), keys of KEYS (B, NK, D)):
+    whether it holds a key q (-1: none), q, and <z_i, key_q>: with STORED the similarity the top-k
+    pass stored next to the index (SIMS, to its packed key's resolution: _bucket_value), else a
+    gather of the key's row over D in chunks (_gather_dot)."""
+    q = tl.load(IDX + (b * N + offs_m) * K + slot, mask=row_ok, other=-1)
     ok = row_ok & (q >= 0)
-    l = _gather_dot(Z, b * N * D, offs_m, Z, b * N * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
+    if STORED:
+        sim = tl.load(SIMS + (b * N + offs_m) * K + slot, mask=ok, other=0.0)
+    else:
+        sim = _gather_dot(Z, b * N * D, offs_m, KEYS, b * NK * D, q, ok, D, ACC, BLOCK_M, BLOCK_DG)
+    return ok, q, sim
+
+
+@triton.jit
+def _stored_pair_logit(TOPK, SIMS, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN: tl.constexpr,
+                       STORED: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DG: tl.constexpr):
+    """For the top-k slot of each anchor row: whether it holds a key q (-1: none), the logit
+    l_iq = <z_i, z_q> / tau (_selected_sim) and t_iq = l_iq - c_q (with COLUMN; else l_iq)."""
+    ok, q, sim = _selected_sim(TOPK, SIMS, Z, Z, b, N, N, D, K, slot, offs_m, row_ok, STORED, ACC, BLOCK_M, BLOCK_DG)
+    l = sim * inv_tau
     t = l
     if COLUMN:
         t = l - tl.load(CS + b * N + q, mask=ok, other=0.0)
@@ -469,9 +484,21 @@ def _packed_keys(s, low_bits, ACC: tl.constexpr, LOW: tl.constexpr, FAST_MATH: t
 
 
 @triton.jit
-def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, ACC: tl.constexpr,
+def _bucket_value(key, ACC: tl.constexpr, LOW: tl.constexpr):
+    """The float a packed key (_packed_keys) stands for: the middle of its bucket, the floats
+    that agree with it above the low bits LOW (within 2^-18 relative of each for float32 and
+    6 low bits: docs/fecl_kernels.md, "What the stored similarities change")."""
+    IT: tl.constexpr = tl.int64 if ACC == tl.float64 else tl.int32
+    SIGN: tl.constexpr = IT.primitive_bitwidth - 1
+    t = key ^ ((key >> SIGN) & (((1 << SIGN) - 1) & ~LOW))  # the flip is its own inverse
+    return ((t & ~LOW) | ((LOW + 1) // 2)).to(ACC, bitcast=True)
+
+
+@triton.jit
+def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, SIMS, N, NK, D, K, FAST_MATH: tl.constexpr, ACC: tl.constexpr,
                      DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, EVEN: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, EVEN: tl.constexpr,
+                     STORE_SIMS: tl.constexpr):
     """Pass 2: the K keys q (of KEYS, (B, NK, D), labels KY) with ky_q >= 0, ky_q != y_i and the
     largest <z_i, key_q>, for each anchor i -> IDX (B, N, K) int64, sorted descending, -1 padded.
     Used for the student negatives (KEYS = Z) and for the teacher top-k (KEYS = ZT).
@@ -481,8 +508,10 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, 
     values) or by the buffer slot (buffer values), so that a row's maximum or minimum and where
     it is are one integer reduction, every packed value of a row being distinct. Values closer
     than the low bits (2^-17 relative for float32 at 64 columns) compare equal, and among them
-    the column or the slot decides. The keys only select and order: the loss re-reads the
-    selected keys' similarities from the stored indices, so the packing does not reach it."""
+    the column or the slot decides. With STORE_SIMS the similarity each selected key's packed key
+    stands for (_bucket_value) goes to SIMS (B, N, K) next to its index, for the log-neg pass and
+    the sparse coefficients (16-bit embeddings: stored_sims); else they recompute it from the
+    embeddings and the packing only selects and orders."""
     IT: tl.constexpr = tl.int64 if ACC == tl.float64 else tl.int32  # keys: signed, of ACC's width
     UT: tl.constexpr = tl.uint64 if ACC == tl.float64 else tl.uint32
     SIGN: tl.constexpr = IT.primitive_bitwidth - 1
@@ -530,34 +559,41 @@ def fecl_topk_kernel(Z, Y, KEYS, KY, IDX, N, NK, D, K, FAST_MATH: tl.constexpr, 
     # are left, whose indices are all -1).
     vals = tl.where(idx >= 0, vals, lowest)
     out = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
+    out_keys = tl.full([BLOCK_M, K_PAD], lowest, IT)
     for r in range(0, K):
         top = tl.max(vals, axis=1)
         at_top = vals == top[:, None]
         out = tl.where(offs_k[None, :] == r, tl.max(tl.where(at_top, idx, -1), axis=1)[:, None], out)
+        if STORE_SIMS:
+            out_keys = tl.where(offs_k[None, :] == r, top[:, None], out_keys)
         vals = tl.where(at_top, lowest, vals)
         idx = tl.where(at_top, -1, idx)
     mask = (offs_m[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(IDX + (b * N + offs_m[:, None]) * K + offs_k[None, :], out.to(tl.int64), mask=mask)
+    out_at = (b * N + offs_m[:, None]) * K + offs_k[None, :]
+    tl.store(IDX + out_at, out.to(tl.int64), mask=mask)
+    if STORE_SIMS:
+        tl.store(SIMS + out_at, _bucket_value(out_keys, ACC, LOW), mask=mask)
 
 
 @triton.jit
-def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRESHOLD: tl.float64, N, NT, D, K, TK,
-                       COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr,
-                       TEACHER: tl.constexpr,
+def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, SIMS, TSIMS, LOGNEG, CROSS, CCOUNT, THRESHOLD: tl.float64, N,
+                       NT, D, K, TK, COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
+                       GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr, STORED_SIMS: tl.constexpr,
                        ACC: tl.constexpr, DOT_IN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DG: tl.constexpr):
     """Pass 3: log Neg_i = log(sum_{q in H(i)} w_iq exp(l_iq - c_q) + sum_{k in T(i)} exp(l^t_ik))
-    (-inf without negatives); with TEACHER == 2, cross_i and cross_count_i."""
+    (-inf without negatives); with TEACHER == 2, cross_i and cross_count_i. The stored pairs'
+    similarities: SIMS / TSIMS with STORED_SIMS, else gathers (_selected_sim)."""
     inv_tau, threshold = _scalar(1.0 / TAU, ACC), (THRESHOLD + tl.zeros([], ACC)).to(ACC)
     b, offs_m, row_ok, yi, zi = _anchor_block(Y, Z, N, D, DOT_IN, BLOCK_M, BLOCK_D, BLOCK_DK)
     vi = yi >= 0
     m = tl.full([BLOCK_M], NEG_INF, ACC)
     s = tl.zeros([BLOCK_M], ACC)
     if USE_TOPK:
-        # H(i) from the stored indices: a gather of one key row per anchor and slot.
+        # H(i) from the stored indices, one slot of each anchor at a time.
         for slot in range(0, K):
-            ok, l, t = _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN, ACC, BLOCK_M,
-                                          BLOCK_DG)
+            ok, l, t = _stored_pair_logit(TOPK, SIMS, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN,
+                                          STORED_SIMS, ACC, BLOCK_M, BLOCK_DG)
             t = tl.where(ok, t, NEG_INF)
             m, s = _lse_update(m, s, t[:, None], _neg_weight(l, TAU, GAMMA_NEG)[:, None])
     else:
@@ -574,9 +610,9 @@ def fecl_logneg_kernel(Z, Y, CS, ZT, YT, TOPK, TIDX, LOGNEG, CROSS, CCOUNT, THRE
     if TEACHER == 1:
         # T(i) from the stored teacher indices, no offset and no weight.
         for slot in range(0, TK):
-            k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
-            ok = row_ok & (k >= 0)
-            lt = _gather_dot(Z, b * N * D, offs_m, ZT, b * NT * D, k, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
+            ok, _, st = _selected_sim(TIDX, TSIMS, Z, ZT, b, N, NT, D, TK, slot, offs_m, row_ok, STORED_SIMS, ACC,
+                                      BLOCK_M, BLOCK_DG)
+            lt = st * inv_tau
             m, s = _lse_update(m, s, tl.where(ok, lt, NEG_INF)[:, None], tl.full([BLOCK_M, 1], 1.0, ACC))
     tl.store(LOGNEG + b * N + offs_m, tl.where(s > 0, m + tl.log(s), NEG_INF), mask=row_ok)
     if TEACHER == 2:
@@ -894,14 +930,14 @@ def fecl_backward_keys_kernel(Z, GS, ROWS, DZ, N, D, STEP, NB, ACC: tl.constexpr
 
 
 @triton.jit
-def fecl_sparse_coef_kernel(Z, CS, LOGNEG, R, A, ZT, TOPK, TIDX, G, GT, N, NT, D, K, TK, COLUMN: tl.constexpr,
-                            USE_TOPK: tl.constexpr, TAU: tl.constexpr, GAMMA_NEG: tl.constexpr,
-                            TEACHER: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_DG: tl.constexpr):
+def fecl_sparse_coef_kernel(Z, CS, LOGNEG, R, A, ZT, TOPK, TIDX, SIMS, TSIMS, G, GT, N, NT, D, K, TK,
+                            COLUMN: tl.constexpr, USE_TOPK: tl.constexpr, TAU: tl.constexpr,
+                            GAMMA_NEG: tl.constexpr, TEACHER: tl.constexpr, STORED_SIMS: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DG: tl.constexpr):
     """The coefficients of the sparse pairs, divided by tau, for the stored index of each anchor
     and slot: G (B, N, K) g_iq / tau = a_i R_i exp(l_iq - c_q - log_neg_i) bracket(l_iq) / tau for
     q in H(i), GT (B, N, TK) g^t_ik / tau = a_i R_i exp(l^t_ik - log_neg_i) / tau for k in T(i);
-    0 for a -1 slot. The dots are gathers over D in chunks (_gather_dot)."""
+    0 for a -1 slot. The similarities: SIMS / TSIMS with STORED_SIMS, else gathers (_selected_sim)."""
     inv_tau = _scalar(1.0 / TAU, ACC)
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -911,15 +947,15 @@ def fecl_sparse_coef_kernel(Z, CS, LOGNEG, R, A, ZT, TOPK, TIDX, G, GT, N, NT, D
     ln_safe_i = tl.where(ln_i == NEG_INF, float("inf"), ln_i)  # no negative: the terms vanish
     if USE_TOPK:
         for slot in range(0, K):
-            ok, l, t = _stored_pair_logit(TOPK, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN, ACC, BLOCK_M,
-                                          BLOCK_DG)
+            ok, l, t = _stored_pair_logit(TOPK, SIMS, CS, Z, b, N, D, K, slot, offs_m, row_ok, inv_tau, COLUMN,
+                                          STORED_SIMS, ACC, BLOCK_M, BLOCK_DG)
             g = ar_i * tl.exp(t - ln_safe_i) * _neg_bracket(l, TAU, GAMMA_NEG) * inv_tau
             tl.store(G + (b * N + offs_m) * K + slot, tl.where(ok, g, 0.0), mask=row_ok)
     if TEACHER == 1:
         for slot in range(0, TK):
-            k = tl.load(TIDX + (b * N + offs_m) * TK + slot, mask=row_ok, other=-1)
-            ok = row_ok & (k >= 0)
-            lt = _gather_dot(Z, b * N * D, offs_m, ZT, b * NT * D, k, ok, D, ACC, BLOCK_M, BLOCK_DG) * inv_tau
+            ok, _, st = _selected_sim(TIDX, TSIMS, Z, ZT, b, N, NT, D, TK, slot, offs_m, row_ok, STORED_SIMS, ACC,
+                                      BLOCK_M, BLOCK_DG)
+            lt = st * inv_tau
             tl.store(GT + (b * N + offs_m) * TK + slot, tl.where(ok, ar_i * tl.exp(lt - ln_safe_i) * inv_tau, 0.0),
                      mask=row_ok)
 
@@ -981,6 +1017,15 @@ def dot_operand_dtype(dtype, on_gpu: bool = True):
     if dtype == torch.float16 or (dtype == torch.bfloat16 and on_gpu):
         return tl.float16 if dtype == torch.float16 else tl.bfloat16
     return compute_dtype(dtype)
+
+
+def stored_sims(dtype) -> bool:
+    """Whether the top-k passes store each selected key's similarity (to its packed key's
+    resolution, 2^-18 relative) for the log-neg pass and the sparse coefficients, which then need
+    no gather: for 16-bit embeddings, whose outputs round to 2^-8 (bfloat16) or 2^-11 (float16)
+    relative; float32 and float64 recompute it exactly (docs/fecl_kernels.md, "What the stored
+    similarities change")."""
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def dot_precision(dtype) -> str:
@@ -1245,6 +1290,7 @@ class _Launch:
         self.N = launch_n(self.n)
         self.device = z.device
         self.stat = torch.float64 if z.dtype == torch.float64 else torch.float32
+        self.stored_sims = stored_sims(z.dtype)
         self.z, self.y = self.rows(z.contiguous(), 0.0), self.rows(y.contiguous(), -1)
         self.teacher = TEACHER_CODES[teacher]
         self.top_k = int(cfg.top_k or 0)
@@ -1280,6 +1326,13 @@ class _Launch:
         self.dummy_f = torch.empty(1, device=self.device, dtype=self.stat)  # pointers never read
         self.dummy_i = torch.empty(1, device=self.device, dtype=torch.int64)
 
+    def pointers(self, topk_idx, teacher_idx, topk_sim, teacher_sim):
+        """TOPK, TIDX, SIMS, TSIMS of the kernels that read the stored top-k, the dummy pointers
+        where they are not read."""
+        used = (self.top_k, self.teacher_k, self.top_k and self.stored_sims, self.teacher_k and self.stored_sims)
+        dummies = (self.dummy_i, self.dummy_i, self.dummy_f, self.dummy_f)
+        return [t if u else d for t, u, d in zip((topk_idx, teacher_idx, topk_sim, teacher_sim), used, dummies)]
+
     def stat_empty(self, *shape):
         return torch.empty(*shape, device=self.device, dtype=self.stat)
 
@@ -1294,10 +1347,11 @@ class _Launch:
 
 def fecl_forward(z, y, zt, yt, u, cfg, *, blocks=None):
     """Forward statistics (docs/fecl_kernels.md): returns
-    (loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx).
+    (loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim, teacher_sim).
 
     Unused outputs (``col_shift`` without the column shift, ``cross``/``cross_count`` without the
-    threshold teacher, the index tensors) are empty tensors. ``blocks=(BLOCK_M, BLOCK_N)``
+    threshold teacher, the index tensors, the similarities of the selected keys unless
+    stored_sims) are empty tensors. ``blocks=(BLOCK_M, BLOCK_N)``
     overrides the tile sizes (tests)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "forward")
     with device_guard(s.device):
@@ -1314,15 +1368,8 @@ def _forward(s, u):
     else:
         col_shift = s.stat_empty(0)
 
-    topk_idx = teacher_idx = torch.empty(0, device=s.device, dtype=torch.int64)
-    if s.top_k:
-        topk_idx = torch.empty(B, N, s.top_k, device=s.device, dtype=torch.int64)
-        fecl_topk_kernel[grid](z, y, z, y, topk_idx, N, N, D, s.top_k, FAST_MATH=s.fast_math, **s.consts,
-                               K_PAD=k_pad(s.top_k), **s.tiles, EVEN=tiles_even(N, D, s.tiles), **opts)
-    if s.teacher_k:
-        teacher_idx = torch.empty(B, N, s.teacher_k, device=s.device, dtype=torch.int64)
-        fecl_topk_kernel[grid](z, y, zt, yt, teacher_idx, N, NT, D, s.teacher_k, FAST_MATH=s.fast_math, **s.consts,
-                               K_PAD=k_pad(s.teacher_k), **s.tiles, EVEN=tiles_even(NT, D, s.tiles), **opts)
+    topk_idx, topk_sim = _topk(s, zt=z, yt=y, NT=N, k=s.top_k)
+    teacher_idx, teacher_sim = _topk(s, zt=zt, yt=yt, NT=NT, k=s.teacher_k)
 
     log_neg = s.stat_empty(B, N)
     cross = cross_count = s.stat_empty(0)
@@ -1330,10 +1377,10 @@ def _forward(s, u):
         cross, cross_count = s.stat_empty(B, N), s.stat_empty(B, N)
     cs = col_shift if s.column else s.dummy_f
     fecl_logneg_kernel[grid](
-        z, y, cs, zt, yt, topk_idx if s.top_k else s.dummy_i, teacher_idx if s.teacher_k else s.dummy_i,
+        z, y, cs, zt, yt, *s.pointers(topk_idx, teacher_idx, topk_sim, teacher_sim),
         log_neg, cross if s.teacher == 2 else s.dummy_f, cross_count if s.teacher == 2 else s.dummy_f, s.threshold,
         N, NT, D, s.top_k, s.teacher_k, COLUMN=s.column, USE_TOPK=s.top_k > 0, TAU=tau, GAMMA_NEG=gn,
-        TEACHER=s.teacher, **s.consts, **s.tiles, BLOCK_DG=s.launch.BLOCK_DG, **opts)
+        TEACHER=s.teacher, STORED_SIMS=s.stored_sims, **s.consts, **s.tiles, BLOCK_DG=s.launch.BLOCK_DG, **opts)
 
     if u is None:
         u = torch.ones(B, N, device=s.device, dtype=torch.float32)
@@ -1344,19 +1391,34 @@ def _forward(s, u):
     fecl_positive_kernel[grid](z, y, cs, log_neg, u, n_pos, loss, r, N, D, COLUMN=s.column, TAU=tau, GAMMA_POS=gp,
                                FAST_MATH=s.fast_math, **s.consts, **pos_tiles, EVEN=tiles_even(N, D, pos_tiles),
                                **opts)
-    return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx
+    return loss, cross, cross_count, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim, teacher_sim
+
+
+def _topk(s, zt, yt, NT: int, k: int):
+    """The k keys of (zt, yt) with the largest similarity to each anchor (fecl_topk_kernel) and,
+    with stored_sims, those similarities; empty tensors for k = 0."""
+    idx = torch.empty(s.B, s.N, k, device=s.device, dtype=torch.int64) if k else s.dummy_i.new_empty(0)
+    sims = s.stat_empty(s.B, s.N, k) if k and s.stored_sims else s.stat_empty(0)
+    if k:
+        fecl_topk_kernel[s.grid](s.z, s.y, zt, yt, idx, sims if s.stored_sims else s.dummy_f, s.N, NT, s.D, k,
+                                 FAST_MATH=s.fast_math, **s.consts, K_PAD=k_pad(k), **s.tiles,
+                                 EVEN=tiles_even(NT, s.D, s.tiles), STORE_SIMS=s.stored_sims, **s.options)
+    return idx, sims
 
 
 def fecl_backward(grad_loss, grad_cross, z, y, zt, yt, u, log_neg, r, n_pos, col_shift, topk_idx,
-                  teacher_idx, cfg, *, blocks=None):
+                  teacher_idx, topk_sim, teacher_sim, cfg, *, blocks=None):
     """dz (z's dtype) from the upstream (B, N) gradients of ``loss`` and ``cross`` and the saved
-    statistics; ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
+    statistics (fecl_forward's; topk_sim and teacher_sim are read with stored_sims only);
+    ``grad_cross`` is only read with the threshold teacher (may be None otherwise)."""
     s = _Launch(z, y, zt, yt, cfg, blocks, "backward")
     with device_guard(s.device):
-        return s.unpad(_backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx))
+        return s.unpad(_backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx,
+                                 topk_sim, teacher_sim))
 
 
-def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx):
+def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_idx, teacher_idx, topk_sim,
+              teacher_sim):
     B, N, NT, D = s.B, s.N, s.NT, s.D
     z, y, zt, yt, grid = s.z, s.y, s.zt, s.yt, s.grid
     # a_i = grad_loss_i u_i / n_pos_i, 0 without positives (invalid anchors have n_pos = 0). The
@@ -1371,6 +1433,9 @@ def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_id
     grad_cross = s.rows(grad_cross.to(s.stat), 0.0).contiguous() if s.teacher == 2 else s.dummy_f
     topk_idx = s.rows(topk_idx, -1).contiguous() if s.top_k else s.dummy_i
     teacher_idx = s.rows(teacher_idx, -1).contiguous() if s.teacher_k else s.dummy_i
+    if s.stored_sims:  # (the padded rows' slots are -1: their similarities are not read)
+        topk_sim = s.rows(topk_sim.to(s.stat), 0.0).contiguous() if s.top_k else s.dummy_f
+        teacher_sim = s.rows(teacher_sim.to(s.stat), 0.0).contiguous() if s.teacher_k else s.dummy_f
     flags = dict(COLUMN=s.column, TAU=s.scalars["TAU"], GAMMA_NEG=s.scalars["GAMMA_NEG"])
     dz = _dense_backward(s, a, log_neg, r, col_shift, grad_cross, flags)
     if not (s.top_k or s.teacher_k):
@@ -1378,8 +1443,10 @@ def _backward(s, grad_loss, grad_cross, u, log_neg, r, n_pos, col_shift, topk_id
     g = s.stat_empty(B, N, s.top_k) if s.top_k else s.dummy_f
     gt = s.stat_empty(B, N, s.teacher_k) if s.teacher_k else s.dummy_f
     common = dict(USE_TOPK=s.top_k > 0, TEACHER=s.teacher, ACC=s.consts["ACC"], **s.sparse_tiles)
-    fecl_sparse_coef_kernel[s.grid_sparse](z, col_shift, log_neg, r, a, zt, topk_idx, teacher_idx, g, gt, N, NT, D,
-                                           s.top_k, s.teacher_k, **flags, **common, **s.options)
+    fecl_sparse_coef_kernel[s.grid_sparse](z, col_shift, log_neg, r, a, zt,
+                                           *s.pointers(topk_idx, teacher_idx, topk_sim, teacher_sim), g, gt, N,
+                                           NT, D, s.top_k, s.teacher_k, STORED_SIMS=s.stored_sims, **flags,
+                                           **common, **s.options)
     key_row, key_g, bounds = _transposed_topk(topk_idx, g, N) if s.top_k else (s.dummy_i, s.dummy_f, s.dummy_i)
     fecl_sparse_rows_kernel[s.grid_rows](z, zt, topk_idx, teacher_idx, g, gt, key_row, key_g, bounds, dz, N, NT, D,
                                          s.top_k, s.teacher_k, **common, **s.options)
@@ -1588,10 +1655,10 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
         return (fecl_colshift_kernel, dict(Z=zp, Y="*i64", CS=st, N="i32", D="i32"),
                 dict(TAU=0.6, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles), options)
     if kernel == "topk":
-        return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", N="i32", NK="i32", D="i32",
-                                       K="i32"),
+        return (fecl_topk_kernel, dict(Z=zp, Y="*i64", KEYS=zp, KY="*i64", IDX="*i64", SIMS=st, N="i32", NK="i32",
+                                       D="i32", K="i32"),
                 dict(FAST_MATH=True, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, K_PAD=flags["K_PAD"], **tiles,
-                     EVEN=tiles_even(N, D, tiles)), options)
+                     EVEN=tiles_even(N, D, tiles), STORE_SIMS=stored_sims(tdt)), options)
     if kernel == "positive":
         pos_tiles = positive_consts(cfg)
         return (fecl_positive_kernel, dict(Z=zp, Y="*i64", CS=st, LOGNEG=st, U="*fp32", NPOS=st, LOSS=st, R=st,
@@ -1614,13 +1681,15 @@ def _config(kernel: str, dtype: str, D: int, cc: int = 90, N: int = DEFAULT_REPO
     flag_consts = dict(COLUMN=column, TAU=0.6, GAMMA_NEG=2.0 if gn_on else 0.0)
     if kernel == "coef":
         return (fecl_sparse_coef_kernel, dict(Z=zp, CS=st, LOGNEG=st, R=st, A=st, ZT=zp, TOPK="*i64", TIDX="*i64",
-                                              G=st, GT=st, N="i32", NT="i32", D="i32", K="i32", TK="i32"),
-                dict(flag_consts, **sparse), options)
+                                              SIMS=st, TSIMS=st, G=st, GT=st, N="i32", NT="i32", D="i32", K="i32",
+                                              TK="i32"),
+                dict(flag_consts, **sparse, STORED_SIMS=stored_sims(tdt)), options)
     consts = dict(flag_consts, USE_TOPK=use_topk, TEACHER=teacher, ACC=acc, DOT_IN=dot_in, DOT_PREC=prec, **tiles)
     if kernel == "logneg":
         return (fecl_logneg_kernel, dict(Z=zp, Y="*i64", CS=st, ZT=zp, YT="*i64", TOPK="*i64", TIDX="*i64",
-                                         LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64", N="i32", NT="i32",
-                                         D="i32", K="i32", TK="i32"), dict(consts, BLOCK_DG=cfg.BLOCK_DG), options)
+                                         SIMS=st, TSIMS=st, LOGNEG=st, CROSS=st, CCOUNT=st, THRESHOLD="fp64",
+                                         N="i32", NT="i32", D="i32", K="i32", TK="i32"),
+                dict(consts, STORED_SIMS=stored_sims(tdt), BLOCK_DG=cfg.BLOCK_DG), options)
     group = schedule_group(N, cfg.BLOCK_M)
     consts = dict(consts, GAMMA_POS=2.0, FAST_MATH=True, **backward_consts(cfg, group), BLOCK_DC=cfg.BLOCK_DC,
                   EVEN=pair_tiles_even(N, D, cfg, group))
