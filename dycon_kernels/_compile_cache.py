@@ -31,8 +31,9 @@ def source_digest(root: Path = _PACKAGE) -> str:
 
 
 def tag_compile_caches() -> None:
-    """Add this source's digest to torch.compile's cache key tag (once; a user's tag is kept)."""
-    config = torch.compiler.config
-    if _MARK in config.cache_key_tag:
+    """Add this source's digest to torch.compile's cache key tag (once; a user's tag is kept).
+    A torch without the tag (older than this pin's) is left as it is."""
+    config = getattr(torch.compiler, "config", None)
+    if not hasattr(config, "cache_key_tag") or _MARK in config.cache_key_tag:
         return
     config.cache_key_tag = f"{config.cache_key_tag}{'+' if config.cache_key_tag else ''}{_MARK}{source_digest()}"
