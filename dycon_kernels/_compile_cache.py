@@ -32,7 +32,7 @@ def source_digest(root: Path = _PACKAGE) -> str:
 
 def tag_compile_caches() -> None:
     """Add this source's digest to torch.compile's cache key tag (once; a user's tag is kept).
-    A torch without the tag (older than this pin's) is left as it is."""
+    A torch that has no such tag is left as it is."""
     config = getattr(torch.compiler, "config", None)
     if not hasattr(config, "cache_key_tag") or _MARK in config.cache_key_tag:
         return
