@@ -65,8 +65,8 @@ def _needed_outputs(column_shift: bool, teacher: str, top_k: int, teacher_top_k:
             top_k > 0 and sims, teacher_topk and sims]
 
 
-def _backend_sims(backend: str, dtype: torch.dtype) -> bool:
-    module = backends.load(backend)
+def _backend_sims(module, dtype: torch.dtype) -> bool:
+    """Whether this backend module stores the selected keys' similarities for ``dtype``."""
     return _stores_sims(module) and module.stored_sims(dtype)
 
 
@@ -80,7 +80,7 @@ def _fecl_op(z: Tensor, y: Tensor, zt: Optional[Tensor], yt: Optional[Tensor], u
     if not _stores_sims(module):
         outs = (*outs, z.new_empty(0, dtype=_stat_dtype(z)), z.new_empty(0, dtype=_stat_dtype(z)))
     # One convention for every backend (and for the fake impl below): unused outputs are (0,).
-    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k, _backend_sims(backend, z.dtype))
+    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k, _backend_sims(module, z.dtype))
     return [o if need else o.new_empty(0) for o, need in zip(outs, needed)]
 
 
@@ -90,7 +90,8 @@ def _(z, y, zt, yt, u, tau, gamma_pos, gamma_neg, top_k, column_shift, teacher, 
     selected = [(z.shape[0], z.shape[1], top_k), (z.shape[0], z.shape[1], teacher_top_k)]
     shapes = [z.shape[:2]] * 7 + selected * 2
     dtypes = [_stat_dtype(z)] * 7 + [torch.int64] * 2 + [_stat_dtype(z)] * 2
-    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k, _backend_sims(backend, z.dtype))
+    needed = _needed_outputs(column_shift, teacher, top_k, teacher_top_k,
+                             _backend_sims(backends.load(backend), z.dtype))
     return [z.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needed)]
 
 

@@ -68,11 +68,15 @@ def _coefficients(l, y_i, y_j, ln_i, ln_j, a_i, a_j, ar_i, ar_j, tau, gp, gn, dt
     neg = (y_i[:, None] != y_j[None, :]) & (y_i[:, None] >= 0) & (y_j[None, :] >= 0)
     g = torch.where(pos, -(a_i[:, None].to(dtype) * pos_grad(x_ij) + a_j[None, :].to(dtype) * pos_grad(x_ji)),
                     torch.zeros((), dtype=dtype))
-    base = (1 + tau * l) / 2
-    bracket = torch.where(base > 0, base.clamp_min(0) ** gn + gn * tau / 2 * base.clamp_min(0) ** (gn - 1),
-                          torch.zeros((), dtype=dtype))
     e = ar_i[:, None].to(dtype) * torch.exp(x_ij) + ar_j[None, :].to(dtype) * torch.exp(x_ji)
-    return g + torch.where(neg, e * bracket, torch.zeros((), dtype=dtype))
+    return g + torch.where(neg, e * _neg_bracket(l, tau, gn), torch.zeros((), dtype=dtype))
+
+
+def _neg_bracket(s, tau, gn):
+    """The negatives' bracket w + gn tau / 2 base^(gn - 1) of cosines ``s``, base = (1 + tau l) / 2
+    = (1 + s) / 2 for the logit l = s / tau (the kernels' _neg_bracket), 0 where base <= 0."""
+    base = ((1 + s) / 2).clamp_min(0)
+    return torch.where(base > 0, base ** gn + gn * tau / 2 * base ** (gn - 1), torch.zeros((), dtype=s.dtype))
 
 
 def statistics(z, y, tau, gn, sample: int = 2048, seed: int = 0):
@@ -163,8 +167,8 @@ def _topk_coefficients(s, ln_i, ar_i, tau, gn, dtype):
     """g_iq / tau = a_i R_i exp(s / tau - log_neg_i) bracket(s) / tau (fecl_sparse_coef_kernel) and
     |d log g / d s| = 1 / tau + bracket'(s) / bracket(s), in ``dtype``."""
     s = s.to(dtype)
-    base = (1 + s) / 2  # (1 + tau l) / 2 with l = s / tau
-    bracket = base ** gn + gn * tau / 2 * base ** (gn - 1)
+    base = (1 + s) / 2
+    bracket = _neg_bracket(s, tau, gn)
     slope = (gn / 2 * base ** (gn - 1) + gn * (gn - 1) * tau / 4 * base ** (gn - 2)) / bracket
     g = ar_i[:, None].to(dtype) * torch.exp(s / tau - ln_i[:, None].to(dtype)) * bracket / tau
     return g, 1 / tau + slope
